@@ -1,0 +1,103 @@
+"""Dense evaluation of ``Expr`` trees on broadcast index tensors (the oracle's arithmetic)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attncc.ir.expr import Expr
+
+Tensor = torch.Tensor
+
+
+def _floordiv(a: Tensor, b: Tensor) -> Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _bitwise(int_op: Callable[..., Tensor], bool_op: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    return lambda a, b: bool_op(a, b) if a.dtype == torch.bool and b.dtype == torch.bool else int_op(a, b)
+
+
+_BINARY: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.true_divide,
+    "floordiv": _floordiv, "mod": torch.remainder, "pow": torch.pow,
+    "minimum": torch.minimum, "maximum": torch.maximum,
+    "and": _bitwise(torch.bitwise_and, torch.logical_and),
+    "or": _bitwise(torch.bitwise_or, torch.logical_or),
+    "xor": _bitwise(torch.bitwise_xor, torch.logical_xor),
+    "lshift": torch.bitwise_left_shift, "rshift": torch.bitwise_right_shift,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+}
+
+_UNARY: dict[str, Callable[[Tensor], Tensor]] = {
+    "neg": torch.neg, "not": torch.logical_not, "invert": torch.bitwise_not, "abs": torch.abs,
+    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
+    "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "logsigmoid": F.logsigmoid, "relu": torch.relu, "gelu": F.gelu, "softplus": F.softplus,
+    "erf": torch.erf, "sin": torch.sin, "cos": torch.cos, "floor": torch.floor,
+    "ceil": torch.ceil, "elu": F.elu,
+}
+
+
+def evaluate(
+    expr: Expr,
+    env: dict[str, Tensor],
+    tensors: dict[str, Tensor],
+    float_dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Evaluate ``expr`` with ``env`` for its variables and ``tensors`` for captured inputs.
+
+    Integers compute in int64, booleans as bool, floats in ``float_dtype``; the result
+    broadcasts like the variables in ``env``.
+    """
+    device = next(iter(env.values())).device if env else torch.device("cpu")
+    values: dict[Expr, Tensor] = {}
+    for node in expr.walk():
+        values[node] = _eval_node(node, [values[s] for s in node.src], env, tensors, float_dtype, device)
+    return values[expr]
+
+
+def _as_dtype(t: Tensor, dtype: str, float_dtype: torch.dtype) -> Tensor:
+    target = {"bool": torch.bool, "int": torch.int64, "float": float_dtype}[dtype]
+    return t if t.dtype == target else t.to(target)
+
+
+def _eval_node(
+    node: Expr,
+    args: list[Tensor],
+    env: dict[str, Tensor],
+    tensors: dict[str, Tensor],
+    float_dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    op = node.op
+    if op == "var":
+        return _as_dtype(env[node.arg], node.dtype, float_dtype)
+    if op == "const":
+        return _as_dtype(torch.tensor(node.arg, device=device), node.dtype, float_dtype)
+    if op == "input":
+        return tensors[node.arg.name]
+    if op == "load":
+        base, *indices = args
+        loaded = base[tuple(i.long() for i in indices)] if indices else base
+        return _as_dtype(loaded, node.dtype, float_dtype)
+    if op == "cast":
+        return _as_dtype(args[0], node.dtype, float_dtype)
+    if op == "where":
+        cond, a, b = args
+        return torch.where(cond, _as_dtype(a, node.dtype, float_dtype), _as_dtype(b, node.dtype, float_dtype))
+    if op in _UNARY:
+        x = args[0]
+        if node.dtype == "float":
+            x = _as_dtype(x, "float", float_dtype)
+        return _UNARY[op](x)
+    a, b = args
+    if node.dtype == "float" or op == "truediv":
+        a, b = _as_dtype(a, "float", float_dtype), _as_dtype(b, "float", float_dtype)
+    elif node.src[0].dtype != node.src[1].dtype and "float" not in (node.src[0].dtype, node.src[1].dtype):
+        a, b = _as_dtype(a, "int", float_dtype), _as_dtype(b, "int", float_dtype)
+    elif op in ("eq", "ne", "lt", "le", "gt", "ge") and "float" in (node.src[0].dtype, node.src[1].dtype):
+        a, b = _as_dtype(a, "float", float_dtype), _as_dtype(b, "float", float_dtype)
+    return _BINARY[op](a, b)

@@ -1,0 +1,52 @@
+"""``explain()``: the graph, the passes that ran, the plan, and which backend ran and why."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from attncc.ir.printer import format_expr
+
+if TYPE_CHECKING:
+    from attncc.passes.plan import AttentionRegion, KernelPlan
+    from attncc.variant import Program
+
+
+def _region_lines(region: AttentionRegion) -> list[str]:
+    describe = lambda p: p.describe() if hasattr(p, "describe") else repr(p)  # noqa: E731
+    lines = [f"  region %{region.node}: q=%{region.q} k=%{region.k} v=%{region.v}"]
+    lines.append(f"    score      = {format_expr(region.score) if region.score is not None else 'score'}")
+    lines.append(f"    mask       = {format_expr(region.mask) if region.mask is not None else 'none'}")
+    lines.append(f"    normalizer = {describe(region.normalizer)}")
+    if region.routing is not None:
+        lines.append(f"    routing    = {describe(region.routing)} causal={region.routing_causal}")
+    if region.sparsity is not None:
+        lines.append(f"    sparsity   = {region.sparsity}")
+    return lines
+
+
+def format_plan(plan: KernelPlan) -> str:
+    lines = [f"plan {plan.fingerprint[:16]} strategy={plan.strategy}"]
+    for region in plan.regions:
+        lines.extend(_region_lines(region))
+    if plan.combine is not None:
+        lines.append(f"  combine {format_expr(plan.combine)} with "
+                     + ", ".join(f"o{i}=%{n}" for i, n in enumerate(plan.combine_operands)))
+    lines.extend(f"  note: {note}" for note in plan.notes)
+    return "\n".join(lines)
+
+
+def explain_program(program: Program, source: bool = False) -> str:
+    sections = [str(program.ir)]
+    report = program.report
+    if report.passes:
+        rows = [f"  {name:<24} {seconds * 1e3:8.2f} ms  {'modified' if modified else 'unchanged'}"
+                for name, seconds, modified in report.passes]
+        sections.append("passes:\n" + "\n".join(rows))
+    else:
+        sections.append("passes: (none ran)")
+    sections.append(format_plan(program.plan))
+    choice = program.last_choice
+    sections.append(f"backend: {choice.backend.name} ({choice.reason})" if choice else "backend: not run yet")
+    if source and choice is not None and hasattr(choice.backend, "source"):
+        sections.append(choice.backend.source(program.plan))
+    return "\n\n".join(sections)

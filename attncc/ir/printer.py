@@ -1,0 +1,59 @@
+"""Readable text for expressions and attention graphs (what ``explain`` and dumps show)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from attncc.ir.expr import Expr
+
+if TYPE_CHECKING:
+    from attncc.ir.graph import AttentionGraph
+
+INFIX = {
+    "add": ("+", 4), "sub": ("-", 4), "mul": ("*", 5), "truediv": ("/", 5),
+    "floordiv": ("//", 5), "mod": ("%", 5), "pow": ("**", 7),
+    "and": ("&", 2), "or": ("|", 0), "xor": ("^", 1), "lshift": ("<<", 3), "rshift": (">>", 3),
+    "eq": ("==", -1), "ne": ("!=", -1), "lt": ("<", -1), "le": ("<=", -1),
+    "gt": (">", -1), "ge": (">=", -1),
+}
+
+
+def format_expr(expr: Expr) -> str:
+    return _fmt(expr, -2)
+
+
+def _fmt(e: Expr, parent_prec: int) -> str:
+    if e.op == "var":
+        return e.arg
+    if e.op == "const":
+        return repr(e.arg)
+    if e.op == "input":
+        return e.arg.name
+    if e.op == "load":
+        return f"{_fmt(e.src[0], 9)}[{', '.join(_fmt(s, -2) for s in e.src[1:])}]"
+    if e.op in INFIX:
+        symbol, prec = INFIX[e.op]
+        right_prec = prec + 1 if e.op != "pow" else prec
+        text = f"{_fmt(e.src[0], prec)} {symbol} {_fmt(e.src[1], right_prec)}"
+        return f"({text})" if prec <= parent_prec else text
+    if e.op == "neg":
+        return f"-{_fmt(e.src[0], 6)}"
+    if e.op in ("not", "invert"):
+        return f"~{_fmt(e.src[0], 6)}"
+    if e.op == "cast":
+        return f"{e.arg}({_fmt(e.src[0], -2)})"
+    return f"{e.op}({', '.join(_fmt(s, -2) for s in e.src)})"
+
+
+def format_graph(graph: AttentionGraph) -> str:
+    """One line per node in topological order: ``%id = Kind(fields) <- operands``."""
+    lines = [f"graph {graph.name} fingerprint={graph.fingerprint[:16]}"]
+    for node_id in graph.topological_order():
+        payload = graph.payload(node_id)
+        operands = graph.operands(node_id)
+        operand_text = ", ".join(f"{role}=%{src}" for role, src in operands.items())
+        text = payload.describe() if hasattr(payload, "describe") else repr(payload)
+        arrow = f" <- {operand_text}" if operand_text else ""
+        lines.append(f"  %{node_id} = {text}{arrow}")
+    lines.append(f"  return {', '.join('%' + o for o in graph.outputs)}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""``@attncc.variant`` and the callable programs it returns.
+
+A ``Program`` is a verified attention graph plus the tensors it captured; calling it
+compiles the graph once through the pass pipeline and runs the chosen backend. A
+``Variant`` is the common case of one attention node called as ``var(q, k, v)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attncc.codegen import registry
+from attncc.ir import nodes
+from attncc.ir.graph import AttentionGraph
+from attncc.ir.trace import Captures, trace_mask, trace_score
+from attncc.ir.verify import verify
+from attncc.normalizers import as_normalizer
+from attncc.passes.causality import mask_implies_causal
+from attncc.passes.pipeline import CompileReport, compile_graph
+from attncc.passes.plan import KernelPlan
+from attncc.routing import TopKBlocks, TopKHeads
+from attncc.validate import check_captured, check_options, check_qkv
+
+SOFTMAX_FAMILY = (nodes.SoftmaxNorm,)
+
+
+def lower_attention(
+    captures: Captures,
+    *,
+    score_fn: Callable[..., Any] | None,
+    mask: Callable[..., Any] | None,
+    normalizer: Any,
+    routing: Any,
+) -> dict[str, Any]:
+    """Trace the functions of one attention into payloads by role (captures fill up)."""
+    norm = as_normalizer(normalizer).lower(captures)
+    if routing is not None and not isinstance(routing, TopKBlocks | TopKHeads):
+        raise TypeError(f"routing must be attncc.TopKBlocks, attncc.TopKHeads or None, got {type(routing).__name__}")
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"score_fn must be callable (score, b, h, q_idx, kv_idx) -> score, got {type(score_fn).__name__}")
+    if mask is not None and not callable(mask):
+        raise TypeError(f"mask must be callable (b, h, q_idx, kv_idx) -> bool, got {type(mask).__name__}")
+    if isinstance(norm, nodes.LinearNorm) and score_fn is not None:
+        raise ValueError("a score function cannot be combined with attncc.Linear: linear attention has no scores")
+    payloads: dict[str, Any] = {}
+    if score_fn is not None:
+        payloads["score"] = nodes.ScoreMod(trace_score(score_fn, captures))
+    if mask is not None:
+        payloads["mask"] = nodes.MaskMod(trace_mask(mask, captures))
+    mask_expr = payloads["mask"].expr if "mask" in payloads else None
+    if isinstance(norm, nodes.LinearNorm) and norm.decay is not None and not mask_implies_causal(mask_expr):
+        raise ValueError("attncc.Linear(decay=...) requires a causal mask (kv_idx <= q_idx), e.g. mask=attncc.masks.causal")
+    payloads["normalizer"] = norm
+    if routing is not None:
+        payloads["routing"] = routing.lower(captures)
+    return payloads
+
+
+_NODE_PREFIX = {"score": "score", "mask": "mask", "normalizer": "norm", "routing": "route"}
+
+
+def add_attention(graph: AttentionGraph, payloads: dict[str, Any], *, q: str, k: str, v: str) -> str:
+    """Add one attention's nodes, wiring captured inputs to the nodes that read them."""
+    operands: dict[str, str] = {"q": q, "k": k, "v": v}
+    for role, payload in payloads.items():
+        reads = {}
+        for spec in nodes.referenced_specs(payload):
+            if spec.name not in graph.nx:
+                graph.add(spec.name, nodes.Input(spec.name, "captured", spec))
+            reads[spec.name] = spec.name
+        operands[role] = graph.add(graph.fresh_id(_NODE_PREFIX[role]), payload, **reads)
+    return graph.add(graph.fresh_id("attn"), nodes.Attention(), **operands)
+
+
+class Program:
+    """A compiled-on-demand attention graph with its captured tensors."""
+
+    def __init__(self, graph: AttentionGraph, tensors: dict[str, torch.Tensor]) -> None:
+        self.ir = verify(graph)
+        self.name = graph.name
+        self.tensors = tensors
+        self._plan: KernelPlan | None = None
+        self._report: CompileReport | None = None
+        self.last_choice: registry.Choice | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.ir.fingerprint
+
+    @property
+    def plan(self) -> KernelPlan:
+        if self._plan is None:
+            self._plan, self._report = compile_graph(self.ir)
+        return self._plan
+
+    @property
+    def report(self) -> CompileReport:
+        self.plan  # noqa: B018 - compiles on first use
+        assert self._report is not None
+        return self._report
+
+    def operand_roles(self) -> dict[str, str]:
+        return {self.ir.payload(n).name: self.ir.payload(n).role for n in self.ir.inputs()}
+
+    def run(
+        self,
+        operands: dict[str, torch.Tensor],
+        *,
+        scale: float | None = None,
+        q_offset: int = 0,
+        backend: str | None = None,
+        return_lse: bool = False,
+    ) -> Any:
+        check_options(scale, q_offset)
+        plan = self.plan
+        for region in plan.regions:
+            check_qkv(operands[region.q], operands[region.k], operands[region.v], (region.q, region.k, region.v))
+        first = operands[plan.regions[0].q]
+        check_captured(self.tensors, first.device)
+        if return_lse:
+            self._check_lse(plan)
+        if any(operands[r.q].shape[2] == 0 or operands[r.k].shape[2] == 0 for r in plan.regions):
+            self.last_choice = registry.Choice(registry.load("reference"), "empty sequence: nothing to compute")
+            return _empty_result(plan, operands, self.tensors, return_lse)
+        choice = registry.choose(backend, plan, first)
+        self.last_choice = choice
+        return choice.backend.run(plan, operands, self.tensors, scale=scale, q_offset=q_offset, return_lse=return_lse)
+
+    def _check_lse(self, plan: KernelPlan) -> None:
+        if plan.combine is not None:
+            raise ValueError("return_lse=True is defined for a single attention, not a combined graph")
+        norm = plan.regions[0].normalizer
+        if not isinstance(norm, SOFTMAX_FAMILY):
+            raise ValueError(
+                f"return_lse=True needs a softmax-family normalizer; this variant uses {type(norm).__name__}"
+            )
+
+    def explain(self, source: bool = False) -> str:
+        from attncc.explain import explain_program
+
+        return explain_program(self, source=source)
+
+    def __repr__(self) -> str:
+        return f"<attncc {type(self).__name__} {self.name} {self.fingerprint[:12]}>"
+
+
+def _empty_result(plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], return_lse: bool) -> Any:
+    region = plan.regions[0]
+    q, v = operands[region.q], operands[region.v]
+    B, Hq, Lq, _ = q.shape
+    out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    if not return_lse:
+        return out
+    sink = region.normalizer.sink
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
+    if sink is not None:
+        lse = tensors[sink.name].float().view(1, Hq, 1).expand(B, Hq, Lq).clone()
+    return out, lse
+
+
+class Variant(Program):
+    """One attention variant: ``var(q, k, v, *, scale=None, q_offset=0, backend=None)``."""
+
+    def __init__(
+        self,
+        score_fn: Callable[..., Any] | None = None,
+        *,
+        mask: Callable[..., Any] | None = None,
+        normalizer: Any = "softmax",
+        routing: Any = None,
+        name: str | None = None,
+    ) -> None:
+        self._options = {"mask": mask, "normalizer": normalizer, "routing": routing}
+        label = name or getattr(score_fn, "__name__", None) or getattr(mask, "__name__", None) or "variant"
+        graph = AttentionGraph(label)
+        for role in ("q", "k", "v"):
+            graph.add(role, nodes.Input(role, role))
+        captures = Captures()
+        payloads = lower_attention(captures, score_fn=score_fn, **self._options)
+        graph.outputs.append(add_attention(graph, payloads, q="q", k="k", v="v"))
+        super().__init__(graph, captures.tensors)
+        self.score_fn = score_fn
+
+    def __call__(self, q: Any, k: Any = None, v: Any = None, **kwargs: Any) -> Any:
+        if k is None and v is None and callable(q) and not isinstance(q, torch.Tensor) and not kwargs:
+            return Variant(q, name=getattr(q, "__name__", None), **self._options)  # decorator use
+        return self.run({"q": q, "k": k, "v": v}, **kwargs)
+
+
+def variant(
+    score_fn: Callable[..., Any] | None = None,
+    *,
+    mask: Callable[..., Any] | None = None,
+    normalizer: Any = "softmax",
+    routing: Any = None,
+    name: str | None = None,
+) -> Variant:
+    """Declare an attention variant: as ``@variant``, ``@variant(mask=...)`` or ``variant(mask=...)``.
+
+    ``score_fn(score, b, h, q_idx, kv_idx)`` and ``mask(b, h, q_idx, kv_idx)`` have
+    FlexAttention's ``score_mod``/``mask_mod`` signatures and are traced symbolically, once.
+    """
+    return Variant(score_fn, mask=mask, normalizer=normalizer, routing=routing, name=name)
