@@ -1,0 +1,98 @@
+"""Tolerances of SEMANTICS.md ("Numerical tolerance used by tests"), shared by every test.
+
+``check_against_reference`` runs a variant on a backend and compares it with a float64
+reference computed from the same inputs; for float16/bfloat16 it applies FlashAttention's
+rule, measuring the reference backend's own error in that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+LOW_PRECISION_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def float32_tolerance(Lkv: int) -> float:
+    return 2e-5 * (math.sqrt(Lkv / 128) if Lkv > 128 else 1.0)
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite):
+        return math.inf
+    if not torch.equal(a[~finite], b[~finite].to(a.dtype)):
+        return math.inf
+    diff = (a.double() - b.double()).abs()[finite]
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close_to_reference(
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    ref_lowp: torch.Tensor | None,
+    Lkv: int,
+    what: str = "output",
+    factor: float = 1.0,
+) -> None:
+    """``factor=2`` for gradients ("twice the forward tolerance")."""
+    if out.shape != ref64.shape:
+        raise AssertionError(f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
+    if torch.isnan(out).any():
+        raise AssertionError(f"{what}: contains NaN")
+    if out.dtype in (torch.float32, torch.float64):
+        tol = factor * float32_tolerance(Lkv)
+        diff = (out.double() - ref64.double()).abs()
+        bound = tol + tol * ref64.double().abs()
+        bad = ~(diff <= bound)
+        finite_mismatch = torch.isfinite(out) != torch.isfinite(ref64)
+        if bad[torch.isfinite(ref64)].any() or finite_mismatch.any():
+            raise AssertionError(f"{what}: max abs error {max_abs_error(out, ref64):.3g} exceeds atol=rtol={tol:.3g}")
+        return
+    assert ref_lowp is not None, "low-precision comparisons need the reference run in that dtype"
+    e_ref = max_abs_error(ref_lowp, ref64)
+    bound = factor * max(2 * e_ref, LOW_PRECISION_FLOOR[out.dtype])
+    err = max_abs_error(out, ref64)
+    if not err <= bound:
+        raise AssertionError(f"{what}: max abs error {err:.3g} exceeds max(2*e_ref={2 * e_ref:.3g}, floor) = {bound:.3g}")
+
+
+def _run(program: Any, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor] | None, **kwargs: Any) -> Any:
+    from attncc.codegen.reference.attention import run_plan
+
+    return run_plan(program.plan, operands, tensors if tensors is not None else program.tensors, **kwargs)
+
+
+def reference_outputs(
+    program: Any, operands: dict[str, torch.Tensor], *, scale: float | None = None, q_offset: int = 0,
+    return_lse: bool = False,
+) -> tuple[Any, Any]:
+    """(float64 reference from upcast inputs, reference computed in the inputs' own dtype)."""
+    up = {n: t.double() for n, t in operands.items()}
+    tensors64 = {n: (t.double() if t.is_floating_point() else t) for n, t in program.tensors.items()}
+    ref64 = _run(program, up, tensors64, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    dtype = next(iter(operands.values())).dtype
+    lowp = None
+    if dtype in LOW_PRECISION_FLOOR:
+        lowp = _run(program, operands, None, scale=scale, q_offset=q_offset, return_lse=return_lse,
+                    compute_dtype=dtype)
+    return ref64, lowp
+
+
+def check_against_reference(
+    program: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str,
+    scale: float | None = None, q_offset: int = 0, return_lse: bool = False,
+) -> None:
+    """Run ``program(q, k, v, backend=backend)`` and assert SEMANTICS.md's tolerance."""
+    operands = {"q": q, "k": k, "v": v}
+    got = program(q, k, v, backend=backend, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    ref64, lowp = reference_outputs(program, operands, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    Lkv = k.shape[2]
+    if return_lse:
+        assert_close_to_reference(got[0], ref64[0], lowp[0] if lowp else None, Lkv)
+        lse_ref = ref64[1].double()
+        assert_close_to_reference(got[1].double(), lse_ref, None, Lkv, what="lse")
+    else:
+        assert_close_to_reference(got, ref64, lowp, Lkv)
