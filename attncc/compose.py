@@ -116,7 +116,9 @@ class GraphBuilder:
 
     def build(self, output: OutputHandle) -> ComposedProgram:
         if not isinstance(output, OutputHandle):
-            raise TypeError(f"build() expects an attention output or a combination of them, got {type(output).__name__}")
+            raise TypeError(
+                f"build() expects an attention output or a combination of them, got {type(output).__name__}"
+            )
         if output.expr.op == "var":
             self.graph.outputs.append(self._outputs[output.expr.arg])
         else:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _region_lines(region: AttentionRegion) -> list[str]:
-    describe = lambda p: p.describe() if hasattr(p, "describe") else repr(p)  # noqa: E731
+    describe = lambda p: p.describe() if hasattr(p, "describe") else repr(p)
     lines = [f"  region %{region.node}: q=%{region.q} k=%{region.k} v=%{region.v}"]
     lines.append(f"    score      = {format_expr(region.score) if region.score is not None else 'score'}")
     lines.append(f"    mask       = {format_expr(region.mask) if region.mask is not None else 'none'}")

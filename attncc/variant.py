@@ -41,7 +41,9 @@ def lower_attention(
     if routing is not None and not isinstance(routing, TopKBlocks | TopKHeads):
         raise TypeError(f"routing must be attncc.TopKBlocks, attncc.TopKHeads or None, got {type(routing).__name__}")
     if score_fn is not None and not callable(score_fn):
-        raise TypeError(f"score_fn must be callable (score, b, h, q_idx, kv_idx) -> score, got {type(score_fn).__name__}")
+        raise TypeError(
+            f"score_fn must be callable (score, b, h, q_idx, kv_idx) -> score, got {type(score_fn).__name__}"
+        )
     if mask is not None and not callable(mask):
         raise TypeError(f"mask must be callable (b, h, q_idx, kv_idx) -> bool, got {type(mask).__name__}")
     if isinstance(norm, nodes.LinearNorm) and score_fn is not None:
@@ -53,7 +55,9 @@ def lower_attention(
         payloads["mask"] = nodes.MaskMod(trace_mask(mask, captures))
     mask_expr = payloads["mask"].expr if "mask" in payloads else None
     if isinstance(norm, nodes.LinearNorm) and norm.decay is not None and not mask_implies_causal(mask_expr):
-        raise ValueError("attncc.Linear(decay=...) requires a causal mask (kv_idx <= q_idx), e.g. mask=attncc.masks.causal")
+        raise ValueError(
+            "attncc.Linear(decay=...) requires a causal mask (kv_idx <= q_idx), e.g. mask=attncc.masks.causal"
+        )
     payloads["normalizer"] = norm
     if routing is not None:
         payloads["routing"] = routing.lower(captures)
@@ -148,7 +152,9 @@ class Program:
         return f"<attncc {type(self).__name__} {self.name} {self.fingerprint[:12]}>"
 
 
-def _empty_result(plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], return_lse: bool) -> Any:
+def _empty_result(
+    plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], return_lse: bool
+) -> Any:
     region = plan.regions[0]
     q, v = operands[region.q], operands[region.v]
     B, Hq, Lq, _ = q.shape

@@ -93,4 +93,4 @@ class AttentionGraph:
         return format_graph(self)
 
 
-__all__ = ["AttentionGraph", "Attention", "Combine", "Input"]
+__all__ = ["Attention", "AttentionGraph", "Combine", "Input"]
