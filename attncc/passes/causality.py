@@ -41,3 +41,20 @@ def _is_difference_form(term: Expr) -> bool:
 
 def mask_implies_causal(mask: Expr | None) -> bool:
     return mask is not None and any(_is_causal_term(t) for t in conjuncts(mask))
+
+
+_STRICT = {("gt", "q_idx", "kv_idx"), ("lt", "kv_idx", "q_idx")}
+
+
+def exact_causal_kind(mask: Expr | None) -> str | None:
+    """``"inclusive"`` for exactly ``kv_idx <= q_idx``, ``"strict"`` for ``kv_idx < q_idx``, else None.
+
+    Linear attention's chunked form is exact only when the mask is causal and nothing more.
+    """
+    if mask is None or not _is_causal_term(mask):
+        return None
+    if len(mask.src) == 2 and all(s.op == "var" for s in mask.src):
+        strict = (mask.op, mask.src[0].arg, mask.src[1].arg) in _STRICT
+    else:
+        strict = mask.op in ("gt", "lt")
+    return "strict" if strict else "inclusive"

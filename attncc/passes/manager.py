@@ -65,6 +65,12 @@ def attach(graph: AttentionGraph, node_id: str | None = None, **facts: Any) -> A
     return out
 
 
+def add_note(graph: AttentionGraph, note: str) -> AttentionGraph:
+    """A copy of ``graph`` with ``note`` appended to the plan notes (what a pass decided)."""
+    notes = tuple(facts_of(graph).get("notes", ()))
+    return attach(graph, notes=(*notes, note))
+
+
 def format_facts(graph: AttentionGraph) -> str:
     """Facts as text lines, appended to the graph dump so a reader sees what was proved."""
     lines = [f"  facts {key} = {value}" for key, value in sorted(facts_of(graph).items())]

@@ -91,8 +91,12 @@ def attention(
         lse = None
     else:
         scale = 1.0 / math.sqrt(D) if scale is None else scale
+        if region.score_scale is not None:  # simplify folded a constant factor into q's scale
+            scale = scale * region.score_scale
         raw = scale * (qc @ kc.transpose(-1, -2))
         s = raw if region.score is None else evaluate(region.score, {**grid, "score": raw}, ctx, dtype)
+        if region.row_shift is not None:  # simplify dropped these row-only terms; restore them
+            s = s + evaluate(region.row_shift, grid, ctx, dtype)
         s = torch.broadcast_to(s, keep.shape)
         keep = keep & (s != float("-inf"))
         weights, lse = _normalize(norm, s, keep, ctx, Lkv, dtype)

@@ -1,0 +1,165 @@
+"""Lower routing: TopKBlocks becomes a gate step with a block table; TopKHeads a head selection.
+
+The pass resolves what SEMANTICS.md ("Routing") leaves to the compiler (whether the causal
+rules apply) and records a ``RoutingGate`` or ``HeadSelection`` on the region. The runtime
+steps live here too, in plain torch, as the algorithm backends mirror:
+
+- ``block_index_table``: gate cost O(L * n_blocks * D) (keys mean-pooled per block once,
+  queries against block means), never an ``Lq x Lkv`` buffer; the result is an int32 table
+  ``[B, Hq, rows, k]`` of selected kv blocks, ascending and padded with -1;
+- ``head_selection``: per token, the top-k heads and their renormalised weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.ir.graph import AttentionGraph
+from attncc.ir.nodes import TopKBlocksRoute, TopKHeadsRoute
+from attncc.passes.causality import mask_implies_causal
+from attncc.passes.manager import PassResult, add_note, attach, facts_of
+from attncc.passes.plan import HeadSelection, RoutingGate
+
+Tensor = torch.Tensor
+
+
+def _mask_expr(graph: AttentionGraph, attention: str):
+    mask = graph.operands(attention).get("mask")
+    return graph.payload(mask).expr if mask else None
+
+
+def lower_routing(graph: AttentionGraph) -> PassResult:
+    """Record each routed region's gate step (TopKBlocks) or head selection (TopKHeads)."""
+    out, modified = graph, False
+    for attention in graph.attention_nodes():
+        route_node = graph.operands(attention).get("routing")
+        if route_node is None or "gate" in facts_of(graph, attention) or "head_select" in facts_of(graph, attention):
+            continue
+        route = graph.payload(route_node)
+        if isinstance(route, TopKBlocksRoute):
+            causal = route.causal if route.causal is not None else mask_implies_causal(_mask_expr(graph, attention))
+            gate = RoutingGate(route.block, route.k, route.per, bool(causal))
+            out = attach(out, attention, gate=gate, routing_causal=bool(causal))
+            out = add_note(out, f"lower_routing: %{attention} gate over {route.block}-token key blocks, "
+                                f"top {route.k} per {route.per}, causal={bool(causal)}")
+        elif isinstance(route, TopKHeadsRoute):
+            out = attach(out, attention, head_select=HeadSelection(route.k, route.router.name))
+            out = add_note(out, f"lower_routing: %{attention} keeps top {route.k} heads per token "
+                                f"(router {route.router.name}); unselected heads are skipped")
+        modified = True
+    return PassResult(out, modified)
+
+
+# ---- runtime: TopKBlocks gate ----------------------------------------------------------
+
+
+def key_block_means(k: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+    """``[B, Hkv, n_blocks, D]``: the mean of each block's keys (a partial last block over its real keys)."""
+    B, Hkv, Lkv, D = k.shape
+    n_blocks = -(-Lkv // block)
+    padded = torch.zeros(B, Hkv, n_blocks * block, D, dtype=dtype, device=k.device)
+    padded[:, :, :Lkv] = k.to(dtype)
+    sums = padded.view(B, Hkv, n_blocks, block, D).sum(dim=3)
+    counts = torch.full((n_blocks,), block, dtype=dtype, device=k.device)
+    counts[-1] = Lkv - (n_blocks - 1) * block
+    return sums / counts.view(1, 1, -1, 1)
+
+
+def query_rows(q: Tensor, block: int, per: str, q_offset: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(gate queries ``[B, Hq, rows, D]``, the q_idx block of each row ``[rows]``).
+
+    ``per="token"``: one row per query; ``per="query_block"``: the mean of the queries of
+    each ``block``-sized query block (by ``q_idx // block``, so ``q_offset`` matters).
+    """
+    Lq = q.shape[2]
+    q_idx = torch.arange(Lq, device=q.device) + q_offset
+    if per == "token":
+        return q.to(dtype), q_idx // block
+    first = q_offset // block
+    group = q_idx // block - first
+    rows = int(group[-1]) + 1 if Lq else 0
+    sums = torch.zeros(*q.shape[:2], rows, q.shape[-1], dtype=dtype, device=q.device)
+    sums.index_add_(2, group, q.to(dtype))
+    sizes = torch.bincount(group, minlength=rows).to(dtype).view(1, 1, -1, 1)
+    return sums / sizes, torch.arange(rows, device=q.device) + first
+
+
+def block_index_table(
+    q: Tensor,
+    k: Tensor,
+    *,
+    block: int,
+    k_top: int,
+    per: str = "token",
+    causal: bool = False,
+    q_offset: int = 0,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """MoBA's selection as an int32 table ``[B, Hq, rows, k_top]`` (ascending, -1 padded).
+
+    Gate ``q . mean(k_J)`` (unscaled); the largest ``k_top`` win, ties towards the lower
+    block. Causal: blocks starting after the query are ineligible and the query's own block
+    is always selected (it counts towards ``k_top``). Cost O(rows * n_blocks * D).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    n_blocks = -(-Lkv // block)
+    if k_top > n_blocks:
+        raise ValueError(f"TopKBlocks(k={k_top}) exceeds the {n_blocks} key blocks of Lkv={Lkv}, block={block}")
+    dtype = dtype or torch.promote_types(q.dtype, torch.float32)
+    means = key_block_means(k, block, dtype)  # [B, Hkv, nb, D]
+    queries, own = query_rows(q, block, per, q_offset, dtype)  # [B, Hq, rows, D], [rows]
+    rows = queries.shape[2]
+    group = Hq // Hkv
+    gate = queries.reshape(B, Hkv, group, rows, D) @ means.unsqueeze(2).transpose(-1, -2)
+    gate = gate.reshape(B, Hq, rows, n_blocks)
+    blocks = torch.arange(n_blocks, device=q.device)
+    eligible = torch.ones(rows, n_blocks, dtype=torch.bool, device=q.device)
+    if causal:
+        eligible = blocks.view(1, -1) <= own.view(-1, 1)
+        gate = torch.where(blocks.view(1, -1) == own.view(-1, 1), torch.inf, gate)
+    gate = torch.where(eligible, gate, -torch.inf)
+    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :k_top]
+    chosen_ok = torch.gather(eligible.expand(B, Hq, rows, n_blocks), -1, order)
+    table = torch.where(chosen_ok, order, n_blocks)  # ineligible picks sort last, then become -1
+    table = torch.sort(table, dim=-1).values
+    return torch.where(table == n_blocks, -1, table).to(torch.int32)
+
+
+def table_to_token_mask(table: Tensor, block: int, per: str, Lq: int, Lkv: int, q_offset: int = 0) -> Tensor:
+    """Expand a block table to ``[B, Hq, Lq, Lkv]`` booleans (for tests and the dense fallback)."""
+    B, Hq, rows, _ = table.shape
+    n_blocks = -(-Lkv // block)
+    hit = torch.zeros(B, Hq, rows, n_blocks + 1, dtype=torch.bool, device=table.device)
+    hit.scatter_(-1, torch.where(table < 0, n_blocks, table).long(), True)
+    hit = hit[..., :n_blocks]
+    if per != "token":
+        q_idx = torch.arange(Lq, device=table.device) + q_offset
+        hit = hit[:, :, q_idx // block - q_offset // block]
+    return hit[..., torch.arange(Lkv, device=table.device) // block]
+
+
+# ---- runtime: TopKHeads selection -------------------------------------------------------
+
+
+def head_selection(router: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(kept heads ``[B, Lq, k]`` ascending, their weights ``[B, Lq, k]``) from logits ``[B, Lq, Hq]``.
+
+    Top ``k`` logits per token, ties towards the lower head, softmax over the kept logits.
+    """
+    if router.dim() != 3:
+        raise ValueError(f"router must be [B, Lq, Hq] logits, got shape {tuple(router.shape)}")
+    if not 1 <= k <= router.shape[-1]:
+        raise ValueError(f"k={k} must be between 1 and the router's {router.shape[-1]} heads")
+    order = torch.sort(router, dim=-1, descending=True, stable=True).indices[..., :k]
+    heads = torch.sort(order, dim=-1).values
+    weights = torch.softmax(torch.gather(router, -1, heads), dim=-1)
+    return heads, weights
+
+
+def head_weights_dense(heads: Tensor, weights: Tensor, Hq: int) -> Tensor:
+    """Scatter a selection back to ``[B, Hq, Lq, 1]`` (zeros for skipped heads), as the reference."""
+    B, Lq, _ = heads.shape
+    dense = torch.zeros(B, Lq, Hq, dtype=weights.dtype, device=weights.device)
+    dense.scatter_(-1, heads, weights)
+    return dense.permute(0, 2, 1).unsqueeze(-1)
