@@ -1,0 +1,97 @@
+"""The Triton backend: fused attention kernels generated from the kernel plan (GPUs).
+
+Pieces: ``render.py`` (Expr -> Triton text, templates filled from a region),
+``templates/*.py.jinja`` (forward with split-KV decoding, softmax backward),
+``launcher.py`` (cache-dir modules, sparsity tables, grids), ``space.py`` (search space),
+``checker.py`` (what runs here and why not), ``ops.py`` (torch.library ops + autograd).
+
+On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``): slow but exact, which is how the CPU test suite checks them.
+
+GPU test suite (on an H100/H200 machine, CUDA float16/bfloat16 at realistic shapes)::
+
+    ATTNCC_TRITON_GPU_TESTS=1 python -m pytest tests/test_triton_backend.py -q
+
+(without ``TRITON_INTERPRET``; the tests then run on ``cuda`` tensors and add the
+``gpu``-marked cases). Benchmarks: ``python benchmarks/gpu/bench_gpu.py --plot``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from attncc.passes.plan import KernelPlan
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unavailable(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            return f"triton is not installed ({err})"
+        if _interpreting():
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+        return None
+
+    def checker(self, plan: KernelPlan, q: torch.Tensor) -> str | None:
+        from attncc.codegen.triton.checker import triton_checker
+
+        if q.device.type != "cuda" and not _interpreting():
+            return f"{q.device.type} tensors need TRITON_INTERPRET=1"
+        if q.device.type == "cuda" and _interpreting():
+            return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
+        return triton_checker(plan, q)
+
+    def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
+            scale: float | None, q_offset: int, return_lse: bool, splits: int | None = None, **kwargs: Any) -> Any:
+        from attncc.codegen.triton import ops
+
+        region = plan.regions[0]
+        q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        B, Hq, Lq, D = q.shape
+        if splits is None:
+            splits = _decode_splits(plan, B, Hq, Lq, k.shape[2])
+        resolved = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        out, lse = ops.attention(region, q, k, v, tensors, scale=resolved, q_offset=q_offset,
+                                 want_lse=return_lse, splits=splits)
+        return (out, lse) if return_lse else out
+
+    def source(self, plan: KernelPlan) -> str:
+        """The generated modules of the plan's region (forward, and backward for softmax)."""
+        from attncc.codegen.triton import launcher
+        from attncc.codegen.triton.checker import backward_unsupported
+
+        region = plan.regions[0]
+        parts = [launcher.source(region, "forward", "float16")]
+        if backward_unsupported(region) is None:
+            parts.append(launcher.source(region, "backward", "float16"))
+        return "\n\n".join(parts)
+
+
+def _decode_splits(plan: KernelPlan, B: int, Hq: int, Lq: int, Lkv: int) -> int:
+    """Split-KV for decoding: the plan's decision when the decode pass ran, else Lq <= 16, long Lkv."""
+    from attncc.ir import nodes
+
+    if not isinstance(plan.regions[0].normalizer, nodes.SoftmaxNorm):
+        return 1
+    decode = getattr(plan, "decode_split", None)
+    if decode is not None:
+        return decode.num_splits(B, Hq, Lkv) if decode.applies(Lq, Lkv) else 1
+    if Lq <= 16 and Lkv >= 1024:
+        return max(1, min(64, Lkv // 256, -(-256 // max(1, B * Hq))))
+    return 1
+
+
+BACKEND = TritonBackend()

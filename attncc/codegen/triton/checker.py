@@ -1,0 +1,67 @@
+"""What the Triton backend can run, in one place: each refusal names its reason.
+
+Also answers the finer question the autograd Function asks: can the fused backward
+kernels produce this region's gradients (``backward_unsupported``), or must it fall back
+to the reference backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.codegen.triton.derivative import score_derivative
+from attncc.codegen.triton.render import unsupported
+from attncc.ir import nodes
+from attncc.passes.plan import AttentionRegion, KernelPlan
+
+FORWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run ``plan`` on tensors like ``q``, or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (Triton kernels take float32, float16, bfloat16)"
+    if plan.combine is not None or len(plan.regions) != 1:
+        return "graphs of several attention regions (combine) are not generated yet"
+    if plan.strategy in ("linear_chunked", "linear_global"):
+        return "linear attention (chunked kernel) is not generated yet"
+    return region_checker(plan.regions[0])
+
+
+def region_checker(region: AttentionRegion) -> str | None:
+    norm = region.normalizer
+    if not isinstance(norm, FORWARD_NORMALIZERS):
+        return f"normalizer {type(norm).__name__} has no Triton kernel yet"
+    if region.routing is not None or getattr(region, "gate", None) is not None \
+            or getattr(region, "head_select", None) is not None:
+        return f"routing {type(region.routing).__name__} is not generated yet"
+    if getattr(region, "row_shift", None) is not None:
+        return "row_shift (row-only score terms moved out by simplify) is not rendered yet"
+    for what, expr in (("score", region.score), ("mask", region.mask), ("phi", getattr(norm, "phi", None))):
+        if expr is None:
+            continue
+        why = unsupported(expr)
+        if why:
+            return f"{what}: {why}"
+        for spec in expr.inputs():
+            if spec.dtype in ("float64", "complex64", "complex128"):
+                return f"{what}: captured tensor {spec.name!r} of dtype {spec.dtype}"
+    return None
+
+
+def backward_unsupported(region: AttentionRegion) -> str | None:
+    """Why the fused backward cannot give this region's gradients (None: it can)."""
+    if not isinstance(region.normalizer, nodes.SoftmaxNorm):
+        return f"no fused backward for {type(region.normalizer).__name__} yet"
+    if region.score is None:
+        return None
+    try:
+        derivative = score_derivative(region.score)
+    except NotImplementedError as err:
+        return f"score function: {err}"
+    if derivative is not None:
+        why = unsupported(derivative)
+        if why:
+            return f"score derivative: {why}"
+    return None

@@ -1,0 +1,151 @@
+"""``torch.library`` custom ops for the generated kernels: fake impls and autograd.
+
+``attncc::triton_attention`` runs a region's fused forward; ``attncc::triton_attention_bwd``
+its fused softmax backward. Both take the region by key (``register_region``) so one op
+serves every variant, and both have fake (meta) implementations, so ``torch.compile``
+traces through them without running a kernel. Autograd: softmax-family regions whose
+score derivative renders use the fused backward (sink gradients from ``lse``); any other
+case (other normalizers, a captured float tensor that requires grad inside the score
+function, a score op without a derivative rule) recomputes through the reference
+backend's autograd, with a one-time warning naming the reason: never a silent wrong
+gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from attncc.codegen.triton import launcher
+from attncc.codegen.triton.checker import backward_unsupported
+from attncc.codegen.triton.render import captured_specs
+from attncc.ir import nodes
+from attncc.passes.plan import AttentionRegion
+
+Tensor = torch.Tensor
+
+_REGIONS: dict[str, AttentionRegion] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def register_region(region: AttentionRegion) -> str:
+    key = launcher.region_key(region)
+    _REGIONS.setdefault(key, region)
+    return key
+
+
+def captured_names(region: AttentionRegion) -> list[str]:
+    """Captured tensors the op takes, in order: those of score/mask/phi, then the sink."""
+    names = [spec.name for spec in captured_specs(region)]
+    sink = getattr(region.normalizer, "sink", None)
+    if sink is not None and sink.name not in names:
+        names.append(sink.name)
+    return names
+
+
+@torch.library.custom_op("attncc::triton_attention", mutates_args=())
+def triton_attention(key: str, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor], scale: float,
+                     q_offset: int, want_lse: bool, splits: int) -> tuple[Tensor, Tensor]:
+    region = _REGIONS[key]
+    tensors = dict(zip(captured_names(region), captured, strict=True))
+    return launcher.forward(region, q, k, v, tensors, scale=scale, q_offset=q_offset, want_lse=want_lse,
+                            splits=splits if splits > 1 else None)
+
+
+@triton_attention.register_fake
+def _(key: str, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor], scale: float, q_offset: int,
+      want_lse: bool, splits: int) -> tuple[Tensor, Tensor]:
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(B, Hq, Lq, v.shape[-1]), q.new_empty(B, Hq, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("attncc::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                         dlse: Tensor, captured: list[Tensor], scale: float,
+                         q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    region = _REGIONS[key]
+    tensors = dict(zip(captured_names(region), captured, strict=True))
+    # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta by -dlse.
+    return launcher.backward(region, q, k, v, o, lse, do, tensors, scale=scale, q_offset=q_offset, dlse=dlse)
+
+
+@triton_attention_bwd.register_fake
+def _(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
+      captured: list[Tensor], scale: float, q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    key, q, k, v, captured, scale, q_offset, _want_lse, _splits = inputs
+    o, lse = output
+    ctx.key, ctx.scale, ctx.q_offset = key, scale, q_offset
+    ctx.n_captured = len(captured)
+    ctx.save_for_backward(q, k, v, o, lse, *captured)
+
+
+def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
+    q, k, v, o, lse, *captured = ctx.saved_tensors
+    region = _REGIONS[ctx.key]
+    names = captured_names(region)
+    sink = getattr(region.normalizer, "sink", None)
+    wants = [c.requires_grad and c.is_floating_point() for c in captured]
+    reason = backward_unsupported(region)
+    if reason is None:
+        for name, want in zip(names, wants, strict=True):
+            if want and (sink is None or name != sink.name):
+                reason = f"gradient of captured tensor {name!r} inside the score function"
+    if reason is not None:
+        grads = _reference_backward(region, q, k, v, captured, names, do, dlse, ctx.scale, ctx.q_offset, reason)
+        return (None, *grads[:3], list(grads[3:]), None, None, None, None)
+    dlse_t = dlse if dlse is not None else torch.zeros_like(lse)
+    dq, dk, dv = triton_attention_bwd(ctx.key, q, k, v, o, lse, do, dlse_t, captured, ctx.scale, ctx.q_offset)
+    dcaptured: list[Tensor | None] = [None] * len(captured)
+    if sink is not None:
+        i = names.index(sink.name)
+        if wants[i]:
+            delta = (o.float() * do.float()).sum(-1)
+            p_sink = torch.exp(captured[i].float().view(1, -1, 1) - lse)
+            dcaptured[i] = (p_sink * (dlse_t.float() - delta)).sum((0, 2)).to(captured[i].dtype)
+    return None, dq, dk, dv, dcaptured, None, None, None, None
+
+
+def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor],
+                        names: list[str], do: Tensor, dlse: Tensor | None, scale: float, q_offset: int,
+                        reason: str) -> tuple[Tensor | None, ...]:
+    """Gradients by recomputing through the reference backend under autograd (slow, exact)."""
+    from attncc.codegen.reference.attention import attention
+
+    if (launcher.region_key(region), reason) not in _WARNED:
+        _WARNED.add((launcher.region_key(region), reason))
+        warnings.warn(f"attncc triton backend: {reason}; using the reference backward for this variant",
+                      stacklevel=3)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        caps = [c.detach().requires_grad_(c.is_floating_point() and c.requires_grad) for c in captured]
+        scale = scale * (region.score_scale if region.score_scale is not None else 1.0)
+        out, lse = attention(region, *leaves, dict(zip(names, caps, strict=True)), scale=scale, q_offset=q_offset)
+        outputs, grads_out = [out], [do]
+        if lse is not None and dlse is not None:
+            outputs.append(lse)
+            grads_out.append(dlse)
+        inputs = leaves + [c for c in caps if c.requires_grad]
+        grads = list(torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True))
+    dcaps: list[Tensor | None] = []
+    it = iter(grads[3:])
+    for c in caps:
+        dcaps.append(next(it) if c.requires_grad else None)
+    return (*grads[:3], *dcaps)
+
+
+triton_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor], *,
+              scale: float, q_offset: int, want_lse: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
+    """Call the custom op for ``region`` (registering it first)."""
+    key = register_region(region)
+    captured = [tensors[name] for name in captured_names(region)]
+    want = want_lse or isinstance(region.normalizer, nodes.SoftmaxNorm)
+    return triton_attention(key, q, k, v, captured, float(scale), int(q_offset), want, int(splits))
