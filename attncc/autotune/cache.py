@@ -1,0 +1,504 @@
+"""The tuning cache: a SQLite database per user, JSON files to ship, never a worse result.
+
+SQLite in WAL mode with a busy timeout lets many processes read and write at once; every
+write is one ``BEGIN IMMEDIATE`` transaction and an upsert that only replaces an entry with
+a faster one, so a crash mid-write leaves the previous state and nothing tuned is ever
+overwritten by a worse result. The schema version lives in the file name and in a ``meta``
+table. A file that is not a database is moved aside to ``<name>.corrupt-<timestamp>`` and a
+fresh one started; an unknown schema version disables the cache for this process (it
+belongs to another attncc). Caches shipped with a package are read-only JSON layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from attncc.autotune.keys import ShapeKey, TuningKey
+from attncc.autotune.records import (
+    FORMAT,
+    FORMAT_VERSION,
+    WILDCARD,
+    Entry,
+    Pin,
+    better,
+    config_problem,
+    document_problem,
+    entry_from_json,
+    pin_from_json,
+    warn_once,
+)
+
+SCHEMA_VERSION = 1
+_GENERATIONS: dict[str, int] = {}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, description TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    fingerprint TEXT NOT NULL, backend TEXT NOT NULL, device TEXT NOT NULL, shape TEXT NOT NULL,
+    config TEXT NOT NULL, time_ms REAL NOT NULL, trials INTEGER NOT NULL, source TEXT NOT NULL,
+    verified INTEGER NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (fingerprint, backend, device, shape)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    fingerprint TEXT NOT NULL, backend TEXT NOT NULL, device TEXT NOT NULL, shape TEXT NOT NULL,
+    config TEXT NOT NULL, note TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (fingerprint, backend, device, shape)
+);
+"""
+# NOTE: the WHERE clause is records.better(): verified beats unverified, then the faster wins.
+_UPSERT = """
+INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fingerprint, backend, device, shape) DO UPDATE SET
+    config = excluded.config, time_ms = excluded.time_ms, trials = excluded.trials,
+    source = excluded.source, verified = excluded.verified, updated = excluded.updated
+WHERE excluded.verified > entries.verified
+   OR (excluded.verified = entries.verified AND excluded.time_ms < entries.time_ms)
+"""
+
+
+def cache_dir() -> Path:
+    """``$ATTNCC_CACHE_DIR``, else the user cache directory (platformdirs)."""
+    override = os.environ.get("ATTNCC_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("attncc", appauthor=False))
+
+
+def default_db_path() -> Path:
+    return cache_dir() / f"tuning.v{SCHEMA_VERSION}.sqlite"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); recovery from corruption happens under it."""
+    try:
+        import fcntl
+    except ImportError:  # NOTE: no fcntl (Windows): recovery is rare enough to run unlocked.
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class TuningCache:
+    """One SQLite tuning database plus, for lookups, the shipped JSON caches."""
+
+    def __init__(self, path: str | Path | None = None, *, shipped: bool = True) -> None:
+        self.path = Path(path) if path is not None else default_db_path()
+        self.use_shipped = shipped
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self.disabled: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<TuningCache {self.path}>"
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every write in this process to this path: lookups memoized on it go stale."""
+        return _GENERATIONS.get(str(self.path), 0)
+
+    # ------------------------------------------------------------ connection and recovery
+    def _db(self) -> sqlite3.Connection | None:
+        """The connection for this process (None when the cache is disabled)."""
+        if self.disabled:
+            return None
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = self._open_checked()
+        except sqlite3.OperationalError as err:
+            warn_once(f"unusable:{self.path}", f"tuning cache {self.path} cannot be opened ({err}); using defaults")
+            self.disabled = str(err)
+            return None
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            conn = _connect(self.path)
+            self._init_schema(conn)
+            return conn
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError:
+            pass
+        with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            try:  # NOTE: another process may have recovered it while we waited for the lock.
+                conn = _connect(self.path)
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as err:
+                self._quarantine(err)
+                conn = _connect(self.path)
+        self._init_schema(conn)
+        return conn
+
+    def _quarantine(self, err: Exception) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                os.replace(source, Path(str(backup) + suffix))
+        warn_once(f"corrupt:{self.path}",
+                  f"tuning cache {self.path} is corrupt ({err}); moved it to {backup} and started a fresh one")
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        with _transaction(conn):
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                row = (str(SCHEMA_VERSION),)
+        if row[0] != str(SCHEMA_VERSION):
+            self.disabled = f"schema version {row[0]}"
+            warn_once(f"schema:{self.path}", f"tuning cache {self.path} has unknown schema version {row[0]!r} "
+                      f"(this attncc uses {SCHEMA_VERSION}); ignoring it")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of a read; a damaged or locked database reads as empty (warned once)."""
+        conn = self._db()
+        if conn is None:
+            return []
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as err:
+            warn_once(f"read:{self.path}:{err}", f"tuning cache {self.path}: read failed ({err}); skipping it")
+            return []
+
+    def _write(self, statements: list[tuple[str, tuple]]) -> int:
+        """Run statements in one transaction; returns the rows changed (0 when disabled)."""
+        conn = self._db()
+        if conn is None:
+            return 0
+        changed = 0
+        with _transaction(conn):
+            for sql, args in statements:
+                changed += conn.execute(sql, args).rowcount
+        _GENERATIONS[str(self.path)] = self.generation + 1
+        return changed
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    # ------------------------------------------------------------ entries
+    def record(self, entry: Entry, device_description: dict[str, Any] | None = None) -> bool:
+        """Store ``entry`` unless the cache already holds a better one; True when stored."""
+        if problem := config_problem(entry.config):
+            raise ValueError(f"entry.config: {problem}")
+        k = entry.key
+        row = (k.fingerprint, k.backend, k.device, k.shape.tag, json.dumps(entry.config, sort_keys=True),
+               float(entry.time_ms), int(entry.trials), entry.source, int(entry.verified),
+               entry.updated or time.time())
+        statements = [(_UPSERT, row)]
+        if device_description is not None:
+            statements.append(("INSERT OR REPLACE INTO devices VALUES (?, ?)",
+                               (k.device, json.dumps(device_description, sort_keys=True))))
+        return self._write(statements) > 0 and self._stored_is(entry)
+
+    def _stored_is(self, entry: Entry) -> bool:
+        stored = self.get(entry.key)
+        return stored is not None and stored.config == entry.config and stored.time_ms == entry.time_ms
+
+    def _entry(self, row: tuple) -> Entry | None:
+        fingerprint, backend, device, shape, config, time_ms, trials, source, verified, updated = row
+        try:
+            config = json.loads(config)
+        except (TypeError, ValueError):
+            config = None
+        data = {"fingerprint": fingerprint, "backend": backend, "device": device, "shape": shape,
+                "config": config, "time_ms": time_ms, "trials": trials, "source": source,
+                "verified": bool(verified), "updated": updated}
+        entry = entry_from_json(data, str(self.path))
+        if isinstance(entry, str):
+            warn_once(f"entry:{self.path}:{fingerprint}/{backend}/{device}/{shape}",
+                      f"tuning cache {self.path}: skipping corrupt entry {fingerprint}/{backend}/{device}/{shape}: "
+                      f"{entry}")
+            return None
+        return entry
+
+    def get(self, key: TuningKey) -> Entry | None:
+        rows = self._query("SELECT * FROM entries WHERE fingerprint=? AND backend=? AND device=? AND shape=?",
+                           (key.fingerprint, key.backend, key.device, key.shape.tag))
+        return self._entry(rows[0]) if rows else None
+
+    def entries(self, fingerprint: str | None = None, backend: str | None = None,
+                device: str | None = None) -> list[Entry]:
+        """Valid local entries, filtered by whichever fields are given."""
+        where, args = _filters(fingerprint=fingerprint, backend=backend, device=device)
+        rows = self._query(f"SELECT * FROM entries{where} ORDER BY fingerprint, backend, device, shape", args)
+        return [e for e in map(self._entry, rows) if e is not None]
+
+    def candidates(self, fingerprint: str, backend: str, device: str) -> list[Entry]:
+        """Local and shipped entries for one variant, backend and device (lookup's input)."""
+        found = self.entries(fingerprint, backend, device)
+        if self.use_shipped:
+            found += [e for e in shipped().entries if (e.key.fingerprint, e.key.backend, e.key.device)
+                      == (fingerprint, backend, device)]
+        return found
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for device, description in self._query("SELECT device, description FROM devices"):
+            with contextlib.suppress(TypeError, ValueError):
+                out[device] = json.loads(description)
+        return out
+
+    def clear(self, pins: bool = False) -> int:
+        """Delete every entry (and every pin with ``pins=True``); returns rows deleted."""
+        statements = [("DELETE FROM entries", ())] + ([("DELETE FROM pins", ())] if pins else [])
+        return self._write(statements)
+
+    # ------------------------------------------------------------ pins
+    def pin(self, pin: Pin) -> None:
+        if problem := config_problem(pin.config):
+            raise ValueError(f"--config: {problem}")
+        row = (pin.fingerprint, pin.backend, pin.device, pin.shape, json.dumps(pin.config, sort_keys=True),
+               pin.note, time.time())
+        self._write([("INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?, ?, ?, ?)", row)])
+
+    def unpin(self, fingerprint: str, backend: str, device: str = WILDCARD, shape: str = WILDCARD) -> int:
+        return self._write([("DELETE FROM pins WHERE fingerprint=? AND backend=? AND device=? AND shape=?",
+                             (fingerprint, backend, device, shape))])
+
+    def pins(self, fingerprint: str | None = None, backend: str | None = None) -> list[Pin]:
+        where, args = _filters(fingerprint=fingerprint, backend=backend)
+        out = []
+        for fp, backend_, device, shape, config, note, _ in self._query(f"SELECT * FROM pins{where}", args):
+            try:
+                config = json.loads(config)
+            except (TypeError, ValueError):
+                config = None
+            pin = pin_from_json({"fingerprint": fp, "backend": backend_, "device": device, "shape": shape,
+                                 "config": config, "note": note}, str(self.path))
+            if isinstance(pin, str):
+                warn_once(f"pin:{self.path}:{fp}/{backend_}/{device}/{shape}",
+                          f"tuning cache {self.path}: skipping corrupt pin {fp}/{backend_}/{device}/{shape}: {pin}")
+                continue
+            out.append(pin)
+        return out
+
+    def find_pin(self, key: TuningKey) -> Pin | None:
+        """The most specific pin matching ``key``: local pins first, then shipped ones."""
+        for layer in (self.pins(key.fingerprint, key.backend), shipped().pins if self.use_shipped else []):
+            matching = [p for p in layer if p.matches(key)]
+            if matching:
+                return max(matching, key=Pin.specificity)
+        return None
+
+    # ------------------------------------------------------------ JSON
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "devices": self.devices(),
+            "entries": [e.to_json() for e in self.entries()], "pins": [p.to_json() for p in self.pins()],
+        }
+
+    def export(self, path: str | Path) -> int:
+        """Write every local entry and pin as JSON (atomically); returns the entry count."""
+        doc = self.to_json()
+        write_json(path, doc)
+        return len(doc["entries"])
+
+    def import_json(self, path: str | Path) -> dict[str, int]:
+        """Merge a JSON cache into the database: better entries win, local pins are kept."""
+        layer = read_json(path)
+        stored = sum(self.record(e, layer.devices.get(e.key.device)) for e in layer.entries)
+        local_pins = {p.text for p in self.pins()}
+        new_pins = [p for p in layer.pins if p.text not in local_pins]
+        for pin in new_pins:
+            self.pin(pin)
+        return {"stored": stored, "kept": len(layer.entries) - stored, "pins": len(new_pins),
+                "skipped": layer.skipped}
+
+
+def _filters(**fields: str | None) -> tuple[str, tuple]:
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{k}=?" for k in given), tuple(given.values())
+
+
+# ---------------------------------------------------------------- JSON layers
+
+class Layer:
+    """The validated contents of one or more JSON caches."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.pins: list[Pin] = []
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.skipped = 0
+
+    def add(self, doc: dict[str, Any], origin: str) -> None:
+        for data in doc.get("entries", []):
+            entry = entry_from_json(data, origin)
+            if isinstance(entry, str):
+                self.skipped += 1
+                warn_once(f"json-entry:{origin}:{entry}", f"tuning cache {origin}: skipping entry: {entry}")
+            else:
+                self.entries.append(entry)
+        for data in doc.get("pins", []):
+            pin = pin_from_json(data, origin)
+            if isinstance(pin, str):
+                self.skipped += 1
+                warn_once(f"json-pin:{origin}:{pin}", f"tuning cache {origin}: skipping pin: {pin}")
+            else:
+                self.pins.append(pin)
+        self.devices.update({k: v for k, v in doc.get("devices", {}).items() if isinstance(v, dict)})
+
+    def best(self) -> dict[TuningKey, Entry]:
+        """One entry per key: the better of duplicates (records.better)."""
+        out: dict[TuningKey, Entry] = {}
+        for entry in self.entries:
+            if better(entry, out.get(entry.key)):
+                out[entry.key] = entry
+        return out
+
+
+def _parse_json(path: Path) -> dict[str, Any] | str:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"unreadable ({err})"
+    return document_problem(doc) or doc
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a tuning cache")
+
+
+def read_json(path: str | Path, layer: Layer | None = None) -> Layer:
+    """Read a JSON cache file into ``layer``; a bad file is warned about once and skipped."""
+    layer = layer if layer is not None else Layer()
+    path = Path(path)
+    doc = _parse_json(path)
+    if isinstance(doc, str):
+        warn_once(f"json:{path}", f"tuning cache {path}: {doc}; skipping it")
+        layer.skipped += 1
+        return layer
+    layer.add(doc, str(path))
+    return layer
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def merge_json(out: str | Path, inputs: list[str | Path], cache: TuningCache | None = None) -> dict[str, int]:
+    """Union of JSON caches (and ``cache`` when given) into ``out``, keeping the better entry per key.
+
+    ``out`` is read first if it exists, so merging never loses what it already held.
+    """
+    layer = Layer()
+    if Path(out).exists():
+        read_json(out, layer)
+    for path in inputs:
+        read_json(path, layer)
+    if cache is not None:
+        layer.add(cache.to_json(), str(cache.path))
+    best = layer.best()
+    pins = {p.text: p for p in layer.pins}  # NOTE: later layers win for pins (explicit inputs override).
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "devices": layer.devices,
+           "entries": [best[k].to_json() for k in sorted(best, key=lambda k: k.text)],
+           "pins": [p.to_json() for p in pins.values()]}
+    write_json(out, doc)
+    return {"entries": len(best), "pins": len(pins), "skipped": layer.skipped}
+
+
+_SHIPPED: dict[str, Layer] = {}
+
+
+def shipped_paths() -> list[Path]:
+    """JSON files from ``$ATTNCC_CACHE_PATH`` and the ``attncc.tuning_caches`` entry points."""
+    roots = [Path(p) for p in os.environ.get("ATTNCC_CACHE_PATH", "").split(os.pathsep) if p]
+    roots += _entry_point_dirs()
+    files: list[Path] = []
+    for root in roots:
+        if root.is_dir():
+            files += sorted(root.glob("*.json"))
+        elif root.is_file():
+            files.append(root)
+        else:
+            warn_once(f"ship:{root}", f"shipped tuning cache {root} does not exist; skipping it")
+    return files
+
+
+def _entry_point_dirs() -> list[Path]:
+    """Directories of packages named by ``attncc.tuning_caches`` entry points, found without importing them."""
+    from importlib.metadata import entry_points
+    from importlib.util import find_spec
+
+    dirs = []
+    for ep in entry_points(group="attncc.tuning_caches"):
+        top, *rest = ep.module.split(".")
+        spec = find_spec(top)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations:
+            warn_once(f"ep:{ep.value}", f"entry point attncc.tuning_caches {ep.name}={ep.value}: no such package")
+            continue
+        dirs.append(Path(locations[0]).joinpath(*rest))
+    return dirs
+
+
+def shipped() -> Layer:
+    """The shipped caches, read once per process (keyed on ``$ATTNCC_CACHE_PATH``)."""
+    tag = os.environ.get("ATTNCC_CACHE_PATH", "")
+    if tag not in _SHIPPED:
+        layer = Layer()
+        for path in shipped_paths():
+            read_json(path, layer)
+        _SHIPPED[tag] = layer
+    return _SHIPPED[tag]
+
+
+def parse_shape_or_wildcard(text: str) -> str:
+    if text == WILDCARD:
+        return text
+    return ShapeKey.parse(text).tag
