@@ -6,8 +6,10 @@ report's own dumps, and block maps classified by brute force over the dense mask
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 import pytest
@@ -16,7 +18,7 @@ from click.testing import CliRunner
 
 from attncc.cli import LAZY_COMMANDS, LazyGroup, main, module_exists
 from attncc.loader import LoadError, load_all, load_variant
-from attncc.testing import reference_outputs
+from attncc.testing import assert_close_to_reference, reference_outputs
 from attncc.variant import Program
 
 VARIANTS_FILE = textwrap.dedent(
@@ -265,3 +267,34 @@ def test_lazy_group_omits_missing_modules_and_reports_broken_ones(tmp_path, monk
 
 def test_main_is_a_click_group():
     assert isinstance(main, click.Group)
+
+
+# ---- README and CI stay true --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's second set-up command and .ci/run must run the same tests."""
+    commands = [block.strip() for block in readme_blocks("bash")]
+    assert len(commands) == 2, commands
+    assert commands[0].endswith("&& attncc demo")
+    test_command = commands[1].split("&&")[-1].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'TEST_COMMAND="{test_command}"' in ci
+
+
+def test_readme_example_runs(capsys):
+    """The 10-line example must run as printed, and its output must match the reference."""
+    (example,) = readme_blocks("python")
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert "graph alibi" in capsys.readouterr().out
+    var, q, k, v, o = (namespace[n] for n in ("alibi", "q", "k", "v", "o"))
+    ref64, _ = reference_outputs(var, {"q": q, "k": k, "v": v})
+    assert_close_to_reference(o, ref64, None, k.shape[2])
