@@ -11,6 +11,7 @@ tensor's bounds, so padded rows and columns of a tile never read out of range.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ BINARY: dict[str, str] = {
 # Integer and float versions differ for these (Python floor semantics on integers).
 INT_BINARY = {"floordiv": "_floordiv({0}, {1})", "mod": "_mod({0}, {1})", "pow": "_ipow({0}, {1})"}
 FLOAT_BINARY = {"floordiv": "tl.floor({0} / {1})", "mod": "_fmod({0}, {1})", "pow": "_fpow({0}, {1})"}
+
+SCALAR_VARS = frozenset({"b", "h"})  # one value per program; q_idx, kv_idx, score are tiles
 
 SUPPORTED_OPS = set(UNARY) | set(BINARY) | set(INT_BINARY) | {"var", "const", "input", "load", "cast", "where"}
 
@@ -203,6 +206,11 @@ class ExprRenderer:
                 offsets.append(f"{index} * {spec.name}_s{dim}")
                 continue
             index = self.memo[index_expr]
+            if index_expr.free_vars() <= SCALAR_VARS:
+                # NOTE: a per-program scalar index is clamped, not masked (the interpreter
+                # rejects scalar masks broadcast against tiles); b and h are in range anyway.
+                offsets.append(f"tl.minimum(tl.maximum({index}, 0), {spec.shape[dim] - 1}) * {spec.name}_s{dim}")
+                continue
             offsets.append(f"{index} * {spec.name}_s{dim}")
             bounds.append(f"({index} >= 0) & ({index} < {spec.shape[dim]})")
         address = " + ".join([f"{spec.name}_ptr"] + offsets)
@@ -274,7 +282,8 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
         "log2_scores": family == "softmax",
         "cap_params": "".join(f", {p}" for p in params),
         "cap": "".join(f", {p}" for p in params),
-        "dot_kw": ', input_precision="ieee"' if dtype == "float32" else "",
+        "dot_args": _dot_args(dtype),
+        "pv_fp32": dtype != "float32" and family in ("pointwise", "stick_breaking"),
         "score_result": None,
         "mask_result": None,
     }
@@ -299,6 +308,15 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
                              undefined=jinja2.StrictUndefined)
     header = f"# attncc generated Triton module: {kind}, {family}, {dtype}, region %{region.node}\n"
     return header + env.get_template(TEMPLATES[kind]).render(**context)
+
+
+def _dot_args(dtype: str) -> str:
+    """Operands of ``tl.dot``; the CPU interpreter multiplies bfloat16 wrongly, so it upcasts."""
+    if dtype == "float32":
+        return 'a, b, input_precision="ieee"'
+    if dtype == "bfloat16" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 'a.to(tl.float32), b.to(tl.float32), input_precision="ieee"'
+    return "a, b"
 
 
 def captured_specs(region: AttentionRegion) -> list[TensorSpec]:
