@@ -69,10 +69,10 @@ def demo_variants(length: int, heads: int) -> dict[str, Variant]:
     return {
         "causal": attncc.variant(mask=causal, name="causal"),
         "alibi": alibi_variant(heads),
-        "sliding_window(64)": sliding_window_variant(64),
+        "window(64)": sliding_window_variant(64),
         "softcap(30)": softcap_variant(30.0),
-        "sigmoid (causal)": attncc.variant(mask=causal, normalizer="sigmoid", name="sigmoid"),
-        "document(4 docs)": document_variant(length, 4),
+        "sigmoid": attncc.variant(mask=causal, normalizer="sigmoid", name="sigmoid"),
+        "document(4)": document_variant(length, 4),
     }
 
 
@@ -134,9 +134,9 @@ def render(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column, justify in [("variant", "left"), ("backend", "left"), ("first call (ms)", "right"),
-                            ("best (ms)", "right"), ("max error", "right"), ("check", "center")]:
-        table.add_column(column, justify=justify)
+    for column, justify in [("variant", "left"), ("backend", "left"), ("first ms", "right"),
+                            ("best ms", "right"), ("max error", "right"), ("check", "center")]:
+        table.add_column(column, justify=justify, no_wrap=True)
     for row in rows:
         status = "[green]OK[/green]" if row.ok else "[red]FAIL[/red]"
         table.add_row(row.name, row.backend, f"{row.first_ms:.1f}", f"{row.best_ms:.2f}", f"{row.error:.2e}", status)
@@ -154,8 +154,7 @@ def main(length: int = 256, heads: int = 4, head_dim: int = 64, backend: str | N
     """Run, print the table, and return the exit status (0 when every check passed)."""
     rows = run_demo(length, heads, head_dim, backend, repeats)
     where = "automatic backend" if backend is None else f"backend={backend!r}"
-    render(rows, f"attncc demo: B=1 H={heads} L={length} D={head_dim} float32, {where}, "
-                 f"{torch.get_num_threads()} threads")
+    render(rows, f"attncc demo: B=1 H={heads} L={length} D={head_dim} float32, {where}")
     return 0 if all(row.ok for row in rows) else 1
 
 

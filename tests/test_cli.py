@@ -204,7 +204,7 @@ def test_explain_blocks_window_is_sound(variants_file):
 def test_demo_runs_every_variant_and_passes():
     result = invoke("demo")
     assert result.exit_code == 0, result.output
-    for name in ("causal", "alibi", "sliding_window", "softcap", "sigmoid", "document"):
+    for name in ("causal", "alibi", "window", "softcap", "sigmoid", "document"):
         assert name in result.output
     assert "FAIL" not in result.output
     assert result.output.count("OK") >= 6
