@@ -16,9 +16,11 @@ INFIX = {
     "eq": ("==", -1), "ne": ("!=", -1), "lt": ("<", -1), "le": ("<=", -1),
     "gt": (">", -1), "ge": (">=", -1),
 }
+UNARY_PREC = 6  # unary minus and ~ bind tighter than * but looser than **
 
 
 def format_expr(expr: Expr) -> str:
+    """Python-like text that, read back with the same names, computes the same values."""
     return _fmt(expr, -2)
 
 
@@ -26,7 +28,9 @@ def _fmt(e: Expr, parent_prec: int) -> str:
     if e.op == "var":
         return e.arg
     if e.op == "const":
-        return repr(e.arg)
+        text = repr(e.arg)
+        # NOTE: "-2 ** 2" is -(2 ** 2) in Python; a negative base needs parentheses.
+        return f"({text})" if text.startswith("-") and parent_prec >= UNARY_PREC else text
     if e.op == "input":
         return e.arg.name
     if e.op == "load":
@@ -36,10 +40,9 @@ def _fmt(e: Expr, parent_prec: int) -> str:
         right_prec = prec + 1 if e.op != "pow" else prec
         text = f"{_fmt(e.src[0], prec)} {symbol} {_fmt(e.src[1], right_prec)}"
         return f"({text})" if prec <= parent_prec else text
-    if e.op == "neg":
-        return f"-{_fmt(e.src[0], 6)}"
-    if e.op in ("not", "invert"):
-        return f"~{_fmt(e.src[0], 6)}"
+    if e.op in ("neg", "not", "invert"):
+        text = f"{'-' if e.op == 'neg' else '~'}{_fmt(e.src[0], UNARY_PREC)}"
+        return f"({text})" if parent_prec >= UNARY_PREC else text
     if e.op == "cast":
         return f"{e.arg}({_fmt(e.src[0], -2)})"
     return f"{e.op}({', '.join(_fmt(s, -2) for s in e.src)})"

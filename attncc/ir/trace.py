@@ -30,6 +30,10 @@ class TraceError(TypeError):
     """A user function uses something attncc cannot turn into IR."""
 
 
+class CaptureDeviceError(ValueError):
+    """Captured tensors live on different devices."""
+
+
 @dataclass
 class Captures:
     """Real tensors met while tracing, by identity, with stable names."""
@@ -38,8 +42,15 @@ class Captures:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, tensor: torch.Tensor, hint: str | None) -> TensorSpec:
+        """Name ``tensor`` (once); every captured tensor must live on one device."""
         if id(tensor) in self.specs:
             return self.specs[id(tensor)]
+        for other_name, other in self.tensors.items():
+            if other.device != tensor.device:
+                raise CaptureDeviceError(
+                    f"a tensor captured on device {tensor.device} while {other_name!r} is on {other.device}; "
+                    "all captured tensors must be on one device"
+                )
         name = _unique(hint or "capture", self.tensors)
         dtype = str(tensor.dtype).removeprefix("torch.")
         spec = TensorSpec(name, tuple(tensor.shape), dtype)
@@ -78,11 +89,11 @@ class Symbol(torch.Tensor):
         sym.expr = expression
         return sym
 
-    def __repr__(self) -> str:  # noqa: D105
+    def __repr__(self) -> str:
         return f"Symbol({self.expr})"
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
         if name == "__get__" or name in _PASSTHROUGH:
@@ -99,10 +110,16 @@ _PASSTHROUGH = {"__repr__", "__format__", "__hash__", "dim", "size", "numel", "_
 
 
 def _qualname(func: Any) -> str:
-    module = getattr(func, "__module__", None) or ""
+    """The name a user wrote: ``torch.cumsum``, ``Tensor.sort``, ``torch.nn.functional.conv1d``."""
     name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
-    if module.startswith("torch") and "." not in name:
-        return f"torch.{name}" if module in ("torch", "torch._C._VariableFunctions") else name
+    module = getattr(func, "__module__", None) or ""
+    head, _, tail = name.rpartition(".")
+    if head in ("_VariableFunctionsClass", "_VariableFunctions"):
+        return f"torch.{tail}"
+    if head in ("TensorBase", "Tensor", "_TensorBase"):
+        return f"Tensor.{tail}"
+    if module.startswith("torch") and not head:
+        return f"{module}.{name}"
     return name
 
 
@@ -118,6 +135,8 @@ def _user_frame() -> traceback.FrameSummary | None:
 def _error(construct: str) -> TraceError:
     fn_name = _ACTIVE[-1].fn_name if _ACTIVE else "<function>"
     frame = _user_frame()
+    if frame is not None and frame.name not in (fn_name, fn_name.rpartition(".")[2]):
+        fn_name = f"{fn_name} (in {frame.name})"
     where = f"{frame.filename}:{frame.lineno}" if frame else "<unknown>"
     source = f"\n    {frame.line}" if frame and frame.line else ""
     return TraceError(f"cannot trace {fn_name} at {where}: {construct}{source}")
@@ -156,13 +175,10 @@ def _captured(tensor: torch.Tensor) -> Expr:
     context = _ACTIVE[-1]
     if tensor.is_complex():
         raise _error("complex tensors cannot be captured")
-    known = context.captures.tensors.values()
-    devices = {t.device for t in known}
-    if devices and tensor.device not in devices:
-        raise _error(
-            f"a tensor captured on device {tensor.device} while others are on {devices.pop()}"
-        )
-    spec = context.captures.add(tensor, _capture_name(tensor))
+    try:
+        spec = context.captures.add(tensor, _capture_name(tensor))
+    except CaptureDeviceError as err:
+        raise _error(str(err)) from None
     return ex.input_ref(spec)
 
 
@@ -209,6 +225,23 @@ def _unary(op: str) -> Callable[..., Expr]:
     return handler
 
 
+def _logical(op: str) -> Callable[..., Expr]:
+    """``torch.logical_*`` read any nonzero value as True, unlike the bitwise operators."""
+
+    def handler(a: Any, b: Any, *rest: Any, **kwargs: Any) -> Expr:
+        if rest or kwargs:
+            raise _error(f"'logical_{op}' with extra arguments {rest or kwargs}")
+        return ex.binary(op, ex.cast(_scalar(a), "bool"), ex.cast(_scalar(b), "bool"))
+
+    return handler
+
+
+def _logical_not(a: Any, *rest: Any, **kwargs: Any) -> Expr:
+    if rest or kwargs:
+        raise _error(f"'logical_not' with extra arguments {rest or kwargs}")
+    return ex.unary("not", ex.cast(_scalar(a), "bool"))
+
+
 def _invert(a: Any) -> Expr:
     operand = _scalar(a)
     return ex.unary("not" if operand.dtype == "bool" else "invert", operand)
@@ -226,7 +259,7 @@ def _where(cond: Any, a: Any = None, b: Any = None) -> Expr:
     return ex.where(ex.cast(_scalar(cond), "bool"), _scalar(a), _scalar(b))
 
 
-def _clamp(a: Any, min: Any = None, max: Any = None) -> Expr:  # noqa: A002
+def _clamp(a: Any, min: Any = None, max: Any = None) -> Expr:
     result = _scalar(a)
     if min is not None:
         result = ex.binary("maximum", result, _scalar(min))
@@ -235,10 +268,13 @@ def _clamp(a: Any, min: Any = None, max: Any = None) -> Expr:  # noqa: A002
     return result
 
 
-def _min_max(op: str) -> Callable[..., Expr]:
+def _min_max(op: str, name: str) -> Callable[..., Expr]:
+    """``torch.minimum(a, b)``; ``torch.min(a, b)`` only with two values (``min(a, 0)`` reduces dim 0)."""
+
     def handler(a: Any, b: Any = None, *rest: Any, **kwargs: Any) -> Expr:
-        if b is None or rest or kwargs or isinstance(b, int) and not isinstance(a, Symbol):
-            raise _error(f"torch.{op[:3]} as a reduction; use torch.{op}(a, b) on two values")
+        dim_like = name in ("min", "max") and isinstance(b, int) and not isinstance(b, bool)
+        if b is None or rest or kwargs or dim_like:
+            raise _error(f"torch.{name} as a reduction; use torch.{op}(a, b) on two values")
         return ex.binary(op, _scalar(a), _scalar(b))
 
     return handler
@@ -325,7 +361,9 @@ def _getitem(base: Any, index: Any) -> Expr:
         base_expr = _captured(base)
     else:
         raise _error(f"indexing a {type(base).__name__}")
-    index_exprs = tuple(ex.cast(as_expr(i), "int") if as_expr(i).dtype == "bool" else as_expr(i) for i in indices)
+    index_exprs = tuple(_scalar(i) for i in indices)
+    if any(i.dtype == "bool" for i in index_exprs):
+        raise _error("a boolean index (torch reads it as a mask, not a position); index by integers")
     try:
         return ex.load(base_expr, index_exprs)
     except (IndexError, TypeError) as err:
@@ -349,13 +387,14 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "__float__": _refuse("float() on a traced value"),
     "__index__": _refuse("a traced value used as a Python index (range, list index)"),
     "__getitem__": _getitem,
-    "__invert__": _invert, "bitwise_not": _invert, "logical_not": _invert,
+    "__invert__": _invert, "bitwise_not": _invert, "logical_not": _logical_not,
     "div": _div, "divide": _div, "true_divide": _div, "__truediv__": _div,
-    "__rtruediv__": lambda a, b: _div(b, a),
+    "__rtruediv__": lambda a, b: _div(b, a), "__rdiv__": lambda a, b: _div(b, a),
+    "__idiv__": _div, "__itruediv__": _div,
     "where": _where, "clamp": _clamp, "clip": _clamp,
     "clamp_min": lambda a, m: _clamp(a, min=m), "clamp_max": lambda a, m: _clamp(a, max=m),
-    "minimum": _min_max("minimum"), "min": _min_max("minimum"),
-    "maximum": _min_max("maximum"), "max": _min_max("maximum"),
+    "minimum": _min_max("minimum", "minimum"), "min": _min_max("minimum", "min"),
+    "maximum": _min_max("maximum", "maximum"), "max": _min_max("maximum", "max"),
     "softplus": _softplus, "gelu": _gelu, "elu": _elu, "square": _square,
     "to": _to, "type": _to,
     "float": _fixed_cast("float"), "double": _fixed_cast("float"), "half": _fixed_cast("float"),
@@ -369,12 +408,13 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
 _BINARY_NAMES = {
     "add": ["add", "__add__", "__iadd__"], "sub": ["sub", "subtract", "__sub__", "__isub__"],
     "mul": ["mul", "multiply", "__mul__", "__imul__"],
-    "floordiv": ["floor_divide", "__floordiv__"], "mod": ["remainder", "__mod__"],
-    "pow": ["pow", "__pow__", "float_power"],
-    "and": ["bitwise_and", "logical_and", "__and__", "__iand__"],
-    "or": ["bitwise_or", "logical_or", "__or__", "__ior__"],
-    "xor": ["bitwise_xor", "logical_xor", "__xor__"],
-    "lshift": ["bitwise_left_shift", "__lshift__"], "rshift": ["bitwise_right_shift", "__rshift__"],
+    "floordiv": ["floor_divide", "__floordiv__", "__ifloordiv__"], "mod": ["remainder", "__mod__", "__imod__"],
+    "pow": ["pow", "__pow__", "pow_", "__ipow__"],
+    "and": ["bitwise_and", "__and__", "__iand__"],
+    "or": ["bitwise_or", "__or__", "__ior__"],
+    "xor": ["bitwise_xor", "__xor__", "__ixor__"],
+    "lshift": ["bitwise_left_shift", "__lshift__", "__ilshift__"],
+    "rshift": ["bitwise_right_shift", "__rshift__", "__irshift__"],
     "eq": ["eq", "__eq__"], "ne": ["ne", "__ne__", "not_equal"], "lt": ["lt", "__lt__", "less"],
     "le": ["le", "__le__", "less_equal"], "gt": ["gt", "__gt__", "greater"],
     "ge": ["ge", "__ge__", "greater_equal"],
@@ -387,6 +427,8 @@ for _op, _name in [("add", "__radd__"), ("sub", "__rsub__"), ("sub", "rsub"), ("
                    ("and", "__rand__"), ("or", "__ror__"), ("xor", "__rxor__"),
                    ("lshift", "__rlshift__"), ("rshift", "__rrshift__")]:
     _HANDLERS[_name] = _binary(_op, reflected=_name != "rsub")
+for _op in ("and", "or", "xor"):
+    _HANDLERS[f"logical_{_op}"] = _logical(_op)
 _HANDLERS["rsub"] = lambda a, b, **kw: ex.binary("sub", _scalar(b), _scalar(a))
 for _op in ["exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "erf",
             "sin", "cos", "floor", "ceil", "abs"]:

@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 
 def index_grid(B: int, H: int, Lq: int, Lkv: int, q_offset: int, device: torch.device) -> dict[str, Tensor]:
     """Broadcastable index tensors b, h, q_idx, kv_idx of shape [B|1, H|1, Lq|1, Lkv|1]."""
-    arange = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
+    arange = lambda n: torch.arange(n, device=device, dtype=torch.int64)
     return {
         "b": arange(B).view(B, 1, 1, 1),
         "h": arange(H).view(1, H, 1, 1),
@@ -74,7 +74,7 @@ def attention(
     """One attention node: returns (o in q's dtype, lse in float32 or None)."""
     dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     B, Hq, Lq, D = q.shape
-    Lkv, Dv = k.shape[2], v.shape[3]
+    Lkv = k.shape[2]
     norm = region.normalizer
     qc, kc, vc = q.to(dtype), expand_kv(k, Hq).to(dtype), expand_kv(v, Hq).to(dtype)
     grid = index_grid(B, Hq, Lq, Lkv, q_offset, q.device)
@@ -133,14 +133,21 @@ def _divide_rows(weights: Tensor) -> Tensor:
 
 
 def _softmax(norm: nodes.SoftmaxNorm, s: Tensor, keep: Tensor, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Softmax over the kept entries, plus ``exp(sink_h)`` in the denominator when present.
+
+    A row with nothing kept (and no sink) has ``lse = -inf`` and zero weights. Its scores are
+    replaced by zeros before ``logsumexp`` so that autograd never forms ``exp(-inf - -inf)``:
+    fully masked rows get zero gradients, not NaN.
+    """
     masked = torch.where(keep, s, float("-inf"))
     if norm.sink is not None:
         sink = ctx[norm.sink.name].view(1, -1, 1, 1).expand(*masked.shape[:3], 1)
         masked = torch.cat([masked, sink], dim=-1)
-    lse = torch.logsumexp(masked, dim=-1)
-    finite = torch.isfinite(lse)
-    safe_lse = torch.where(finite, lse, 0.0).unsqueeze(-1)
-    weights = torch.where(finite.unsqueeze(-1), torch.exp(masked - safe_lse), 0.0)
+        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+    alive = keep.any(dim=-1, keepdim=True)
+    lse_alive = torch.logsumexp(torch.where(alive, masked, 0.0), dim=-1, keepdim=True)
+    weights = torch.where(keep & alive, torch.exp(masked - lse_alive), 0.0)
+    lse = torch.where(alive, lse_alive, float("-inf")).squeeze(-1)
     if norm.sink is not None:
         weights = weights[..., :-1]
     return weights, lse
@@ -196,7 +203,8 @@ def topk_blocks_selection(route: nodes.TopKBlocksRoute, causal: bool, q: Tensor,
     if route.per == "query_block":
         group = q_idx // block
         _, inverse = torch.unique(group, return_inverse=True)
-        sums = torch.zeros(B, Hq, int(inverse.max()) + 1 if Lq else 0, q.shape[-1], dtype=torch.float64, device=q.device)
+        n_groups = int(inverse.max()) + 1 if Lq else 0
+        sums = torch.zeros(B, Hq, n_groups, q.shape[-1], dtype=torch.float64, device=q.device)
         sums.index_add_(2, inverse, queries)
         sizes = torch.bincount(inverse).double().view(1, 1, -1, 1)
         queries = (sums / sizes)[:, :, inverse]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attncc.ir.expr import Expr
+from attncc.ir.expr import COMPARE_OPS, Expr, promote
 
 Tensor = torch.Tensor
 
@@ -89,15 +89,12 @@ def _eval_node(
         cond, a, b = args
         return torch.where(cond, _as_dtype(a, node.dtype, float_dtype), _as_dtype(b, node.dtype, float_dtype))
     if op in _UNARY:
-        x = args[0]
-        if node.dtype == "float":
-            x = _as_dtype(x, "float", float_dtype)
+        # NOTE: operands take the node's dtype first (abs of a bool is an int, exp of an int a float).
+        x = args[0] if op == "not" else _as_dtype(args[0], node.dtype, float_dtype)
         return _UNARY[op](x)
     a, b = args
-    if node.dtype == "float" or op == "truediv":
-        a, b = _as_dtype(a, "float", float_dtype), _as_dtype(b, "float", float_dtype)
-    elif node.src[0].dtype != node.src[1].dtype and "float" not in (node.src[0].dtype, node.src[1].dtype):
-        a, b = _as_dtype(a, "int", float_dtype), _as_dtype(b, "int", float_dtype)
-    elif op in ("eq", "ne", "lt", "le", "gt", "ge") and "float" in (node.src[0].dtype, node.src[1].dtype):
-        a, b = _as_dtype(a, "float", float_dtype), _as_dtype(b, "float", float_dtype)
+    # NOTE: operands take the node's dtype (a comparison: the wider operand's), so bool + bool
+    # is an int sum and int < float compares as floats, as the IR's typing rules say.
+    target = promote(*(s.dtype for s in node.src)) if op in COMPARE_OPS else node.dtype
+    a, b = _as_dtype(a, target, float_dtype), _as_dtype(b, target, float_dtype)
     return _BINARY[op](a, b)
