@@ -1,0 +1,33 @@
+"""Dilated sliding window: WINDOW keys spaced DILATION apart, ending at the query.
+
+Paper: Beltagy, Peters & Cohan, "Longformer: The Long-Document Transformer", 2020, Section 3.1
+("dilated sliding window"): the query sees ``q_idx - t * DILATION`` for ``t = 0 .. WINDOW-1``,
+a receptive field of ``WINDOW * DILATION`` tokens at the cost of WINDOW. Causal. Built from the
+mask library, ``attncc.masks.dilated_window``.
+
+Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, WINDOW=16, DILATION=4; any length
+works. Run: ``python examples/dilated_window.py``.
+"""
+
+import torch
+
+import attncc
+from attncc import masks
+from attncc.testing import check_against_reference
+
+BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
+WINDOW, DILATION = 16, 4
+
+dilated_window_mask = masks.dilated_window(WINDOW, DILATION)
+dilated_window = attncc.variant(mask=dilated_window_mask, name="dilated_window")
+
+
+def main(backend: str | None = None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
+    check_against_reference(dilated_window, q, k, v, backend=backend)
+    print(f"{dilated_window_mask}: ran on {dilated_window.last_choice.backend.name}, matches the float64 reference")
+
+
+if __name__ == "__main__":
+    main()
