@@ -431,8 +431,9 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def merge_json(out: str | Path, inputs: list[str | Path], cache: TuningCache | None = None) -> dict[str, int]:
-    """Union of JSON caches (and ``cache`` when given) into ``out``, keeping the better entry per key.
+def merge_json(out: str | Path, inputs: list[str | Path], cache: TuningCache | None = None,
+               extra: list[dict[str, Any]] = ()) -> dict[str, int]:
+    """Union of JSON caches (and ``cache``, and ``extra`` documents) into ``out``, the better entry per key.
 
     ``out`` is read first if it exists, so merging never loses what it already held.
     """
@@ -443,6 +444,8 @@ def merge_json(out: str | Path, inputs: list[str | Path], cache: TuningCache | N
         read_json(path, layer)
     if cache is not None:
         layer.add(cache.to_json(), str(cache.path))
+    for doc in extra:
+        layer.add(doc, "tuning results")
     best = layer.best()
     pins = {p.text: p for p in layer.pins}  # NOTE: later layers win for pins (explicit inputs override).
     doc = {"format": FORMAT, "version": FORMAT_VERSION, "devices": layer.devices,

@@ -1,0 +1,383 @@
+"""Tuning one key with Optuna: a seeded TPE search over a backend's search space.
+
+One study per ``TuningKey`` (the study name is the key's text), stored in an Optuna RDB
+storage so an interrupted run resumes and several workers can share one study
+(``postgresql://...``). Each trial samples a config; invalid configs and configs that fail
+to compile or run are pruned, never fatal; a candidate is timed with warm-up runs and the
+median of repeats, and its output is checked against the reference before it can win.
+New studies start with the heuristic default and the nearest tuned bucket's best config,
+so the result is never worse than what the run-time lookup would already have picked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attncc.autotune import device as devices
+from attncc.autotune.cache import TuningCache, cache_dir
+from attncc.autotune.keys import ShapeKey, TuningKey
+from attncc.autotune.records import Entry, warn_once
+from attncc.autotune.space import Config, SearchSpace
+
+Runner = Callable[[Config], Any]
+Checker = Callable[[Any], None]
+
+
+@dataclass
+class TuneResult:
+    key: TuningKey
+    best_config: Config | None
+    best_ms: float
+    default_config: Config
+    default_ms: float
+    trials: int  # measured trials in the study (all workers, all runs)
+    seconds: float  # wall time of this call
+    stored: bool  # whether the cache now holds this result (False: it already had a better one)
+    pinned: bool
+
+    @property
+    def speedup(self) -> float:
+        """default time / tuned time (nan when either is unknown)."""
+        if not (self.best_ms > 0 and self.default_ms > 0 and math.isfinite(self.default_ms)):
+            return math.nan
+        return self.default_ms / self.best_ms
+
+
+def default_storage() -> str:
+    """The Optuna storage next to the tuning cache (SQLite)."""
+    path = cache_dir() / "optuna.v1.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str | None) -> Any:
+    import optuna
+
+    url = url or default_storage()
+    if url.startswith("sqlite"):
+        engine = {"connect_args": {"timeout": 60}}
+    else:
+        engine = {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+
+
+def measure(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, Any]:
+    """Median milliseconds of ``repeats`` calls after ``warmup`` calls, and the last output."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, out
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _config_text(config: Config) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def _measured(study: Any) -> list[Any]:
+    """Trials that ran, were checked, and have a time (from every worker)."""
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in done if t.user_attrs.get("measured")]
+
+
+def _seen(study: Any) -> dict[str, float | None]:
+    """Config text -> time (None when it failed): a config is never measured twice."""
+    import optuna
+
+    seen: dict[str, float | None] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)):
+        text = t.user_attrs.get("config")
+        if text is None or "invalid" in t.user_attrs:
+            continue
+        if t.user_attrs.get("measured"):
+            seen[text] = t.value
+        else:
+            seen.setdefault(text, None)
+    return seen
+
+
+class _Objective:
+    """The Optuna objective of one key: sample, validate, time, check."""
+
+    def __init__(self, space: SearchSpace, shape: ShapeKey, runner: Runner, checker: Checker | None,
+                 warmup: int, repeats: int, sync: Callable[[], None]) -> None:
+        self.space, self.shape, self.runner, self.checker = space, shape, runner, checker
+        self.warmup, self.repeats, self.sync = warmup, repeats, sync
+        self.seen: dict[str, float | None] = {}
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        config = {name: trial.suggest_categorical(name, values) for name, values in self.space.params.items()}
+        text = _config_text(config)
+        trial.set_user_attr("config", text)
+        problem = self.space.problem(config, self.shape)
+        if problem is not None:
+            trial.set_user_attr("invalid", problem)
+            raise optuna.TrialPruned(problem)
+        if text in self.seen:  # NOTE: repeats return the known time without running, and are not counted
+            known = self.seen[text]
+            if known is None:
+                raise optuna.TrialPruned("failed before")
+            return known
+        try:
+            ms, out = measure(lambda: self.runner(config), warmup=self.warmup, repeats=self.repeats, sync=self.sync)
+        except Exception as err:  # a config that fails to compile or run is pruned, not fatal
+            self.seen[text] = None
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
+            raise optuna.TrialPruned(f"{type(err).__name__}: {err}") from None
+        if self.checker is not None:
+            try:
+                self.checker(out)
+            except AssertionError as err:
+                self.seen[text] = None
+                trial.set_user_attr("wrong", str(err)[:500])
+                warn_once(f"wrong:{self.shape.tag}:{id(self)}",
+                          f"config {config} gives wrong results and is excluded (so is any other wrong config "
+                          f"of this study, silently): {err}")
+                raise optuna.TrialPruned(f"wrong result: {err}") from None
+        self.seen[text] = ms
+        trial.set_user_attr("measured", True)
+        return ms
+
+
+def _warm_start(space: SearchSpace, key: TuningKey, cache: TuningCache) -> list[Config]:
+    """Default first, then the exact key's and the nearest buckets' cached best configs."""
+    configs = [space.default_for(key.shape)]
+    pin = cache.find_pin(key)
+    neighbours = sorted(cache.candidates(key.fingerprint, key.backend, key.device),
+                        key=lambda e: (key.shape.distance(e.key.shape), e.time_ms))
+    for config in ([pin.config] if pin else []) + [e.config for e in neighbours[:3]]:
+        if space.problem(config, key.shape) is None and config not in configs:
+            configs.append(dict(config))
+    return configs
+
+
+def tune_key(
+    key: TuningKey,
+    space: SearchSpace,
+    runner: Runner,
+    budget: int,
+    *,
+    checker: Checker | None = None,
+    cache: TuningCache | None = None,
+    storage: str | None = None,
+    seed: int = 0,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    description: str | None = None,
+) -> TuneResult:
+    """Run (or resume, or join) the study of ``key`` until it holds ``budget`` measured trials."""
+    import optuna
+
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive number of trials, got {budget!r}")
+    cache = cache if cache is not None else TuningCache()
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=f"attncc/{key.text}", storage=open_storage(storage),
+                                direction="minimize", load_if_exists=True)
+    existing = study.get_trials(deepcopy=False)
+    if not existing:
+        for config in _warm_start(space, key, cache):
+            study.enqueue_trial(config, user_attrs={"warm_start": True}, skip_if_exists=True)
+    # NOTE: a shared (explicit) storage mixes in the pid so that simultaneous workers sample differently.
+    sampler_seed = seed + len(existing) + (os.getpid() if storage else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True,
+                                                   n_startup_trials=max(3, min(10, budget // 3)))
+    objective = _Objective(space, key.shape, runner, checker, warmup, repeats, _sync_for(torch.device(device)))
+    objective.seen = _seen(study)
+    valid = space.size(key.shape)
+    target = min(budget, valid)
+
+    def done() -> int:
+        return len(_measured(study))
+
+    def stop_when_done(study_: Any, trial: Any) -> None:
+        if storage:  # other workers' trials
+            objective.seen.update(_seen(study_))
+        if bar is not None:
+            bar.update(done(), best=_best_text(study_))
+        if done() >= target or len(objective.seen) >= valid:
+            study_.stop()
+
+    bar = _Bar(description or key.shape.tag, target) if progress else None
+    try:
+        if done() < target and len(objective.seen) < valid:
+            # NOTE: attempts are capped: invalid samples are cheap but must not loop forever.
+            study.optimize(objective, n_trials=20 * budget + 20, callbacks=[stop_when_done], catch=())
+    finally:
+        if bar is not None:
+            bar.close()
+        result = _finish(study, key, space, cache, started)
+    return result
+
+
+def _best_text(study: Any) -> str:
+    measured = _measured(study)
+    return f"{min(t.value for t in measured):.4g} ms" if measured else "-"
+
+
+def _finish(study: Any, key: TuningKey, space: SearchSpace, cache: TuningCache, started: float) -> TuneResult:
+    """Record the study's best measured config in the cache (never over a better one)."""
+    measured = _measured(study)
+    default = space.default_for(key.shape)
+    default_text = _config_text(default)
+    default_ms = min((t.value for t in measured if t.user_attrs.get("config") == default_text), default=math.nan)
+    best = min(measured, key=lambda t: t.value, default=None)
+    stored = False
+    best_config = None
+    if best is not None:
+        best_config = json.loads(best.user_attrs["config"])
+        entry = Entry(key, best_config, float(best.value), trials=len(measured),
+                      source=f"optuna TPE, study attncc/{key.text}", verified=True, updated=time.time())
+        description = devices.describe(key.device.split("-")[0]) if key.device == _own(key.device) else None
+        stored = cache.record(entry, description)
+    return TuneResult(key, best_config, float(best.value) if best else math.nan, default, default_ms,
+                      len(measured), time.perf_counter() - started, stored, cache.find_pin(key) is not None)
+
+
+def _own(device_fp: str) -> str | None:
+    """This machine's fingerprint for the device kind of ``device_fp`` (for the devices table)."""
+    kind = device_fp.split("-")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return None
+    return devices.fingerprint(kind)
+
+
+class _Bar:
+    """A rich progress bar: trials measured of the budget, best time so far."""
+
+    def __init__(self, description: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+        self.task = self.progress.add_task(description, total=total, best="-")
+        self.progress.start()
+
+    def update(self, completed: int, best: str) -> None:
+        self.progress.update(self.task, completed=completed, best=best)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+# ---------------------------------------------------------------- programs and backends
+
+def backend_space(backend: Any, plan: Any) -> SearchSpace:
+    """A backend's ``search_space``: a SearchSpace, or a function of the plan returning one."""
+    space = getattr(backend, "search_space", None)
+    if space is not None and not isinstance(space, SearchSpace) and callable(space):
+        space = space(plan)
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"backend {getattr(backend, 'name', backend)!r} declares no search_space; nothing to tune")
+    return space
+
+
+def make_operands(program: Any, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random operands for every q/k/v the program's regions read.
+
+    ``shape`` is (B, H, L, D), or (B, H, Lq, Lkv, D) for decoding and cross attention.
+    """
+    if len(shape) == 4:
+        B, H, Lq, D = shape
+        Lkv = Lq
+    elif len(shape) == 5:
+        B, H, Lq, Lkv, D = shape
+    else:
+        raise ValueError(f"shape must be (B, H, L, D) or (B, H, Lq, Lkv, D), got {shape!r}")
+    generator = torch.Generator().manual_seed(seed)
+    operands: dict[str, torch.Tensor] = {}
+    for region in program.plan.regions:
+        for name, length in ((region.q, Lq), (region.k, Lkv), (region.v, Lkv)):
+            if name not in operands:
+                data = torch.randn((B, H, length, D), generator=generator, dtype=torch.float32)
+                operands[name] = data.to(device=device, dtype=dtype)
+    return operands
+
+
+def reference_checker(program: Any, operands: dict[str, torch.Tensor], *, scale: float | None = None,
+                      q_offset: int = 0) -> Checker:
+    """Asserts SEMANTICS.md's tolerance against the reference (computed on first use, once)."""
+    from attncc.testing import assert_close_to_reference, reference_outputs
+
+    cached: list[Any] = []
+    region = program.plan.regions[0]
+    Lkv = operands[region.k].shape[2]
+
+    def check(out: Any) -> None:
+        if not cached:
+            cached.append(reference_outputs(program, operands, scale=scale, q_offset=q_offset))
+        ref64, lowp = cached[0]
+        assert_close_to_reference(out, ref64, lowp, Lkv)
+
+    return check
+
+
+def tune_program(
+    program: Any,
+    backend: Any,
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    budget: int,
+    *,
+    device: torch.device | str = "cpu",
+    cache: TuningCache | None = None,
+    storage: str | None = None,
+    seed: int = 0,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: bool = True,
+    label: str | None = None,
+) -> list[TuneResult]:
+    """Tune ``program`` on ``backend`` for each (B, H, L, D) shape (see make_operands); results land in ``cache``."""
+    plan = program.plan
+    space = backend_space(backend, plan)
+    results = []
+    for shape in shapes:
+        operands = make_operands(program, shape, dtype, device, seed)
+        region = plan.regions[0]
+        q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        key = TuningKey(plan.fingerprint, backend.name, devices.fingerprint(q.device), ShapeKey.from_tensors(q, k, v))
+
+        def runner(config: Config, operands: dict[str, torch.Tensor] = operands) -> Any:
+            return backend.run(plan, operands, program.tensors, scale=None, q_offset=0, return_lse=False,
+                               config=config)
+
+        checker = reference_checker(program, operands)
+        description = f"{label or program.name} {'x'.join(map(str, shape))}"
+        results.append(tune_key(key, space, runner, budget, checker=checker, cache=cache, storage=storage,
+                                seed=seed, warmup=warmup, repeats=repeats, device=q.device, progress=progress,
+                                description=description))
+    return results
