@@ -113,7 +113,7 @@ def _normalize(
     if isinstance(norm, nodes.SoftmaxNorm):
         return _softmax(norm, s, keep, ctx)
     if isinstance(norm, nodes.SigmoidNorm):
-        bias = -math.log(Lkv) if norm.bias is None else norm.bias
+        bias = -math.log(max(Lkv, 1)) if norm.bias is None else norm.bias  # Lkv = 0: no keys, no weights
         return torch.where(keep, torch.sigmoid(safe + bias), 0.0), None
     if isinstance(norm, nodes.PointwiseNorm):
         phi = torch.where(keep, evaluate(norm.phi, {"score": safe}, ctx, dtype), 0.0)
