@@ -36,9 +36,12 @@ def region_checker(region: AttentionRegion) -> str | None:
     if region.routing is not None or getattr(region, "gate", None) is not None \
             or getattr(region, "head_select", None) is not None:
         return f"routing {type(region.routing).__name__} is not generated yet"
-    if getattr(region, "row_shift", None) is not None:
-        return "row_shift (row-only score terms moved out by simplify) is not rendered yet"
-    for what, expr in (("score", region.score), ("mask", region.mask), ("phi", getattr(norm, "phi", None))):
+    row_shift = getattr(region, "row_shift", None)
+    if row_shift is not None and not isinstance(norm, nodes.SoftmaxNorm):
+        return "row_shift outside the softmax family"
+    exprs = (("score", region.score), ("mask", region.mask), ("phi", getattr(norm, "phi", None)),
+             ("row_shift", row_shift))
+    for what, expr in exprs:
         if expr is None:
             continue
         why = unsupported(expr)

@@ -255,7 +255,8 @@ def _indent(lines: list[str], spaces: int) -> str:
 
 def _captured_specs(region: AttentionRegion) -> list[TensorSpec]:
     """Captured tensors the kernel body reads (score, mask, phi), in a stable order."""
-    exprs = [e for e in (region.score, region.mask, getattr(region.normalizer, "phi", None)) if e is not None]
+    candidates = (region.score, region.mask, getattr(region.normalizer, "phi", None), getattr(region, "row_shift", None))
+    exprs = [e for e in candidates if e is not None]
     found: dict[str, TensorSpec] = {}
     for e in exprs:
         for spec in e.inputs():
@@ -293,6 +294,11 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
     if region.mask is not None:
         context["mask_result"] = body.render_as(region.mask, "bool")
         context["mask_lines"] = _indent(body.take_lines(), 8)
+    context["row_shift_result"] = None
+    if getattr(region, "row_shift", None) is not None:
+        rows = ExprRenderer({"b": "b", "h": "h", "q_idx": "q_idx"}, prefix="r")
+        context["row_shift_result"] = rows.render_as(region.row_shift, "float")
+        context["row_shift_lines"] = _indent(rows.take_lines(), 4)
     if family == "pointwise":
         phi = ExprRenderer({"score": "score"}, prefix="f")
         context["phi_result"] = phi.render_as(norm.phi, "float")
