@@ -13,7 +13,7 @@ def check_tensor(name: str, t: object) -> torch.Tensor:
     if t.dim() != 4:
         raise ValueError(f"{name} must have rank 4 ([B, H, L, D]), got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     return t
 
 
@@ -21,10 +21,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[st
     qn, kn, vn = names
     for name, t in zip(names, (q, k, v), strict=True):
         check_tensor(name, t)
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{qn}, {kn}, {vn} must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{qn}, {kn}, {vn} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in ((kn, k), (vn, v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}; {qn}, {kn}, {vn} must share a device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {qn} has dtype {q.dtype}; {qn}, {kn}, {vn} must share a dtype")
     B, Hq, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: {qn} has {B}, {kn} {k.shape[0]}, {vn} {v.shape[0]}")

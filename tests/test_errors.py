@@ -1,0 +1,233 @@
+"""Bad code fails when it is declared; bad tensors fail before any backend runs.
+
+Decoration-time errors name the function, the line and the construct; argument errors
+name the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import attncc
+from attncc.ir.trace import TraceError
+
+
+def _line_of(fn, text: str) -> int:
+    """Line number of the first source line of ``fn`` containing ``text``."""
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def _expect_trace_error(fn, construct: str, line_text: str, **variant_kwargs) -> None:
+    with pytest.raises(TraceError) as info:
+        if variant_kwargs.pop("as_mask", False):
+            attncc.variant(mask=fn, **variant_kwargs)
+        else:
+            attncc.variant(fn, **variant_kwargs)
+    message = str(info.value)
+    assert fn.__name__ in message, message
+    assert f"{__file__}:{_line_of(fn, line_text)}" in message, message
+    assert construct in message, message
+
+
+def test_python_if_on_traced_value() -> None:
+    def branchy(score, b, h, q_idx, kv_idx):
+        if q_idx > kv_idx:
+            return score
+        return score * 2
+
+    _expect_trace_error(branchy, "if", "if q_idx > kv_idx")
+
+
+def test_python_and_on_traced_values() -> None:
+    def both(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx and kv_idx > 0
+
+    _expect_trace_error(both, "torch.where", "and kv_idx", as_mask=True)
+
+
+def test_item() -> None:
+    def scalar(score, b, h, q_idx, kv_idx):
+        return score * q_idx.item()
+
+    _expect_trace_error(scalar, ".item()", "q_idx.item()")
+
+
+@pytest.mark.parametrize("construct", ["torch.cumsum", "torch.sort"])
+def test_unsupported_torch_function(construct: str) -> None:
+    def cumulative(score, b, h, q_idx, kv_idx):
+        return torch.cumsum(score, 0)
+
+    def ordered(score, b, h, q_idx, kv_idx):
+        return torch.sort(score).values
+
+    fn = cumulative if construct == "torch.cumsum" else ordered
+    _expect_trace_error(fn, construct, construct)
+
+
+def test_tensor_captured_on_another_device() -> None:
+    doc_ids = torch.zeros(16, dtype=torch.int64)
+    other = torch.zeros(16, dtype=torch.int64, device="meta")
+
+    def two_devices(b, h, q_idx, kv_idx):
+        return doc_ids[q_idx] == other[kv_idx]
+
+    _expect_trace_error(two_devices, "device meta", "other[kv_idx]", as_mask=True)
+
+
+def test_sink_on_another_device_than_a_captured_table() -> None:
+    table = torch.zeros(16, device="meta")
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx]
+
+    _expect_trace_error(biased, "device meta", "table[q_idx]", normalizer=attncc.Softmax(sink=torch.zeros(4)))
+
+
+def test_float_index() -> None:
+    positions = torch.arange(16)
+
+    def halves(score, b, h, q_idx, kv_idx):
+        return score + positions[q_idx / 2]
+
+    _expect_trace_error(halves, "floating-point", "positions[q_idx / 2]")
+
+
+def test_bool_index_is_refused() -> None:
+    positions = torch.arange(16)
+
+    def masked(score, b, h, q_idx, kv_idx):
+        return score + positions[q_idx > kv_idx]
+
+    _expect_trace_error(masked, "boolean index", "positions[q_idx > kv_idx]")
+
+
+def test_min_with_int_second_argument_is_a_reduction() -> None:
+    def reduce(score, b, h, q_idx, kv_idx):
+        return torch.max(score, 0)
+
+    _expect_trace_error(reduce, "reduction", "torch.max(score, 0)")
+
+
+def test_error_in_helper_names_helper_and_line() -> None:
+    def helper(x):
+        return torch.argsort(x)
+
+    def outer(score, b, h, q_idx, kv_idx):
+        return score + helper(q_idx)
+
+    with pytest.raises(TraceError) as info:
+        attncc.variant(outer)
+    message = str(info.value)
+    assert "outer" in message and "helper" in message and "torch.argsort" in message
+    assert f":{_line_of(helper, 'argsort')}" in message
+
+
+# ---- var(q, k, v) argument checks (attncc/validate.py) --------------------------------------
+
+
+def _qkv(B=1, Hq=4, Hkv=2, L=5, D=8, Dv=8, dtype=torch.float32):
+    return (torch.randn(B, Hq, L, D, dtype=dtype), torch.randn(B, Hkv, L, D, dtype=dtype),
+            torch.randn(B, Hkv, L, Dv, dtype=dtype))
+
+
+VAR = attncc.variant(mask=lambda b, h, q, k: q >= k)
+
+
+def _bad(q, k, v, exc: type[Exception], *needles: str) -> None:
+    with pytest.raises(exc) as info:
+        VAR(q, k, v, backend="reference")
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_wrong_rank(which: str) -> None:
+    ops = dict(zip("qkv", _qkv(), strict=True))
+    ops[which] = ops[which][0]
+    _bad(ops["q"], ops["k"], ops["v"], ValueError, f"{which} must have rank 4", "[B, H, L, D]")
+
+
+def test_heads_not_divisible() -> None:
+    q, k, v = _qkv(Hq=6, Hkv=4)
+    _bad(q, k, v, ValueError, "q heads (6)", "k heads (4)")
+
+
+def test_kv_head_count_mismatch() -> None:
+    q, k, _ = _qkv(Hkv=2)
+    v = torch.randn(1, 4, 5, 8)
+    _bad(q, k, v, ValueError, "k and v", "heads")
+
+
+def test_head_dim_mismatch() -> None:
+    q, _, v = _qkv()
+    k = torch.randn(1, 2, 5, 7)
+    _bad(q, k, v, ValueError, "k head dim 7", "q head dim 8")
+
+
+def test_length_mismatch_between_k_and_v() -> None:
+    q, k, _ = _qkv()
+    v = torch.randn(1, 2, 6, 8)
+    _bad(q, k, v, ValueError, "k and v", "length", "5", "6")
+
+
+def test_batch_mismatch() -> None:
+    q, k, v = _qkv()
+    _bad(q, k[:0].expand(0, 2, 5, 8), v, ValueError, "batch", "k")
+
+
+def test_mixed_devices() -> None:
+    q, k, v = _qkv()
+    _bad(q, k, v.to("meta"), ValueError, "v is on meta", "q is on cpu")
+
+
+def test_mixed_dtypes() -> None:
+    q, k, v = _qkv()
+    _bad(q, k.half(), v, TypeError, "k has dtype torch.float16", "q has dtype torch.float32")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_integer_tensors(which: str) -> None:
+    ops = dict(zip("qkv", _qkv(), strict=True))
+    ops[which] = ops[which].long()
+    _bad(ops["q"], ops["k"], ops["v"], TypeError, f"{which} must be", "torch.int64")
+
+
+def test_not_a_tensor() -> None:
+    q, k, _ = _qkv()
+    _bad(q, k, [1.0], TypeError, "v must be a torch.Tensor")
+
+
+def test_captured_tensor_on_another_device_than_q() -> None:
+    table = torch.zeros(8, device="meta")
+    var = attncc.variant(lambda s, b, h, q, k: s + table[q])
+    with pytest.raises(ValueError, match="captured tensor 'table' is on meta"):
+        var(*_qkv(), backend="reference")
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_bad_q_offset(value) -> None:
+    with pytest.raises(ValueError, match="q_offset"):
+        VAR(*_qkv(), q_offset=value, backend="reference")
+
+
+def test_bad_scale() -> None:
+    with pytest.raises(TypeError, match="scale"):
+        VAR(*_qkv(), scale="0.1", backend="reference")
+
+
+def test_unknown_normalizer_lists_known_names() -> None:
+    with pytest.raises(ValueError) as info:
+        attncc.variant(normalizer="softmaxx")
+    message = str(info.value)
+    assert "softmaxx" in message
+    for name in ("softmax", "sigmoid", "softplus", "relu", "relu2", "stick_breaking"):
+        assert name in message
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="backend='nope'"):
+        VAR(*_qkv(), backend="nope")
