@@ -321,3 +321,71 @@ def test_input_not_mutated_and_idempotent() -> None:
     assert str(before) == text
     second = simp.simplify(first.graph)
     assert not second.modified and str(second.graph) == str(first.graph)
+
+
+# ---- every rule at once, against evaluation, on generated expressions ---------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from attncc.codegen.reference.evaluate import evaluate  # noqa: E402
+
+
+def _int_exprs() -> st.SearchStrategy[Expr]:
+    leaves = st.one_of(
+        st.sampled_from(["q_idx", "kv_idx", "h", "b"]).map(ex.var),
+        st.integers(-3, 3).map(ex.const),
+    )
+
+    def extend(children: st.SearchStrategy[Expr]) -> st.SearchStrategy[Expr]:
+        binary = st.tuples(st.sampled_from(["add", "sub", "mul", "minimum", "maximum"]), children, children)
+        divide = st.tuples(st.sampled_from(["floordiv", "mod"]), children, st.sampled_from([1, 2, 3]).map(ex.const))
+        return st.one_of(
+            binary.map(lambda t: ex.binary(*t)),
+            divide.map(lambda t: ex.binary(*t)),
+            children.map(lambda c: ex.unary("neg", c)),
+            children.map(lambda c: ex.unary("abs", c)),
+            st.tuples(_bools(children), children, children).map(lambda t: ex.where(*t)),
+        )
+
+    return st.recursive(leaves, extend, max_leaves=8)
+
+
+def _bools(ints: st.SearchStrategy[Expr]) -> st.SearchStrategy[Expr]:
+    compare = st.tuples(st.sampled_from(sorted(ex.COMPARE_OPS)), ints, ints).map(lambda t: ex.binary(*t))
+    leaf = st.one_of(compare, st.booleans().map(ex.const))
+    return st.recursive(
+        leaf,
+        lambda c: st.one_of(
+            st.tuples(st.sampled_from(["and", "or"]), c, c).map(lambda t: ex.binary(*t)),
+            c.map(lambda m: ex.unary("not", m)),
+        ),
+        max_leaves=4,
+    )
+
+
+def _grid() -> dict[str, torch.Tensor]:
+    return {
+        "b": torch.arange(2).view(2, 1, 1, 1), "h": torch.arange(3).view(1, 3, 1, 1),
+        "q_idx": torch.arange(-2, 7).view(1, 1, -1, 1), "kv_idx": torch.arange(-2, 7).view(1, 1, 1, -1),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
+@given(_int_exprs())
+def test_rules_preserve_integer_values(expr: Expr) -> None:
+    """Every rule of ``pm_simplify`` (and folding) keeps the value on every index."""
+    out = simp.rewrite(expr, simp.pm_simplify)
+    assert out.dtype == expr.dtype
+    want = torch.broadcast_to(evaluate(expr, _grid(), {}), (2, 3, 9, 9))
+    got = torch.broadcast_to(evaluate(out, _grid(), {}), (2, 3, 9, 9))
+    assert torch.equal(got, want), f"{expr} -> {out}"
+
+
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
+@given(_bools(_int_exprs()))
+def test_rules_preserve_masks(mask: Expr) -> None:
+    out = simp.rewrite(mask, simp.pm_simplify)
+    want = torch.broadcast_to(evaluate(mask, _grid(), {}), (2, 3, 9, 9))
+    got = torch.broadcast_to(evaluate(out, _grid(), {}), (2, 3, 9, 9))
+    assert torch.equal(got, want), f"{mask} -> {out}"
