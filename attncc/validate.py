@@ -25,7 +25,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[st
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}; {qn}, {kn}, {vn} must share a device")
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {qn} has dtype {q.dtype}; {qn}, {kn}, {vn} must share a dtype")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {qn} has dtype {q.dtype}; {qn}, {kn}, {vn} must share a dtype"
+            )
     B, Hq, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: {qn} has {B}, {kn} {k.shape[0]}, {vn} {v.shape[0]}")
