@@ -146,7 +146,8 @@ def triton_space(
         decode = s.q_len <= 16
         if not decode and c["SPLIT_KV"] != 1:
             return False
-        return s.kv_len // c["SPLIT_KV"] >= c["BLOCK_N"]
+        # NOTE: a kv shorter than the smallest tile is padded to one tile, so it can still split once.
+        return max(16, s.kv_len) // c["SPLIT_KV"] >= c["BLOCK_N"]
 
     def default(s: ShapeKey) -> Config:
         decode = s.q_len <= 16

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import statistics
 import time
 import warnings
@@ -61,14 +62,19 @@ def default_storage() -> str:
 
 
 def open_storage(url: str | None) -> Any:
+    """An Optuna RDB storage; retried briefly because workers starting together race to create tables."""
     import optuna
 
     url = url or default_storage()
-    if url.startswith("sqlite"):
-        engine = {"connect_args": {"timeout": 60}}
-    else:
-        engine = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def measure(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, Any]:
@@ -163,6 +169,7 @@ class _Objective:
                 raise optuna.TrialPruned(f"wrong result: {err}") from None
         self.seen[text] = ms
         trial.set_user_attr("measured", True)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return ms
 
 
