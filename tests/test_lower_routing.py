@@ -16,6 +16,7 @@ from attncc.passes.lower_routing import (
     table_to_token_mask,
 )
 from attncc.passes.plan import HeadSelection, RoutingGate
+from attncc.testing import assert_close_to_reference
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -152,3 +153,31 @@ def test_head_selection_bad_input() -> None:
         head_selection(torch.zeros(1, 2, 4), 5)
     with pytest.raises(ValueError, match="router"):
         head_selection(torch.zeros(2, 4), 1)
+
+
+# ---- the block-sparse region consuming the table -----------------------------------------
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", attncc.Softmax(sink=torch.tensor([0.1, -0.5, 1.0, 0.0])),
+                                        "sigmoid", "relu", "stick_breaking"])
+@pytest.mark.parametrize("per", ["token", "query_block"])
+def test_routed_attention_matches_reference(normalizer: object, per: str) -> None:
+    """Attention on the gathered blocks equals the dense reference with the token selection."""
+    from attncc.codegen.reference.attention import attention
+    from attncc.passes.lower_routing import routed_attention
+
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    var = attncc.variant(alibi, mask=causal, normalizer=normalizer, routing=attncc.TopKBlocks(6, 3, per=per))
+    region = var.plan.regions[0]
+    tensors = {n: t.double() for n, t in var.tensors.items()}
+    for Lq, Lkv, q_offset in ((29, 29, 0), (5, 40, 35)):
+        q, key = qk(Lq, Lkv, seed=4)
+        v = torch.randn(2, 2, Lkv, 5, dtype=torch.float64)
+        table = block_index_table(q, key, block=6, k_top=3, per=per, causal=region.gate.causal, q_offset=q_offset)
+        got = routed_attention(region, q, key, v, tensors, table, q_offset=q_offset)
+        want, _ = attention(region, q, key, v, tensors, scale=None, q_offset=q_offset)
+        assert_close_to_reference(got, want, None, Lkv)

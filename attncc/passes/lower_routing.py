@@ -18,7 +18,7 @@ from attncc.ir.graph import AttentionGraph
 from attncc.ir.nodes import TopKBlocksRoute, TopKHeadsRoute
 from attncc.passes.causality import mask_implies_causal
 from attncc.passes.manager import PassResult, add_note, attach, facts_of
-from attncc.passes.plan import HeadSelection, RoutingGate
+from attncc.passes.plan import AttentionRegion, HeadSelection, RoutingGate
 
 Tensor = torch.Tensor
 
@@ -163,3 +163,66 @@ def head_weights_dense(heads: Tensor, weights: Tensor, Hq: int) -> Tensor:
     dense = torch.zeros(B, Lq, Hq, dtype=weights.dtype, device=weights.device)
     dense.scatter_(-1, heads, weights)
     return dense.permute(0, 2, 1).unsqueeze(-1)
+
+
+# ---- runtime: a block-sparse region consuming the table ---------------------------------
+
+
+def routed_attention(
+    region: AttentionRegion,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tensors: dict[str, Tensor],
+    table: Tensor,
+    *,
+    scale: float | None = None,
+    q_offset: int = 0,
+) -> Tensor:
+    """A TopKBlocks region on its selected key blocks only: cost O(Lq * k * block * D).
+
+    Each query gathers the ``k * block`` keys its table row names (-1 and positions past
+    ``Lkv`` are masked), then applies the region's score, mask and normaliser there, as
+    the dense reference does on the full row (SEMANTICS.md: routing intersects the mask).
+    """
+    import math
+
+    from attncc.codegen.reference.attention import _normalize, expand_kv
+    from attncc.codegen.reference.evaluate import evaluate
+
+    gate = region.gate
+    if gate is None:
+        raise ValueError(f"region %{region.node} has no TopKBlocks gate (run lower_routing first)")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    B, Hq, Lq, D = q.shape
+    Lkv = k.shape[2]
+    if gate.per != "token":
+        q_idx = torch.arange(Lq, device=q.device) + q_offset
+        table = table[:, :, q_idx // gate.block - q_offset // gate.block]
+    offsets = torch.arange(gate.block, device=q.device)
+    pos = (table.long().unsqueeze(-1) * gate.block + offsets).flatten(-2)  # [B, Hq, Lq, k * block]
+    valid = (table.long().unsqueeze(-1) >= 0).expand(*table.shape, gate.block).flatten(-2) & (pos < Lkv)
+    pos = torch.where(valid, pos, 0)
+    ctx = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
+    flat = pos.flatten(2).unsqueeze(-1)
+    keys = torch.gather(expand_kv(k, Hq).to(dtype), 2, flat.expand(-1, -1, -1, D)).view(*pos.shape, D)
+    values = torch.gather(expand_kv(v, Hq).to(dtype), 2, flat.expand(-1, -1, -1, v.shape[-1]))
+    values = values.view(*pos.shape, v.shape[-1])
+    scale = (1.0 / math.sqrt(D) if scale is None else scale) * (region.score_scale or 1.0)
+    raw = scale * torch.einsum("bhqd,bhqnd->bhqn", q.to(dtype), keys)
+    grid = {
+        "b": torch.arange(B, device=q.device).view(B, 1, 1, 1),
+        "h": torch.arange(Hq, device=q.device).view(1, Hq, 1, 1),
+        "q_idx": (torch.arange(Lq, device=q.device) + q_offset).view(1, 1, Lq, 1),
+        "kv_idx": pos,
+    }
+    s = raw if region.score is None else evaluate(region.score, {**grid, "score": raw}, ctx, dtype)
+    if region.row_shift is not None:
+        s = s + evaluate(region.row_shift, grid, ctx, dtype)
+    s = torch.broadcast_to(s, pos.shape)
+    keep = valid & (s != -math.inf)
+    if region.mask is not None:
+        keep = keep & evaluate(region.mask, grid, ctx, dtype)
+    # NOTE: the normalisers are the reference's own: routing changes which keys, not how they weigh.
+    weights, _ = _normalize(region.normalizer, s, keep, ctx, Lkv, dtype)
+    return torch.einsum("bhqn,bhqnd->bhqd", weights, values).to(q.dtype)
