@@ -66,7 +66,7 @@ def test_module_in_fresh_interpreter_subprocess():
 
 def _qkv(B=1, Hq=4, Hkv=2, Lq=20, Lkv=24, D=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
+    make = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
     return make(B, Hq, Lq, D), make(B, Hkv, Lkv, D), make(B, Hkv, Lkv, D)
 
 
@@ -218,7 +218,7 @@ def test_fused_backward_matches_reference(name, learn):
     """dq, dk, dv (and sink logits) of softmax variants from the fused kernels, no fallback."""
     var = VARIANTS[name]()
     q, k, v = _qkv(seed=5)
-    do = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(6)).to(DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback would warn
         got = _grads(var, q, k, v, do, learn, "triton")
@@ -234,7 +234,7 @@ def test_fallback_backward_warns_and_is_exact(name, learn):
     var = VARIANTS[name]()
     learn = tuple(n for n in var.tensors if learn)
     q, k, v = _qkv(seed=7)
-    do = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(8)).to(DEVICE)
     from attncc.codegen.triton import ops
 
     ops._WARNED.clear()

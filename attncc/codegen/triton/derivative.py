@@ -65,7 +65,9 @@ RULES: dict[str, Rule] = {
     "sigmoid": _chain(lambda n, a: binary("mul", n, binary("sub", ONE, n))),
     "logsigmoid": _chain(lambda n, a: unary("sigmoid", unary("neg", a))),
     "softplus": _chain(lambda n, a: where(binary("gt", a, const(20.0)), ONE, unary("sigmoid", a))),
-    "erf": _chain(lambda n, a: binary("mul", const(2.0 / math.sqrt(math.pi)), unary("exp", unary("neg", binary("mul", a, a))))),
+    "erf": _chain(
+        lambda n, a: binary("mul", const(2.0 / math.sqrt(math.pi)), unary("exp", unary("neg", binary("mul", a, a))))
+    ),
     "gelu": _chain(
         lambda n, a: binary(
             "add",
@@ -77,7 +79,8 @@ RULES: dict[str, Rule] = {
     "sin": _chain(lambda n, a: unary("cos", a)),
     "cos": _chain(lambda n, a: unary("neg", unary("sin", a))),
     "elu": _chain(lambda n, a: where(binary("gt", a, const(0.0)), ONE, unary("exp", a))),
-    "where": lambda n, s, d: None if d[1] is None and d[2] is None else where(s[0], d[1] or const(0.0), d[2] or const(0.0)),
+    "where": lambda n, s, d: None if d[1] is None and d[2] is None else where(
+        s[0], d[1] or const(0.0), d[2] or const(0.0)),
     "minimum": lambda n, s, d: None if d[0] is None and d[1] is None else where(
         binary("le", s[0], s[1]), d[0] or const(0.0), d[1] or const(0.0)),
     "maximum": lambda n, s, d: None if d[0] is None and d[1] is None else where(

@@ -213,7 +213,7 @@ class ExprRenderer:
                 continue
             offsets.append(f"{index} * {spec.name}_s{dim}")
             bounds.append(f"({index} >= 0) & ({index} < {spec.shape[dim]})")
-        address = " + ".join([f"{spec.name}_ptr"] + offsets)
+        address = " + ".join([f"{spec.name}_ptr", *offsets])
         mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
         loaded = f"tl.load({address}{mask})"
         if spec.scalar_dtype == "float":
@@ -255,7 +255,8 @@ def _indent(lines: list[str], spaces: int) -> str:
 
 def _captured_specs(region: AttentionRegion) -> list[TensorSpec]:
     """Captured tensors the kernel body reads (score, mask, phi), in a stable order."""
-    candidates = (region.score, region.mask, getattr(region.normalizer, "phi", None), getattr(region, "row_shift", None))
+    norm, row_shift = region.normalizer, getattr(region, "row_shift", None)
+    candidates = (region.score, region.mask, getattr(norm, "phi", None), row_shift)
     exprs = [e for e in candidates if e is not None]
     found: dict[str, TensorSpec] = {}
     for e in exprs:

@@ -29,7 +29,10 @@ NUM_WARPS = (4, 8)
 NUM_STAGES = (1, 2, 3, 4)
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
-SPACE = [Config(m, n, w, s, k) for m, n, w, s, k in itertools.product(BLOCK_MS, BLOCK_NS, NUM_WARPS, NUM_STAGES, SPLITS)]
+SPACE = [
+    Config(m, n, w, s, k)
+    for m, n, w, s, k in itertools.product(BLOCK_MS, BLOCK_NS, NUM_WARPS, NUM_STAGES, SPLITS)
+]
 
 
 def interpreted() -> bool:
@@ -38,7 +41,7 @@ def interpreted() -> bool:
 
 def key(D: int, Dv: int, Lq: int, Lkv: int, dtype: str, kind: str) -> tuple:
     """What a tuned config depends on: head dims, dtype, kernel kind, power-of-two length buckets."""
-    bucket = lambda n: 1 << max(n - 1, 0).bit_length()  # noqa: E731
+    bucket = lambda n: 1 << max(n - 1, 0).bit_length()
     return (kind, D, Dv, dtype, bucket(Lq), bucket(Lkv))
 
 
