@@ -113,6 +113,32 @@ def bounds_or(a: KvBounds, b: KvBounds) -> KvBounds:
     return KvBounds(hull, inner)
 
 
+def _add(a: Expr, b: Expr) -> Expr:
+    if a.op == "const" and b.op == "const" and a.dtype == b.dtype == "int":
+        return ex.const(a.arg + b.arg)
+    if b.op == "const" and b.arg == 0:
+        return a
+    if a.op == "const" and a.arg == 0:
+        return b
+    return ex.binary("add", a, b)
+
+
+def _neg(a: Expr) -> Expr:
+    if a.op == "const":
+        return ex.const(-a.arg)
+    return a.src[0] if a.op == "neg" else ex.unary("neg", a)
+
+
+def _sub(a: Expr, b: Expr) -> Expr:
+    if a.op == "const" and b.op == "const" and a.dtype == b.dtype == "int":
+        return ex.const(a.arg - b.arg)
+    if b.op == "const" and b.arg == 0:
+        return a
+    if a.op == "const" and a.arg == 0:
+        return _neg(b)
+    return ex.binary("sub", a, b)
+
+
 def _linear_in_kv(e: Expr) -> tuple[int, tuple[str, int] | None, Expr] | None:
     """``e = coef * T + rest`` with ``T`` one of ``kv_idx`` or ``kv_idx // c``; ``rest`` free of kv."""
     if "kv_idx" not in e.free_vars():
@@ -126,13 +152,14 @@ def _linear_in_kv(e: Expr) -> tuple[int, tuple[str, int] | None, Expr] | None:
         return (1, ("div", int(c)), ex.const(0)) if isinstance(c, int) and c > 0 else None
     if e.op == "neg":
         inner = _linear_in_kv(e.src[0])
-        return None if inner is None else (-inner[0], inner[1], ex.unary("neg", inner[2]))
+        return None if inner is None else (-inner[0], inner[1], _neg(inner[2]))
     if e.op in ("add", "sub"):
         left, right = _linear_in_kv(e.src[0]), _linear_in_kv(e.src[1])
         if left is None or right is None or (left[1] and right[1] and left[1] != right[1]):
             return None
         sign = 1 if e.op == "add" else -1
-        return left[0] + sign * right[0], left[1] or right[1], ex.binary(e.op, left[2], right[2])
+        rest = _add(left[2], right[2]) if e.op == "add" else _sub(left[2], right[2])
+        return left[0] + sign * right[0], left[1] or right[1], rest
     if e.op == "mul":
         for x, c in ((e.src[0], e.src[1]), (e.src[1], e.src[0])):
             if c.op == "const" and c.dtype == "int":
@@ -149,18 +176,18 @@ def _atom_bounds(op: str, left: Expr, right: Expr) -> KvBounds:
     coef, term = a[0] - b[0], a[1] or b[1]
     if term is None or coef not in (1, -1) or op == "ne":
         return UNBOUNDED_KV
-    g = ex.binary("sub", b[2], a[2])  # coef * T op g
+    g = _sub(b[2], a[2])  # coef * T op g
     if coef == -1:
-        op, g = _MIRROR[op], ex.unary("neg", g)
+        op, g = _MIRROR[op], _neg(g)
     if g.dtype != "int":
         return UNBOUNDED_KV
     one = ex.const(1)
-    lo = {"gt": ex.binary("add", g, one), "ge": g, "eq": g}.get(op)
-    hi = {"lt": ex.binary("sub", g, one), "le": g, "eq": g}.get(op)
+    lo = {"gt": _add(g, one), "ge": g, "eq": g}.get(op)
+    hi = {"lt": _sub(g, one), "le": g, "eq": g}.get(op)
     if term[0] == "div":  # kv // c >= lo  <=>  kv >= c * lo;  kv // c <= hi  <=>  kv <= c * hi + c - 1
         c = ex.const(term[1])
         lo = None if lo is None else ex.binary("mul", lo, c)
-        hi = None if hi is None else ex.binary("add", ex.binary("mul", hi, c), ex.const(term[1] - 1))
+        hi = None if hi is None else _add(ex.binary("mul", hi, c), ex.const(term[1] - 1))
     return KvBounds((lo, hi), (lo, hi))
 
 
@@ -261,6 +288,20 @@ class MaskSparsity:
     bounds: KvBounds  # structural bounds on kv_idx per query
     score_masks: bool = False  # the score may produce -inf anywhere: no tile is FULL
     score_tensors: tuple[str, ...] = ()  # float tensors the score loads: FULL needs them free of -inf
+
+    def __str__(self) -> str:
+        def show(e: Expr | None, default: str) -> str:
+            return default if e is None else str(e)
+
+        parts = [f"mask={show(self.mask, 'none')}"]
+        if self.bounds.bounded:
+            lo, hi = self.bounds.hull
+            parts.append(f"kv_idx in [{show(lo, '0')}, {show(hi, 'Lkv-1')}]{' exactly' if self.structured else ''}")
+        if self.score_masks:
+            parts.append("score may be -inf: no FULL tiles")
+        elif self.score_tensors:
+            parts.append(f"FULL needs no -inf in {', '.join(self.score_tensors)}")
+        return f"MaskSparsity({'; '.join(parts)})"
 
     @property
     def reads_b(self) -> bool:
@@ -394,9 +435,80 @@ def _block_map(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> T
             out = classify(value, shape)
         else:
             out = _scatter_band(classify(value, (geo.Bp, geo.Hp, *band.shape)), band, shape)
+        _refine(sp.mask, geo, out)
     if not _score_allows_full(sp, tensors):
         out.clamp_(max=PARTIAL)
     return out
+
+
+# NOTE: refinement evaluates at most this many sub-boxes; beyond it PARTIAL tiles stay PARTIAL (sound).
+REFINE_BUDGET = 1 << 22
+REFINE_PIECES = 16
+
+
+def _divisors(mask: Expr, name: str) -> list[int]:
+    """Constants ``c > 1`` of ``name // c``, ``name % c`` and ``name >> s`` (``c = 2^s``) in the mask."""
+    found = set()
+    for node in mask.walk():
+        if node.op in ("floordiv", "mod", "rshift") and node.src[0].op == "var" and node.src[0].arg == name:
+            c = node.src[1].arg if node.src[1].op == "const" else None
+            if isinstance(c, int) and not isinstance(c, bool):
+                c = 2**c if node.op == "rshift" and 0 <= c < 62 else c
+                if c > 1:
+                    found.add(c)
+    return sorted(found)
+
+
+def _pieces(lo: Tensor, hi: Tensor, c: int, count: int) -> tuple[Tensor, Tensor]:
+    """Split every ``[lo, hi]`` at multiples of ``c`` into ``count`` pieces (repeating the last)."""
+    k = torch.arange(count)
+    base = torch.div(lo, c, rounding_mode="floor")[..., None]
+    start = torch.maximum(lo[..., None], (base + k) * c)
+    stop = torch.minimum(hi[..., None], (base + k + 1) * c - 1)
+    start = torch.minimum(start, hi[..., None])
+    return start, torch.maximum(stop, start)
+
+
+def _split_plan(mask: Expr, name: str, tile: int) -> tuple[int, int] | None:
+    for c in _divisors(mask, name):
+        count = -(-tile // c) + 1
+        if count <= REFINE_PIECES:
+            return c, count
+    return None
+
+
+def _refine(mask: Expr, geo: Geometry, out: Tensor) -> None:
+    """Re-decide PARTIAL tiles of a mask that splits indices with ``//`` and ``%`` (neighborhoods).
+
+    ``q_idx // W`` and ``q_idx % W`` are not independent over a tile that spans rows, so the
+    tile is cut at multiples of ``W`` into sub-boxes where they are; the tile is FULL (EMPTY)
+    when every sub-box is. Only for masks without captured tensors, within ``REFINE_BUDGET``.
+    """
+    if mask.inputs():
+        return
+    q_plan, kv_plan = _split_plan(mask, "q_idx", geo.bq), _split_plan(mask, "kv_idx", geo.bk)
+    if q_plan is None and kv_plan is None:
+        return
+    where = (out == PARTIAL).nonzero()
+    q_c, q_n = q_plan or (geo.bq, 1)
+    kv_c, kv_n = kv_plan or (geo.bk, 1)
+    if where.shape[0] == 0 or where.shape[0] * q_n * kv_n > REFINE_BUDGET:
+        return
+    b, h, i, j = where.unbind(1)
+    q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
+    kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
+    qs, qe = _pieces(q_lo[i], q_hi[i], q_c, q_n)
+    ks, ke = _pieces(kv_lo[j], kv_hi[j], kv_c, kv_n)
+    P = where.shape[0]
+    ranges = {
+        "q_idx": (qs.reshape(P, 1, q_n, 1), qe.reshape(P, 1, q_n, 1)),
+        "kv_idx": (ks.reshape(P, 1, 1, kv_n), ke.reshape(P, 1, 1, kv_n)),
+        "b": (b.reshape(P, 1, 1, 1), b.reshape(P, 1, 1, 1)),
+        "h": (h.reshape(P, 1, 1, 1), h.reshape(P, 1, 1, 1)),
+    }
+    sub = classify(as_bool(abstract_eval(mask, TileEnv(ranges))), (P, 1, q_n, kv_n)).reshape(P, -1)
+    decided = torch.where((sub == FULL).all(1), FULL, torch.where((sub == EMPTY).all(1), EMPTY, PARTIAL))
+    out[b, h, i, j] = decided.to(torch.int8)
 
 
 def _scatter_band(classes: Tensor, band: Tensor, shape: tuple[int, ...]) -> Tensor:
