@@ -104,10 +104,10 @@ def bench_length(L: int, backward: bool) -> list[dict]:
                 return lambda: fn(q, k, v)
             return lambda: fn(q, k, v).backward(do)
 
-        ours = _timeit(run(lambda a, b, c: var(a, b, c, backend="triton")))
+        ours = _timeit(run(lambda a, b, c, var=var: var(a, b, c, backend="triton")))
         flex_ms = _timeit(run(flex)) if flex is not None else math.nan
         if name == "causal":
-            sdpa = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+            sdpa = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
             sdpa_ms = _timeit(run(sdpa))
         rows.append({
             "L": L, "B": B, "variant": name, "pass": "fwd+bwd" if backward else "fwd",
