@@ -228,15 +228,21 @@ class TuningCache:
         """Store ``entry`` unless the cache already holds a better one; True when stored."""
         if problem := config_problem(entry.config):
             raise ValueError(f"entry.config: {problem}")
-        k = entry.key
-        row = (k.fingerprint, k.backend, k.device, k.shape.tag, json.dumps(entry.config, sort_keys=True),
-               float(entry.time_ms), int(entry.trials), entry.source, int(entry.verified),
-               entry.updated or time.time())
-        statements = [(_UPSERT, row)]
+        statements = [(_UPSERT, _row(entry))]
         if device_description is not None:
             statements.append(("INSERT OR REPLACE INTO devices VALUES (?, ?)",
-                               (k.device, json.dumps(device_description, sort_keys=True))))
+                               (entry.key.device, json.dumps(device_description, sort_keys=True))))
         return self._write(statements) > 0 and self._stored_is(entry)
+
+    def record_many(self, entries: list[Entry], devices: dict[str, dict[str, Any]] | None = None) -> int:
+        """Store many entries in one transaction (all or none), each only where it is better."""
+        for entry in entries:
+            if problem := config_problem(entry.config):
+                raise ValueError(f"entry {entry.key.text}: config: {problem}")
+        statements = [(_UPSERT, _row(e)) for e in entries]
+        statements += [("INSERT OR IGNORE INTO devices VALUES (?, ?)", (d, json.dumps(desc, sort_keys=True)))
+                       for d, desc in (devices or {}).items()]
+        return self._write(statements)
 
     def _stored_is(self, entry: Entry) -> bool:
         stored = self.get(entry.key)
@@ -344,13 +350,22 @@ class TuningCache:
     def import_json(self, path: str | Path) -> dict[str, int]:
         """Merge a JSON cache into the database: better entries win, local pins are kept."""
         layer = read_json(path)
-        stored = sum(self.record(e, layer.devices.get(e.key.device)) for e in layer.entries)
+        before = {e.key: e for e in self.entries()}
+        self.record_many(layer.entries, layer.devices)
+        after = {e.key: e for e in self.entries()}
+        stored = sum(1 for k, e in after.items() if before.get(k) != e)
         local_pins = {p.text for p in self.pins()}
         new_pins = [p for p in layer.pins if p.text not in local_pins]
         for pin in new_pins:
             self.pin(pin)
         return {"stored": stored, "kept": len(layer.entries) - stored, "pins": len(new_pins),
                 "skipped": layer.skipped}
+
+
+def _row(entry: Entry) -> tuple:
+    k = entry.key
+    return (k.fingerprint, k.backend, k.device, k.shape.tag, json.dumps(entry.config, sort_keys=True),
+            float(entry.time_ms), int(entry.trials), entry.source, int(entry.verified), entry.updated or time.time())
 
 
 def _filters(**fields: str | None) -> tuple[str, tuple]:
