@@ -1,0 +1,53 @@
+"""The TVM backend: fused attention kernels generated from the kernel plan (CPUs).
+
+Pieces: ``render.py`` (Expr -> TVMScript expression text), ``kernels.py`` (the forward
+kernel skeleton filled from a region), ``launcher.py`` (compile with llvm, module cache in
+memory and on disk, DLPack calls), ``space.py`` (tuning knobs), ``checker.py`` (what runs
+here and why not), ``autograd.py`` (backward through the reference, with a warning).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attncc.passes.plan import KernelPlan
+
+
+class TVMBackend:
+    name = "tvm"
+
+    def unavailable(self) -> str | None:
+        try:
+            import tvm  # noqa: F401
+        except ImportError as err:
+            return f"apache-tvm is not installed ({err})"
+        return None
+
+    def checker(self, plan: KernelPlan, q: torch.Tensor) -> str | None:
+        from attncc.codegen.tvm.checker import tvm_checker
+
+        return tvm_checker(plan, q)
+
+    def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
+            scale: float | None, q_offset: int, return_lse: bool, config: dict | None = None,
+            **kwargs: Any) -> Any:
+        from attncc.codegen.tvm.autograd import run_region
+
+        region = plan.regions[0]
+        q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        resolved = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse = run_region(plan, region, q, k, v, tensors, scale=resolved, q_offset=q_offset, config=config)
+        return (out, lse) if return_lse else out
+
+    def source(self, plan: KernelPlan) -> str:
+        from attncc.codegen.tvm.kernels import KernelShape, render_forward
+        from attncc.codegen.tvm.space import PARAMS
+
+        config = {name: values[0] for name, values in PARAMS.items()}
+        return render_forward(plan.regions[0], KernelShape(64, 64, "float32", **config))
+
+
+BACKEND = TVMBackend()

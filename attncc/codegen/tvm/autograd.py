@@ -1,0 +1,114 @@
+"""Run one region on the TVM kernel, with autograd through the reference backend.
+
+There is no generated CPU backward kernel yet. When q, k, v or a captured float tensor
+requires grad, the forward still runs the TVM kernel and the backward recomputes the
+region with the reference backend's differentiable path (dense, ``O(L^2)`` memory), after
+a one-time warning that says so: never a silent wrong gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm.kernels import KernelShape
+from attncc.codegen.tvm.space import SPACE
+from attncc.ir import nodes
+from attncc.passes.plan import AttentionRegion, KernelPlan
+
+_WARNED: set[str] = set()
+BACKWARD_WARNING = (
+    "attncc: the TVM backend has no generated backward kernel yet; gradients of this variant are "
+    "computed by recomputing it with the reference backend (dense, O(Lq*Lkv) memory)"
+)
+
+
+def select_config(plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The tuned config when ``attncc.autotune`` has one, else the space's default."""
+    from attncc.autotune import ShapeKey
+
+    B, Hq, Lq, D = q.shape
+    shape = ShapeKey.of(B, Hq, Lq, D, Hkv=k.shape[1], Lkv=k.shape[2], Dv=v.shape[3], dtype=q.dtype)
+    try:
+        from attncc.autotune import select_config as autotune_select
+
+        config, _ = autotune_select("tvm", SPACE, plan.fingerprint, q.dtype, shape)
+        return config
+    except Exception:
+        return SPACE.default_for(shape)
+
+
+def _forward(
+    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from attncc.passes.sparsify import block_tables_for
+
+    config = config or select_config(plan, q, k, v)
+    B, Hq, Lq, D = q.shape
+    Lkv = k.shape[2]
+    shape = KernelShape(D=D, Dv=v.shape[3], dtype=str(q.dtype).removeprefix("torch."), **config)
+    tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, shape.block_n), q_offset, tensors)
+    if region.score_scale is not None:
+        scale = scale * region.score_scale
+    norm = region.normalizer
+    bias = 0.0
+    if isinstance(norm, nodes.SigmoidNorm):
+        bias = -math.log(Lkv) if norm.bias is None else float(norm.bias)
+    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+
+
+def run_region(
+    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(o, lse or None): lse only for the softmax family, as SEMANTICS.md defines it."""
+    has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
+    grad_names = [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
+    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or grad_names)
+    if not needs_grad:
+        out, lse = _forward(plan, region, q, k, v, tensors, scale, q_offset, config)
+        return out, (lse if has_lse else None)
+    if plan.fingerprint not in _WARNED:
+        _WARNED.add(plan.fingerprint)
+        warnings.warn(BACKWARD_WARNING, stacklevel=4)
+    context = (plan, region, tensors, grad_names, scale, q_offset, config)
+    out, lse = _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
+    return out, (lse if has_lse else None)
+
+
+class _ReferenceBackward(torch.autograd.Function):
+    """Forward: the TVM kernel. Backward: the reference backend's autograd graph, recomputed."""
+
+    @staticmethod
+    def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, region, tensors, _grad_names, scale, q_offset, config = context
+        ctx.context = context
+        ctx.save_for_backward(q, k, v, *grad_tensors)
+        out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        ctx.mark_non_differentiable(lse) if not isinstance(region.normalizer, nodes.SoftmaxNorm) else None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+        from attncc.codegen.reference.attention import attention
+
+        _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
+        q, k, v, *grad_tensors = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(True) for t in (q, k, v, *grad_tensors)]
+            live = dict(tensors)
+            live.update(zip(grad_names, inputs[3:]))
+            out, lse = attention(region, inputs[0], inputs[1], inputs[2], live, scale=scale, q_offset=q_offset)
+            outputs, grads = [out], [grad_out]
+            if lse is not None and grad_lse is not None:
+                finite = torch.isfinite(lse)
+                outputs.append(torch.where(finite, lse, 0.0))
+                grads.append(torch.where(finite, grad_lse, 0.0))
+            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+        return (None, *found)

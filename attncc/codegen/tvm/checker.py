@@ -1,0 +1,44 @@
+"""What the TVM backend can run, in one place: each refusal names its reason."""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.codegen.tvm.render import unsupported
+from attncc.ir import nodes
+from attncc.passes.plan import AttentionRegion, KernelPlan
+
+NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tvm_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
+    """Why the TVM backend cannot run ``plan`` on tensors like ``q``, or None."""
+    if q.device.type != "cpu":
+        return f"{q.device.type} tensors (TVM kernels here are built for the CPU)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (TVM kernels take float32, float16, bfloat16)"
+    if plan.combine is not None or len(plan.regions) != 1:
+        return "graphs of several attention regions (combine) are not generated yet"
+    if plan.strategy in ("linear_chunked", "linear_global"):
+        return "linear attention (chunked kernel) is not generated yet"
+    return region_checker(plan.regions[0])
+
+
+def region_checker(region: AttentionRegion) -> str | None:
+    norm = region.normalizer
+    if not isinstance(norm, NORMALIZERS):
+        return f"normalizer {type(norm).__name__} has no TVM kernel yet"
+    if region.routing is not None or region.gate is not None or region.head_select is not None:
+        return f"routing {type(region.routing).__name__} is not generated yet"
+    if region.row_shift is not None and not isinstance(norm, nodes.SoftmaxNorm):
+        return "row_shift outside softmax is not rendered"
+    phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None
+    for what, expr in (("score", region.score), ("mask", region.mask), ("row_shift", region.row_shift),
+                       ("phi", phi)):
+        if expr is None:
+            continue
+        why = unsupported(expr)
+        if why:
+            return f"{what}: {why}"
+    return None

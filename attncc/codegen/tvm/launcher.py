@@ -1,0 +1,146 @@
+"""Compile generated kernels with TVM (llvm), cache them, and run them on torch tensors.
+
+Modules are cached in memory and on disk under ``<cache dir>/tvm`` (``ATTNCC_CACHE_DIR`` or
+the platform's user cache dir), keyed by the generated source (which holds the plan's
+region, dims, dtype and knobs) and the target; sequence lengths, batch and head counts are
+symbolic, so a new length reuses the module. Files are written atomically (temp file +
+``os.replace``); a file that fails to load warns and is rebuilt. Torch tensors pass to the
+module through DLPack, without copies when contiguous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attncc.codegen.tvm.kernels import KernelShape, captured_specs, render_forward
+from attncc.passes.plan import AttentionRegion
+
+_MODULES: dict[str, Any] = {}
+_LOCK = threading.Lock()
+_THREADS: list[int] = []
+STATS = {"compiled": 0, "loaded": 0, "memory_hits": 0}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNCC_CACHE_DIR")
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("attncc")
+    return Path(root) / "tvm"
+
+
+def host_target() -> dict[str, str]:
+    """The llvm target for this host's CPU (``-mcpu=native`` is refused by TVM's LLVM)."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
+
+
+def _set_threads() -> None:
+    """TVM's pool follows ``torch.get_num_threads()`` (reconfigured when it changes)."""
+    import tvm
+
+    n = torch.get_num_threads()
+    if _THREADS and _THREADS[0] == n:
+        return
+    tvm.get_global_func("runtime.config_threadpool")(0, n)
+    _THREADS[:] = [n]
+
+
+def module_key(source: str, target: dict[str, str]) -> str:
+    import tvm
+
+    text = repr((source, sorted(target.items()), tvm.__version__))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compile_source(source: str, target: dict[str, str]) -> Any:
+    """TVMScript text -> a runtime module exposing ``attn``."""
+    import tvm
+
+    func = tvm.script.from_source(source)
+    return tvm.compile(func, target=tvm.target.Target(target))
+
+
+def get_module(source: str) -> Any:
+    """The compiled module for ``source``: from memory, else from disk, else compiled and saved."""
+    target = host_target()
+    key = module_key(source, target)
+    with _LOCK:
+        module = _MODULES.get(key)
+        if module is not None:
+            STATS["memory_hits"] += 1
+            return module
+        path = cache_dir() / f"{key}.so"
+        module = _load(path)
+        if module is None:
+            module = compile_source(source, target)
+            STATS["compiled"] += 1
+            _save(module, path)
+            reloaded = _load(path)
+            module = reloaded if reloaded is not None else module
+        else:
+            STATS["loaded"] += 1
+        _MODULES[key] = module
+        return module
+
+
+def _load(path: Path) -> Any:
+    import tvm
+
+    if not path.exists():
+        return None
+    try:
+        module = tvm.runtime.load_module(str(path))
+        module["attn"]
+        return module
+    except Exception as err:
+        warnings.warn(f"attncc: TVM module cache file {path} is unreadable ({err}); recompiling", stacklevel=3)
+        return None
+
+
+def _save(module: Any, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        module.export_library(tmp)
+        os.replace(tmp, path)
+    except Exception as err:
+        warnings.warn(f"attncc: could not write TVM module cache {path} ({err})", stacklevel=3)
+
+
+def launch(
+    region: AttentionRegion, shape: KernelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], tables: Any, *, scale: float, q_offset: int, bias: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel; returns (o in q's dtype, lse float32)."""
+    module = get_module(render_forward(region, shape))
+    _set_threads()
+    B, Hq, Lq, _ = q.shape
+    out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
+    module["attn"](
+        q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+        tables.partial_count.contiguous(), tables.partial_index.contiguous(),
+        tables.full_count.contiguous(), tables.full_index.contiguous(),
+        *extra, float(scale), int(q_offset), float(bias),
+    )
+    return out, lse
+
+
+def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    t = t.detach().contiguous()
+    if dtype == "bool":
+        return t.view(torch.uint8)
+    return t

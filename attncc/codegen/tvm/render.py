@@ -1,0 +1,188 @@
+"""Expr -> TVMScript expression text: one mapping from op to code.
+
+Score functions, masks and pointwise maps are rendered inline into the kernel body. The
+IR's three scalar dtypes map to ``int64`` (index arithmetic, as torch computes it),
+``bool`` and ``float32`` (the kernel's accumulation type). Captured tensors are kernel
+buffers named ``X_<i>`` (see ``buffer_name``); a load renders as a buffer access.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from attncc.ir.expr import COMPARE_OPS, Expr, TensorSpec, promote
+
+TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
+
+# Torch dtypes a captured tensor may have, and how the kernel declares its buffer.
+# NOTE: bool tensors travel as uint8 views (DLPack bool is not portable); loads compare to 0.
+BUFFER_DTYPE = {
+    "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8",
+    "bool": "uint8",
+}
+
+
+def buffer_name(spec: TensorSpec, specs: tuple[TensorSpec, ...]) -> str:
+    return f"X_{specs.index(spec)}"
+
+
+def _float(value: float) -> str:
+    if math.isnan(value):
+        return 'T.float32("nan")'
+    if math.isinf(value):
+        return 'T.float32("inf")' if value > 0 else 'T.float32("-inf")'
+    return f"T.float32({value!r})"
+
+
+def _const(node: Expr) -> str:
+    if node.dtype == "bool":
+        return f"T.bool({bool(node.arg)})"
+    if node.dtype == "int":
+        return f"T.int64({int(node.arg)})"
+    return _float(float(node.arg))
+
+
+def cast(text: str, src: str, dst: str) -> str:
+    """Convert a rendered value between IR dtypes (bool <-> int <-> float)."""
+    if src == dst:
+        return text
+    if dst == "bool":
+        zero = "T.int64(0)" if src == "int" else "T.float32(0.0)"
+        return f"({text} != {zero})"
+    return f'T.Cast("{TIR_DTYPE[dst]}", {text})'
+
+
+def _float_unary(fn: str) -> Callable[[str], str]:
+    return lambda x: f"T.{fn}({x})"
+
+
+def _softplus(x: str) -> str:
+    # torch's softplus (beta=1, threshold=20): x above the threshold, log1p(exp(x)) below.
+    return f"T.if_then_else({x} > T.float32(20.0), {x}, T.log1p(T.exp(T.min({x}, T.float32(20.0)))))"
+
+
+def _logsigmoid(x: str) -> str:
+    # min(x, 0) - log1p(exp(-|x|)): stable at both ends.
+    return f"(T.min({x}, T.float32(0.0)) - T.log1p(T.exp(-T.abs({x}))))"
+
+
+FLOAT_UNARY: dict[str, Callable[[str], str]] = {
+    "exp": _float_unary("exp"), "exp2": _float_unary("exp2"), "log": _float_unary("log"),
+    "log2": _float_unary("log2"), "sqrt": _float_unary("sqrt"), "rsqrt": _float_unary("rsqrt"),
+    "tanh": _float_unary("tanh"), "sigmoid": _float_unary("sigmoid"), "erf": _float_unary("erf"),
+    "sin": _float_unary("sin"), "cos": _float_unary("cos"), "floor": _float_unary("floor"),
+    "ceil": _float_unary("ceil"),
+    "logsigmoid": _logsigmoid,
+    "softplus": _softplus,
+    "gelu": lambda x: f"(T.float32(0.5) * {x} * (T.float32(1.0) + T.erf({x} * T.float32({1 / math.sqrt(2)!r}))))",
+    "elu": lambda x: f"T.if_then_else({x} > T.float32(0.0), {x}, T.exp({x}) - T.float32(1.0))",
+}
+
+BINARY_INFIX = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
+                "gt": ">", "ge": ">="}
+
+
+def unsupported(expr: Expr) -> str | None:
+    """Why ``expr`` cannot be rendered here, or None."""
+    for node in expr.walk():
+        if node.op == "load" and node.shape:
+            return f"partial load of captured tensor {node.src[0].arg.name!r} used as a value"
+        if node.op == "input" and node.arg.dtype not in BUFFER_DTYPE:
+            spec = node.arg
+            return f"captured tensor {spec.name!r} has dtype {spec.dtype} (TVM kernels take {sorted(BUFFER_DTYPE)})"
+        if node.op == "pow" and node.dtype == "int":
+            return "integer pow is not rendered (use a float exponent)"
+        if node.op == "var" and node.arg not in ("score", "x", "b", "h", "q_idx", "kv_idx"):
+            return f"unknown variable {node.arg!r}"
+    return None
+
+
+class Renderer:
+    """Render one Expr tree; ``env`` maps variable names to rendered text of the IR dtype."""
+
+    def __init__(self, env: dict[str, str], specs: tuple[TensorSpec, ...]) -> None:
+        self.env = env
+        self.specs = specs
+
+    def __call__(self, expr: Expr) -> str:
+        return self.render(expr)
+
+    def render(self, node: Expr) -> str:
+        op = node.op
+        if op == "var":
+            return self.env[node.arg]
+        if op == "const":
+            return _const(node)
+        if op == "load":
+            return self._load(node)
+        if op == "cast":
+            return cast(self.render(node.src[0]), node.src[0].dtype, node.dtype)
+        if op == "where":
+            c, a, b = node.src
+            return (f"T.if_then_else({self.render(c)}, {self._as(a, node.dtype)}, "
+                    f"{self._as(b, node.dtype)})")
+        if len(node.src) == 1:
+            return self._unary(node)
+        return self._binary(node)
+
+    def _as(self, node: Expr, dtype: str) -> str:
+        return cast(self.render(node), node.dtype, dtype)
+
+    def _load(self, node: Expr) -> str:
+        spec: TensorSpec = node.src[0].arg
+        indices = ", ".join(self._as(i, "int") for i in node.src[1:])
+        access = f"{buffer_name(spec, self.specs)}[{indices}]"
+        stored = spec.scalar_dtype
+        if spec.dtype == "bool":
+            return cast(f"({access} != T.uint8(0))", "bool", node.dtype)
+        if stored == "float" and spec.dtype != "float32":
+            access = f'T.Cast("float32", {access})'
+        elif stored == "int" and spec.dtype != "int64":
+            access = f'T.Cast("int64", {access})'
+        return cast(access, stored, node.dtype)
+
+    def _unary(self, node: Expr) -> str:
+        op, (a,) = node.op, node.src
+        if op == "not" or (op == "invert" and node.dtype == "bool"):
+            return f"T.Not({self._as(a, 'bool')})"
+        if op == "invert":
+            return f"T.bitwise_not({self._as(a, 'int')})"
+        x = self._as(a, node.dtype)
+        if op == "neg":
+            return f"(-{x})"
+        if op == "abs":
+            return f"T.abs({x})"
+        if op == "relu":
+            zero = "T.int64(0)" if node.dtype == "int" else "T.float32(0.0)"
+            return f"T.max({x}, {zero})"
+        if op in ("floor", "ceil") and node.dtype == "int":
+            return x
+        return FLOAT_UNARY[op](x)
+
+    def _binary(self, node: Expr) -> str:
+        op = node.op
+        target = promote(*(s.dtype for s in node.src)) if op in COMPARE_OPS else node.dtype
+        a, b = (self._as(s, target) for s in node.src)
+        if op in BINARY_INFIX:
+            return f"({a} {BINARY_INFIX[op]} {b})"
+        if op == "truediv":
+            return f"({a} / {b})"
+        if op == "floordiv":
+            return f"T.floordiv({a}, {b})" if target == "int" else f"T.floor({a} / {b})"
+        if op == "mod":
+            return f"T.floormod({a}, {b})" if target == "int" else f"({a} - T.floor({a} / {b}) * {b})"
+        if op == "pow":
+            return f"T.pow({a}, {b})"
+        if op in ("minimum", "maximum"):
+            return f"T.{'min' if op == 'minimum' else 'max'}({a}, {b})"
+        if op in ("and", "or", "xor") and target == "bool":
+            return {"and": f"T.And({a}, {b})", "or": f"T.Or({a}, {b})", "xor": f"({a} != {b})"}[op]
+        if op in ("and", "or", "xor"):
+            return f"T.bitwise_{op}({a}, {b})"
+        if op == "lshift":
+            return f"T.shift_left({a}, {b})"
+        if op == "rshift":
+            return f"T.shift_right({a}, {b})"
+        raise NotImplementedError(f"no TVM rendering for op {op!r}")
