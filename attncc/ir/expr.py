@@ -49,7 +49,7 @@ class TensorSpec:
         return "float" if self.dtype.startswith(("float", "bfloat")) else "int"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Expr:
     op: str
     dtype: str
@@ -58,16 +58,27 @@ class Expr:
     _hash: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.op, self.dtype, self.src, self.arg)))
+        object.__setattr__(self, "_hash", hash((self.op, self.dtype, self.src, _arg_key(self.arg))))
 
     def __hash__(self) -> int:
         return self._hash
 
+    def __eq__(self, other: object) -> bool:
+        """Structural equality, with constants compared as ``key`` does: ``0.0 != -0.0``, ``nan == nan``."""
+        if self is other:
+            return True
+        if not isinstance(other, Expr) or self._hash != other._hash:
+            return False
+        return self.key == other.key  # iterative, so deep trees compare without recursion
+
     @cached_property
     def key(self) -> str:
         """sha256 over the op, dtype, argument and the children's keys."""
-        payload = repr((self.op, self.dtype, _arg_key(self.arg), [s.key for s in self.src]))
-        return hashlib.sha256(payload.encode()).hexdigest()
+        for node in self.walk():  # children first, so no recursion below
+            if "key" not in node.__dict__:
+                payload = repr((node.op, node.dtype, _arg_key(node.arg), [s.__dict__["key"] for s in node.src]))
+                node.__dict__["key"] = hashlib.sha256(payload.encode()).hexdigest()
+        return self.__dict__["key"]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,16 +99,18 @@ class Expr:
 
     def walk(self) -> list[Expr]:
         """Every distinct node of the tree, children before parents."""
+        # NOTE: iterative, so that deep trees (a score built in a Python loop) do not recurse.
         seen: dict[Expr, None] = {}
-
-        def visit(node: Expr) -> None:
+        stack: list[tuple[Expr, bool]] = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
             if node in seen:
-                return
-            for child in node.src:
-                visit(child)
-            seen[node] = None
-
-        visit(self)
+                continue
+            if expanded:
+                seen[node] = None
+                continue
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(node.src))
         return list(seen)
 
     def free_vars(self) -> frozenset[str]:

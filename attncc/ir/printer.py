@@ -34,6 +34,8 @@ def _fmt(e: Expr, parent_prec: int) -> str:
     if e.op == "input":
         return e.arg.name
     if e.op == "load":
+        if len(e.src) == 1:  # a 0-dim tensor read as a scalar
+            return _fmt(e.src[0], 9)
         return f"{_fmt(e.src[0], 9)}[{', '.join(_fmt(s, -2) for s in e.src[1:])}]"
     if e.op in INFIX:
         symbol, prec = INFIX[e.op]
