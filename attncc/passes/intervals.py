@@ -68,7 +68,7 @@ def materialize(terms: tuple[Term, ...]) -> Term:
 
 
 def _depends_on_kv(term: Term) -> bool:
-    return isinstance(term, Tensor) and term.shape[-1] > 1
+    return isinstance(term, Tensor) and term.dim() > 0 and term.shape[-1] > 1
 
 
 def compare_terms(terms: tuple[Term, ...], op: str, value: float = 0.0) -> Tensor | bool:
