@@ -212,10 +212,11 @@ def _grads(var, q, k, v, do, learn, backend):
 @in_process
 @pytest.mark.parametrize("name, learn", [
     ("causal", ()), ("alibi_causal", ()), ("softcap", ()), ("neg_inf_scores", ()), ("document_causal", ()),
-    ("sinks", ("sink",)),
+    ("sinks", ("sink",)), ("sigmoid", ()), ("softplus", ()), ("relu", ()), ("relu2_causal", ()),
+    ("pointwise_unnormalized", ()),
 ])
 def test_fused_backward_matches_reference(name, learn):
-    """dq, dk, dv (and sink logits) of softmax variants from the fused kernels, no fallback."""
+    """dq, dk, dv (and sink logits) from the fused kernels, no fallback: softmax, sigmoid, pointwise."""
     var = VARIANTS[name]()
     q, k, v = _qkv(seed=5)
     do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(6)).to(DEVICE)
@@ -228,7 +229,7 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("bias_table", ("BIAS",)), ("sigmoid", ())])
+@pytest.mark.parametrize("name, learn", [("bias_table", ("BIAS",)), ("stick_breaking", ())])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()

@@ -15,6 +15,7 @@ from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 FORWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
+BACKWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -55,16 +56,17 @@ def region_checker(region: AttentionRegion) -> str | None:
 
 def backward_unsupported(region: AttentionRegion) -> str | None:
     """Why the fused backward cannot give this region's gradients (None: it can)."""
-    if not isinstance(region.normalizer, nodes.SoftmaxNorm):
-        return f"no fused backward for {type(region.normalizer).__name__} yet"
-    if region.score is None:
-        return None
-    try:
-        derivative = score_derivative(region.score)
-    except NotImplementedError as err:
-        return f"score function: {err}"
-    if derivative is not None:
-        why = unsupported(derivative)
+    norm = region.normalizer
+    if not isinstance(norm, BACKWARD_NORMALIZERS):
+        return f"no fused backward for {type(norm).__name__} yet"
+    for what, expr in (("score function", region.score), ("phi", getattr(norm, "phi", None))):
+        if expr is None:
+            continue
+        try:
+            derivative = score_derivative(expr)
+        except NotImplementedError as err:
+            return f"{what}: {err}"
+        why = unsupported(derivative) if derivative is not None else None
         if why:
-            return f"score derivative: {why}"
+            return f"{what} derivative: {why}"
     return None

@@ -190,8 +190,7 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
         o = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     sink = tensors[norm.sink.name] if softmax and norm.sink is not None else q
-    bias = getattr(norm, "bias", None)
-    sig_bias = -math.log(Lkv) if isinstance(norm, nodes.SigmoidNorm) and bias is None else float(bias or 0.0)
+    sig_bias = sigmoid_bias(norm, Lkv)
     o_strides = o.stride()[-4:]
     l_strides = lse.stride()[-3:]
     grid = (triton_cdiv(Lq, config.BLOCK_M), B * Hq, n_splits)
@@ -207,6 +206,13 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
         sink_t = tensors[norm.sink.name] if norm.sink is not None else None
         return merge_splits(o, lse, sink_t, q.dtype)
     return o, lse
+
+
+def sigmoid_bias(norm: Any, Lkv: int) -> float:
+    """Sigmoid attention's bias: given, or -ln(Lkv) with the full key length (SEMANTICS.md)."""
+    if not isinstance(norm, nodes.SigmoidNorm):
+        return 0.0
+    return -math.log(Lkv) if norm.bias is None else float(norm.bias)
 
 
 def merge_splits(o: Tensor, lse: Tensor, sink: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -236,7 +242,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
              tensors: dict[str, Tensor], *, scale: float | None, q_offset: int,
              dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of softmax attention (sinks included: they only enter through lse).
+    """dq, dk, dv of softmax (sinks included: they only enter through lse), sigmoid, pointwise.
 
     ``dlse`` (a gradient flowing into the returned lse) enters as ``delta - dlse``, since
     ``d lse_i / d s_ij = p_ij``.
@@ -249,7 +255,10 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     kv_tables = transpose_tables(q_tables, triton_cdiv(Lkv, tile[1]))
     mod = module(region, "backward", _dtype_name(q.dtype))
     do = do.contiguous() if do.stride(-1) != 1 else do
+    norm = region.normalizer
     delta = (o.float() * do.float()).sum(-1)
+    if isinstance(norm, nodes.PointwiseNorm) and not norm.normalize:
+        delta = torch.zeros_like(delta)
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
@@ -257,7 +266,8 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32, device=q.device)
     dk_h = torch.empty(B, Hq, Lkv, D, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(B, Hq, Lkv, Dv, dtype=torch.float32, device=q.device)
-    common = [Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), *_captured_args(region, tensors)]
+    common = [Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sigmoid_bias(norm, Lkv),
+              *_captured_args(region, tensors)]
     meta = dict(D=D, DV=Dv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
                 **_launch_opts(config))
     mod.attn_bwd_dkdv[(triton_cdiv(Lkv, tile[1]), B * Hq)](

@@ -147,5 +147,6 @@ def attention(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors:
     """Call the custom op for ``region`` (registering it first)."""
     key = register_region(region)
     captured = [tensors[name] for name in captured_names(region)]
-    want = want_lse or isinstance(region.normalizer, nodes.SoftmaxNorm)
+    # NOTE: the backward needs softmax's lse and a normalised pointwise row sum (same buffer).
+    want = want_lse or isinstance(region.normalizer, nodes.SoftmaxNorm | nodes.PointwiseNorm)
     return triton_attention(key, q, k, v, captured, float(scale), int(q_offset), want, int(splits))

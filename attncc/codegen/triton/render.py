@@ -304,6 +304,11 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
         phi = ExprRenderer({"score": "score"}, prefix="f")
         context["phi_result"] = phi.render_as(norm.phi, "float")
         context["phi_lines"] = _indent(phi.take_lines(), 4)
+    if kind == "backward" and family == "pointwise":
+        dphi = ExprRenderer({"score": "score"}, prefix="d")
+        derivative = score_derivative(norm.phi)
+        context["dphi_result"] = "0.0" if derivative is None else dphi.render_as(derivative, "float")
+        context["dphi_lines"] = _indent(dphi.take_lines(), 4)
     if kind == "backward":
         context["dscore_result"] = None
         derivative = score_derivative(region.score) if region.score is not None else None
