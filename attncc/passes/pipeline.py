@@ -17,15 +17,11 @@ from attncc.passes.lower_routing import lower_routing
 from attncc.passes.manager import CompileReport, GraphPass, run_passes
 from attncc.passes.plan import KernelPlan
 from attncc.passes.simplify import simplify
-
-try:  # NOTE: sparsify is written by another engineer; the pipeline runs without it until it lands
-    from attncc.passes.sparsify import sparsify
-except ImportError:  # pragma: no cover - only while sparsify.py does not exist yet
-    sparsify = None
+from attncc.passes.sparsify import sparsify
 
 PIPELINE: list[GraphPass] = [
     simplify,
-    *([sparsify] if sparsify is not None else []),
+    sparsify,
     fuse,
     lower_routing,
     lower_linear,
