@@ -73,6 +73,7 @@ def _qkv(B=1, Hq=4, Hkv=2, Lq=20, Lkv=24, D=16, dtype=torch.float32, seed=0):
 SLOPES = torch.rand(4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 BIAS = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 SINK = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+ROUTER = torch.randn(1, 20, 4, generator=torch.Generator().manual_seed(9)).to(DEVICE)
 DOCS = torch.tensor([0] * 7 + [1] * 10 + [2] * 7, device=DEVICE)
 
 
@@ -112,6 +113,9 @@ VARIANTS = {
     "pointwise_unnormalized": lambda: attncc.variant(normalizer=attncc.Pointwise("softplus", normalize=False)),
     "stick_breaking": lambda: attncc.variant(mask=masks.causal, normalizer="stick_breaking"),
     "stick_breaking_strict": lambda: attncc.variant(mask=lambda b, h, q, k: q > k, normalizer="stick_breaking"),
+    "moba_token": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=2)),
+    "moba_query_block": lambda: attncc.variant(routing=attncc.TopKBlocks(block=8, k=2, per="query_block")),
+    "moh_heads": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKHeads(k=2, router=ROUTER)),
 }
 SOFTMAX = {"dense", "causal", "alibi_causal", "softcap", "neg_inf_scores", "document_causal", "sinks"}
 
@@ -123,6 +127,8 @@ def test_forward_float32_matches_reference(name):
     var = VARIANTS[name]()
     q, k, v = _qkv()
     check_against_reference(var, q, k, v, backend="triton", return_lse=name in SOFTMAX)
+    if name.startswith("mo"):
+        check_against_reference(var, q, k, v, backend="triton", q_offset=4)
     assert var.last_choice.backend.name == "triton"
 
 
@@ -229,7 +235,7 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("bias_table", ("BIAS",)), ("stick_breaking", ())])
+@pytest.mark.parametrize("name, learn", [("bias_table", ("BIAS",)), ("stick_breaking", ()), ("moba_token", ())])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()
@@ -253,8 +259,6 @@ def test_checker_declines_with_reasons():
     q, _, _ = _qkv()
     linear = attncc.variant(mask=masks.causal, normalizer=attncc.Linear())
     assert "linear" in BACKEND.checker(linear.plan, q).lower()
-    routed = attncc.variant(routing=attncc.TopKBlocks(block=8, k=2))
-    assert "rout" in BACKEND.checker(routed.plan, q)
     assert "dtype" in BACKEND.checker(VARIANTS["causal"]().plan, q.double())
 
 

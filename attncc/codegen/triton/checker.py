@@ -34,9 +34,9 @@ def region_checker(region: AttentionRegion) -> str | None:
     norm = region.normalizer
     if not isinstance(norm, FORWARD_NORMALIZERS):
         return f"normalizer {type(norm).__name__} has no Triton kernel yet"
-    if region.routing is not None or getattr(region, "gate", None) is not None \
-            or getattr(region, "head_select", None) is not None:
-        return f"routing {type(region.routing).__name__} is not generated yet"
+    gate, heads = getattr(region, "gate", None), getattr(region, "head_select", None)
+    if region.routing is not None and gate is None and heads is None:
+        return f"routing {type(region.routing).__name__} without its lower_routing step in the plan"
     row_shift = getattr(region, "row_shift", None)
     if row_shift is not None and not isinstance(norm, nodes.SoftmaxNorm):
         return "row_shift outside the softmax family"
@@ -57,6 +57,8 @@ def region_checker(region: AttentionRegion) -> str | None:
 def backward_unsupported(region: AttentionRegion) -> str | None:
     """Why the fused backward cannot give this region's gradients (None: it can)."""
     norm = region.normalizer
+    if region.routing is not None:
+        return f"no fused backward with routing ({type(region.routing).__name__}) yet"
     if not isinstance(norm, BACKWARD_NORMALIZERS):
         return f"no fused backward for {type(norm).__name__} yet"
     for what, expr in (("score function", region.score), ("phi", getattr(norm, "phi", None))):

@@ -148,13 +148,32 @@ def sm_scale(region: AttentionRegion, scale: float | None, D: int) -> float:
     return base * (region.score_scale if region.score_scale is not None else 1.0)
 
 
-def _captured_args(region: AttentionRegion, tensors: dict[str, Tensor]) -> list[Any]:
+def _captured_args(region: AttentionRegion, tensors: dict[str, Tensor], routing: list[Any] = ()) -> list[Any]:
     args: list[Any] = []
     for spec in captured_specs(region):
         t = tensors[spec.name]
         if t.dtype == torch.bool:
             t = t.view(torch.uint8)
         args += [t, *t.stride()]
+    return args + list(routing)
+
+
+def routing_args(region: AttentionRegion, q: Tensor, k: Tensor, tensors: dict[str, Tensor],
+                 q_offset: int) -> list[Any]:
+    """Run-time routing inputs: the TopKBlocks table and the TopKHeads weights (lower_routing)."""
+    from attncc.passes import lower_routing
+
+    args: list[Any] = []
+    gate, heads = getattr(region, "gate", None), getattr(region, "head_select", None)
+    if gate is not None:
+        table = lower_routing.block_index_table(q, k, block=gate.block, k_top=gate.k, per=gate.per,
+                                                causal=gate.causal, q_offset=q_offset).contiguous()
+        row0 = q_offset if gate.per == "token" else q_offset // gate.block
+        args += [table, table.stride(0), table.stride(1), table.stride(2), row0]
+    if heads is not None:
+        kept, weights = lower_routing.head_selection(tensors[heads.router], heads.k)
+        dense = lower_routing.head_weights_dense(kept, weights.float(), q.shape[1])[..., 0].contiguous()
+        args += [dense, *dense.stride()]
     return args
 
 
@@ -198,7 +217,7 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
         q, k, v, o, lse, sink, *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides,
         *_table_args(tables), o.stride(0) if split else 0, lse.stride(0) if split else 0, n_splits,
         Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sig_bias,
-        *_captured_args(region, tensors),
+        *_captured_args(region, tensors, routing_args(region, q, k, tensors, q_offset)),
         D=D, DV=Dv, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
         WRITE_LSE=want_lse or split, SPLIT=split, **_launch_opts(config),
     )

@@ -42,6 +42,9 @@ def captured_names(region: AttentionRegion) -> list[str]:
     sink = getattr(region.normalizer, "sink", None)
     if sink is not None and sink.name not in names:
         names.append(sink.name)
+    heads = getattr(region, "head_select", None)
+    if heads is not None and heads.router not in names:
+        names.append(heads.router)
     return names
 
 

@@ -76,6 +76,10 @@ SCALAR_VARS = frozenset({"b", "h"})  # one value per program; q_idx, kv_idx, sco
 SUPPORTED_OPS = set(UNARY) | set(BINARY) | set(INT_BINARY) | {"var", "const", "input", "load", "cast", "where"}
 
 
+ROUTE_PARAMS = ["RT", "rt_sb", "rt_sh", "rt_sr", "rt_q0"]
+HEAD_PARAMS = ["HW", "hw_sb", "hw_sh", "hw_sm"]
+
+
 def pointer_args(spec: TensorSpec) -> list[str]:
     """Kernel parameters that carry one captured tensor: its pointer and one stride per dim."""
     return [f"{spec.name}_ptr"] + [f"{spec.name}_s{d}" for d in range(len(spec.shape))]
@@ -295,6 +299,13 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
     if region.mask is not None:
         context["mask_result"] = body.render_as(region.mask, "bool")
         context["mask_lines"] = _indent(body.take_lines(), 8)
+    gate, heads = getattr(region, "gate", None), getattr(region, "head_select", None)
+    extra = (ROUTE_PARAMS if gate is not None else []) + (HEAD_PARAMS if heads is not None else [])
+    context["cap_params"] = context["cap"] = "".join(f", {p}" for p in params + extra)
+    context["route_block"] = gate.block if gate is not None else None
+    context["route_k"] = gate.k if gate is not None else None
+    context["route_per_token"] = gate is not None and gate.per == "token"
+    context["head_weights"] = heads is not None
     context["row_shift_result"] = None
     if getattr(region, "row_shift", None) is not None:
         rows = ExprRenderer({"b": "b", "h": "h", "q_idx": "q_idx"}, prefix="r")
