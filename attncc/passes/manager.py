@@ -73,7 +73,12 @@ def add_note(graph: AttentionGraph, note: str) -> AttentionGraph:
 
 def format_facts(graph: AttentionGraph) -> str:
     """Facts as text lines, appended to the graph dump so a reader sees what was proved."""
-    lines = [f"  facts {key} = {value}" for key, value in sorted(facts_of(graph).items())]
+    lines = []
+    for key, value in sorted(facts_of(graph).items()):
+        if key == "notes":
+            lines.extend(f"  note: {note}" for note in value)
+        else:
+            lines.append(f"  facts {key} = {value}")
     for node_id in graph.topological_order():
         for key, value in sorted(facts_of(graph, node_id).items()):
             lines.append(f"  facts %{node_id}.{key} = {value}")
