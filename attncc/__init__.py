@@ -8,10 +8,11 @@ from attncc.normalizers import Linear, Pointwise, Sigmoid, Softmax, StickBreakin
 from attncc.routing import TopKBlocks, TopKHeads
 from attncc.compose import ComposedProgram, GraphBuilder
 from attncc.variant import Program, Variant, variant
+from attncc.blocks import block_map
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ComposedProgram", "GraphBuilder", "Linear", "Pointwise", "Program", "Sigmoid", "Softmax", "StickBreaking", "TopKBlocks",
-    "TopKHeads", "Variant", "variant",
+    "TopKHeads", "Variant", "block_map", "variant",
 ]
