@@ -142,3 +142,15 @@ def test_rejects_linear() -> None:
     q, k, v = qkv(2, 8)
     with pytest.raises(ValueError, match="split-KV"):
         split_kv_attention(var.plan.regions[0], q, k, v, {}, num_splits=2)
+
+
+def test_specialize_for_a_decoding_shape() -> None:
+    """At run time a 1-query call over a 32k cache becomes a split-KV plan; a prefill does not."""
+    from attncc.passes.decode import specialize
+
+    plan = attncc.variant(mask=causal).plan
+    decoding = specialize(plan, 1, 8, 1, 32768)
+    assert decoding.strategy == "split_kv" and "32 key splits" in decoding.notes[-1]
+    assert specialize(plan, 1, 8, 2048, 32768) is plan
+    linear = attncc.variant(mask=causal, normalizer=attncc.Linear()).plan
+    assert specialize(linear, 1, 8, 1, 32768) is linear

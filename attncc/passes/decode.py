@@ -10,6 +10,7 @@ and ``split_kv_attention`` is the runtime algorithm (plain torch) backends mirro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,7 +20,7 @@ from attncc.codegen.reference.evaluate import evaluate
 from attncc.ir import nodes
 from attncc.ir.graph import AttentionGraph
 from attncc.passes.manager import PassResult, add_note, attach, facts_of
-from attncc.passes.plan import AttentionRegion, DecodeSplit
+from attncc.passes.plan import AttentionRegion, DecodeSplit, KernelPlan
 
 Tensor = torch.Tensor
 
@@ -43,6 +44,18 @@ def decode(graph: AttentionGraph) -> PassResult:
     out = add_note(out, f"decode: Lq <= {rule.max_lq} and Lkv >= {rule.min_lkv} run split-KV "
                         f"(chunks >= {rule.min_chunk} keys) with a log-sum-exp merge")
     return PassResult(out, True)
+
+
+def specialize(plan: KernelPlan, B: int, Hq: int, Lq: int, Lkv: int) -> KernelPlan:
+    """The plan for one call's shape: strategy "split_kv" when its ``decode_split`` rule applies."""
+    rule = plan.decode_split
+    if rule is None or plan.strategy != "tiled" or not rule.applies(Lq, Lkv):
+        return plan
+    splits = rule.num_splits(B, Hq, Lkv)
+    if splits < 2:
+        return plan
+    note = f"decode: Lq={Lq}, Lkv={Lkv}: {splits} key splits merged by log-sum-exp"
+    return dataclasses.replace(plan, strategy="split_kv", notes=(*plan.notes, note))
 
 
 # ---- runtime ---------------------------------------------------------------------------
