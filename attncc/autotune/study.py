@@ -66,7 +66,9 @@ def open_storage(url: str | None) -> Any:
     import optuna
 
     url = url or default_storage()
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        engine = {"creator": _sqlite_creator(url.removeprefix("sqlite:///"))}
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine)
@@ -75,6 +77,19 @@ def open_storage(url: str | None) -> Any:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _sqlite_creator(path: str) -> Callable[[], Any]:
+    """SQLite connections in WAL mode without an fsync per commit (Optuna commits several times a trial)."""
+    import sqlite3
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    return connect
 
 
 def measure(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, Any]:
@@ -212,9 +227,13 @@ def tune_key(
     study = optuna.create_study(study_name=f"attncc/{key.text}", storage=open_storage(storage),
                                 direction="minimize", load_if_exists=True)
     existing = study.get_trials(deepcopy=False)
+    valid = space.size(key.shape)
     if not existing:
-        for config in _warm_start(space, key, cache):
-            study.enqueue_trial(config, user_attrs={"warm_start": True}, skip_if_exists=True)
+        first = _warm_start(space, key, cache)
+        # NOTE: a space no larger than the budget is searched exhaustively, in a fixed order.
+        rest = [c for c in space.configs(key.shape) if c not in first] if valid <= budget else []
+        for config in first + rest:
+            study.enqueue_trial(config, user_attrs={"enqueued": True}, skip_if_exists=True)
     # NOTE: a shared (explicit) storage mixes in the pid so that simultaneous workers sample differently.
     sampler_seed = seed + len(existing) + (os.getpid() if storage else 0)
     with warnings.catch_warnings():
@@ -223,7 +242,6 @@ def tune_key(
                                                    n_startup_trials=max(3, min(10, budget // 3)))
     objective = _Objective(space, key.shape, runner, checker, warmup, repeats, _sync_for(torch.device(device)))
     objective.seen = _seen(study)
-    valid = space.size(key.shape)
     target = min(budget, valid)
 
     def done() -> int:

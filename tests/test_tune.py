@@ -1,0 +1,228 @@
+"""The tuner: finds the fastest correct config, resumes, warm-starts, respects pins, never crashes.
+
+Uses ``attncc.autotune.fake.FakeBackend``: it computes the true output with the reference
+backend and sleeps for a config-dependent time, with one config that fails to "compile" and
+faster configs that give wrong answers (the reference check must exclude them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import attncc
+from attncc.autotune import commands
+from attncc.autotune.cache import TuningCache, read_json
+from attncc.autotune.fake import BEST, FakeBackend
+from attncc.autotune.keys import ShapeKey, TuningKey
+from attncc.autotune.lookup import device_for, select_config
+from attncc.autotune.records import Entry, Pin
+from attncc.autotune.study import make_operands, tune_key, tune_program
+
+causal = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, name="causal")
+SHAPE = (1, 2, 64, 16)
+FAST = {"warmup": 1, "repeats": 2, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cachedir"))
+    monkeypatch.delenv("ATTNCC_CACHE_PATH", raising=False)
+    monkeypatch.delenv("ATTNCC_TUNING", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # NOTE: timings on a shared 2-core machine are meaningless with spinning threads
+    yield
+    torch.set_num_threads(threads)
+
+
+def _key(backend: FakeBackend, shape: tuple = SHAPE) -> TuningKey:
+    operands = make_operands(causal, shape, torch.float32, "cpu")
+    return TuningKey(causal.plan.fingerprint, backend.name, device_for("fake", None),
+                     ShapeKey.from_tensors(operands["q"], operands["k"], operands["v"]))
+
+
+def _select(backend: FakeBackend, shape: tuple = SHAPE) -> tuple[dict, str]:
+    return select_config("fake", backend.search_space, causal.plan.fingerprint, torch.float32,
+                         _key(backend, shape).shape, cache=TuningCache())
+
+
+def test_exhaustive_budget_finds_the_fastest_correct_config_and_records_it():
+    backend = FakeBackend(unit_ms=3.0)  # steps of 3 ms: far above the noise of a shared machine
+    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=24, warmup=1, repeats=3, progress=False)
+    assert result.best_config == BEST, "wrong-but-faster configs must never win"
+    assert {"tile": 64, "unroll": 4, "wrong": False} in backend.calls, "the failing config was tried"
+    assert result.trials == 11  # 24 valid configs - 12 wrong - 1 that fails to compile
+    assert result.default_ms > result.best_ms and result.speedup > 1.5
+    assert result.stored and TuningCache().get(result.key).config == BEST
+    chosen, source = _select(backend)
+    assert chosen == BEST and source.startswith("tuned: exact key")
+
+
+def test_small_budget_stops_at_the_budget_and_is_no_worse_than_the_default():
+    backend = FakeBackend()
+    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=5, seed=3, **FAST)
+    assert result.trials == 5
+    assert result.best_ms <= result.default_ms
+    assert result.best_config["wrong"] is False
+
+
+def test_rerun_resumes_and_never_measures_a_config_twice():
+    backend = FakeBackend()
+    tune_program(causal, backend, [SHAPE], torch.float32, budget=3, **FAST)
+    first = [json.dumps(c, sort_keys=True) for c in backend.calls]
+    backend.calls.clear()
+    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=6, **FAST)
+    assert result.trials == 6
+    assert not set(first) & {json.dumps(c, sort_keys=True) for c in backend.calls}
+    backend.calls.clear()
+    tune_program(causal, backend, [SHAPE], torch.float32, budget=6, **FAST)
+    assert backend.calls == [], "a finished study runs nothing"
+
+
+def test_new_shape_warm_starts_from_the_nearest_tuned_bucket():
+    backend = FakeBackend()
+    tuned = {"tile": 16, "unroll": 4, "wrong": False}
+    TuningCache().record(Entry(_key(backend), tuned, 1.0, trials=10))
+    tune_program(causal, backend, [(1, 2, 128, 16)], torch.float32, budget=2, **FAST)
+    distinct = list(dict.fromkeys(json.dumps(c, sort_keys=True) for c in backend.calls))
+    default = backend.search_space.default_for(_key(backend).shape)
+    assert distinct == [json.dumps(default, sort_keys=True), json.dumps(tuned, sort_keys=True)]
+
+
+def test_tuning_never_changes_a_pinned_choice():
+    backend = FakeBackend()
+    key = _key(backend)
+    pinned = {"tile": 8, "unroll": 4, "wrong": False}
+    TuningCache().pin(Pin(key.fingerprint, "fake", key.device, key.shape.tag, pinned, note="repro"))
+    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=24, **FAST)
+    assert result.pinned and result.best_config["wrong"] is False
+    chosen, source = _select(backend)
+    assert chosen == pinned and source.startswith("pinned")
+    assert [p.config for p in TuningCache().pins()] == [pinned]
+
+
+def test_interrupted_tuning_keeps_its_best_and_resumes():
+    backend = FakeBackend()
+    key = _key(backend)
+    operands = make_operands(causal, SHAPE, torch.float32, "cpu")
+    calls = []
+
+    def runner(config):
+        calls.append(config)
+        if len(calls) == 3 * 4:  # inside the fourth trial
+            raise KeyboardInterrupt
+        return backend.run(causal.plan, operands, causal.tensors, scale=None, q_offset=0, return_lse=False,
+                           config=config)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_key(key, backend.search_space, runner, 8, warmup=1, repeats=2, progress=False)
+    stored = TuningCache().get(key)
+    assert stored is not None and stored.trials >= 1
+    result = tune_key(key, backend.search_space, runner, 8, warmup=1, repeats=2, progress=False)
+    assert result.trials == 8 and result.best_ms <= stored.time_ms
+
+
+def test_a_backend_that_always_fails_is_pruned_not_fatal():
+    key = TuningKey("b" * 64, "fake", "cpu-00000000000000aa", ShapeKey.of(1, 2, 64, 16))
+
+    def broken(config):
+        raise RuntimeError("nothing compiles")
+
+    result = tune_key(key, FakeBackend().search_space, broken, 4, warmup=1, repeats=1, progress=False)
+    assert result.best_config is None and math.isnan(result.best_ms) and not result.stored
+    assert TuningCache().get(key) is None
+
+
+def test_bad_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="budget"):
+        tune_key(_key(FakeBackend()), FakeBackend().search_space, lambda c: None, 0, progress=False)
+
+
+# ---------------------------------------------------------------- command line
+
+VARIANT_FILE = """
+import attncc
+causal = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, name="causal")
+"""
+
+
+def test_cli_tune_then_cache_commands(tmp_path, monkeypatch):
+    backend = FakeBackend()
+    monkeypatch.setattr(commands, "load_backend", lambda name, device: backend)
+    source = tmp_path / "model.py"
+    source.write_text(VARIANT_FILE)
+    runner = CliRunner()
+    out = tmp_path / "ship.json"
+    result = runner.invoke(commands.tune, env={"COLUMNS": "250"}, args=[f"{source}:causal", "--shapes", "1x2x64x16", "--budget", "3",
+                                           "--warmup", "1", "--repeats", "2", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "bh2_q64_kv64_d16_dv16_g1_float32" in result.output
+    shipped = read_json(out).entries
+    assert len(shipped) == 1 and shipped[0].trials == 3
+
+    ls = runner.invoke(commands.cache, ["ls"], env={"COLUMNS": "250"})
+    assert ls.exit_code == 0 and "1 entries" in ls.output
+    fingerprint = shipped[0].key.fingerprint
+    show = runner.invoke(commands.cache, ["show", fingerprint[:10]])
+    assert show.exit_code == 0 and json.loads(show.output)["entries"][0]["config"] == shipped[0].config
+
+    pin = runner.invoke(commands.cache, ["pin", f"{source}:causal", "--backend", "fake",
+                                         "--config", json.dumps({"tile": 16, "unroll": 1, "wrong": False})])
+    assert pin.exit_code == 0, pin.output
+    assert [p.shape for p in TuningCache().pins()] == ["*"]
+    bad = runner.invoke(commands.cache, ["pin", f"{source}:causal", "--config", "{not json"])
+    assert bad.exit_code != 0 and "--config" in bad.output
+
+    exported = tmp_path / "export.json"
+    assert runner.invoke(commands.cache, ["export", str(exported)]).exit_code == 0
+    cleared = runner.invoke(commands.cache, ["clear", "--yes", "--pins"])
+    assert cleared.exit_code == 0 and TuningCache().entries() == [] and TuningCache().pins() == []
+    imported = runner.invoke(commands.cache, ["import", str(exported)])
+    assert imported.exit_code == 0, imported.output
+    assert [e.config for e in TuningCache().entries()] == [shipped[0].config] and len(TuningCache().pins()) == 1
+
+    merged = tmp_path / "merged.json"
+    assert runner.invoke(commands.cache, ["merge", str(merged), str(out), str(exported)]).exit_code == 0
+    assert [e.time_ms for e in read_json(merged).entries] == [shipped[0].time_ms]
+
+
+def test_cli_rejects_bad_shapes_and_missing_targets(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(commands.tune, ["x.py:v", "--shapes", "1x2x3"])
+    assert bad.exit_code != 0 and "BxHxLxD" in bad.output
+    none = runner.invoke(commands.tune, ["--shapes", "1x2x64x16"])
+    assert none.exit_code != 0 and "--all-examples" in none.output
+    missing = runner.invoke(commands.tune, [str(tmp_path / "nope.py:v"), "--shapes", "1x2x64x16"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+# ---------------------------------------------------------------- the real CPU backend
+
+def _tvm_backend():
+    from attncc.autotune.space import SearchSpace
+    from attncc.codegen import registry
+
+    backend = registry.load("tvm")
+    if isinstance(backend, str) or not isinstance(getattr(backend, "search_space", None), SearchSpace | type(None)):
+        return None
+    return backend if getattr(backend, "search_space", None) is not None else None
+
+
+@pytest.mark.slow
+def test_tvm_backend_tunes_and_beats_or_matches_its_default():
+    backend = _tvm_backend()
+    if backend is None:
+        pytest.skip("attncc.codegen.tvm has no BACKEND with a search_space yet")
+    [result] = tune_program(causal, backend, [(1, 2, 128, 32)], torch.float32, budget=4, **FAST)
+    assert result.trials >= 1 and result.best_ms <= result.default_ms * 1.05
+    chosen, source = select_config("tvm", backend.search_space, causal.plan.fingerprint, torch.float32,
+                                   result.key.shape, cache=TuningCache())
+    assert chosen == result.best_config and source.startswith("tuned")
+
+
+assert Path(__file__).name == "test_tune.py"
