@@ -91,7 +91,8 @@ class _ReferenceBackward(torch.autograd.Function):
         ctx.context = context
         ctx.save_for_backward(q, k, v, *grad_tensors)
         out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
-        ctx.mark_non_differentiable(lse) if not isinstance(region.normalizer, nodes.SoftmaxNorm) else None
+        if not isinstance(region.normalizer, nodes.SoftmaxNorm):
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod

@@ -55,6 +55,23 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     return tuple(found)
 
 
+# exp(x) = 2**n * 2**f with n = round(x log2 e), |f| <= 1/2, 2**f by its Taylor polynomial of
+# degree 7 (relative error below 1e-8): TVM's generic exp lowering costs ~3x the whole tile.
+_EXP2_COEFFS = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
+
+
+def fast_exp(w: Lines, x: str, target: str) -> None:
+    """Emit ``target = exp(x)`` for float32 ``x`` (``-inf`` and anything below -87 give 0)."""
+    w(f"xc = T.max({x}, T.float32(-87.0))")
+    w("tn = T.floor(xc * T.float32(1.4426950408889634) + T.float32(0.5))")
+    w("tf = xc * T.float32(1.4426950408889634) - tn")
+    poly = f"T.float32({_EXP2_COEFFS[-1]!r})"
+    for c in reversed(_EXP2_COEFFS[:-1]):
+        poly = f"({poly} * tf + T.float32({c!r}))"
+    w(f'tp = T.reinterpret("float32", T.shift_left(T.Cast("int32", tn) + 127, 23))')
+    w(f"{target} = T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), tp * {poly})")
+
+
 class Lines:
     """An indented text builder (the dispatch printer's ``indented()``, minimal)."""
 
@@ -103,14 +120,14 @@ class _Forward:
         extra = "".join(f", x{i}: T.handle" for i in range(len(self.specs)))
         w(f"def attn(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, "
           f"pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle{extra}, "
-          f"scale: T.float32, q_offset: T.int32, bias: T.float32):")
+          f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LKV", "TB", "TH", "NQ", "MP", "MF"):
+            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
-            w(f'K = T.match_buffer(k_h, (B, HKV, LKV, {s.D}), "{dt}")')
-            w(f'V = T.match_buffer(v_h, (B, HKV, LKV, {s.Dv}), "{dt}")')
+            w(f'KT = T.match_buffer(k_h, (B, HKV, {s.D}, LKP), "float32")')
+            w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "float32")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('PC = T.match_buffer(pc_h, (TB, TH, NQ), "int32")')
@@ -136,8 +153,6 @@ class _Forward:
         w("th = T.min(h, TH - 1)")
         w(f"q0 = qt * {BM}")
         w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
-        w(f'Kt = T.decl_buffer(({D}, {BN}), "float32")')
-        w(f'Vs = T.decl_buffer(({BN}, {Dv}), "float32")')
         w(f'S = T.decl_buffer(({BM}, {BN}), "float32")')
         w(f'Acc = T.decl_buffer(({BM}, {Dv}), "float32")')
         w(f'M = T.decl_buffer(({BM},), "float32")')
@@ -184,14 +199,8 @@ class _Forward:
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
         BM, BN, D, Dv, RI, VJ = s.block_m, s.block_n, s.D, s.Dv, s.rows, s.vector
-        VD = math.gcd(VJ, Dv)
-        # stage K (transposed) and V as float32 tiles; rows past LKV are clamped (masked below)
-        with w.block(f"for j in range({BN}):"):
-            with w.block(f"for d in range({D}):"):
-                w(f"Kt[d, j] = {self._f32('K[b, hk, T.min(kv0 + j, LKV - 1), d]')}")
-            with w.block(f"for d in T.vectorized({Dv}):"):
-                w(f"Vs[j, d] = {self._f32('V[b, hk, T.min(kv0 + j, LKV - 1), d]')}")
-        # S = Qs @ Kt, register blocked
+        VD = math.gcd(Dv, 64)
+        # S = score_mask(Qs @ K^T), register blocked; K arrives transposed and padded to LKP
         with w.block(f"for i0 in range({BM // RI}):"):
             with w.block(f"for j0 in range({BN // VJ}):"):
                 w(f'Sr = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
@@ -201,16 +210,13 @@ class _Forward:
                 with w.block(f"for d in range({D}):"):
                     with w.block(f"for i1 in T.unroll({RI}):"):
                         with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"Sr[i1, j1] = Sr[i1, j1] + Qs[i0 * {RI} + i1, d] * Kt[d, j0 * {VJ} + j1]")
+                            w(f"Sr[i1, j1] = Sr[i1, j1] + Qs[i0 * {RI} + i1, d] * KT[b, hk, d, kv0 + j0 * {VJ} + j1]")
                 with w.block(f"for i1 in T.unroll({RI}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"S[i0 * {RI} + i1, j0 * {VJ} + j1] = Sr[i1, j1]")
-        # score function and mask, elementwise
-        with w.block(f"for i in range({BM}):"):
-            with w.block(f"for j in T.vectorized({BN}):"):
-                w(f"S[i, j] = {self._score_and_mask('S[i, j]', masked)}")
+                        i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
+                        w(f"S[{i}, {j}] = {self._score_and_mask('Sr[i1, j1]', masked, i, j)}")
         self._normalizer_update()
-        # Acc = Alpha * Acc + P @ Vs, register blocked
+        # Acc = Alpha * Acc + P @ V, register blocked
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
         with w.block(f"for i0 in range({BM // RI}):"):
             with w.block(f"for d0 in range({Dv // VD}):"):
@@ -222,22 +228,22 @@ class _Forward:
                 with w.block(f"for j in range({BN}):"):
                     with w.block(f"for i1 in T.unroll({RI}):"):
                         with w.block(f"for d1 in T.vectorized({VD}):"):
-                            w(f"Or[i1, d1] = Or[i1, d1] + S[i0 * {RI} + i1, j] * Vs[j, d0 * {VD} + d1]")
+                            w(f"Or[i1, d1] = Or[i1, d1] + S[i0 * {RI} + i1, j] * V[b, hk, kv0 + j, d0 * {VD} + d1]")
                 with w.block(f"for i1 in T.unroll({RI}):"):
                     with w.block(f"for d1 in T.vectorized({VD}):"):
                         w(f"Acc[i0 * {RI} + i1, d0 * {VD} + d1] = Or[i1, d1]")
 
-    def _index_env(self) -> dict[str, str]:
+    def _index_env(self, i: str = "i", j: str = "j") -> dict[str, str]:
         return {
             "b": 'T.Cast("int64", b)', "h": 'T.Cast("int64", h)',
-            "q_idx": 'T.Cast("int64", q0 + i + q_offset)', "kv_idx": 'T.Cast("int64", kv0 + j)',
+            "q_idx": f'T.Cast("int64", q0 + {i} + q_offset)', "kv_idx": f'T.Cast("int64", kv0 + {j})',
         }
 
-    def _score_and_mask(self, raw: str, masked: str) -> str:
-        env = {**self._index_env(), "score": raw}
+    def _score_and_mask(self, raw: str, masked: str, i: str, j: str) -> str:
+        env = {**self._index_env(i, j), "score": raw}
         render = Renderer(env, self.specs)
         score = raw if self.region.score is None else render(self.region.score)
-        keep = "(kv0 + j < LKV)"
+        keep = f"(kv0 + {j} < LKV)"
         if self.region.mask is not None and masked != "False":
             mask = render(self.region.mask)
             keep = f"T.And({keep}, {mask})" if masked == "True" else f"T.And({keep}, T.Or(T.Not({masked}), {mask}))"
@@ -247,21 +253,31 @@ class _Forward:
 
     def _normalizer_update(self) -> None:
         norm, w, BN = self.norm, self.w, self.s.block_n
+        VJ, NJ = self.s.vector, BN // self.s.vector
         if isinstance(norm, nodes.SoftmaxNorm):
-            w(f'Red = T.decl_buffer(({BN},), "float32", scope="local")')
             with w.block(f"for i in range({self.s.block_m}):"):
+                w(f'Mv = T.decl_buffer(({VJ},), "float32", scope="local")')
+                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
+                with w.block(f"for j1 in T.vectorized({VJ}):"):
+                    w("Mv[j1] = S[i, j1]")
+                    w("Lv[j1] = T.float32(0.0)")
+                with w.block(f"for j0 in range(1, {NJ}):"):
+                    with w.block(f"for j1 in T.vectorized({VJ}):"):
+                        w(f"Mv[j1] = T.max(Mv[j1], S[i, j0 * {VJ} + j1])")
                 w("m_old = M[i]")
-                with w.block(f"for j in range({BN}):"):
-                    w("M[i] = T.max(M[i], S[i, j])")
+                with w.block(f"for j1 in range({VJ}):"):
+                    w("M[i] = T.max(M[i], Mv[j1])")
                 w("m_new = M[i]")
-                w("m_use = T.if_then_else(m_new == T.float32(\"-inf\"), T.float32(0.0), m_new)")
+                w(f"m_use = T.if_then_else(m_new == {NEG_INF}, T.float32(0.0), m_new)")
                 w("Alpha[i] = T.exp(m_old - m_use)")
-                with w.block(f"for j in T.vectorized({BN}):"):
-                    w("S[i, j] = T.exp(S[i, j] - m_use)")
-                w("acc_l = L[i] * Alpha[i]")
-                w("L[i] = acc_l")
-                with w.block(f"for j in range({BN}):"):
-                    w("L[i] = L[i] + S[i, j]")
+                with w.block(f"for j0 in range({NJ}):"):
+                    with w.block(f"for j1 in T.vectorized({VJ}):"):
+                        w(f"xs = S[i, j0 * {VJ} + j1] - m_use")
+                        fast_exp(w, "xs", f"S[i, j0 * {VJ} + j1]")
+                        w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
+                w("L[i] = L[i] * Alpha[i]")
+                with w.block(f"for j1 in range({VJ}):"):
+                    w("L[i] = L[i] + Lv[j1]")
             return
         if isinstance(norm, nodes.SigmoidNorm):
             with w.block(f"for i in range({self.s.block_m}):"):
@@ -274,8 +290,14 @@ class _Forward:
                 with w.block(f"for j in T.vectorized({BN}):"):
                     w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), {phi})")
                 if norm.normalize:
-                    with w.block(f"for j in range({BN}):"):
-                        w("L[i] = L[i] + S[i, j]")
+                    w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
+                    with w.block(f"for j1 in T.vectorized({VJ}):"):
+                        w("Lv[j1] = T.float32(0.0)")
+                    with w.block(f"for j0 in range({NJ}):"):
+                        with w.block(f"for j1 in T.vectorized({VJ}):"):
+                            w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
+                    with w.block(f"for j1 in range({VJ}):"):
+                        w("L[i] = L[i] + Lv[j1]")
             return
         if isinstance(norm, nodes.StickBreakingNorm):
             # L carries the running sum of logsigmoid(-s) over kept keys after this tile

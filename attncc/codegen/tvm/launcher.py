@@ -130,13 +130,29 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
+    kt, vp = stage_kv(k, v, shape.block_n)
     module["attn"](
-        q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+        q.contiguous(), kt, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
-        *extra, float(scale), int(q_offset), float(bias),
+        *extra, float(scale), int(q_offset), float(bias), int(k.shape[2]),
     )
     return out, lse
+
+
+def stage_kv(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K as float32 ``[B, Hkv, D, Lkp]`` (transposed once per call, not once per query tile) and
+    V as float32 ``[B, Hkv, Lkp, Dv]``, zero-padded to whole kv tiles; a float32 V whose length
+    is a whole number of tiles passes through without a copy."""
+    B, Hkv, Lkv, D = k.shape
+    Lkp = -(-Lkv // block_n) * block_n
+    kt = torch.zeros(B, Hkv, D, Lkp, dtype=torch.float32)
+    kt[..., :Lkv] = k.transpose(-1, -2)
+    if v.dtype == torch.float32 and Lkp == Lkv:
+        return kt, v.contiguous()
+    vp = torch.zeros(B, Hkv, Lkp, v.shape[-1], dtype=torch.float32)
+    vp[:, :, :Lkv] = v
+    return kt, vp
 
 
 def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:
