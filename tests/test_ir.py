@@ -180,7 +180,7 @@ READBACK = {
 def _expr(draw, depth: int) -> Expr:
     if depth == 0:
         return draw(st.sampled_from([q_idx, kv_idx, h, ex.var("b"), score, ex.const(3), ex.const(-2),
-                                     ex.const(0.5), ex.const(-1.5), ex.const(-0.0)]))
+                                     ex.const(0.5), ex.const(-1.5), ex.const(-0.0), ex.const(0.1), ex.const(-1 / 3)]))
     a, b = draw(_expr(depth - 1)), draw(_expr(depth - 1))
     options: list[Expr] = []
     if a.dtype != "bool" and b.dtype != "bool":

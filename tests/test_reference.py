@@ -525,3 +525,90 @@ def test_reference_kernel_itself_handles_empty_keys(normalizer: str) -> None:
     var = attncc.variant(mask=causal, normalizer=normalizer)
     o = run_plan(var.plan, {"q": q, "k": k, "v": v}, var.tensors, scale=None, q_offset=0, return_lse=False)
     assert torch.equal(o, torch.zeros(2, 4, 7, 6, dtype=f64))
+
+
+# ---- against FlexAttention itself (CPU, eager, float64), through the whole pass pipeline -------
+# Score functions below include what simplify rewrites (constant factors -> score_scale,
+# row-only terms -> row_shift), so the pipeline plus the reference is checked end to end.
+
+SLOPES = torch.rand(4, dtype=f64)
+BIAS = torch.randn(4, 2 * 9 - 1, dtype=f64)
+FLEX_CASES = {
+    "alibi_causal": (lambda s, b, h, q, k: s - SLOPES[h] * (q - k).abs(), causal),
+    "softcap_window": (lambda s, b, h, q, k: 10.0 * torch.tanh(s / 10.0), window),
+    "constant_factor": (lambda s, b, h, q, k: s * 2.5, None),
+    # NOTE: FlexAttention computes ``0.1 * k`` in float32 (int index times a Python float);
+    # constants exact in float32 keep this comparison at float64 precision.
+    "negative_factor": (lambda s, b, h, q, k: -0.5 * s + 0.125 * k, causal),
+    "row_only_terms": (lambda s, b, h, q, k: s * 2 - 0.375 * q + SLOPES[h] * b, causal),
+    "row_only_minus_inf": (lambda s, b, h, q, k: s + torch.where(q < 2, -float("inf"), 0.0), None),
+    "bias_table_document": (lambda s, b, h, q, k: s + BIAS[h, q - k + 8], document),
+    "masking_score": (lambda s, b, h, q, k: torch.where((q - k) % 3 == 0, s, -float("inf")), causal),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLEX_CASES))
+def test_matches_flex_attention(name: str) -> None:
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    score_fn, mask = FLEX_CASES[name]
+    q, k, v = _qkv(Lq=9, Lkv=9)
+    block_mask = None if mask is None else create_block_mask(mask, 2, 4, 9, 9, device="cpu")
+    with _quiet():
+        expected, aux = flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, enable_gqa=True,
+                                       return_aux=AuxRequest(lse=True))
+    o, lse = _run(attncc.variant(score_fn, mask=mask), q, k, v, return_lse=True)
+    rows = torch.isfinite(aux.lse)
+    _close(o[rows], expected[rows])
+    assert torch.equal(o[~rows], torch.zeros_like(o[~rows])), "fully masked rows are zero"
+    assert torch.equal(torch.isfinite(lse), rows)
+    torch.testing.assert_close(lse[rows].to(f64), aux.lse[rows], rtol=1e-6, atol=1e-6)
+
+
+def _quiet():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def context():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+
+    return context()
+
+
+def test_sigmoid_keeps_row_terms_and_factors() -> None:
+    """Row-only terms do not cancel outside softmax: sigmoid(2s - 0.1 q - ln Lkv)."""
+    q, k, v = _qkv()
+    var = attncc.variant(lambda s, b, h, qi, ki: s * 2 - 0.1 * qi, mask=causal, normalizer="sigmoid")
+    _, _, i, _ = _grid(2, 4, 7, 9)
+    p = torch.where(_mask(causal, q, k), torch.sigmoid(2 * _raw_scores(q, k) - 0.1 * i.to(f64) - math.log(9)), 0.0)
+    _close(_run(var, q, k, v), _apply(p, v))
+
+
+def test_sinks_keep_row_terms() -> None:
+    """With a sink the denominator holds exp(sink_h), which row terms do not shift."""
+    q, k, v = _qkv()
+    sink = torch.randn(4, dtype=f64)
+    var = attncc.variant(lambda s, b, h, qi, ki: s - 0.3 * qi, mask=causal, normalizer=attncc.Softmax(sink=sink))
+    _, _, i, _ = _grid(2, 4, 7, 9)
+    e = torch.where(_mask(causal, q, k), torch.exp(_raw_scores(q, k) - 0.3 * i.to(f64)), 0.0)
+    _close(_run(var, q, k, v), _apply(e / (torch.exp(sink).view(1, -1, 1, 1) + e.sum(-1, keepdim=True)), v))
+
+
+def test_differential_attention() -> None:
+    """o = softmax(q1 k1) v - lambda * softmax(q2 k2) v, one graph with a combine node."""
+    g = attncc.GraphBuilder("diff")
+    q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+    lam = g.scalar("lam")
+    program = g.build(g.attention(q1, k1, v, mask=causal) - lam * g.attention(q2, k2, v, mask=causal))
+    a, b, v_ = _qkv()
+    c, d, _ = _qkv()
+    out = program(q1=a, k1=b, q2=c, k2=d, v=v_, lam=torch.tensor(0.8, dtype=f64), backend="reference")
+    keep = _mask(causal, a, b)
+
+    def attend(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return _apply(torch.softmax(_raw_scores(q, k).masked_fill(~keep, -math.inf), -1), v_)
+
+    _close(out, attend(a, b) - 0.8 * attend(c, d))

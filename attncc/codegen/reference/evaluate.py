@@ -59,8 +59,11 @@ def evaluate(
     return values[expr]
 
 
+_TARGETS = {"bool": torch.bool, "int": torch.int64, "float": None}
+
+
 def _as_dtype(t: Tensor, dtype: str, float_dtype: torch.dtype) -> Tensor:
-    target = {"bool": torch.bool, "int": torch.int64, "float": float_dtype}[dtype]
+    target = _TARGETS[dtype] or float_dtype
     return t if t.dtype == target else t.to(target)
 
 
@@ -76,7 +79,8 @@ def _eval_node(
     if op == "var":
         return _as_dtype(env[node.arg], node.dtype, float_dtype)
     if op == "const":
-        return _as_dtype(torch.tensor(node.arg, device=device), node.dtype, float_dtype)
+        # NOTE: built directly in the target dtype: torch.tensor(0.1) would round through float32.
+        return torch.tensor(node.arg, dtype=_TARGETS[node.dtype] or float_dtype, device=device)
     if op == "input":
         return tensors[node.arg.name]
     if op == "load":
