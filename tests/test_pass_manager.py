@@ -124,3 +124,20 @@ def test_plan_fingerprint_includes_facts() -> None:
     assert two.fingerprint != three.fingerprint
     again = attncc.variant(lambda score, b, h, q_idx, kv_idx: score * 2.0).plan
     assert again.fingerprint == two.fingerprint
+
+
+def test_plan_fingerprint_is_stable_across_processes() -> None:
+    """The tuning cache keys on it: facts (sparsity included) must not render memory addresses."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, attncc\n"
+        "ids = torch.arange(64) // 16\n"
+        "var = attncc.variant(lambda s, b, h, q, kv: s * 2.0,"
+        " mask=lambda b, h, q, kv: (ids[q] == ids[kv]) & (q >= kv))\n"
+        "print(var.plan.fingerprint)\n"
+    )
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1 and len(runs.pop().strip()) == 64
