@@ -234,10 +234,14 @@ pm_causal: tuple[Rule, ...] = (abs_causal_distance,)
 
 
 def rewrite(expr: Expr, rules: Sequence[Rule], limit: int = 64) -> Expr:
-    """Apply ``rules`` bottom-up, each node to a fixed point (at most ``limit`` rewrites)."""
+    """Apply ``rules`` bottom-up, each node to a fixed point (at most ``limit`` rewrites).
+
+    Iterative over ``walk()`` (children first), so deep traced expressions do not recurse;
+    only a rule's own result is revisited, and rules make expressions smaller.
+    """
     memo: dict[Expr, Expr] = {}
 
-    def apply(node: Expr) -> Expr:
+    def settle(node: Expr) -> Expr:
         for _ in range(limit):
             for rule in rules:
                 new = rule(node)
@@ -248,12 +252,11 @@ def rewrite(expr: Expr, rules: Sequence[Rule], limit: int = 64) -> Expr:
                 return node
         return node
 
-    def visit(node: Expr) -> Expr:
-        if node in memo:
-            return memo[node]
-        rebuilt = node.replace(src=tuple(visit(s) for s in node.src))
-        memo[node] = result = apply(rebuilt)
-        return result
+    def visit(root: Expr) -> Expr:
+        for node in root.walk():
+            if node not in memo:
+                memo[node] = settle(node.replace(src=tuple(memo[s] for s in node.src)))
+        return memo[root]
 
     return visit(expr)
 
