@@ -612,3 +612,56 @@ def test_differential_attention() -> None:
         return _apply(torch.softmax(_raw_scores(q, k).masked_fill(~keep, -math.inf), -1), v_)
 
     _close(out, attend(a, b) - 0.8 * attend(c, d))
+
+
+# ---- attncc.testing: the tolerance helpers every backend test uses -----------------------------
+
+
+def test_assert_close_rejects_wrong_infinities_nan_and_shape() -> None:
+    from attncc.testing import assert_close_to_reference
+
+    ref = torch.tensor([1.0, -math.inf], dtype=f64)
+    assert_close_to_reference(torch.tensor([1.0, -math.inf]), ref, None, 16)
+    for bad in ([1.0, math.inf], [1.0, 0.0], [1.0, math.nan], [1.001, -math.inf]):
+        with pytest.raises(AssertionError):
+            assert_close_to_reference(torch.tensor(bad), ref, None, 16)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close_to_reference(torch.zeros(3), torch.zeros(2, dtype=f64), None, 16)
+
+
+def test_float32_tolerance_scales_with_key_length() -> None:
+    from attncc.testing import assert_close_to_reference, float32_tolerance
+
+    assert float32_tolerance(128) == 2e-5 and float32_tolerance(512) == pytest.approx(4e-5)
+    ref = torch.zeros(4, dtype=f64)
+    assert_close_to_reference(torch.full((4,), 3.9e-5), ref, None, 512)
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(torch.full((4,), 3.9e-5), ref, None, 128)
+
+
+def test_low_precision_rule_uses_reference_error_and_floor() -> None:
+    from attncc.testing import assert_close_to_reference
+
+    ref64 = torch.zeros(4, dtype=f64)
+    lowp = torch.full((4,), 0.004, dtype=torch.float16)  # e_ref = 0.004 -> bound 0.008
+    assert_close_to_reference(torch.full((4,), 0.0075, dtype=torch.float16), ref64, lowp, 16)
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(torch.full((4,), 0.0085, dtype=torch.float16), ref64, lowp, 16)
+    with pytest.raises(AssertionError):  # floor 1e-3 when the reference is exact
+        assert_close_to_reference(torch.full((4,), 0.002, dtype=torch.float16), ref64, torch.zeros(4).half(), 16)
+    overflowing = torch.tensor([math.inf, 0, 0, 0], dtype=torch.float16)  # grants no allowance
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(torch.full((4,), 0.002, dtype=torch.float16), ref64, overflowing, 16)
+
+
+def test_check_against_reference_catches_a_wrong_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attncc.codegen.reference import BACKEND
+    from attncc.testing import check_against_reference
+
+    var = attncc.variant(mask=causal)
+    q, k, v = _qkv(dtype=torch.float32)
+    check_against_reference(var, q, k, v, backend="reference", return_lse=True)
+    original = BACKEND.run
+    monkeypatch.setattr(type(BACKEND), "run", lambda self, *a, **kw: original(*a, **kw) * 1.001)
+    with pytest.raises(AssertionError):
+        check_against_reference(var, q, k, v, backend="reference")
