@@ -252,7 +252,9 @@ def tune_key(
             objective.seen.update(_seen(study_))
         if bar is not None:
             bar.update(done(), best=_best_text(study_))
-        if done() >= target or len(objective.seen) >= valid:
+        failed = sum(1 for ms in objective.seen.values() if ms is None)
+        # NOTE: a backend that fails everything (broken build, wrong kernels) stops after a few tries.
+        if done() >= target or len(objective.seen) >= valid or (failed >= 3 * budget + 3 and done() == 0):
             study_.stop()
 
     bar = _Bar(description or key.shape.tag, target) if progress else None
@@ -320,8 +322,18 @@ class _Bar:
 # ---------------------------------------------------------------- programs and backends
 
 def backend_space(backend: Any, plan: Any) -> SearchSpace:
-    """A backend's ``search_space``: a SearchSpace, or a function of the plan returning one."""
+    """A backend's ``search_space``: a SearchSpace, or a function of the plan returning one.
+
+    Falls back to ``attncc.codegen.<name>.space.SPACE`` (where the backends keep their spaces).
+    """
     space = getattr(backend, "search_space", None)
+    if space is None:
+        import importlib
+
+        try:
+            space = getattr(importlib.import_module(f"attncc.codegen.{backend.name}.space"), "SPACE", None)
+        except ImportError:
+            space = None
     if space is not None and not isinstance(space, SearchSpace) and callable(space):
         space = space(plan)
     if not isinstance(space, SearchSpace):
