@@ -73,6 +73,7 @@ def _qkv(B=1, Hq=4, Hkv=2, Lq=20, Lkv=24, D=16, dtype=torch.float32, seed=0):
 SLOPES = torch.rand(4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 BIAS = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 SINK = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+TEMP = torch.tensor([1.5], device=DEVICE)
 ROUTER = torch.randn(1, 20, 4, generator=torch.Generator().manual_seed(9)).to(DEVICE)
 DOCS = torch.tensor([0] * 7 + [1] * 10 + [2] * 7, device=DEVICE)
 
@@ -113,6 +114,9 @@ VARIANTS = {
     "pointwise_unnormalized": lambda: attncc.variant(normalizer=attncc.Pointwise("softplus", normalize=False)),
     "stick_breaking": lambda: attncc.variant(mask=masks.causal, normalizer="stick_breaking"),
     "stick_breaking_strict": lambda: attncc.variant(mask=lambda b, h, q, k: q > k, normalizer="stick_breaking"),
+    "softcap_slopes": lambda: attncc.variant(lambda s, b, h, q, k: 5.0 * torch.tanh(s / 5.0) - SLOPES[h] * (q - k).abs()),
+    "sigmoid_bias_table": lambda: attncc.variant(_bias_table, normalizer="sigmoid"),
+    "learned_phi": lambda: attncc.variant(normalizer=attncc.Pointwise(lambda s: torch.relu(s) * TEMP[0])),
     "moba_token": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=2)),
     "moba_query_block": lambda: attncc.variant(routing=attncc.TopKBlocks(block=8, k=2, per="query_block")),
     "moh_heads": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKHeads(k=2, router=ROUTER)),
@@ -219,11 +223,13 @@ def _grads(var, q, k, v, do, learn, backend):
 @pytest.mark.parametrize("name, learn", [
     ("causal", ()), ("alibi_causal", ()), ("softcap", ()), ("neg_inf_scores", ()), ("document_causal", ()),
     ("sinks", ("sink",)), ("sigmoid", ()), ("softplus", ()), ("relu", ()), ("relu2_causal", ()),
-    ("pointwise_unnormalized", ()),
+    ("pointwise_unnormalized", ()), ("bias_table", "all"), ("softcap_slopes", "all"), ("sigmoid_bias_table", "all"),
 ])
 def test_fused_backward_matches_reference(name, learn):
-    """dq, dk, dv (and sink logits) from the fused kernels, no fallback: softmax, sigmoid, pointwise."""
+    """dq, dk, dv, sink logits and learned captured tensors (bias table, slopes) from the fused
+    kernels, no fallback: softmax, sigmoid, pointwise."""
     var = VARIANTS[name]()
+    learn = tuple(n for n in var.tensors if var.tensors[n].is_floating_point()) if learn == "all" else learn
     q, k, v = _qkv(seed=5)
     do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(6)).to(DEVICE)
     with warnings.catch_warnings():
@@ -235,11 +241,11 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("bias_table", ("BIAS",)), ("stick_breaking", ()), ("moba_token", ())])
+@pytest.mark.parametrize("name, learn", [("stick_breaking", ()), ("moba_token", ()), ("learned_phi", "all")])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()
-    learn = tuple(n for n in var.tensors if learn)
+    learn = tuple(var.tensors) if learn == "all" else learn
     q, k, v = _qkv(seed=7)
     do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(8)).to(DEVICE)
     from attncc.codegen.triton import ops

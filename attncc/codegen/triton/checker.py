@@ -54,9 +54,21 @@ def region_checker(region: AttentionRegion) -> str | None:
     return None
 
 
-def backward_unsupported(region: AttentionRegion) -> str | None:
-    """Why the fused backward cannot give this region's gradients (None: it can)."""
+def backward_unsupported(region: AttentionRegion, learn: tuple[str, ...] = ()) -> str | None:
+    """Why the fused backward cannot give this region's gradients (None: it can).
+
+    ``learn``: captured float tensors (other than a sink) that require grad.
+    """
     norm = region.normalizer
+    phi = getattr(norm, "phi", None)
+    for name in learn:
+        if phi is not None and any(spec.name == name for spec in phi.inputs()):
+            return f"gradient of captured tensor {name!r} inside phi"
+        if region.score is None or not any(spec.name == name for spec in region.score.inputs()):
+            if region.mask is None or not any(spec.name == name for spec in region.mask.inputs()):
+                return f"gradient of captured tensor {name!r} outside the score function"
+        elif getattr(region, "row_shift", None) is not None:
+            return f"gradient of captured tensor {name!r} with a row_shift"
     if region.routing is not None:
         return f"no fused backward with routing ({type(region.routing).__name__}) yet"
     if not isinstance(norm, BACKWARD_NORMALIZERS):

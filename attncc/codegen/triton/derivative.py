@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from attncc.ir.expr import Expr, binary, const, unary, where
+from attncc.ir.expr import Expr, binary, const, unary, var, where
 
 E = Expr
 Rule = Callable[[E, tuple[E, ...], tuple[E | None, ...]], E | None]
@@ -99,10 +99,18 @@ def score_derivative(expr: Expr) -> Expr | None:
 
     Raises ``NotImplementedError`` naming the op when a float node has no rule.
     """
+    return derivative(expr, var("score"))
+
+
+def derivative(expr: Expr, target: Expr) -> Expr | None:
+    """``d expr / d target`` for any float node ``target`` of ``expr`` (a var or a load)."""
     tangent: dict[Expr, Expr | None] = {}
     for node in expr.walk():
-        if node.op == "var":
-            tangent[node] = const(1.0) if node.arg == "score" else None
+        if node == target:
+            tangent[node] = const(1.0)
+            continue
+        if node.op in ("var", "load"):
+            tangent[node] = None
             continue
         derivs = tuple(tangent[s] for s in node.src)
         if node.dtype != "float" or node.op in ZERO_DERIVATIVE_OPS or all(d is None for d in derivs):

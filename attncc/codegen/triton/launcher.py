@@ -27,8 +27,8 @@ from attncc.passes.plan import AttentionRegion
 Tensor = torch.Tensor
 Tables = tuple[Tensor, Tensor, Tensor, Tensor]  # partial count, partial index, full count, full index
 
-_MODULES: dict[tuple[str, str, str], ModuleType] = {}
-_SOURCES: dict[tuple[str, str, str], str] = {}
+_MODULES: dict[tuple[str, str, str, tuple[str, ...]], ModuleType] = {}
+_SOURCES: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
 
 
 def cache_dir() -> Path:
@@ -42,19 +42,19 @@ def region_key(region: AttentionRegion) -> str:
     return nodes.digest(region)
 
 
-def source(region: AttentionRegion, kind: str, dtype: str) -> str:
-    key = (region_key(region), kind, dtype)
+def source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[str, ...] = ()) -> str:
+    key = (region_key(region), kind, dtype, learn)
     if key not in _SOURCES:
-        _SOURCES[key] = render_source(region, kind, dtype)
+        _SOURCES[key] = render_source(region, kind, dtype, learn)
     return _SOURCES[key]
 
 
-def module(region: AttentionRegion, kind: str, dtype: str) -> ModuleType:
+def module(region: AttentionRegion, kind: str, dtype: str, learn: tuple[str, ...] = ()) -> ModuleType:
     """The imported module for ``region`` (rendered, written and imported on first use)."""
-    key = (region_key(region), kind, dtype)
+    key = (region_key(region), kind, dtype, learn)
     if key in _MODULES:
         return _MODULES[key]
-    text = source(region, kind, dtype)
+    text = source(region, kind, dtype, learn)
     digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     path = cache_dir() / f"attncc_{kind}_{digest}.py"
     if not path.exists():
@@ -260,11 +260,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
              tensors: dict[str, Tensor], *, scale: float | None, q_offset: int,
-             dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             dlse: Tensor | None = None, learn: tuple[str, ...] = ()) -> tuple[Tensor, ...]:
     """dq, dk, dv of softmax (sinks included: they only enter through lse), sigmoid, pointwise.
 
     ``dlse`` (a gradient flowing into the returned lse) enters as ``delta - dlse``, since
-    ``d lse_i / d s_ij = p_ij``.
+    ``d lse_i / d s_ij = p_ij``. ``learn`` names captured float tensors of the score function
+    whose gradients are returned after dv, in that order.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -272,7 +273,7 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     tile = (config.BLOCK_M, config.BLOCK_N)
     q_tables = block_tables(region, B, Hq, Lq, Lkv, tile, q_offset, tensors, q.device)
     kv_tables = transpose_tables(q_tables, triton_cdiv(Lkv, tile[1]))
-    mod = module(region, "backward", _dtype_name(q.dtype))
+    mod = module(region, "backward", _dtype_name(q.dtype), learn)
     do = do.contiguous() if do.stride(-1) != 1 else do
     norm = region.normalizer
     delta = (o.float() * do.float()).sum(-1)
@@ -285,8 +286,10 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32, device=q.device)
     dk_h = torch.empty(B, Hq, Lkv, D, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(B, Hq, Lkv, Dv, dtype=torch.float32, device=q.device)
+    grads = [torch.zeros(tensors[name].shape, dtype=torch.float32, device=q.device) for name in learn]
+    grad_args = [x for g in grads for x in (g, *g.stride())]
     common = [Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sigmoid_bias(norm, Lkv),
-              *_captured_args(region, tensors)]
+              *_captured_args(region, tensors), *grad_args]
     meta = dict(D=D, DV=Dv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
                 **_launch_opts(config))
     mod.attn_bwd_dkdv[(triton_cdiv(Lkv, tile[1]), B * Hq)](
@@ -300,4 +303,5 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     group = Hq // Hkv
     dk = dk_h.view(B, Hkv, group, Lkv, D).sum(2)
     dv = dv_h.view(B, Hkv, group, Lkv, Dv).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    learned = [g.to(tensors[name].dtype) for g, name in zip(grads, learn, strict=True)]
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *learned)

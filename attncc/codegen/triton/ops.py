@@ -4,9 +4,10 @@
 its fused softmax backward. Both take the region by key (``register_region``) so one op
 serves every variant, and both have fake (meta) implementations, so ``torch.compile``
 traces through them without running a kernel. Autograd: softmax-family regions whose
-score derivative renders use the fused backward (sink gradients from ``lse``); any other
-case (other normalizers, a captured float tensor that requires grad inside the score
-function, a score op without a derivative rule) recomputes through the reference
+score derivative renders use the fused backward (sink gradients from ``lse``, learned
+tensors of the score function accumulated in the dQ kernel); any other
+case (stick-breaking, routing, a learned tensor inside phi, a score op without a
+derivative rule) recomputes through the reference
 backend's autograd, with a one-time warning naming the reason: never a silent wrong
 gradient.
 """
@@ -66,18 +67,24 @@ def _(key: str, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor], scale: 
 
 @torch.library.custom_op("attncc::triton_attention_bwd", mutates_args=())
 def triton_attention_bwd(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-                         dlse: Tensor, captured: list[Tensor], scale: float,
-                         q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+                         dlse: Tensor, captured: list[Tensor], learn_mask: list[bool], scale: float,
+                         q_offset: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     region = _REGIONS[key]
-    tensors = dict(zip(captured_names(region), captured, strict=True))
+    names = captured_names(region)
+    tensors = dict(zip(names, captured, strict=True))
+    learn = [n for n, want in zip(names, learn_mask, strict=True) if want]
     # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient just shifts delta by -dlse.
-    return launcher.backward(region, q, k, v, o, lse, do, tensors, scale=scale, q_offset=q_offset, dlse=dlse)
+    dq, dk, dv, *learned = launcher.backward(region, q, k, v, o, lse, do, tensors, scale=scale, q_offset=q_offset,
+                                             dlse=dlse, learn=tuple(learn))
+    return dq, dk, dv, learned
 
 
 @triton_attention_bwd.register_fake
 def _(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
-      captured: list[Tensor], scale: float, q_offset: int) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+      captured: list[Tensor], learn_mask: list[bool], scale: float,
+      q_offset: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    learned = [torch.empty_like(c, dtype=c.dtype) for c, want in zip(captured, learn_mask, strict=True) if want]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), learned
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -94,17 +101,18 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
     names = captured_names(region)
     sink = getattr(region.normalizer, "sink", None)
     wants = [c.requires_grad and c.is_floating_point() for c in captured]
-    reason = backward_unsupported(region)
-    if reason is None:
-        for name, want in zip(names, wants, strict=True):
-            if want and (sink is None or name != sink.name):
-                reason = f"gradient of captured tensor {name!r} inside the score function"
+    learn = [n for n, want in zip(names, wants, strict=True) if want and (sink is None or n != sink.name)]
+    reason = backward_unsupported(region, tuple(learn))
     if reason is not None:
         grads = _reference_backward(region, q, k, v, captured, names, do, dlse, ctx.scale, ctx.q_offset, reason)
         return (None, *grads[:3], list(grads[3:]), None, None, None, None)
     dlse_t = dlse if dlse is not None else torch.zeros_like(lse)
-    dq, dk, dv = triton_attention_bwd(ctx.key, q, k, v, o, lse, do, dlse_t, captured, ctx.scale, ctx.q_offset)
+    learn_mask = [n in learn for n in names]
+    dq, dk, dv, learned = triton_attention_bwd(ctx.key, q, k, v, o, lse, do, dlse_t, captured, learn_mask,
+                                               ctx.scale, ctx.q_offset)
     dcaptured: list[Tensor | None] = [None] * len(captured)
+    for name, grad in zip(learn, learned, strict=True):
+        dcaptured[names.index(name)] = grad
     if sink is not None:
         i = names.index(sink.name)
         if wants[i]:

@@ -203,21 +203,7 @@ class ExprRenderer:
 
     def _load(self, node: Expr) -> str:
         spec: TensorSpec = node.src[0].arg
-        offsets, bounds = [], []
-        for dim, index_expr in enumerate(node.src[1:]):
-            if index_expr.op == "const":
-                index = index_expr.arg + (spec.shape[dim] if index_expr.arg < 0 else 0)
-                offsets.append(f"{index} * {spec.name}_s{dim}")
-                continue
-            index = self.memo[index_expr]
-            if index_expr.free_vars() <= SCALAR_VARS:
-                # NOTE: a per-program scalar index is clamped, not masked (the interpreter
-                # rejects scalar masks broadcast against tiles); b and h are in range anyway.
-                offsets.append(f"tl.minimum(tl.maximum({index}, 0), {spec.shape[dim] - 1}) * {spec.name}_s{dim}")
-                continue
-            offsets.append(f"{index} * {spec.name}_s{dim}")
-            bounds.append(f"({index} >= 0) & ({index} < {spec.shape[dim]})")
-        address = " + ".join([f"{spec.name}_ptr", *offsets])
+        address, bounds = self.address(node, f"{spec.name}_ptr", f"{spec.name}_s")
         mask = f", mask={' & '.join(bounds)}, other=0" if bounds else ""
         loaded = f"tl.load({address}{mask})"
         if spec.scalar_dtype == "float":
@@ -225,6 +211,25 @@ class ExprRenderer:
         elif spec.scalar_dtype == "bool":
             loaded = f"({loaded} != 0)"
         return self._emit(loaded)
+
+    def address(self, node: Expr, pointer: str, stride: str) -> tuple[str, list[str]]:
+        """``pointer + sum(index_d * stride{d})`` for a load node, and the bounds of tile indices."""
+        spec: TensorSpec = node.src[0].arg
+        offsets, bounds = [], []
+        for dim, index_expr in enumerate(node.src[1:]):
+            if index_expr.op == "const":
+                index = index_expr.arg + (spec.shape[dim] if index_expr.arg < 0 else 0)
+                offsets.append(f"{index} * {stride}{dim}")
+                continue
+            index = self.memo[index_expr]
+            if index_expr.free_vars() <= SCALAR_VARS:
+                # NOTE: a per-program scalar index is clamped, not masked (the interpreter
+                # rejects scalar masks broadcast against tiles); b and h are in range anyway.
+                offsets.append(f"tl.minimum(tl.maximum({index}, 0), {spec.shape[dim] - 1}) * {stride}{dim}")
+                continue
+            offsets.append(f"{index} * {stride}{dim}")
+            bounds.append(f"({index} >= 0) & ({index} < {spec.shape[dim]})")
+        return " + ".join([pointer, *offsets]), bounds
 
     def _cast(self, src: Expr, dtype: str) -> str:
         code = self.memo[src]
@@ -269,8 +274,12 @@ def _captured_specs(region: AttentionRegion) -> list[TensorSpec]:
     return [found[name] for name in sorted(found)]
 
 
-def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
-    """The Python/Triton source of one module (``kind`` forward or backward) for ``region``."""
+def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[str, ...] = ()) -> str:
+    """The Python/Triton source of one module (``kind`` forward or backward) for ``region``.
+
+    ``learn``: captured float tensors of the score function whose gradients the backward's
+    dQ kernel accumulates (atomically, at the addresses the forward loads from).
+    """
     from attncc.codegen.triton.derivative import score_derivative
     from attncc.ir import nodes
 
@@ -320,6 +329,11 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
         derivative = score_derivative(norm.phi)
         context["dphi_result"] = "0.0" if derivative is None else dphi.render_as(derivative, "float")
         context["dphi_lines"] = _indent(dphi.take_lines(), 4)
+    context["capgrad_lines"] = None
+    if kind == "backward" and learn:
+        grad_params = [p for name in learn for p in grad_args(_spec_named(specs, name))]
+        context["cap_params"] = context["cap"] = context["cap_params"] + "".join(f", {p}" for p in grad_params)
+        context["capgrad_lines"] = _indent(_captured_grad_lines(region.score, learn, index_env), 4)
     if kind == "backward":
         context["dscore_result"] = None
         derivative = score_derivative(region.score) if region.score is not None else None
@@ -331,6 +345,41 @@ def render_source(region: AttentionRegion, kind: str, dtype: str) -> str:
                              undefined=jinja2.StrictUndefined)
     header = f"# attncc generated Triton module: {kind}, {family}, {dtype}, region %{region.node}\n"
     return header + env.get_template(TEMPLATES[kind]).render(**context)
+
+
+def grad_args(spec: TensorSpec) -> list[str]:
+    """Kernel parameters of a captured tensor's float32 gradient buffer."""
+    return [f"{spec.name}_g"] + [f"{spec.name}_gs{d}" for d in range(len(spec.shape))]
+
+
+def _spec_named(specs: list[TensorSpec], name: str) -> TensorSpec:
+    return next(spec for spec in specs if spec.name == name)
+
+
+def _captured_grad_lines(score: Expr, learn: tuple[str, ...], env: dict[str, str]) -> list[str]:
+    """Per load of a learned tensor: ``d score_fn / d load`` times ``dsout``, added atomically."""
+    from attncc.codegen.triton.derivative import derivative
+
+    body = ExprRenderer(dict(env), prefix="c")
+    lines: list[str] = []
+    loads = [n for n in score.walk() if n.op == "load" and n.src[0].arg.name in learn]
+    for i, node in enumerate(loads):
+        d = derivative(score, node)
+        if d is None:
+            continue
+        local = body.render_as(d, "float")
+        for index in node.src[1:]:
+            body.render(index)
+        spec = node.src[0].arg
+        address, bounds = body.address(node, f"{spec.name}_g", f"{spec.name}_gs")
+        lines += body.take_lines()
+        lines.append(f"g{i} = tl.where(keep, dsout * ({local} + tl.zeros_like(dsout)), 0.0)")
+        if all(index.free_vars() <= SCALAR_VARS for index in node.src[1:]):
+            lines.append(f"tl.atomic_add({address}, tl.sum(tl.sum(g{i}, 1), 0))")
+        else:
+            lines.append(f"a{i} = {address} + tl.zeros_like(dsout).to(tl.int32)")
+            lines.append(f"tl.atomic_add(a{i}, g{i}, mask={' & '.join(['keep', *bounds])})")
+    return lines or ["pass"]
 
 
 def _dot_args(dtype: str) -> str:
