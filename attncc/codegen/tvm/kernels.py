@@ -60,16 +60,20 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
 _EXP2_COEFFS = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
 
 
-def fast_exp(w: Lines, x: str, target: str) -> None:
-    """Emit ``target = exp(x)`` for float32 ``x`` (``-inf`` and anything below -87 give 0)."""
-    w(f"xc = T.max({x}, T.float32(-87.0))")
-    w("tn = T.floor(xc * T.float32(1.4426950408889634) + T.float32(0.5))")
-    w("tf = xc * T.float32(1.4426950408889634) - tn")
+def fast_exp(x: str) -> str:
+    """``exp(x)`` for float32 ``x`` as one expression (``-inf`` and anything below -87 give 0).
+
+    NOTE: one expression, no let-bindings: TVM vectorizes a let-bound value inside a
+    vectorized loop wrongly (every lane gets one lane's value).
+    """
+    xc = f"T.max({x}, T.float32(-87.0))"
+    tn = f"T.floor({xc} * T.float32(1.4426950408889634) + T.float32(0.5))"
+    tf = f"({xc} * T.float32(1.4426950408889634) - {tn})"
     poly = f"T.float32({_EXP2_COEFFS[-1]!r})"
     for c in reversed(_EXP2_COEFFS[:-1]):
-        poly = f"({poly} * tf + T.float32({c!r}))"
-    w(f'tp = T.reinterpret("float32", T.shift_left(T.Cast("int32", tn) + 127, 23))')
-    w(f"{target} = T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), tp * {poly})")
+        poly = f"({poly} * {tf} + T.float32({c!r}))"
+    scale = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {tn}) + 127, 23))'
+    return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {scale} * {poly})"
 
 
 class Lines:
@@ -272,8 +276,7 @@ class _Forward:
                 w("Alpha[i] = T.exp(m_old - m_use)")
                 with w.block(f"for j0 in range({NJ}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"xs = S[i, j0 * {VJ} + j1] - m_use")
-                        fast_exp(w, "xs", f"S[i, j0 * {VJ} + j1]")
+                        w(f"S[i, j0 * {VJ} + j1] = {fast_exp(f'(S[i, j0 * {VJ} + j1] - m_use)')}")
                         w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
                 w("L[i] = L[i] * Alpha[i]")
                 with w.block(f"for j1 in range({VJ}):"):
