@@ -9,10 +9,11 @@ from attncc.routing import TopKBlocks, TopKHeads
 from attncc.compose import ComposedProgram, GraphBuilder
 from attncc.variant import Program, Variant, variant
 from attncc.blocks import block_map
+from attncc import masks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ComposedProgram", "GraphBuilder", "Linear", "Pointwise", "Program", "Sigmoid", "Softmax", "StickBreaking", "TopKBlocks",
-    "TopKHeads", "Variant", "block_map", "variant",
+    "TopKHeads", "Variant", "block_map", "masks", "variant",
 ]
