@@ -138,10 +138,11 @@ def test_sigmoid(bias: float | None, mask) -> None:
     _close(_run(var, q, k, v), _apply(p, v))
 
 
-def test_minus_inf_score_counts_as_masked_for_sigmoid() -> None:
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid", "relu", "stick_breaking"])
+def test_minus_inf_score_counts_as_masked(normalizer: str) -> None:
     q, k, v = _qkv()
-    via_score = attncc.variant(lambda s, b, h, qi, ki: torch.where(qi >= ki, s, -float("inf")), normalizer="sigmoid")
-    via_mask = attncc.variant(mask=causal, normalizer="sigmoid")
+    via_score = attncc.variant(lambda s, b, h, qi, ki: torch.where(qi >= ki, s, -float("inf")), normalizer=normalizer)
+    via_mask = attncc.variant(mask=causal, normalizer=normalizer)
     _close(_run(via_score, q, k, v), _run(via_mask, q, k, v))
 
 
@@ -283,11 +284,12 @@ def test_topk_blocks_selection_matches_loops(per: str, causal_rules: bool) -> No
     assert torch.equal(got, _topk_blocks_loops(q, k, 3, 2, per, causal_rules))
 
 
-def test_topk_blocks_decoding_offset() -> None:
+@pytest.mark.parametrize("per", ["token", "query_block"])
+def test_topk_blocks_decoding_offset(per: str) -> None:
     q, k, _ = _qkv(Lq=3, Lkv=13)
-    route = nodes.TopKBlocksRoute(block=4, k=2, per="token", causal=True)
+    route = nodes.TopKBlocksRoute(block=4, k=2, per=per, causal=True)
     got = topk_blocks_selection(route, True, q, k, 10)
-    assert torch.equal(got, _topk_blocks_loops(q, k, 4, 2, "token", True, q_offset=10))
+    assert torch.equal(got, _topk_blocks_loops(q, k, 4, 2, per, True, q_offset=10))
 
 
 def test_topk_blocks_causal_rules() -> None:
@@ -665,3 +667,12 @@ def test_check_against_reference_catches_a_wrong_backend(monkeypatch: pytest.Mon
     monkeypatch.setattr(type(BACKEND), "run", lambda self, *a, **kw: original(*a, **kw) * 1.001)
     with pytest.raises(AssertionError):
         check_against_reference(var, q, k, v, backend="reference")
+
+
+def test_mask_reading_a_float_table_and_float32_captures_with_float64_inputs() -> None:
+    weights = torch.rand(9)  # float32 capture, float64 q/k/v
+    var = attncc.variant(lambda s, b, h, qi, ki: s * weights[ki], mask=lambda b, h, qi, ki: weights[ki] > 0.3)
+    q, k, v = _qkv(Lq=9, Lkv=9)
+    keep = (weights > 0.3).view(1, 1, 1, -1).expand(2, 4, 9, 9)
+    s = (_raw_scores(q, k) * weights.to(f64)).masked_fill(~keep, -math.inf)
+    _close(_run(var, q, k, v), _apply(torch.softmax(s, -1), v))

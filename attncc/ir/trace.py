@@ -259,6 +259,11 @@ def _where(cond: Any, a: Any = None, b: Any = None) -> Expr:
     return ex.where(ex.cast(_scalar(cond), "bool"), _scalar(a), _scalar(b))
 
 
+def _masked_fill(a: Any, mask: Any, value: Any) -> Expr:
+    """``a.masked_fill(mask, value)`` is ``where(mask, value, a)``."""
+    return ex.where(ex.cast(_scalar(mask), "bool"), _scalar(value), _scalar(a))
+
+
 def _clamp(a: Any, min: Any = None, max: Any = None) -> Expr:
     result = _scalar(a)
     if min is not None:
@@ -391,7 +396,7 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "div": _div, "divide": _div, "true_divide": _div, "__truediv__": _div,
     "__rtruediv__": lambda a, b: _div(b, a), "__rdiv__": lambda a, b: _div(b, a),
     "__idiv__": _div, "__itruediv__": _div,
-    "where": _where, "clamp": _clamp, "clip": _clamp,
+    "where": _where, "masked_fill": _masked_fill, "clamp": _clamp, "clip": _clamp,
     "clamp_min": lambda a, m: _clamp(a, min=m), "clamp_max": lambda a, m: _clamp(a, max=m),
     "minimum": _min_max("minimum", "minimum"), "min": _min_max("minimum", "min"),
     "maximum": _min_max("maximum", "maximum"), "max": _min_max("maximum", "max"),
@@ -434,7 +439,7 @@ for _op in ["exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh", "sigmoid", "r
             "sin", "cos", "floor", "ceil", "abs"]:
     _HANDLERS[_op] = _unary(_op)
 _HANDLERS.update({"__abs__": _unary("abs"), "absolute": _unary("abs"), "neg": _unary("neg"),
-                  "negative": _unary("neg"), "__neg__": _unary("neg"), "__pos__": _scalar,
+                  "negative": _unary("neg"), "__neg__": _unary("neg"), "__pos__": _scalar, "positive": _scalar,
                   "logsigmoid": _unary("logsigmoid"), "relu_": _unary("relu")})
 
 
