@@ -191,6 +191,19 @@ class Variant(Program):
         super().__init__(graph, captures.tensors)
         self.score_fn = score_fn
 
+    @property
+    def mask(self) -> Callable[..., Any] | None:
+        """The mask function as the user passed it (a FlexAttention mask_mod works unchanged)."""
+        return self._options["mask"]
+
+    @property
+    def normalizer(self) -> Any:
+        return self._options["normalizer"]
+
+    @property
+    def routing(self) -> Any:
+        return self._options["routing"]
+
     def __call__(self, q: Any, k: Any = None, v: Any = None, **kwargs: Any) -> Any:
         if k is None and v is None and callable(q) and not isinstance(q, torch.Tensor) and not kwargs:
             return Variant(q, name=getattr(q, "__name__", None), **self._options)  # decorator use

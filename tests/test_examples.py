@@ -42,8 +42,7 @@ FIXED_LENGTH = {"neighborhood_2d": 256, "moh": 256}
 
 def parts(var: Variant) -> tuple:
     """(score_fn, mask, normalizer, routing) the variant was declared with."""
-    options = var._options
-    return var.score_fn, options["mask"], options["normalizer"], options["routing"]
+    return var.score_fn, var.mask, var.normalizer, var.routing
 
 
 def shapes_for(name: str) -> list[tuple[int, int, int]]:
