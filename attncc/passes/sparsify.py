@@ -38,9 +38,10 @@ import torch
 from attncc.ir import expr as ex
 from attncc.ir.expr import Expr
 from attncc.ir.graph import AttentionGraph
-from attncc.passes.intervals import TileEnv, abstract_eval, as_bool, as_int, classify
+from attncc.passes.causality import conjuncts
+from attncc.passes.intervals import TileEnv, abstract_eval, as_bool, as_int, classify, floor_div
 from attncc.passes.manager import PassResult, attach
-from attncc.passes.summaries import Geometry, summarize_load
+from attncc.passes.summaries import Geometry, equality_band, summarize_load
 
 Tensor = torch.Tensor
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -324,18 +325,23 @@ class MaskSparsity:
         tensors: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """int8 ``[B', H', nq, nkv]``: 0 EMPTY, 1 PARTIAL, 2 FULL (see the module docstring)."""
+        classes, band = self._classes(B, H, Lq, Lkv, tile, q_offset, tensors)
+        return classes.clone() if band is None else _scatter_band(classes, band, -(-Lkv // tile[1]))
+
+    def _classes(
+        self, B: int, H: int, Lq: int, Lkv: int, tile: Any, q_offset: int, tensors: dict[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor | None]:
         geo = _geometry(self, B, H, Lq, Lkv, tile, q_offset)
-        tensors = tensors or {}
-        if self.mask is None or self.mask.inputs():
-            return _block_map(self, geo, tensors)
-        return _cached_block_map(self, geo)
+        if self.mask is None or self.mask.inputs() or self.score_tensors:
+            return _classes(self, geo, tensors or {})
+        return _cached_classes(self, geo)  # NOTE: cached results are shared: callers never write to them
 
     def block_tables(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
         tensors: dict[str, Tensor] | None = None,
     ) -> BlockTables:
-        block_map = self.block_map(B, H, Lq, Lkv, tile, q_offset, tensors)
-        return tables_from_map(block_map)
+        classes, band = self._classes(B, H, Lq, Lkv, tile, q_offset, tensors)
+        return tables_from_classes(classes, band)
 
     def kv_range(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
@@ -412,37 +418,50 @@ def _score_allows_full(sp: MaskSparsity, tensors: dict[str, Tensor]) -> bool:
 
 
 def _band(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> Tensor | None:
-    """kv tile ids ``[nq, w]`` of the structural hull when it is at most half the kv tiles, else None."""
-    if not sp.bounds.bounded:
+    """kv tile ids ``[nq, w]`` that may be non-empty, when that band is at most half the kv tiles.
+
+    The band is the structural hull (``kv_range``) intersected with the run-time bands of
+    ``t[q] == t[kv]`` conjuncts (``summaries.equality_band``: sorted document ids). Ids past
+    the last kv tile are padding. None: evaluate every kv tile.
+    """
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+    if sp.bounds.bounded:
+        kr = _kv_range(sp, geo, tensors, with_full=False)
+        lo, hi = kr.lo.amin(dim=(0, 1)).long(), kr.hi.amax(dim=(0, 1)).long()
+    env = _env(geo, tensors)
+    for term in conjuncts(sp.mask):
+        found = equality_band(term, env, geo, tensors)
+        if found is not None:
+            lo = found[0] if lo is None else torch.maximum(lo, found[0])
+            hi = found[1] if hi is None else torch.minimum(hi, found[1])
+    if lo is None or hi is None:
         return None
-    kr = _kv_range(sp, geo, tensors, with_full=False)
-    lo = kr.lo.amin(dim=(0, 1)).long()
-    width = int((kr.hi.amax(dim=(0, 1)).long() - lo).max().clamp(min=1))
+    width = int((hi - lo).max().clamp(min=1))
     if width * 2 > geo.nkv:
         return None
     return lo[:, None] + torch.arange(width)
 
 
-def _block_map(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> Tensor:
-    shape = (geo.Bp, geo.Hp, geo.nq, geo.nkv)
+def _classes(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Tile classes ``[B', H', nq, nkv]``, or ``[B', H', nq, w]`` over the kv tiles ``band [nq, w]``."""
     if sp.mask is None:
-        out = torch.full(shape, FULL, dtype=torch.int8)
+        classes, band = torch.full((geo.Bp, geo.Hp, geo.nq, geo.nkv), FULL, dtype=torch.int8), None
     else:
         band = _band(sp, geo, tensors)
-        env = _env(geo, tensors, band)
-        value = as_bool(abstract_eval(sp.mask, env))
-        if band is None:
-            out = classify(value, shape)
-        else:
-            out = _scatter_band(classify(value, (geo.Bp, geo.Hp, *band.shape)), band, shape)
-        _refine(sp.mask, geo, out)
+        value = as_bool(abstract_eval(sp.mask, _env(geo, tensors, band)))
+        width = geo.nkv if band is None else band.shape[1]
+        classes = classify(value, (geo.Bp, geo.Hp, geo.nq, width))
+        if band is not None:
+            classes.masked_fill_(band >= geo.nkv, EMPTY)
+        _refine(sp.mask, geo, classes, band)
     if not _score_allows_full(sp, tensors):
-        out.clamp_(max=PARTIAL)
-    return out
+        classes.clamp_(max=PARTIAL)
+    return classes, band
 
 
 # NOTE: refinement evaluates at most this many sub-boxes; beyond it PARTIAL tiles stay PARTIAL (sound).
-REFINE_BUDGET = 1 << 22
+REFINE_BUDGET = 1 << 21
 REFINE_PIECES = 16
 
 
@@ -477,10 +496,18 @@ def _split_plan(mask: Expr, name: str, tile: int) -> tuple[int, int] | None:
     return None
 
 
-def _refine(mask: Expr, geo: Geometry, out: Tensor) -> None:
+def _crosses(lo: Tensor, hi: Tensor, plan: tuple[int, int] | None) -> Tensor:
+    """Which tiles ``[lo, hi]`` contain a multiple of the plan's divisor other than at their start."""
+    if plan is None:
+        return torch.zeros_like(lo, dtype=torch.bool)
+    c = plan[0]
+    return torch.div(lo, c, rounding_mode="floor") != torch.div(hi, c, rounding_mode="floor")
+
+
+def _refine(mask: Expr, geo: Geometry, classes: Tensor, band: Tensor | None) -> None:
     """Re-decide PARTIAL tiles of a mask that splits indices with ``//`` and ``%`` (neighborhoods).
 
-    ``q_idx // W`` and ``q_idx % W`` are not independent over a tile that spans rows, so the
+    ``q_idx // W`` and ``q_idx % W`` are not independent over a tile that spans rows, so such a
     tile is cut at multiples of ``W`` into sub-boxes where they are; the tile is FULL (EMPTY)
     when every sub-box is. Only for masks without captured tensors, within ``REFINE_BUDGET``.
     """
@@ -489,17 +516,20 @@ def _refine(mask: Expr, geo: Geometry, out: Tensor) -> None:
     q_plan, kv_plan = _split_plan(mask, "q_idx", geo.bq), _split_plan(mask, "kv_idx", geo.bk)
     if q_plan is None and kv_plan is None:
         return
-    where = (out == PARTIAL).nonzero()
-    q_c, q_n = q_plan or (geo.bq, 1)
-    kv_c, kv_n = kv_plan or (geo.bk, 1)
-    if where.shape[0] == 0 or where.shape[0] * q_n * kv_n > REFINE_BUDGET:
-        return
-    b, h, i, j = where.unbind(1)
     q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
     kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
+    kv_ids = band.clamp(max=geo.nkv - 1) if band is not None else torch.arange(geo.nkv).expand(geo.nq, -1)
+    crossing = _crosses(q_lo, q_hi, q_plan)[:, None] | _crosses(kv_lo, kv_hi, kv_plan)[kv_ids]
+    where = ((classes == PARTIAL) & crossing).nonzero()
+    q_c, q_n = q_plan or (geo.bq, 1)
+    kv_c, kv_n = kv_plan or (geo.bk, 1)
+    P = where.shape[0]
+    if P == 0 or P * q_n * kv_n > REFINE_BUDGET:
+        return
+    b, h, i, jj = where.unbind(1)
+    j = kv_ids[i, jj]
     qs, qe = _pieces(q_lo[i], q_hi[i], q_c, q_n)
     ks, ke = _pieces(kv_lo[j], kv_hi[j], kv_c, kv_n)
-    P = where.shape[0]
     ranges = {
         "q_idx": (qs.reshape(P, 1, q_n, 1), qe.reshape(P, 1, q_n, 1)),
         "kv_idx": (ks.reshape(P, 1, 1, kv_n), ke.reshape(P, 1, 1, kv_n)),
@@ -508,21 +538,20 @@ def _refine(mask: Expr, geo: Geometry, out: Tensor) -> None:
     }
     sub = classify(as_bool(abstract_eval(mask, TileEnv(ranges))), (P, 1, q_n, kv_n)).reshape(P, -1)
     decided = torch.where((sub == FULL).all(1), FULL, torch.where((sub == EMPTY).all(1), EMPTY, PARTIAL))
-    out[b, h, i, j] = decided.to(torch.int8)
+    classes[b, h, i, jj] = decided.to(torch.int8)
 
 
-def _scatter_band(classes: Tensor, band: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _scatter_band(classes: Tensor, band: Tensor, nkv: int) -> Tensor:
     """Place band classes in a map of EMPTY tiles; band columns past the last kv tile are dropped."""
-    nkv = shape[-1]
-    out = torch.zeros((*shape[:-1], nkv + 1), dtype=torch.int8)
-    index = torch.where(band < nkv, band, nkv).expand(*shape[:2], *band.shape)
+    out = torch.zeros((*classes.shape[:-1], nkv + 1), dtype=torch.int8)
+    index = torch.where(band < nkv, band, nkv).expand(*classes.shape[:2], *band.shape)
     out.scatter_(3, index, classes)
     return out[..., :nkv]
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_block_map(sp: MaskSparsity, geo: Geometry) -> Tensor:
-    return _block_map(sp, geo, {})
+def _cached_classes(sp: MaskSparsity, geo: Geometry) -> tuple[Tensor, Tensor | None]:
+    return _classes(sp, geo, {})
 
 
 def _bound_interval(e: Expr | None, env: TileEnv, shape: tuple[int, ...], fallback: float) -> tuple[Tensor, Tensor]:
@@ -541,8 +570,8 @@ def _kv_range(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], with_
     last = float(geo.Lkv - 1)
     lo_min, _ = _bound_interval(sp.bounds.hull[0], env, shape, 0.0)
     _, hi_max = _bound_interval(sp.bounds.hull[1], env, shape, last)
-    lo_t = torch.floor(lo_min.clamp(min=0.0) / geo.bk)
-    hi_t = torch.floor(hi_max.clamp(max=last) / geo.bk) + 1
+    lo_t = floor_div(lo_min.clamp(min=0.0, max=last + 1), geo.bk)
+    hi_t = floor_div(hi_max.clamp(min=-1.0, max=last), geo.bk) + 1
     nonempty = (hi_max >= lo_min) & (hi_max >= 0) & (lo_min <= last)
     lo_t = torch.where(nonempty, lo_t, 0.0)
     hi_t = torch.where(nonempty, hi_t, 0.0)
@@ -551,8 +580,8 @@ def _kv_range(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], with_
     if with_full and inner is not None and sp.mask is not None and _score_allows_full(sp, tensors):
         _, a = _bound_interval(inner[0], env, shape, 0.0)
         b, _ = _bound_interval(inner[1], env, shape, last)
-        first = torch.ceil(a.clamp(min=0.0) / geo.bk)
-        stop = torch.where(b >= last, float(geo.nkv), torch.floor((b + 1) / geo.bk))
+        first = -floor_div(-a.clamp(min=0.0, max=last + 1), geo.bk)
+        stop = torch.where(b >= last, float(geo.nkv), floor_div((b + 1).clamp(min=0.0, max=last + 1), geo.bk))
         full_lo = torch.clamp(torch.maximum(first, lo_t), max=hi_t)
         full_hi = torch.clamp(torch.maximum(torch.minimum(stop, hi_t), full_lo), max=hi_t)
     elif with_full and sp.mask is None and _score_allows_full(sp, tensors):
@@ -567,29 +596,30 @@ def _kv_range(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], with_
 # ---- block tables ------------------------------------------------------------------------------
 
 
-def _ascending(selected: Tensor) -> tuple[Tensor, Tensor]:
-    nkv = selected.shape[-1]
+def _compact(selected: Tensor, kv_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts and ascending kv tile ids of the selected entries per row, padded with 0 (width >= 1)."""
     count = selected.sum(-1, dtype=torch.int32)
     width = max(1, int(count.max()) if count.numel() else 0)
-    positions = torch.arange(nkv, dtype=torch.int32).expand_as(selected)
-    key = torch.where(selected, positions, nkv)
-    if width < nkv:
-        index = key.topk(width, dim=-1, largest=False, sorted=True).values
-    else:
-        index = key.sort(dim=-1).values
-        if width > nkv:
-            index = torch.nn.functional.pad(index, (0, width - nkv), value=nkv)
-    return count, torch.where(index >= nkv, 0, index).to(torch.int32)
+    slot = torch.where(selected, selected.cumsum(-1, dtype=torch.int32) - 1, width).long()
+    out = torch.zeros((*selected.shape[:-1], width + 1), dtype=torch.int32)
+    out.scatter_(-1, slot, kv_ids.to(torch.int32).expand_as(selected))  # unselected land in the last slot
+    return count, out[..., :width]
+
+
+def tables_from_classes(classes: Tensor, band: Tensor | None = None) -> BlockTables:
+    """Block tables from tile classes over all kv tiles (``band`` None) or over ``band [nq, w]``."""
+    kv_ids = torch.arange(classes.shape[-1]) if band is None else band
+    partial_count, partial_index = _compact(classes == PARTIAL, kv_ids)
+    full_count, full_index = _compact(classes == FULL, kv_ids)
+    return BlockTables(
+        partial_count, partial_index, full_count, full_index,
+        b_broadcast=classes.shape[0] == 1, h_broadcast=classes.shape[1] == 1,
+    )
 
 
 def tables_from_map(block_map: Tensor) -> BlockTables:
     """Block tables from an int8 block map ``[B', H', nq, nkv]``."""
-    partial_count, partial_index = _ascending(block_map == PARTIAL)
-    full_count, full_index = _ascending(block_map == FULL)
-    return BlockTables(
-        partial_count, partial_index, full_count, full_index,
-        b_broadcast=block_map.shape[0] == 1, h_broadcast=block_map.shape[1] == 1,
-    )
+    return tables_from_classes(block_map)
 
 
 def block_tables_for(

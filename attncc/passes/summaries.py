@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from attncc.ir.expr import Expr
-from attncc.passes.intervals import UNBOUNDED, BoolVal, IntVal, range_val
+from attncc.passes.intervals import UNBOUNDED, BoolVal, IntVal, TileEnv, abstract_eval, range_val
 
 Tensor = torch.Tensor
 _AXIS = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
@@ -137,3 +137,44 @@ def _to_map_layout(x: Tensor, axes: list[int], geo: Geometry) -> Tensor:
         return x[:, :, 0, :][..., band]
     return torch.gather(x, 3, band.expand(shape[0], shape[1], *band.shape))
 
+
+
+def _side(e: Expr) -> str | None:
+    """``"q"`` for a load indexed by ``q_idx`` (not ``kv_idx``), ``"kv"`` for the converse."""
+    if e.op != "load" or e.dtype == "bool":
+        return None
+    names = e.free_vars()
+    if "q_idx" in names and "kv_idx" not in names:
+        return "q"
+    if "kv_idx" in names and "q_idx" not in names:
+        return "kv"
+    return None
+
+
+def equality_band(
+    term: Expr, env: TileEnv, geo: Geometry, tensors: dict[str, Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """Per q tile, the kv tiles ``[lo, hi)`` a conjunct ``t[q] == t'[kv]`` can keep (run time).
+
+    kv tile ``j`` can match q tile ``i`` only if their ``[min, max]`` intervals meet. When the
+    kv tiles' mins and maxes are both non-decreasing (sorted document ids), those tiles form
+    one range, found by binary search: O(nq log nkv) instead of touching every tile pair.
+    None when the conjunct is not such an equality or the summaries are not sorted.
+    """
+    if term.op != "eq" or {_side(term.src[0]), _side(term.src[1])} != {"q", "kv"}:
+        return None
+    q_load, kv_load = term.src if _side(term.src[0]) == "q" else term.src[::-1]
+    q_val = summarize_load(q_load, [abstract_eval(i, env) for i in q_load.src[1:]], tensors, geo)
+    kv_val = summarize_load(kv_load, [abstract_eval(i, env) for i in kv_load.src[1:]], tensors, geo)
+    if not isinstance(q_val, IntVal) or not isinstance(kv_val, IntVal):
+        return None
+    shape = (geo.Bp, geo.Hp)
+    q_lo = torch.as_tensor(q_val.lo_value()).expand(*shape, geo.nq, 1)[..., 0].contiguous()
+    q_hi = torch.as_tensor(q_val.hi_value()).expand(*shape, geo.nq, 1)[..., 0].contiguous()
+    kv_lo = torch.as_tensor(kv_val.lo_value()).expand(*shape, 1, geo.nkv)[..., 0, :].contiguous()
+    kv_hi = torch.as_tensor(kv_val.hi_value()).expand(*shape, 1, geo.nkv)[..., 0, :].contiguous()
+    if geo.nkv > 1 and not bool(((kv_lo[..., 1:] >= kv_lo[..., :-1]) & (kv_hi[..., 1:] >= kv_hi[..., :-1])).all()):
+        return None
+    first = torch.searchsorted(kv_hi, q_lo, side="left")  # first kv tile whose max reaches the q tile's min
+    stop = torch.searchsorted(kv_lo, q_hi, side="right")  # past the last kv tile whose min is <= its max
+    return first.amin(dim=(0, 1)), stop.amax(dim=(0, 1))
