@@ -15,7 +15,7 @@ from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 FORWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
-BACKWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
+BACKWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -61,6 +61,8 @@ def backward_unsupported(region: AttentionRegion, learn: tuple[str, ...] = ()) -
     """
     norm = region.normalizer
     phi = getattr(norm, "phi", None)
+    if learn and isinstance(norm, nodes.StickBreakingNorm):
+        return "gradients of learned captured tensors with stick-breaking"
     for name in learn:
         if phi is not None and any(spec.name == name for spec in phi.inputs()):
             return f"gradient of captured tensor {name!r} inside phi"

@@ -290,6 +290,8 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     grad_args = [x for g in grads for x in (g, *g.stride())]
     common = [Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sigmoid_bias(norm, Lkv),
               *_captured_args(region, tensors), *grad_args]
+    if isinstance(norm, nodes.StickBreakingNorm):
+        return _backward_stick_breaking(mod, q, k, v, do, delta, common, _expand(q_tables, B, Hq), tile, config)
     meta = dict(D=D, DV=Dv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
                 **_launch_opts(config))
     mod.attn_bwd_dkdv[(triton_cdiv(Lkv, tile[1]), B * Hq)](
@@ -305,3 +307,24 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     dv = dv_h.view(B, Hkv, group, Lkv, Dv).sum(2)
     learned = [g.to(tensors[name].dtype) for g, name in zip(grads, learn, strict=True)]
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *learned)
+
+
+def _backward_stick_breaking(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, do: Tensor, delta: Tensor,
+                             common: list[Any], tables: Tables, tile: tuple[int, int],
+                             config: space.Config) -> tuple[Tensor, ...]:
+    """One kernel over query tiles; dK/dV of each query head are added atomically, then summed per group."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32, device=q.device)
+    dk_h = torch.zeros(B, Hq, Lkv, D, dtype=torch.float32, device=q.device)
+    dv_h = torch.zeros(B, Hq, Lkv, Dv, dtype=torch.float32, device=q.device)
+    mod.attn_bwd_sb[(triton_cdiv(Lq, tile[0]), B * Hq)](
+        q, k, v, do, delta, dq, dk_h, dv_h, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *dk_h.stride(), *dv_h.stride(), *_table_args(tables), *common,
+        D=D, DV=Dv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
+        **_launch_opts(config),
+    )
+    group = Hq // Hkv
+    dk = dk_h.view(B, Hkv, group, Lkv, D).sum(2)
+    dv = dv_h.view(B, Hkv, group, Lkv, Dv).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
