@@ -127,18 +127,18 @@ def parse_tile(text: str) -> tuple[int, int]:
 @click.option("--blocks", type=click.IntRange(min=1), metavar="L", default=None,
               help="Draw the block map of each attention for Lq = Lkv = L.")
 @click.option("--tile", default="64x64", show_default=True, help="Tile BQxBK for --blocks.")
-@click.option("--batch", "-B", type=click.IntRange(min=1), default=1, show_default=True, help="Batch for --blocks.")
-@click.option("--heads", "-H", type=click.IntRange(min=1), default=1, show_default=True, help="Heads for --blocks.")
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=None,
+              help="Batch size for --blocks when the mask reads b (default: from the captured tensors).")
+@click.option("--heads", "-H", type=click.IntRange(min=1), default=None,
+              help="Query heads for --blocks when the mask reads h (default: from the captured tensors).")
 @click.option("--q-offset", type=click.IntRange(min=0), default=0, show_default=True, help="q_offset for --blocks.")
 @click.option("--source", is_flag=True, help="Print the generated kernel source of the backend that would run.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Backend for --source (default: the automatic choice for CPU tensors).")
-def explain(spec: str, passes: bool, blocks: int | None, tile: str, batch: int, heads: int, q_offset: int,
-            source: bool, backend: str | None) -> None:
+def explain(spec: str, passes: bool, blocks: int | None, tile: str, batch: int | None, heads: int | None,
+            q_offset: int, source: bool, backend: str | None) -> None:
     """Print the IR, passes and plan of the variant NAME defined in FILE."""
     tile_shape = parse_tile(tile)
-    if blocks is not None:
-        require_sparsify()
     program = load_program(spec)
     try:
         click.echo(program.explain())
@@ -152,14 +152,6 @@ def explain(spec: str, passes: bool, blocks: int | None, tile: str, batch: int, 
         raise
     except Exception as err:
         raise click.ClickException(f"explaining {spec} failed: {type(err).__name__}: {err}") from err
-
-
-def require_sparsify() -> None:
-    """``--blocks`` draws what the sparsity pass proves; without that pass there is nothing to draw."""
-    try:
-        import attncc.passes.sparsify  # noqa: F401
-    except ImportError as err:
-        raise click.ClickException(f"--blocks needs the sparsity pass (attncc.passes.sparsify): {err}") from err
 
 
 def format_pass_dumps(dumps: list[tuple[str, str]]) -> str:
@@ -191,16 +183,15 @@ BLOCK_CHARS = {0: ".", 1: "+", 2: "#"}
 MAX_SLICES = 4
 
 
-def region_block_map(region: Any, B: int, H: int, L: int, tile: tuple[int, int], q_offset: int,
-                     tensors: dict[str, Any]) -> tuple[Any, str]:
-    """int8 ``[B', H', nq, nkv]`` (0 empty, 1 partial, 2 full) from the sparsity pass, and its provenance."""
-    import torch
+def region_block_map(program: Any, region: int, L: int, tile: tuple[int, int], q_offset: int,
+                     B: int | None, H: int | None) -> Any:
+    """int8 ``[B', H', nq, nkv]`` (0 empty, 1 partial, 2 full), as the sparsity pass proves it."""
+    import attncc
 
-    if region.sparsity is None:
-        nq, nkv = -(-L // tile[0]), -(-L // tile[1])
-        return torch.ones(1, 1, nq, nkv, dtype=torch.int8), "no sparsity proven: every tile partial (dense)"
-    blocks = region.sparsity.block_map(B, H, L, L, tile=tile, q_offset=q_offset, tensors=tensors)
-    return blocks, "from the sparsity pass"
+    try:
+        return attncc.block_map(program, L, L, tile, q_offset, B=B, H=H, region=region)
+    except ValueError as err:
+        raise click.ClickException(f"--blocks: {err} (on the command line: --batch/-B, --heads/-H)") from err
 
 
 def format_block_grid(grid: Any) -> list[str]:
@@ -215,14 +206,15 @@ def format_block_counts(grid: Any) -> str:
     return f"empty {empty}, partial {partial}, full {full} of {total} tiles: {visited:.1%} visited"
 
 
-def format_block_maps(program: Any, L: int, tile: tuple[int, int], B: int, H: int, q_offset: int) -> str:
+def format_block_maps(program: Any, L: int, tile: tuple[int, int], B: int | None, H: int | None,
+                      q_offset: int) -> str:
     """Every region's block map for Lq = Lkv = L, at most ``MAX_SLICES`` (b, h) slices each."""
-    lines = [f"block map: Lq = Lkv = {L}, tile {tile[0]}x{tile[1]} (query x key), B={B} H={H} q_offset={q_offset}",
+    lines = [f"block map: Lq = Lkv = {L}, tile {tile[0]}x{tile[1]} (query x key), q_offset={q_offset}",
              "legend: '.' empty (skipped)  '+' partial (mask evaluated)  '#' full (no mask); rows are query tiles"]
-    for region in program.plan.regions:
-        blocks, provenance = region_block_map(region, B, H, L, tile, q_offset, program.tensors)
+    for index, region in enumerate(program.plan.regions):
+        blocks = region_block_map(program, index, L, tile, q_offset, B, H)
         b_dim, h_dim = blocks.shape[0], blocks.shape[1]
-        lines.append(f"\nregion %{region.node}: {provenance}; {format_block_counts(blocks)}")
+        lines.append(f"\nregion %{region.node}: {format_block_counts(blocks)}")
         slices = [(b, h) for b in range(b_dim) for h in range(h_dim)]
         for b, h in slices[:MAX_SLICES]:
             b_label = "all b" if b_dim == 1 else f"b={b}"

@@ -40,6 +40,13 @@ VARIANTS_FILE = textwrap.dedent(
 
     causal_var = attncc.variant(mask=causal)
     window_var = attncc.variant(mask=window)
+
+    windows = torch.tensor([16, 40, 64, 100])
+
+    def per_head_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[h])
+
+    moa_var = attncc.variant(mask=per_head_window)
     not_a_variant = 42
     """
 )
@@ -67,7 +74,7 @@ def test_load_variant_returns_the_named_program(variants_file):
 
 
 def test_load_all_finds_every_program(variants_file):
-    assert sorted(load_all(variants_file)) == ["alibi", "causal_var", "window_var"]
+    assert sorted(load_all(variants_file)) == ["alibi", "causal_var", "moa_var", "window_var"]
 
 
 def test_two_files_with_the_same_stem_do_not_shadow_each_other(tmp_path):
@@ -152,11 +159,11 @@ def test_explain_bad_tile_names_the_option(variants_file):
     assert "--tile" in result.output
 
 
-def brute_force_classes(mask_fn, L: int, tile: tuple[int, int]) -> torch.Tensor:
+def brute_force_classes(mask_fn, L: int, tile: tuple[int, int], h: int = 0) -> torch.Tensor:
     """0 empty / 1 partial / 2 full per tile, from the dense mask over valid indices."""
     q_idx = torch.arange(L).view(L, 1)
     kv_idx = torch.arange(L).view(1, L)
-    dense = mask_fn(0, 0, q_idx, kv_idx).expand(L, L)
+    dense = mask_fn(0, h, q_idx, kv_idx).expand(L, L)
     nq, nkv = -(-L // tile[0]), -(-L // tile[1])
     classes = torch.zeros(nq, nkv, dtype=torch.int8)
     for i in range(nq):
@@ -166,36 +173,60 @@ def brute_force_classes(mask_fn, L: int, tile: tuple[int, int]) -> torch.Tensor:
     return classes
 
 
-def parse_first_grid(output: str, rows: int) -> torch.Tensor:
+def parse_grid(output: str, header: str, rows: int) -> torch.Tensor:
+    """The grid drawn under the slice header ``[all b, all h]`` (or ``[all b, h=2]``, ...)."""
     lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith("[all b, all h]")) + 1
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(header)) + 1
     grid = [line.strip() for line in lines[start:start + rows]]
     code = {".": 0, "+": 1, "#": 2}
     return torch.tensor([[code[c] for c in row] for row in grid], dtype=torch.int8)
 
 
+def assert_sound(drawn: torch.Tensor, truth: torch.Tensor) -> None:
+    assert drawn.shape == truth.shape
+    assert not ((drawn == 0) & (truth != 0)).any(), "a tile with visible entries was drawn empty"
+    assert not ((drawn == 2) & (truth != 2)).any(), "a tile with masked entries was drawn full"
+
+
 def test_explain_blocks_causal_matches_brute_force(variants_file):
     """Causal at a tile multiple: diagonal tiles partial, below full, above empty, exactly."""
-    pytest.importorskip("attncc.passes.sparsify", reason="the sparsity pass is not on main yet")
     L, tile = 256, (64, 64)
     result = invoke("explain", f"{variants_file}:causal_var", "--blocks", str(L), "--tile", "64x64")
     assert result.exit_code == 0, result.output
     assert "legend:" in result.output
     expected = brute_force_classes(lambda b, h, q, kv: q >= kv, L, tile)
-    assert torch.equal(parse_first_grid(result.output, expected.shape[0]), expected)
+    assert torch.equal(parse_grid(result.output, "[all b, all h]", expected.shape[0]), expected)
 
 
 def test_explain_blocks_window_is_sound(variants_file):
     """A tile drawn empty has no visible entry and a tile drawn full has no masked one."""
-    pytest.importorskip("attncc.passes.sparsify", reason="the sparsity pass is not on main yet")
     L, tile = 200, (32, 16)
     result = invoke("explain", f"{variants_file}:window_var", "--blocks", str(L), "--tile", "32x16")
     assert result.exit_code == 0, result.output
     truth = brute_force_classes(lambda b, h, q, kv: (q >= kv) & (q - kv < 100), L, tile)
-    drawn = parse_first_grid(result.output, truth.shape[0])
-    assert drawn.shape == truth.shape
-    assert not ((drawn == 0) & (truth != 0)).any(), "a tile with visible entries was drawn empty"
-    assert not ((drawn == 2) & (truth != 2)).any(), "a tile with masked entries was drawn full"
+    assert_sound(parse_grid(result.output, "[all b, all h]", truth.shape[0]), truth)
+
+
+def test_explain_blocks_draws_one_map_per_head_when_the_mask_reads_h(variants_file):
+    """MoA-style ``windows[h]``: H is taken from the captured tensor, each head drawn soundly."""
+    L, tile = 256, (32, 32)
+    result = invoke("explain", f"{variants_file}:moa_var", "--blocks", str(L), "--tile", "32")
+    assert result.exit_code == 0, result.output
+    windows = [16, 40, 64, 100]
+    for h, w in enumerate(windows):
+        truth = brute_force_classes(lambda b, hh, q, kv, w=w: (q >= kv) & (q - kv < w), L, tile)
+        assert_sound(parse_grid(result.output, f"[all b, h={h}]", truth.shape[0]), truth)
+
+
+def test_explain_blocks_mask_reading_h_directly_asks_for_heads(tmp_path):
+    path = tmp_path / "heads.py"
+    path.write_text("import attncc\nvar = attncc.variant(mask=lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (h > 0))\n")
+    result = invoke("explain", f"{path}:var", "--blocks", "128")
+    assert result.exit_code != 0 and "--heads" in result.output
+    result = invoke("explain", f"{path}:var", "--blocks", "128", "-H", "2", "--tile", "64")
+    assert result.exit_code == 0, result.output
+    truth = brute_force_classes(lambda b, h, q, kv: (q >= kv) & (h > 0), 128, (64, 64), h=0)
+    assert_sound(parse_grid(result.output, "[all b, h=0]", 2), truth)
 
 
 # ---- demo ---------------------------------------------------------------------------------
