@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from test_trace import NAMESPACE, _term
 
 import attncc
 from attncc.codegen.reference.attention import run_plan, topk_blocks_selection, topk_heads_weights
@@ -676,3 +679,38 @@ def test_mask_reading_a_float_table_and_float32_captures_with_float64_inputs() -
     keep = (weights > 0.3).view(1, 1, 1, -1).expand(2, 4, 9, 9)
     s = (_raw_scores(q, k) * weights.to(f64)).masked_fill(~keep, -math.inf)
     _close(_run(var, q, k, v), _apply(torch.softmax(s, -1), v))
+
+
+# ---- hypothesis: random score and mask functions through the whole pipeline ---------------------
+
+RANDOM_MASKS = _term(2, with_score=False).filter(lambda t: t[1] == "bool" and t[2])
+
+
+@pytest.mark.filterwarnings("ignore")
+@given(_term(3, with_score=True), RANDOM_MASKS, st.sampled_from(["softmax", "sigmoid", "relu"]))
+def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tuple, normalizer: str) -> None:
+    """Random score and mask callables: the pipeline plus the reference equal a direct evaluation."""
+    score_src, mask_src = score_term[0], mask_term[0]
+    score_fn = eval(f"lambda score, b, h, q_idx, kv_idx: {score_src}", dict(NAMESPACE))
+    mask_fn = eval(f"lambda b, h, q_idx, kv_idx: {mask_src}", dict(NAMESPACE))
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, Lq=5, Lkv=6, D=4, Dv=3)
+    grid = _grid(2, 4, 5, 6, q_offset=1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(f64)
+    try:
+        s = torch.broadcast_to(torch.as_tensor(score_fn(_raw_scores(q, k), *grid)).to(f64), (2, 4, 5, 6))
+        keep = torch.broadcast_to(torch.as_tensor(mask_fn(*grid)), (2, 4, 5, 6))
+    finally:
+        torch.set_default_dtype(previous)
+    assume(not torch.isnan(s).any() and not (s == math.inf).any())
+    keep = keep & (s != -math.inf)
+    if normalizer == "softmax":
+        m = torch.where(keep, s, -math.inf).amax(-1, keepdim=True)
+        p = _row_normalize(torch.where(keep, torch.exp(s - torch.where(torch.isfinite(m), m, 0.0)), 0.0))
+    elif normalizer == "sigmoid":
+        p = torch.where(keep, torch.sigmoid(s - math.log(6)), 0.0)
+    else:
+        p = _row_normalize(torch.where(keep, torch.relu(s), 0.0))
+    got = _run(attncc.variant(score_fn, mask=mask_fn, normalizer=normalizer), q, k, v, q_offset=1)
+    torch.testing.assert_close(got, _apply(p, v), rtol=1e-9, atol=1e-9,
+                               msg=lambda m: f"score {score_src}\nmask {mask_src}\n{normalizer}\n{m}")
