@@ -38,8 +38,18 @@ def cache_dir() -> Path:
     return path
 
 
+_KEYS: dict[int, tuple[AttentionRegion, str]] = {}
+_TABLES: dict[tuple, Tables] = {}
+
+
 def region_key(region: AttentionRegion) -> str:
-    return nodes.digest(region)
+    """The region's structural digest, memoised per object (it is hashed on every call)."""
+    hit = _KEYS.get(id(region))
+    if hit is not None and hit[0] is region:
+        return hit[1]
+    key = nodes.digest(region)
+    _KEYS[id(region)] = (region, key)
+    return key
 
 
 def source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[str, ...] = ()) -> str:
@@ -88,14 +98,25 @@ def _dense_tables(nq: int, nkv: int, device: torch.device) -> Tables:
 def block_tables(region: AttentionRegion, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int], q_offset: int,
                  tensors: dict[str, Tensor], device: torch.device) -> Tables:
     """Query-major tables [B', H', nq(, max)] from the sparsity pass (all PARTIAL without it)."""
+    # NOTE: tables depend on the mask's captured tensors' values: the cache key carries their
+    # storage and version counter, so an in-place update recomputes them.
+    reads = region.mask.inputs() if region.mask is not None else ()
+    versions = tuple((spec.name, tensors[spec.name].data_ptr(), tensors[spec.name]._version) for spec in reads)
+    key = (region_key(region), B, H, Lq, Lkv, tile, q_offset, str(device), versions)
+    if key in _TABLES:
+        return _TABLES[key]
     try:
         from attncc.passes.sparsify import block_tables_for
     except ImportError:
         # NOTE: temporary until attncc.passes.sparsify lands: every tile is PARTIAL.
         return _dense_tables(-(-Lq // tile[0]), -(-Lkv // tile[1]), device)
     t = block_tables_for(region, B, H, Lq, Lkv, tile, q_offset, tensors)
-    return tuple(x.to(device=device, dtype=torch.int32) for x in
-                 (t.partial_count, t.partial_index, t.full_count, t.full_index))  # type: ignore[return-value]
+    tables = tuple(x.to(device=device, dtype=torch.int32) for x in
+                   (t.partial_count, t.partial_index, t.full_count, t.full_index))
+    if len(_TABLES) > 256:
+        _TABLES.clear()
+    _TABLES[key] = tables  # type: ignore[assignment]
+    return tables  # type: ignore[return-value]
 
 
 def transpose_tables(tables: Tables, nkv: int) -> Tables:
