@@ -165,18 +165,27 @@ def dump_title(name: str) -> str:
 
 
 def kernel_source(program: Any, backend: str | None) -> str:
-    """The source the chosen backend generates for this plan, for a small CPU float32 query."""
+    """The source a backend generates for this plan: the named one (even if it cannot run on
+    this machine: rendering needs no device), else the automatic choice for CPU float32 tensors."""
+    import importlib
+
     import torch
 
     from attncc.codegen import registry
 
     plan = program.plan
-    probe = torch.zeros(1, 1, 1, 1)
-    choice = registry.choose(backend, plan, probe)
-    header = f"=== source: backend {choice.backend.name} ({choice.reason}) ==="
-    if not hasattr(choice.backend, "source"):
-        return f"{header}\n(backend {choice.backend.name} generates no source: it runs eager torch)"
-    return f"{header}\n{choice.backend.source(plan)}"
+    if backend is None:
+        choice = registry.choose(None, plan, torch.zeros(1, 1, 128, 64))
+        chosen, reason = choice.backend, choice.reason
+    else:
+        chosen = getattr(importlib.import_module(registry.BACKEND_MODULES[backend]), "BACKEND", None)
+        if chosen is None:
+            raise click.ClickException(f"backend {backend!r} is not implemented yet")
+        reason = f"requested; {chosen.unavailable() or 'available here'}"
+    header = f"=== source: backend {chosen.name} ({reason}) ==="
+    if not hasattr(chosen, "source"):
+        return f"{header}\n(backend {chosen.name} generates no source: it runs eager torch)"
+    return f"{header}\n{chosen.source(plan)}"
 
 
 BLOCK_CHARS = {0: ".", 1: "+", 2: "#"}

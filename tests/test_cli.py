@@ -229,6 +229,25 @@ def test_explain_blocks_mask_reading_h_directly_asks_for_heads(tmp_path):
     assert_sound(parse_grid(result.output, "[all b, h=0]", 2), truth)
 
 
+def test_explain_source_shows_the_automatic_backend(variants_file):
+    from attncc.codegen import registry
+
+    result = invoke("explain", f"{variants_file}:alibi", "--source")
+    assert result.exit_code == 0, result.output
+    var = load_variant(f"{variants_file}:alibi")
+    expected = registry.choose(None, var.plan, torch.zeros(1, 1, 128, 64)).backend.name
+    assert f"=== source: backend {expected} (" in result.output
+
+
+def test_explain_source_renders_triton_without_a_gpu(variants_file):
+    """Rendering needs no device: a CPU-only machine can read the Triton kernel it would run."""
+    pytest.importorskip("triton", reason="the triton package is not installed (pip install -e '.[triton]')")
+    result = invoke("explain", f"{variants_file}:alibi", "--source", "--backend", "triton")
+    assert result.exit_code == 0, result.output
+    assert "=== source: backend triton (requested;" in result.output
+    assert "@triton.jit" in result.output
+
+
 # ---- demo ---------------------------------------------------------------------------------
 
 
