@@ -65,7 +65,7 @@ def open_storage(url: str | None) -> Any:
     """An Optuna RDB storage; retried briefly because workers starting together race to create tables."""
     import optuna
 
-    url = url or default_storage()
+    url = _with_driver(url or default_storage())
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         engine = {"creator": _sqlite_creator(url.removeprefix("sqlite:///"))}
@@ -77,6 +77,19 @@ def open_storage(url: str | None) -> Any:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` names whichever driver is installed (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    import importlib.util
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    rest = url.split("://", 1)[1]
+    for module, dialect in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{dialect}://{rest}"
+    return url
 
 
 def _sqlite_creator(path: str) -> Callable[[], Any]:
