@@ -231,3 +231,14 @@ def test_unknown_normalizer_lists_known_names() -> None:
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="backend='nope'"):
         VAR(*_qkv(), backend="nope")
+
+
+def test_python_error_inside_torch_points_at_the_user_line() -> None:
+    def bad_unpack(score, b, h, q_idx, kv_idx):
+        first, _ = q_idx  # iterating a 0-dim value fails inside torch
+        return score + first
+
+    with pytest.raises(TraceError) as info:
+        attncc.variant(bad_unpack)
+    message = str(info.value)
+    assert "bad_unpack" in message and f"{__file__}:{_line_of(bad_unpack, 'first, _')}" in message, message

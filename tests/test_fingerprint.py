@@ -99,6 +99,14 @@ CHANGES = {
     "routing_blocks_k": {"routing": attncc.TopKBlocks(block=16, k=3)},
     "routing_blocks_per": {"routing": attncc.TopKBlocks(block=16, k=2, per="query_block")},
     "routing_heads": {"routing": attncc.TopKHeads(2, torch.zeros(1, 8, 4))},
+    "routing_blocks_causal": {"routing": attncc.TopKBlocks(block=16, k=2, causal=False)},
+    "normalizer_pointwise_custom": {"normalizer": attncc.Pointwise(lambda s: torch.exp(s) * 0.5)},
+    "normalizer_pointwise_custom_constant": {"normalizer": attncc.Pointwise(lambda s: torch.exp(s) * 0.25)},
+    "normalizer_linear": {"score": None, "normalizer": attncc.Linear()},
+    "normalizer_linear_relu": {"score": None, "normalizer": attncc.Linear("relu")},
+    "normalizer_linear_unnormalized": {"score": None, "normalizer": attncc.Linear(normalize=False)},
+    "normalizer_linear_callable": {"score": None, "normalizer": attncc.Linear(lambda x: torch.exp(x))},
+    "normalizer_linear_decay": {"score": None, "normalizer": attncc.Linear(decay=torch.full((4,), 0.5))},
 }
 
 

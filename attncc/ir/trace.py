@@ -123,12 +123,16 @@ def _qualname(func: Any) -> str:
     return name
 
 
+def _is_internal(filename: str) -> bool:
+    """Frames of attncc or torch themselves; errors point at the user's line instead."""
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)
+
+
 def _user_frame() -> traceback.FrameSummary | None:
     for frame in reversed(traceback.extract_stack()):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR):
-            continue
-        return frame
+        if not _is_internal(frame.filename):
+            return frame
     return None
 
 
@@ -467,7 +471,9 @@ def trace(
         except TraceError:
             raise
         except Exception as err:  # the user's code failed on symbolic arguments
-            frame = traceback.extract_tb(err.__traceback__)[-1]
+            frames = traceback.extract_tb(err.__traceback__)
+            user = [f for f in frames if not _is_internal(f.filename)]
+            frame = (user or frames)[-1]
             raise TraceError(
                 f"cannot trace {context.fn_name} at {frame.filename}:{frame.lineno}: "
                 f"{type(err).__name__}: {err}\n    {frame.line}"
