@@ -465,11 +465,44 @@ _CMP = {"eq", "ne", "lt", "le", "gt", "ge"}
 
 
 def abstract_eval(expr: Expr, env: TileEnv) -> IntVal | BoolVal:
-    """Evaluate ``expr`` over every tile at once (memoized per node, children first)."""
-    for node in expr.walk():
-        if node not in env.memo:
-            env.memo[node] = _eval_node(node, [env.memo[s] for s in node.src], env)
+    """Evaluate ``expr`` over every tile at once (memoized; a node already in ``env.memo`` is
+    taken as is and its children are not visited, which is how ``seed_kv_only`` saves work)."""
+    stack = [expr]
+    while stack:
+        node = stack[-1]
+        if node in env.memo:
+            stack.pop()
+            continue
+        pending = [s for s in node.src if s not in env.memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        env.memo[node] = _eval_node(node, [env.memo[s] for s in node.src], env)
     return env.memo[expr]
+
+
+def _gather_kv(x: Any, band: Tensor) -> Any:
+    """``x[..., 0, band]``: a value laid out over all kv tiles, restricted to a band ``[nq, w]``."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] == 1:
+        return x
+    return x[..., 0, :][..., band]
+
+
+def seed_kv_only(expr: Expr, full: TileEnv, banded: TileEnv, band: Tensor) -> None:
+    """Evaluate the kv-only, non-affine sub-expressions once over all kv tiles (``[1, nkv]``) and
+    gather them into the banded environment, instead of recomputing them on ``[nq, w]`` tiles."""
+    for node in expr.walk():
+        names = node.free_vars()
+        if "kv_idx" not in names or "q_idx" in names or node.op in ("var", "const", "input"):
+            continue
+        value = abstract_eval(node, full)
+        if isinstance(value, IntVal) and value.affine is not None:
+            continue
+        if isinstance(value, IntVal):
+            banded.memo[node] = range_val(_gather_kv(value.lo_value(), band), _gather_kv(value.hi_value(), band))
+        elif isinstance(value, BoolVal):
+            banded.memo[node] = BoolVal(_gather_kv(value.T, band), _gather_kv(value.F, band))
 
 
 def _eval_node(node: Expr, args: list[Any], env: TileEnv) -> Any:

@@ -39,7 +39,7 @@ from attncc.ir import expr as ex
 from attncc.ir.expr import Expr
 from attncc.ir.graph import AttentionGraph
 from attncc.passes.causality import conjuncts
-from attncc.passes.intervals import TileEnv, abstract_eval, as_bool, as_int, classify, floor_div
+from attncc.passes.intervals import TileEnv, abstract_eval, as_bool, as_int, classify, floor_div, seed_kv_only
 from attncc.passes.manager import PassResult, attach
 from attncc.passes.summaries import Geometry, equality_band, summarize_load
 
@@ -449,7 +449,10 @@ def _classes(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> tup
         classes, band = torch.full((geo.Bp, geo.Hp, geo.nq, geo.nkv), FULL, dtype=torch.int8), None
     else:
         band = _band(sp, geo, tensors)
-        value = as_bool(abstract_eval(sp.mask, _env(geo, tensors, band)))
+        env = _env(geo, tensors, band)
+        if band is not None:
+            seed_kv_only(sp.mask, _env(geo, tensors), env, band.clamp(max=geo.nkv - 1))
+        value = as_bool(abstract_eval(sp.mask, env))
         width = geo.nkv if band is None else band.shape[1]
         classes = classify(value, (geo.Bp, geo.Hp, geo.nq, width))
         if band is not None:
