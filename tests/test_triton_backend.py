@@ -259,6 +259,27 @@ def test_fallback_backward_warns_and_is_exact(name, learn):
 
 
 @in_process
+def test_differential_attention_values_and_gradients():
+    """A graph of two attentions and a combine: each region's kernel, then o1 - lam * o2."""
+    g = attncc.GraphBuilder("diff")
+    q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+    lam = g.scalar("lam")
+    program = g.build(g.attention(q1, k1, v, mask=masks.causal) - lam * g.attention(q2, k2, v, mask=masks.causal))
+    gen = torch.Generator().manual_seed(11)
+    inputs = {n: torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE) for n in ("q1", "k1", "q2", "k2", "v")}
+    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items()}
+    out = program(**leaves, lam=torch.tensor(0.8, device=DEVICE), backend="triton")
+    assert program.last_choice.backend.name == "triton"
+    out.sum().backward()
+    ref_leaves = {n: x.double().requires_grad_() for n, x in inputs.items()}
+    ref = program(**ref_leaves, lam=torch.tensor(0.8, dtype=torch.float64, device=DEVICE), backend="reference")
+    ref.sum().backward()
+    assert_close_to_reference(out, ref, None, 20)
+    for n in inputs:
+        assert_close_to_reference(leaves[n].grad, ref_leaves[n].grad, None, 20, what=f"d{n}", factor=2)
+
+
+@in_process
 def test_checker_declines_with_reasons():
     from attncc.codegen.triton import BACKEND
 

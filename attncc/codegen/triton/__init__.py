@@ -58,14 +58,17 @@ class TritonBackend:
             scale: float | None, q_offset: int, return_lse: bool, splits: int | None = None, **kwargs: Any) -> Any:
         from attncc.codegen.triton import ops
 
-        region = plan.regions[0]
-        q, k, v = operands[region.q], operands[region.k], operands[region.v]
-        B, Hq, Lq, D = q.shape
-        if splits is None:
-            splits = _decode_splits(plan, B, Hq, Lq, k.shape[2])
-        resolved = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        out, lse = ops.attention(region, q, k, v, tensors, scale=resolved, q_offset=q_offset,
-                                 want_lse=return_lse, splits=splits)
+        outputs = {}
+        for region in plan.regions:
+            q, k, v = operands[region.q], operands[region.k], operands[region.v]
+            B, Hq, Lq, D = q.shape
+            n_splits = _decode_splits(plan, B, Hq, Lq, k.shape[2]) if splits is None else splits
+            resolved = 1.0 / math.sqrt(D) if scale is None else float(scale)
+            outputs[region.node] = ops.attention(region, q, k, v, tensors, scale=resolved, q_offset=q_offset,
+                                                 want_lse=return_lse, splits=n_splits)
+        if plan.combine is not None:
+            return _combine(plan, outputs, tensors)
+        out, lse = outputs[plan.regions[0].node]
         return (out, lse) if return_lse else out
 
     def source(self, plan: KernelPlan) -> str:
@@ -78,6 +81,20 @@ class TritonBackend:
         if backward_unsupported(region) is None:
             parts.append(launcher.source(region, "backward", "float16"))
         return "\n\n".join(parts)
+
+
+def _combine(plan: KernelPlan, outputs: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Elementwise combine of the regions' outputs (differential attention), in torch so autograd
+    flows through it; each region ran its own fused kernel (no cross-region v sharing yet)."""
+    # NOTE: the Expr evaluator lives with the reference backend; it is generic IR evaluation and
+    # would better move to a shared module (attncc.ir) so backends need not import each other.
+    from attncc.codegen.reference.evaluate import evaluate
+
+    env = {f"o{i}": outputs[node][0] for i, node in enumerate(plan.combine_operands)}
+    dtype = next(iter(env.values())).dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    scalars = {n: (t.to(compute) if t.is_floating_point() else t) for n, t in tensors.items()}
+    return evaluate(plan.combine, env, scalars, float_dtype=compute).to(dtype)
 
 
 def _decode_splits(plan: KernelPlan, B: int, Hq: int, Lq: int, Lkv: int) -> int:

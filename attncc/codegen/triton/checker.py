@@ -23,11 +23,15 @@ def triton_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
     """Why the Triton backend cannot run ``plan`` on tensors like ``q``, or None."""
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (Triton kernels take float32, float16, bfloat16)"
-    if plan.combine is not None or len(plan.regions) != 1:
-        return "graphs of several attention regions (combine) are not generated yet"
+    if plan.combine is None and len(plan.regions) != 1:
+        return f"{len(plan.regions)} regions without a combine expression"
     if plan.strategy in ("linear_chunked", "linear_global"):
         return "linear attention (chunked kernel) is not generated yet"
-    return region_checker(plan.regions[0])
+    for region in plan.regions:
+        why = region_checker(region)
+        if why:
+            return why if len(plan.regions) == 1 else f"region %{region.node}: {why}"
+    return None
 
 
 def region_checker(region: AttentionRegion) -> str | None:
