@@ -171,7 +171,7 @@ class TileEnv:
     """Ranges of the index variables per tile, and how to summarize loads of captured tensors.
 
     ``ranges[v] = (lo, hi)`` are 4-D tensors (``[B',1,1,1]``, ``[1,H',1,1]``, ``[1,1,nq,1]``,
-    ``[1,1,1,nkv]`` or a band ``[1,1,nq,w]``). ``load`` turns a load node and the abstract
+    ``[1,1,1,nkv]`` or a band ``[1,1,nq,w]``), float64. ``load`` turns a load node and the abstract
     values of its indices into an abstract value (see ``attncc.passes.summaries``).
     """
 
@@ -193,7 +193,7 @@ def affine_val(env: TileEnv, form: Affine) -> IntVal:
     hi: list[Term] = [form.const]
     for name, c in form.coef:
         v_lo, v_hi = env.ranges[name] if name in env.ranges else (torch.tensor(-INF), torch.tensor(INF))
-        v_lo, v_hi = v_lo.double(), v_hi.double()
+        v_lo, v_hi = v_lo.double(), v_hi.double()  # NOTE: no copy when already float64
         lo.append(c * (v_lo if c > 0 else v_hi))
         hi.append(c * (v_hi if c > 0 else v_lo))
     return IntVal(_normalize(tuple(lo)), _normalize(tuple(hi)), form)
@@ -483,10 +483,21 @@ def abstract_eval(expr: Expr, env: TileEnv) -> IntVal | BoolVal:
 
 
 def _gather_kv(x: Any, band: Tensor) -> Any:
-    """``x[..., 0, band]``: a value laid out over all kv tiles, restricted to a band ``[nq, w]``."""
+    """``x[..., i, band[i]]``: a value laid out over all kv tiles, restricted to a band ``[nq, w]``."""
     if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] == 1:
         return x
-    return x[..., 0, :][..., band]
+    if x.shape[-2] == 1:
+        return x[..., 0, :][..., band]
+    return torch.gather(x, -1, band.expand(*x.shape[:-2], *band.shape))
+
+
+def restrict_kv(value: Any, band: Tensor) -> Any:
+    """An abstract value over all kv tiles, restricted to the kv tiles of ``band [nq, w]``."""
+    if isinstance(value, IntVal):
+        return range_val(_gather_kv(value.lo_value(), band), _gather_kv(value.hi_value(), band))
+    if isinstance(value, BoolVal):
+        return BoolVal(_gather_kv(value.T, band), _gather_kv(value.F, band))
+    return value
 
 
 def seed_kv_only(expr: Expr, full: TileEnv, banded: TileEnv, band: Tensor) -> None:
@@ -499,10 +510,7 @@ def seed_kv_only(expr: Expr, full: TileEnv, banded: TileEnv, band: Tensor) -> No
         value = abstract_eval(node, full)
         if isinstance(value, IntVal) and value.affine is not None:
             continue
-        if isinstance(value, IntVal):
-            banded.memo[node] = range_val(_gather_kv(value.lo_value(), band), _gather_kv(value.hi_value(), band))
-        elif isinstance(value, BoolVal):
-            banded.memo[node] = BoolVal(_gather_kv(value.T, band), _gather_kv(value.F, band))
+        banded.memo[node] = restrict_kv(value, band)
 
 
 def _eval_node(node: Expr, args: list[Any], env: TileEnv) -> Any:

@@ -39,7 +39,16 @@ from attncc.ir import expr as ex
 from attncc.ir.expr import Expr
 from attncc.ir.graph import AttentionGraph
 from attncc.passes.causality import conjuncts
-from attncc.passes.intervals import TileEnv, abstract_eval, as_bool, as_int, classify, floor_div, seed_kv_only
+from attncc.passes.intervals import (
+    TileEnv,
+    abstract_eval,
+    as_bool,
+    as_int,
+    classify,
+    floor_div,
+    restrict_kv,
+    seed_kv_only,
+)
 from attncc.passes.manager import PassResult, attach
 from attncc.passes.summaries import Geometry, equality_band, summarize_load
 
@@ -389,22 +398,31 @@ def _tile_bounds(start: int, length: int, tile: int) -> tuple[Tensor, Tensor]:
     return lo + start, torch.clamp(lo + tile, max=length) - 1 + start
 
 
-def _env(geo: Geometry, tensors: dict[str, Tensor], kv_band: Tensor | None = None) -> TileEnv:
+def _env(
+    geo: Geometry, tensors: dict[str, Tensor], kv_band: Tensor | None = None, cache: dict | None = None
+) -> TileEnv:
+    """Index ranges per tile (float64, map layout) and load summaries (shared through ``cache``)."""
     q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
     kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
-    if kv_band is not None:
-        ids = kv_band.clamp(max=geo.nkv - 1)
-        kv_lo, kv_hi = kv_lo[ids].reshape(1, 1, *ids.shape), kv_hi[ids].reshape(1, 1, *ids.shape)
+    band = None if kv_band is None else kv_band.clamp(max=geo.nkv - 1)
+    if band is not None:
+        kv_lo, kv_hi = kv_lo[band].reshape(1, 1, *band.shape), kv_hi[band].reshape(1, 1, *band.shape)
     else:
         kv_lo, kv_hi = kv_lo.reshape(1, 1, 1, -1), kv_hi.reshape(1, 1, 1, -1)
-    b = torch.arange(geo.Bp).reshape(-1, 1, 1, 1)
-    h = torch.arange(geo.Hp).reshape(1, -1, 1, 1)
+    b = torch.arange(geo.Bp, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    h = torch.arange(geo.Hp, dtype=torch.float64).reshape(1, -1, 1, 1)
     ranges = {
-        "q_idx": (q_lo.reshape(1, 1, -1, 1), q_hi.reshape(1, 1, -1, 1)),
-        "kv_idx": (kv_lo, kv_hi), "b": (b, b), "h": (h, h),
+        "q_idx": (q_lo.reshape(1, 1, -1, 1).double(), q_hi.reshape(1, 1, -1, 1).double()),
+        "kv_idx": (kv_lo.double(), kv_hi.double()), "b": (b, b), "h": (h, h),
     }
-    geo_band = Geometry(geo.Lq, geo.Lkv, geo.bq, geo.bk, geo.q_offset, geo.Bp, geo.Hp, kv_band)
-    return TileEnv(ranges, lambda node, idx: summarize_load(node, idx, tensors, geo_band))
+    summaries = {} if cache is None else cache
+
+    def load(node: Expr, indices: list[Any]) -> Any:
+        if node not in summaries:  # NOTE: summaries depend on the indices' forms, not on the band
+            summaries[node] = summarize_load(node, indices, tensors, geo)
+        return summaries[node] if band is None else restrict_kv(summaries[node], band)
+
+    return TileEnv(ranges, load)
 
 
 def _score_allows_full(sp: MaskSparsity, tensors: dict[str, Tensor]) -> bool:
@@ -417,7 +435,7 @@ def _score_allows_full(sp: MaskSparsity, tensors: dict[str, Tensor]) -> bool:
     return True
 
 
-def _band(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> Tensor | None:
+def _band(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], cache: dict) -> Tensor | None:
     """kv tile ids ``[nq, w]`` that may be non-empty, when that band is at most half the kv tiles.
 
     The band is the structural hull (``kv_range``) intersected with the run-time bands of
@@ -429,7 +447,7 @@ def _band(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> Tensor
     if sp.bounds.bounded:
         kr = _kv_range(sp, geo, tensors, with_full=False)
         lo, hi = kr.lo.amin(dim=(0, 1)).long(), kr.hi.amax(dim=(0, 1)).long()
-    env = _env(geo, tensors)
+    env = _env(geo, tensors, None, cache)
     for term in conjuncts(sp.mask):
         found = equality_band(term, env, geo, tensors)
         if found is not None:
@@ -448,10 +466,11 @@ def _classes(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> tup
     if sp.mask is None:
         classes, band = torch.full((geo.Bp, geo.Hp, geo.nq, geo.nkv), FULL, dtype=torch.int8), None
     else:
-        band = _band(sp, geo, tensors)
-        env = _env(geo, tensors, band)
+        cache: dict = {}
+        band = _band(sp, geo, tensors, cache)
+        env = _env(geo, tensors, band, cache)
         if band is not None:
-            seed_kv_only(sp.mask, _env(geo, tensors), env, band.clamp(max=geo.nkv - 1))
+            seed_kv_only(sp.mask, _env(geo, tensors, None, cache), env, band.clamp(max=geo.nkv - 1))
         value = as_bool(abstract_eval(sp.mask, env))
         width = geo.nkv if band is None else band.shape[1]
         classes = classify(value, (geo.Bp, geo.Hp, geo.nq, width))

@@ -31,7 +31,7 @@ _AXIS = {"b": 0, "h": 1, "q_idx": 2, "kv_idx": 3}
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the tiles are: ``q_idx`` of row ``i`` is ``q_offset + i``; ``kv_band`` gathers kv tiles."""
+    """Where the tiles are: ``q_idx`` of row ``i`` is ``q_offset + i``."""
 
     Lq: int
     Lkv: int
@@ -40,7 +40,6 @@ class Geometry:
     q_offset: int
     Bp: int
     Hp: int
-    kv_band: Tensor | None = None  # [nq, w] kv tile ids when only a band of kv tiles is evaluated
 
     @property
     def nq(self) -> int:
@@ -89,7 +88,7 @@ def summarize_load(node: Expr, indices: list[Any], tensors: dict[str, Tensor], g
         lo, hi, axis = _reduce_dim(lo, hi, len(axes), value, axes, geo, spec.name)
         if axis is not None:
             axes.append(axis)
-    lo4, hi4 = _to_map_layout(lo, axes, geo), _to_map_layout(hi, axes, geo)
+    lo4, hi4 = _to_map_layout(lo, axes), _to_map_layout(hi, axes)
     if node.dtype == "bool":
         return BoolVal(lo4 != 0, hi4 == 0)
     return range_val(lo4.double(), hi4.double())
@@ -122,21 +121,14 @@ def _reduce_dim(
     return lo.amin(dim), hi.amax(dim), None
 
 
-def _to_map_layout(x: Tensor, axes: list[int], geo: Geometry) -> Tensor:
-    """Arrange the kept dimensions on the map's ``[B', H', nq, nkv]`` axes (a band gathers kv)."""
+def _to_map_layout(x: Tensor, axes: list[int]) -> Tensor:
+    """Arrange the kept dimensions on the map's ``[B', H', nq, nkv]`` axes."""
     order = sorted(range(len(axes)), key=lambda i: axes[i])
     x = x.permute(order) if len(order) > 1 else x
     shape = [1, 1, 1, 1]
     for i in order:
         shape[axes[i]] = x.shape[order.index(i)]
-    x = x.reshape(shape)
-    if geo.kv_band is None or shape[3] == 1:
-        return x
-    band = geo.kv_band.clamp(max=shape[3] - 1)
-    if shape[2] == 1:
-        return x[:, :, 0, :][..., band]
-    return torch.gather(x, 3, band.expand(shape[0], shape[1], *band.shape))
-
+    return x.reshape(shape)
 
 
 def _side(e: Expr) -> str | None:
