@@ -714,3 +714,10 @@ def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tupl
     got = _run(attncc.variant(score_fn, mask=mask_fn, normalizer=normalizer), q, k, v, q_offset=1)
     torch.testing.assert_close(got, _apply(p, v), rtol=1e-9, atol=1e-9,
                                msg=lambda m: f"score {score_src}\nmask {mask_src}\n{normalizer}\n{m}")
+
+
+def test_out_of_bounds_read_names_the_captured_tensor() -> None:
+    short = torch.zeros(4)
+    var = attncc.variant(lambda s, b, h, qi, ki: s + short[qi])
+    with pytest.raises(IndexError, match="captured tensor 'short' of shape"):
+        _run(var, *_qkv(Lq=7))

@@ -85,7 +85,13 @@ def _eval_node(
         return tensors[node.arg.name]
     if op == "load":
         base, *indices = args
-        loaded = base[tuple(i.long() for i in indices)] if indices else base
+        try:
+            loaded = base[tuple(i.long() for i in indices)] if indices else base
+        except IndexError as err:
+            spec = node.src[0].arg
+            raise IndexError(
+                f"captured tensor {spec.name!r} of shape {tuple(base.shape)} read out of bounds by {node}: {err}"
+            ) from None
         return _as_dtype(loaded, node.dtype, float_dtype)
     if op == "cast":
         return _as_dtype(args[0], node.dtype, float_dtype)
