@@ -248,6 +248,22 @@ def test_explain_source_renders_triton_without_a_gpu(variants_file):
     assert "@triton.jit" in result.output
 
 
+EXAMPLE_FILES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.py")
+                       if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])
+def test_explain_every_example(path):
+    """Every program of every example explains, with its block map, from the command line."""
+    programs = load_all(path)
+    assert programs, f"{path.name} defines no attncc program"
+    for name, program in programs.items():
+        result = invoke("explain", f"{path}:{name}", "--blocks", "128")
+        assert result.exit_code == 0, result.output
+        assert f"fingerprint={program.fingerprint[:16]}" in result.output
+        assert result.output.count("\nregion %") == len(program.plan.regions)
+
+
 # ---- demo ---------------------------------------------------------------------------------
 
 
