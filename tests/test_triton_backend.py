@@ -154,6 +154,18 @@ def test_q_offset_and_mqa():
 
 
 @in_process
+@pytest.mark.parametrize("name", ["alibi_causal", "sinks", "stick_breaking", "moba_token", "bias_table"])
+def test_gqa_packing_for_decoding(name):
+    """Decoding-sized Lq with GQA 4:1 packs the group's query heads into one tile (shared K/V loads)."""
+    from attncc.codegen.triton import launcher
+
+    var = VARIANTS[name]()
+    q, k, v = _qkv(Hq=4, Hkv=1, Lq=3, Lkv=40)
+    assert launcher.pack_gqa(var.plan.regions[0], 4, 3, 16)
+    check_against_reference(var, q, k, v, backend="triton", q_offset=20, return_lse=name in SOFTMAX)
+
+
+@in_process
 def test_fully_masked_rows_give_zero_and_minus_inf_lse():
     """A row with no key: o = 0 and lse = -inf (never NaN); with a sink, lse = sink."""
     q, k, v = _qkv()

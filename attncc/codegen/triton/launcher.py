@@ -219,7 +219,10 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
     kind = "split_kv" if splits is not None else "forward"
     config = space.default_config(D=D, Lq=Lq, Lkv=Lkv, kind=kind)
     n_splits = (splits or config.splits) if softmax and splits is not None else 1
-    tables = _expand(block_tables(region, B, Hq, Lq, Lkv, (config.BLOCK_M, config.BLOCK_N), q_offset, tensors,
+    group = Hq // Hkv
+    pack = pack_gqa(region, group, Lq, config.BLOCK_M)
+    tile_m = config.BLOCK_M // group if pack else config.BLOCK_M
+    tables = _expand(block_tables(region, B, Hq, Lq, Lkv, (tile_m, config.BLOCK_N), q_offset, tensors,
                                   q.device), B, Hq)
     mod = module(region, "forward", _dtype_name(q.dtype))
     split = n_splits > 1
@@ -233,14 +236,15 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
     sig_bias = sigmoid_bias(norm, Lkv)
     o_strides = o.stride()[-4:]
     l_strides = lse.stride()[-3:]
-    grid = (triton_cdiv(Lq, config.BLOCK_M), B * Hq, n_splits)
+    grid = (triton_cdiv(Lq * group, config.BLOCK_M), B * Hkv, n_splits) if pack else \
+        (triton_cdiv(Lq, config.BLOCK_M), B * Hq, n_splits)
     mod.attn_fwd[grid](
         q, k, v, o, lse, sink, *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides,
         *_table_args(tables), o.stride(0) if split else 0, lse.stride(0) if split else 0, n_splits,
         Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sig_bias,
         *_captured_args(region, tensors, routing_args(region, q, k, tensors, q_offset)),
         D=D, DV=Dv, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
-        WRITE_LSE=want_lse or split, SPLIT=split, **_launch_opts(config),
+        WRITE_LSE=want_lse or split, SPLIT=split, PACK=pack, **_launch_opts(config),
     )
     if split:
         sink_t = tensors[norm.sink.name] if norm.sink is not None else None
@@ -253,6 +257,15 @@ def sigmoid_bias(norm: Any, Lkv: int) -> float:
     if not isinstance(norm, nodes.SigmoidNorm):
         return 0.0
     return -math.log(Lkv) if norm.bias is None else float(norm.bias)
+
+
+def pack_gqa(region: AttentionRegion, group: int, Lq: int, block_m: int) -> bool:
+    """Pack a GQA group's query heads into one tile (decoding-sized Lq, mask independent of h)."""
+    if group == 1 or block_m % group or Lq * group > 4 * block_m:
+        return False
+    if getattr(region, "head_select", None) is not None:
+        return False
+    return region.mask is None or "h" not in region.mask.free_vars()
 
 
 def merge_splits(o: Tensor, lse: Tensor, sink: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
