@@ -364,3 +364,10 @@ def test_readme_example_runs(capsys):
     var, q, k, v, o = (namespace[n] for n in ("alibi", "q", "k", "v", "o"))
     ref64, _ = reference_outputs(var, {"q": q, "k": k, "v": v})
     assert_close_to_reference(o, ref64, None, k.shape[2])
+
+
+def test_readme_lists_every_example_that_exists():
+    text = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"`(examples/\w+\.py)`", text))
+    present = {f"examples/{p.name}" for p in EXAMPLE_FILES}
+    assert listed == present
