@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from attncc import __version__
+
 # NOTE: the one registry of commands defined outside this file: name -> "module:attribute".
 LAZY_COMMANDS: dict[str, str] = {
     "tune": "attncc.autotune.commands:tune",
@@ -74,7 +76,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="attncc")
+@click.version_option(version=__version__, prog_name="attncc")
 def main() -> None:
     """attncc: a compiler for attention variants."""
 
@@ -167,8 +169,6 @@ def dump_title(name: str) -> str:
 def kernel_source(program: Any, backend: str | None) -> str:
     """The source a backend generates for this plan: the named one (even if it cannot run on
     this machine: rendering needs no device), else the automatic choice for CPU float32 tensors."""
-    import importlib
-
     import torch
 
     from attncc.codegen import registry
