@@ -73,6 +73,7 @@ def _qkv(B=1, Hq=4, Hkv=2, Lq=20, Lkv=24, D=16, dtype=torch.float32, seed=0):
 SLOPES = torch.rand(4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 BIAS = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 SINK = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+DECAY = (0.7 + 0.3 * torch.rand(4, generator=torch.Generator().manual_seed(10))).to(DEVICE)
 TEMP = torch.tensor([1.5], device=DEVICE)
 ROUTER = torch.randn(1, 20, 4, generator=torch.Generator().manual_seed(9)).to(DEVICE)
 DOCS = torch.tensor([0] * 7 + [1] * 10 + [2] * 7, device=DEVICE)
@@ -117,6 +118,12 @@ VARIANTS = {
     "softcap_slopes": lambda: attncc.variant(lambda s, b, h, q, k: 5.0 * torch.tanh(s / 5.0) - SLOPES[h] * (q - k).abs()),
     "sigmoid_bias_table": lambda: attncc.variant(_bias_table, normalizer="sigmoid"),
     "learned_phi": lambda: attncc.variant(normalizer=attncc.Pointwise(lambda s: torch.relu(s) * TEMP[0])),
+    "linear_causal": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
+    "linear_strict_relu": lambda: attncc.variant(mask=lambda b, h, q, k: q > k, normalizer=attncc.Linear("relu")),
+    "linear_decay": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear(
+        "identity", normalize=False, decay=DECAY)),
+    "linear_global": lambda: attncc.variant(normalizer=attncc.Linear()),
+    "linear_traced": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear(lambda x: torch.relu(x) + 0.5)),
     "moba_token": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=2)),
     "moba_query_block": lambda: attncc.variant(routing=attncc.TopKBlocks(block=8, k=2, per="query_block")),
     "moh_heads": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKHeads(k=2, router=ROUTER)),
@@ -131,7 +138,7 @@ def test_forward_float32_matches_reference(name):
     var = VARIANTS[name]()
     q, k, v = _qkv()
     check_against_reference(var, q, k, v, backend="triton", return_lse=name in SOFTMAX)
-    if name.startswith("mo"):
+    if name.startswith(("mo", "linear")):
         check_against_reference(var, q, k, v, backend="triton", q_offset=4)
     assert var.last_choice.backend.name == "triton"
 
@@ -253,7 +260,7 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("moba_token", ()), ("learned_phi", "all")])
+@pytest.mark.parametrize("name, learn", [("moba_token", ()), ("learned_phi", "all"), ("linear_decay", "all")])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()
@@ -296,8 +303,8 @@ def test_checker_declines_with_reasons():
     from attncc.codegen.triton import BACKEND
 
     q, _, _ = _qkv()
-    linear = attncc.variant(mask=masks.causal, normalizer=attncc.Linear())
-    assert "linear" in BACKEND.checker(linear.plan, q).lower()
+    windowed_linear = attncc.variant(mask=masks.sliding_window(4), normalizer=attncc.Linear())
+    assert "quadratic" in BACKEND.checker(windowed_linear.plan, q)
     assert "dtype" in BACKEND.checker(VARIANTS["causal"]().plan, q.double())
 
 

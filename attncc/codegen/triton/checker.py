@@ -25,8 +25,6 @@ def triton_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
         return f"dtype {q.dtype} (Triton kernels take float32, float16, bfloat16)"
     if plan.combine is None and len(plan.regions) != 1:
         return f"{len(plan.regions)} regions without a combine expression"
-    if plan.strategy in ("linear_chunked", "linear_global"):
-        return "linear attention (chunked kernel) is not generated yet"
     for region in plan.regions:
         why = region_checker(region)
         if why:
@@ -36,6 +34,8 @@ def triton_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
 
 def region_checker(region: AttentionRegion) -> str | None:
     norm = region.normalizer
+    if isinstance(norm, nodes.LinearNorm):
+        return _linear_checker(region)
     if not isinstance(norm, FORWARD_NORMALIZERS):
         return f"normalizer {type(norm).__name__} has no Triton kernel yet"
     gate, heads = getattr(region, "gate", None), getattr(region, "head_select", None)
@@ -55,6 +55,19 @@ def region_checker(region: AttentionRegion) -> str | None:
         for spec in expr.inputs():
             if spec.dtype in ("float64", "complex64", "complex128"):
                 return f"{what}: captured tensor {spec.name!r} of dtype {spec.dtype}"
+    return None
+
+
+def _linear_checker(region: AttentionRegion) -> str | None:
+    if getattr(region, "linear", None) is None:
+        return "Linear with a mask that is neither absent nor causal (quadratic masked form) is not generated"
+    if region.routing is not None:
+        return "routing with Linear"
+    feature = region.normalizer.feature_map
+    if not isinstance(feature, str):
+        why = unsupported(feature)
+        if why:
+            return f"feature map: {why}"
     return None
 
 

@@ -212,6 +212,8 @@ def _launch_opts(config: space.Config) -> dict[str, int]:
 def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor], *,
             scale: float | None, q_offset: int, want_lse: bool, splits: int | None = None) -> tuple[Tensor, Tensor]:
     """Run the fused forward; returns (o, lse) (lse float32 natural log; row sums for others)."""
+    if getattr(region, "linear", None) is not None:
+        return forward_linear(region, q, k, v, tensors, q_offset=q_offset)
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     norm = region.normalizer
@@ -257,6 +259,25 @@ def sigmoid_bias(norm: Any, Lkv: int) -> float:
     if not isinstance(norm, nodes.SigmoidNorm):
         return 0.0
     return -math.log(Lkv) if norm.bias is None else float(norm.bias)
+
+
+def forward_linear(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor], *,
+                   q_offset: int) -> tuple[Tensor, Tensor]:
+    """Chunked (causal) or global (unmasked) linear attention; the second output is unused."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    norm = region.normalizer
+    chunk = 16 if space.interpreted() else min(64, max(16, region.linear.chunk))
+    chunk = 1 << (chunk.bit_length() - 1)
+    mod = module(region, "linear", _dtype_name(q.dtype))
+    o = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    decay = tensors[norm.decay.name] if norm.decay is not None else q
+    mod.attn_linear[(B * Hq,)](
+        q, k, v, o, decay, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, Lq, Lkv, q_offset,
+        *_captured_args(region, tensors), D=D, DV=Dv, CHUNK=chunk, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
+        **({} if space.interpreted() else {"num_warps": 4, "num_stages": 2}),
+    )
+    return o, torch.zeros(B, Hq, Lq, dtype=torch.float32, device=q.device)
 
 
 def pack_gqa(region: AttentionRegion, group: int, Lq: int, block_m: int) -> bool:

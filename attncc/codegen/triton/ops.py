@@ -38,11 +38,11 @@ def register_region(region: AttentionRegion) -> str:
 
 
 def captured_names(region: AttentionRegion) -> list[str]:
-    """Captured tensors the op takes, in order: those of score/mask/phi, then the sink."""
+    """Captured tensors the op takes, in order: those of score/mask/phi, then sink/decay, router."""
     names = [spec.name for spec in captured_specs(region)]
-    sink = getattr(region.normalizer, "sink", None)
-    if sink is not None and sink.name not in names:
-        names.append(sink.name)
+    for spec in (getattr(region.normalizer, "sink", None), getattr(region.normalizer, "decay", None)):
+        if spec is not None and spec.name not in names:
+            names.append(spec.name)
     heads = getattr(region, "head_select", None)
     if heads is not None and heads.router not in names:
         names.append(heads.router)

@@ -255,7 +255,7 @@ class ExprRenderer:
 # ---- filling the templates from a region ------------------------------------------------
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-TEMPLATES = {"forward": "forward.py.jinja", "backward": "backward.py.jinja"}
+TEMPLATES = {"forward": "forward.py.jinja", "backward": "backward.py.jinja", "linear": "linear.py.jinja"}
 
 
 def _indent(lines: list[str], spaces: int) -> str:
@@ -265,7 +265,9 @@ def _indent(lines: list[str], spaces: int) -> str:
 def _captured_specs(region: AttentionRegion) -> list[TensorSpec]:
     """Captured tensors the kernel body reads (score, mask, phi), in a stable order."""
     norm, row_shift = region.normalizer, getattr(region, "row_shift", None)
-    candidates = (region.score, region.mask, getattr(norm, "phi", None), row_shift)
+    feature = getattr(norm, "feature_map", None)
+    candidates = (region.score, region.mask, getattr(norm, "phi", None), row_shift,
+                  feature if isinstance(feature, Expr) else None)
     exprs = [e for e in candidates if e is not None]
     found: dict[str, TensorSpec] = {}
     for e in exprs:
@@ -286,6 +288,8 @@ def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[s
     specs = _captured_specs(region)
     params = [p for spec in specs for p in pointer_args(spec)]
     norm = region.normalizer
+    if kind == "linear":
+        return _render_linear(region, params)
     family = {nodes.SoftmaxNorm: "softmax", nodes.SigmoidNorm: "sigmoid", nodes.PointwiseNorm: "pointwise",
               nodes.StickBreakingNorm: "stick_breaking"}[type(norm)]
     index_env = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "score": "score"}
@@ -345,6 +349,42 @@ def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[s
                              undefined=jinja2.StrictUndefined)
     header = f"# attncc generated Triton module: {kind}, {family}, {dtype}, region %{region.node}\n"
     return header + env.get_template(TEMPLATES[kind]).render(**context)
+
+
+def _render_linear(region: AttentionRegion, params: list[str]) -> str:
+    """The chunked (causal) or global (unmasked) linear attention module."""
+    norm, lowering = region.normalizer, region.linear
+    context: dict[str, object] = {
+        "cap_params": "".join(f", {p}" for p in params),
+        "cap": "".join(f", {p}" for p in params),
+        "has_decay": norm.decay is not None,
+        "strategy": "global" if lowering.strategy == "linear_global" else "chunked",
+        "strict": lowering.causal_strict,
+        "feature": norm.feature_map if isinstance(norm.feature_map, str) else "traced",
+        "store": _indent(_LINEAR_STORE[bool(norm.normalize)], 8),
+    }
+    if not isinstance(norm.feature_map, str):
+        body = ExprRenderer({"x": "x"}, prefix="f")
+        context["feature_result"] = body.render_as(norm.feature_map, "float")
+        context["feature_lines"] = _indent(body.take_lines(), 4)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    header = f"# attncc generated Triton module: linear ({lowering.strategy}), region %{region.node}\n"
+    return header + env.get_template(TEMPLATES["linear"]).render(**context)
+
+
+_LINEAR_STORE = {
+    True: [
+        "nonzero = den != 0.0",
+        "o = tl.where(nonzero[:, None], num / tl.where(nonzero, den, 1.0)[:, None], 0.0)",
+        "tl.store(O_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, o.to(O.dtype.element_ty),",
+        "         mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV))",
+    ],
+    False: [
+        "tl.store(O_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, num.to(O.dtype.element_ty),",
+        "         mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV))",
+    ],
+}
 
 
 def grad_args(spec: TensorSpec) -> list[str]:
