@@ -71,15 +71,23 @@ class TritonBackend:
         out, lse = outputs[plan.regions[0].node]
         return (out, lse) if return_lse else out
 
-    def source(self, plan: KernelPlan) -> str:
-        """The generated modules of the plan's region (forward, and backward for softmax)."""
+    def source(self, plan: KernelPlan, dtype: str = "bfloat16") -> str:
+        """The generated modules of every region: forward (or linear), and the fused backward."""
         from attncc.codegen.triton import launcher
-        from attncc.codegen.triton.checker import backward_unsupported
+        from attncc.codegen.triton.checker import backward_unsupported, region_checker
 
-        region = plan.regions[0]
-        parts = [launcher.source(region, "forward", "float16")]
-        if backward_unsupported(region) is None:
-            parts.append(launcher.source(region, "backward", "float16"))
+        parts = []
+        for region in plan.regions:
+            why = region_checker(region)
+            if why:
+                parts.append(f"# region %{region.node}: not generated ({why})")
+                continue
+            if getattr(region, "linear", None) is not None:
+                parts.append(launcher.source(region, "linear", dtype))
+                continue
+            parts.append(launcher.source(region, "forward", dtype))
+            if backward_unsupported(region) is None:
+                parts.append(launcher.source(region, "backward", dtype))
         return "\n\n".join(parts)
 
 
