@@ -1,6 +1,6 @@
 """The Triton backend: fused attention kernels generated from the kernel plan (GPUs).
 
-Pieces: ``render.py`` (Expr -> Triton text, templates filled from a region),
+Pieces: ``render.py`` (Expr -> Triton text), ``source.py`` (templates filled from a region),
 ``templates/*.py.jinja`` (forward with split-KV decoding, softmax backward),
 ``launcher.py`` (cache-dir modules, sparsity tables, grids), ``space.py`` (search space),
 ``checker.py`` (what runs here and why not), ``ops.py`` (torch.library ops + autograd).

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from attncc.codegen.triton import space
-from attncc.codegen.triton.render import captured_specs, render_source
+from attncc.codegen.triton.source import captured_specs, render_source
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
 

@@ -21,7 +21,7 @@ import torch
 
 from attncc.codegen.triton import launcher
 from attncc.codegen.triton.checker import backward_unsupported
-from attncc.codegen.triton.render import captured_specs
+from attncc.codegen.triton.source import captured_specs
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
 
