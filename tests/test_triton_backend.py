@@ -280,6 +280,22 @@ def test_fallback_backward_warns_and_is_exact(name, learn):
 
 
 @in_process
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (64, 64)])
+def test_tuned_config_is_honoured(tiles):
+    """A tuner's config (the tuning space's parameter names) changes tiles, never results."""
+    from attncc.codegen.triton import BACKEND
+
+    var = VARIANTS["document_causal"]()
+    q, k, v = _qkv(Lq=24, Lkv=24)
+    config = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1], "num_warps": 4, "num_stages": 1, "SPLIT_KV": 1}
+    assert BACKEND.search_space is not None and "BLOCK_M" in BACKEND.search_space.params
+    out = BACKEND.run(var.plan, {"q": q, "k": k, "v": v}, var.tensors, scale=None, q_offset=0, return_lse=False,
+                      config=config)
+    ref64, _ = reference_outputs(var, {"q": q, "k": k, "v": v})
+    assert_close_to_reference(out, ref64, None, 24)
+
+
+@in_process
 def test_differential_attention_values_and_gradients():
     """A graph of two attentions and a combine: each region's kernel, then o1 - lam * o2."""
     g = attncc.GraphBuilder("diff")
@@ -346,7 +362,7 @@ def test_fake_implementation_gives_shapes():
     key = ops.register_region(var.plan.regions[0])
     with FakeTensorMode():
         q, k, v = torch.empty(2, 4, 7, 16), torch.empty(2, 2, 9, 16), torch.empty(2, 2, 9, 8)
-        out, lse = ops.triton_attention(key, q, k, v, [], 0.25, 0, True, 1)
+        out, lse = ops.triton_attention(key, q, k, v, [], 0.25, 0, True, 1, [])
     assert out.shape == (2, 4, 7, 8) and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
 
 
@@ -358,7 +374,7 @@ def test_custom_op_passes_opcheck_and_composes_with_torch_compile():
     var = VARIANTS["causal"]()
     q, k, v = _qkv(Hkv=4)
     key = ops.register_region(var.plan.regions[0])
-    torch.library.opcheck(ops.triton_attention, (key, q, k, v, [], 0.25, 0, True, 1),
+    torch.library.opcheck(ops.triton_attention, (key, q, k, v, [], 0.25, 0, True, 1, [16, 16, 4, 1]),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     compiled = torch.compile(lambda a, b, c: var(a, b, c, backend="triton"), backend="aot_eager")
     leaf = q.clone().requires_grad_()

@@ -54,18 +54,28 @@ class TritonBackend:
             return "TRITON_INTERPRET=1 runs kernels on CPU tensors only"
         return triton_checker(plan, q)
 
+    @property
+    def search_space(self) -> Any:
+        """The forward kernel's tuning space (``attncc tune``; ``select_config`` at run time)."""
+        from attncc.codegen.triton import space
+
+        return space.SPACE
+
     def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
-            scale: float | None, q_offset: int, return_lse: bool, splits: int | None = None, **kwargs: Any) -> Any:
+            scale: float | None, q_offset: int, return_lse: bool, splits: int | None = None,
+            config: dict | None = None, **kwargs: Any) -> Any:
+        """``config``: forward tiles from a tuner (SPACE's names); else the tuning cache or the default."""
         from attncc.codegen.triton import ops
 
         outputs = {}
         for region in plan.regions:
             q, k, v = operands[region.q], operands[region.k], operands[region.v]
             B, Hq, Lq, D = q.shape
-            n_splits = _decode_splits(plan, B, Hq, Lq, k.shape[2]) if splits is None else splits
+            tiles = _tiles(plan, q, k, v, config)
+            n_splits = splits if splits is not None else _decode_splits(plan, B, Hq, Lq, k.shape[2], tiles)
             resolved = 1.0 / math.sqrt(D) if scale is None else float(scale)
             outputs[region.node] = ops.attention(region, q, k, v, tensors, scale=resolved, q_offset=q_offset,
-                                                 want_lse=return_lse, splits=n_splits)
+                                                 want_lse=return_lse, splits=n_splits, config=tiles)
         if plan.combine is not None:
             return _combine(plan, outputs, tensors)
         out, lse = outputs[plan.regions[0].node]
@@ -105,12 +115,29 @@ def _combine(plan: KernelPlan, outputs: dict[str, Any], tensors: dict[str, torch
     return evaluate(plan.combine, env, scalars, float_dtype=compute).to(dtype)
 
 
-def _decode_splits(plan: KernelPlan, B: int, Hq: int, Lq: int, Lkv: int) -> int:
-    """Split-KV for decoding: the plan's decision when the decode pass ran, else Lq <= 16, long Lkv."""
+def _tiles(plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict | None) -> Any:
+    """Forward tiles: a tuner's config, else the tuning cache on a GPU, else None (the default)."""
+    from attncc.codegen.triton import space
+
+    if config is not None:
+        return space.from_tuned(config)
+    if _interpreting() or space.SPACE is None:
+        return None
+    from attncc.autotune import ShapeKey, select_config
+
+    chosen, _source = select_config("triton", space.SPACE, plan.fingerprint, q.dtype,
+                                    ShapeKey.from_tensors(q, k, v), device=q.device)
+    return space.from_tuned(chosen)
+
+
+def _decode_splits(plan: KernelPlan, B: int, Hq: int, Lq: int, Lkv: int, tiles: Any = None) -> int:
+    """Split-KV for decoding: a tuned SPLIT_KV, the decode pass's decision, else Lq <= 16 and long Lkv."""
     from attncc.ir import nodes
 
-    if not isinstance(plan.regions[0].normalizer, nodes.SoftmaxNorm):
+    if not isinstance(plan.regions[0].normalizer, nodes.SoftmaxNorm) or plan.regions[0].linear is not None:
         return 1
+    if tiles is not None and Lq <= 16:
+        return tiles.splits
     decode = getattr(plan, "decode_split", None)
     if decode is not None:
         return decode.num_splits(B, Hq, Lkv) if decode.applies(Lq, Lkv) else 1

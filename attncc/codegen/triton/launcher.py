@@ -210,8 +210,12 @@ def _launch_opts(config: space.Config) -> dict[str, int]:
 
 
 def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor], *,
-            scale: float | None, q_offset: int, want_lse: bool, splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Run the fused forward; returns (o, lse) (lse float32 natural log; row sums for others)."""
+            scale: float | None, q_offset: int, want_lse: bool, splits: int | None = None,
+            config: space.Config | None = None) -> tuple[Tensor, Tensor]:
+    """Run the fused forward; returns (o, lse) (lse float32 natural log; row sums for others).
+
+    ``config``: tile sizes from the tuning cache (``select_config``), else ``space.default_config``.
+    """
     if getattr(region, "linear", None) is not None:
         return forward_linear(region, q, k, v, tensors, q_offset=q_offset)
     B, Hq, Lq, D = q.shape
@@ -219,7 +223,7 @@ def forward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: d
     norm = region.normalizer
     softmax = isinstance(norm, nodes.SoftmaxNorm)
     kind = "split_kv" if splits is not None else "forward"
-    config = space.default_config(D=D, Lq=Lq, Lkv=Lkv, kind=kind)
+    config = config or space.default_config(D=D, Lq=Lq, Lkv=Lkv, kind=kind)
     n_splits = (splits or config.splits) if softmax and splits is not None else 1
     group = Hq // Hkv
     pack = pack_gqa(region, group, Lq, config.BLOCK_M)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attncc.codegen.triton import launcher
+from attncc.codegen.triton import launcher, space
 from attncc.codegen.triton.checker import backward_unsupported
 from attncc.codegen.triton.source import captured_specs
 from attncc.ir import nodes
@@ -51,16 +51,18 @@ def captured_names(region: AttentionRegion) -> list[str]:
 
 @torch.library.custom_op("attncc::triton_attention", mutates_args=())
 def triton_attention(key: str, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor], scale: float,
-                     q_offset: int, want_lse: bool, splits: int) -> tuple[Tensor, Tensor]:
+                     q_offset: int, want_lse: bool, splits: int, config: list[int]) -> tuple[Tensor, Tensor]:
+    """``config``: [] for the default tiles, else [BLOCK_M, BLOCK_N, num_warps, num_stages]."""
     region = _REGIONS[key]
     tensors = dict(zip(captured_names(region), captured, strict=True))
+    tiles = space.Config(*config, splits) if config else None
     return launcher.forward(region, q, k, v, tensors, scale=scale, q_offset=q_offset, want_lse=want_lse,
-                            splits=splits if splits > 1 else None)
+                            splits=splits if splits > 1 else None, config=tiles)
 
 
 @triton_attention.register_fake
 def _(key: str, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor], scale: float, q_offset: int,
-      want_lse: bool, splits: int) -> tuple[Tensor, Tensor]:
+      want_lse: bool, splits: int, config: list[int]) -> tuple[Tensor, Tensor]:
     B, Hq, Lq, _ = q.shape
     return q.new_empty(B, Hq, Lq, v.shape[-1]), q.new_empty(B, Hq, Lq, dtype=torch.float32)
 
@@ -88,7 +90,8 @@ def _(key: str, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Ten
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    key, q, k, v, captured, scale, q_offset, _want_lse, _splits = inputs
+    key, q, k, v, captured, scale, q_offset, _want_lse, _splits, config = inputs
+    ctx.n_config = len(config)
     o, lse = output
     ctx.key, ctx.scale, ctx.q_offset = key, scale, q_offset
     ctx.n_captured = len(captured)
@@ -105,7 +108,7 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
     reason = backward_unsupported(region, tuple(learn))
     if reason is not None:
         grads = _reference_backward(region, q, k, v, captured, names, do, dlse, ctx.scale, ctx.q_offset, reason)
-        return (None, *grads[:3], list(grads[3:]), None, None, None, None)
+        return (None, *grads[:3], list(grads[3:]), None, None, None, None, [None] * ctx.n_config)
     dlse_t = dlse if dlse is not None else torch.zeros_like(lse)
     learn_mask = [n in learn for n in names]
     dq, dk, dv, learned = triton_attention_bwd(ctx.key, q, k, v, o, lse, do, dlse_t, captured, learn_mask,
@@ -119,7 +122,7 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
             delta = (o.float() * do.float()).sum(-1)
             p_sink = torch.exp(captured[i].float().view(1, -1, 1) - lse)
             dcaptured[i] = (p_sink * (dlse_t.float() - delta)).sum((0, 2)).to(captured[i].dtype)
-    return None, dq, dk, dv, dcaptured, None, None, None, None
+    return None, dq, dk, dv, dcaptured, None, None, None, None, [None] * ctx.n_config
 
 
 def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor],
@@ -154,10 +157,12 @@ triton_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor], *,
-              scale: float, q_offset: int, want_lse: bool, splits: int = 1) -> tuple[Tensor, Tensor]:
+              scale: float, q_offset: int, want_lse: bool, splits: int = 1,
+              config: space.Config | None = None) -> tuple[Tensor, Tensor]:
     """Call the custom op for ``region`` (registering it first)."""
     key = register_region(region)
     captured = [tensors[name] for name in captured_names(region)]
     # NOTE: the backward needs softmax's lse and a normalised pointwise row sum (same buffer).
     want = want_lse or isinstance(region.normalizer, nodes.SoftmaxNorm | nodes.PointwiseNorm)
-    return triton_attention(key, q, k, v, captured, float(scale), int(q_offset), want, int(splits))
+    tiles = [] if config is None else [config.BLOCK_M, config.BLOCK_N, config.num_warps, config.num_stages]
+    return triton_attention(key, q, k, v, captured, float(scale), int(q_offset), want, int(splits), tiles)

@@ -29,10 +29,31 @@ NUM_WARPS = (4, 8)
 NUM_STAGES = (1, 2, 3, 4)
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
-SPACE = [
+GRID = [
     Config(m, n, w, s, k)
     for m, n, w, s, k in itertools.product(BLOCK_MS, BLOCK_NS, NUM_WARPS, NUM_STAGES, SPLITS)
 ]
+
+
+def _tuning_space() -> object:
+    """The forward kernel's space for ``attncc tune`` (attncc.autotune's Triton space), if importable."""
+    try:
+        from attncc.autotune import triton_space
+    except ImportError:  # pragma: no cover - autotune is part of the package
+        return None
+    return triton_space()
+
+
+# NOTE: ``attncc tune`` and ``select_config`` read ``SPACE`` (a SearchSpace with BLOCK_M,
+# BLOCK_N, num_warps, num_stages, SPLIT_KV); ``GRID``/``keep``/``default_config`` below are the
+# backend's own view, used for the backward kernels and under the interpreter.
+SPACE = _tuning_space()
+
+
+def from_tuned(config: dict) -> Config:
+    """A tuning-cache config (``SPACE``'s parameter names) as the launcher's ``Config``."""
+    return Config(int(config["BLOCK_M"]), int(config["BLOCK_N"]), int(config["num_warps"]),
+                  int(config["num_stages"]), int(config.get("SPLIT_KV", 1)))
 
 
 def interpreted() -> bool:
@@ -82,4 +103,4 @@ def default_config(*, D: int, Lq: int, Lkv: int, kind: str = "forward") -> Confi
 
 def candidates(*, D: int, Lq: int, Lkv: int, kind: str) -> list[Config]:
     """The pruned space for one problem (what an autotuner would search)."""
-    return [c for c in SPACE if keep(c, D=D, Lq=Lq, Lkv=Lkv, kind=kind)]
+    return [c for c in GRID if keep(c, D=D, Lq=Lq, Lkv=Lkv, kind=kind)]
