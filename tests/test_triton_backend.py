@@ -244,11 +244,11 @@ def _grads(var, q, k, v, do, learn, backend):
 @pytest.mark.parametrize("name, learn", [
     ("causal", ()), ("alibi_causal", ()), ("softcap", ()), ("neg_inf_scores", ()), ("document_causal", ()),
     ("sinks", ("sink",)), ("sigmoid", ()), ("softplus", ()), ("relu", ()), ("relu2_causal", ()),
-    ("pointwise_unnormalized", ()), ("stick_breaking", ()), ("stick_breaking_strict", ()), ("bias_table", "all"), ("softcap_slopes", "all"), ("sigmoid_bias_table", "all"),
+    ("pointwise_unnormalized", ()), ("moba_token", ()), ("moh_heads", "all"), ("stick_breaking", ()), ("stick_breaking_strict", ()), ("bias_table", "all"), ("softcap_slopes", "all"), ("sigmoid_bias_table", "all"),
 ])
 def test_fused_backward_matches_reference(name, learn):
     """dq, dk, dv, sink logits and learned captured tensors (bias table, slopes) from the fused
-    kernels, no fallback: softmax, sigmoid, pointwise, stick-breaking."""
+    kernels, no fallback: softmax, sigmoid, pointwise, stick-breaking, routing (router logits too)."""
     var = VARIANTS[name]()
     learn = tuple(n for n in var.tensors if var.tensors[n].is_floating_point()) if learn == "all" else learn
     q, k, v = _qkv(seed=5)
@@ -262,7 +262,7 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("moba_token", ()), ("learned_phi", "all"), ("linear_decay", "all")])
+@pytest.mark.parametrize("name, learn", [("learned_phi", "all"), ("linear_decay", "all")])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()

@@ -1,7 +1,9 @@
 """The Triton backend: fused attention kernels generated from the kernel plan (GPUs).
 
 Pieces: ``render.py`` (Expr -> Triton text), ``source.py`` (templates filled from a region),
-``templates/*.py.jinja`` (forward with split-KV decoding, softmax backward),
+``templates/*.py.jinja`` (forward with split-KV decoding and GQA packing; backward for
+softmax, sigmoid, pointwise and stick-breaking; chunked linear attention), ``derivative.py``
+(symbolic d score_fn / d score for the backward),
 ``launcher.py`` (cache-dir modules, sparsity tables, grids), ``space.py`` (search space),
 ``checker.py`` (what runs here and why not), ``ops.py`` (torch.library ops + autograd).
 

@@ -88,8 +88,6 @@ def backward_unsupported(region: AttentionRegion, learn: tuple[str, ...] = ()) -
                 return f"gradient of captured tensor {name!r} outside the score function"
         elif getattr(region, "row_shift", None) is not None:
             return f"gradient of captured tensor {name!r} with a row_shift"
-    if region.routing is not None:
-        return f"no fused backward with routing ({type(region.routing).__name__}) yet"
     if not isinstance(norm, BACKWARD_NORMALIZERS):
         return f"no fused backward for {type(norm).__name__} yet"
     for what, expr in (("score function", region.score), ("phi", getattr(norm, "phi", None))):

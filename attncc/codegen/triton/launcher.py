@@ -192,10 +192,18 @@ def routing_args(region: AttentionRegion, q: Tensor, k: Tensor, tensors: dict[st
         row0 = q_offset if gate.per == "token" else q_offset // gate.block
         args += [table, table.stride(0), table.stride(1), table.stride(2), row0]
     if heads is not None:
-        kept, weights = lower_routing.head_selection(tensors[heads.router], heads.k)
-        dense = lower_routing.head_weights_dense(kept, weights.float(), q.shape[1])[..., 0].contiguous()
+        dense = head_weights(region, tensors, q.shape[1])
         args += [dense, *dense.stride()]
     return args
+
+
+def head_weights(region: AttentionRegion, tensors: dict[str, Tensor], Hq: int) -> Tensor:
+    """TopKHeads: ``[B, Hq, Lq]`` float32 weights, 0 where a token did not keep the head."""
+    from attncc.passes import lower_routing
+
+    heads = region.head_select
+    kept, weights = lower_routing.head_selection(tensors[heads.router].detach(), heads.k)
+    return lower_routing.head_weights_dense(kept, weights.float(), Hq)[..., 0].contiguous()
 
 
 def _block_d(d: int) -> int:
@@ -335,7 +343,12 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     mod = module(region, "backward", _dtype_name(q.dtype), learn)
     do = do.contiguous() if do.stride(-1) != 1 else do
     norm = region.normalizer
-    delta = (o.float() * do.float()).sum(-1)
+    if getattr(region, "head_select", None) is not None:
+        # NOTE: o = w * attn, so the attention sees do * w; delta = sum(attn * do * w) = sum(o * do).
+        delta = (o.float() * do.float()).sum(-1)
+        do = (do.float() * head_weights(region, tensors, Hq).unsqueeze(-1)).to(do.dtype)
+    else:
+        delta = (o.float() * do.float()).sum(-1)
     if isinstance(norm, nodes.PointwiseNorm) and not norm.normalize:
         delta = torch.zeros_like(delta)
     if dlse is not None:
@@ -347,8 +360,9 @@ def backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, o: Tensor
     dv_h = torch.empty(B, Hq, Lkv, Dv, dtype=torch.float32, device=q.device)
     grads = [torch.zeros(tensors[name].shape, dtype=torch.float32, device=q.device) for name in learn]
     grad_args = [x for g in grads for x in (g, *g.stride())]
+    routing = routing_args(region, q, k, tensors, q_offset)
     common = [Hq, Hq // Hkv, Lq, Lkv, q_offset, sm_scale(region, scale, D), sigmoid_bias(norm, Lkv),
-              *_captured_args(region, tensors), *grad_args]
+              *_captured_args(region, tensors, routing), *grad_args]
     if isinstance(norm, nodes.StickBreakingNorm):
         return _backward_stick_breaking(mod, q, k, v, do, delta, common, _expand(q_tables, B, Hq), tile, config)
     meta = dict(D=D, DV=Dv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),

@@ -1,13 +1,13 @@
 """``torch.library`` custom ops for the generated kernels: fake impls and autograd.
 
 ``attncc::triton_attention`` runs a region's fused forward; ``attncc::triton_attention_bwd``
-its fused softmax backward. Both take the region by key (``register_region``) so one op
+its fused backward. Both take the region by key (``register_region``) so one op
 serves every variant, and both have fake (meta) implementations, so ``torch.compile``
-traces through them without running a kernel. Autograd: softmax-family regions whose
-score derivative renders use the fused backward (sink gradients from ``lse``, learned
-tensors of the score function accumulated in the dQ kernel); any other
-case (stick-breaking, routing, a learned tensor inside phi, a score op without a
-derivative rule) recomputes through the reference
+traces through them without running a kernel. Autograd: softmax (sinks), sigmoid, pointwise
+and stick-breaking regions whose score (and phi) derivatives render use the fused backward (sink gradients from ``lse``, learned
+tensors of the score function accumulated in the dQ kernel, TopKHeads router logits from
+``o`` and ``do``); any other case (linear attention, a learned tensor inside phi or the
+mask, a score op without a derivative rule) recomputes through the reference
 backend's autograd, with a one-time warning naming the reason: never a silent wrong
 gradient.
 """
@@ -104,7 +104,9 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
     names = captured_names(region)
     sink = getattr(region.normalizer, "sink", None)
     wants = [c.requires_grad and c.is_floating_point() for c in captured]
-    learn = [n for n, want in zip(names, wants, strict=True) if want and (sink is None or n != sink.name)]
+    heads = getattr(region, "head_select", None)
+    router = heads.router if heads is not None else None
+    learn = [n for n, want in zip(names, wants, strict=True) if want and n not in (getattr(sink, "name", None), router)]
     reason = backward_unsupported(region, tuple(learn))
     if reason is not None:
         grads = _reference_backward(region, q, k, v, captured, names, do, dlse, ctx.scale, ctx.q_offset, reason)
@@ -116,6 +118,9 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
     dcaptured: list[Tensor | None] = [None] * len(captured)
     for name, grad in zip(learn, learned, strict=True):
         dcaptured[names.index(name)] = grad
+    if router is not None and wants[names.index(router)]:
+        i = names.index(router)
+        dcaptured[i] = _router_grad(region, captured[i], o, do)
     if sink is not None:
         i = names.index(sink.name)
         if wants[i]:
@@ -123,6 +128,18 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
             p_sink = torch.exp(captured[i].float().view(1, -1, 1) - lse)
             dcaptured[i] = (p_sink * (dlse_t.float() - delta)).sum((0, 2)).to(captured[i].dtype)
     return None, dq, dk, dv, dcaptured, None, None, None, None, [None] * ctx.n_config
+
+
+def _router_grad(region: AttentionRegion, router: Tensor, o: Tensor, do: Tensor) -> Tensor:
+    """TopKHeads: d loss / d router logits through the softmax over each token's kept heads.
+
+    ``o = w * attn`` so ``dL/dw = do . attn = (do . o) / w`` for kept heads (w > 0).
+    """
+    weights = launcher.head_weights(region, {region.head_select.router: router}, o.shape[1])  # [B, Hq, Lq]
+    kept = weights > 0
+    dw = torch.where(kept, (do.float() * o.float()).sum(-1) / torch.where(kept, weights, 1.0), 0.0)
+    dlogit = weights * (dw - (weights * dw).sum(1, keepdim=True))
+    return dlogit.permute(0, 2, 1).to(router.dtype)
 
 
 def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor],
