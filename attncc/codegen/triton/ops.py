@@ -3,13 +3,14 @@
 ``attncc::triton_attention`` runs a region's fused forward; ``attncc::triton_attention_bwd``
 its fused backward. Both take the region by key (``register_region``) so one op
 serves every variant, and both have fake (meta) implementations, so ``torch.compile``
-traces through them without running a kernel. Autograd: softmax (sinks), sigmoid, pointwise
-and stick-breaking regions whose score (and phi) derivatives render use the fused backward
-(sink gradients from ``lse``, learned tensors of the score function accumulated in the dQ
-kernel, TopKHeads router logits from ``o`` and ``do``); any other case (linear attention, a learned tensor inside phi or the
-mask, a score op without a derivative rule) recomputes through the reference
-backend's autograd, with a one-time warning naming the reason: never a silent wrong
-gradient.
+traces through them without running a kernel.
+
+Autograd: softmax (sinks), sigmoid, pointwise and stick-breaking regions whose score (and
+phi) derivatives render use the fused backward (sink gradients from ``lse``, learned
+tensors of the score function accumulated in the dQ kernel, TopKHeads router logits from
+``o`` and ``do``). Any other case (linear attention, a learned tensor inside phi or the
+mask, a score op without a derivative rule) recomputes through the reference backend's
+autograd, with a one-time warning naming the reason: never a silent wrong gradient.
 """
 
 from __future__ import annotations
