@@ -33,8 +33,11 @@ def split_spec(spec: str) -> tuple[Path, str]:
 
 
 def _module_name(path: Path) -> str:
-    """A module name unique to the file's absolute path (two ``model.py`` files do not collide)."""
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    """A module name unique to the file's absolute path and version (two ``model.py`` files do
+    not collide; an edited file is imported afresh, an unchanged one is imported once)."""
+    stat = path.stat()
+    identity = f"{path.resolve()}\0{stat.st_mtime_ns}\0{stat.st_size}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     stem = "".join(c if c.isalnum() else "_" for c in path.stem)
     return f"attncc_user_{stem}_{digest}"
 

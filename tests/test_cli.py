@@ -6,6 +6,7 @@ report's own dumps, and block maps classified by brute force over the dense mask
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -87,6 +88,17 @@ def test_two_files_with_the_same_stem_do_not_shadow_each_other(tmp_path):
     first = load_variant(f"{tmp_path / 'a' / 'model.py'}:var")
     second = load_variant(f"{tmp_path / 'b' / 'model.py'}:var")
     assert first.fingerprint != second.fingerprint
+
+
+def test_loading_twice_imports_once_and_an_edited_file_afresh(tmp_path):
+    path = tmp_path / "edited.py"
+    path.write_text("import attncc\nvar = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)\n")
+    first = load_variant(f"{path}:var")
+    assert load_variant(f"{path}:var") is first
+    path.write_text("import attncc\nvar = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx <= kv_idx)\n")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_variant(f"{path}:var").fingerprint != first.fingerprint
 
 
 @pytest.mark.parametrize(
