@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,23 @@ def test_forward_float32_matches_reference(name):
     if name.startswith(("mo", "linear")):
         check_against_reference(var, q, k, v, backend="triton", q_offset=4)
     assert var.last_choice.backend.name == "triton"
+
+
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.py")
+                  if p.name != "__init__.py")
+
+
+@in_process
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_on_triton(path):
+    """Each example's own main() (its default sizes) with backend="triton": the checker accepts
+    every example variant and the result matches the float64 reference."""
+    from attncc.loader import import_file
+
+    module = import_file(path)
+    if GPU:
+        pytest.skip("examples build CPU tensors")
+    module.main(backend="triton")
 
 
 @in_process

@@ -87,8 +87,12 @@ def _pow2(n: int) -> int:
 def default_config(*, D: int, Lq: int, Lkv: int, kind: str = "forward") -> Config:
     """A good untuned choice; the interpreter gets the smallest tiles (it is slow per element)."""
     if interpreted():
+        # NOTE: the interpreter pays per operation, not per element: small problems get 16-wide
+        # tiles (several tiles, so the multi-tile paths are exercised), long ones 64-wide.
         splits = 2 if kind == "split_kv" and Lkv > 16 else 1
-        return Config(16, 16, 4, 1, splits)
+        block_m = 16 if Lq <= 64 else 64
+        block_n = 16 if Lkv <= 64 else 64
+        return Config(block_m, block_n, 4, 1, splits)
     if kind == "split_kv":
         tiles = -(-Lkv // 64)
         splits = max(1, min(64, tiles // 4))
