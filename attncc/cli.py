@@ -159,7 +159,12 @@ def explain(spec: str, passes: bool, blocks: int | None, tile: str, batch: int |
 def format_pass_dumps(dumps: list[tuple[str, str]]) -> str:
     if not dumps:
         return "pass dumps: none recorded (the pipeline ran no passes)"
-    return "\n\n".join(f"=== {dump_title(name)} ===\n{text}" for name, text in dumps)
+    sections, previous = [], None
+    for name, text in dumps:
+        same = text == previous
+        sections.append(f"=== {dump_title(name)} ===" + (" (unchanged)" if same else f"\n{text}"))
+        previous = text
+    return "\n\n".join(sections)
 
 
 def dump_title(name: str) -> str:
