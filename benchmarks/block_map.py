@@ -21,6 +21,7 @@ peak is reset through ``/proc/self/clear_refs``). Then attncc alone at ``L = 1,0
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import platform
 import time
@@ -49,9 +50,18 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS, so a later call's peak RSS shows its own allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure(fn: Callable[[], Any]) -> tuple[float, float]:
     """(seconds, peak RSS growth in MiB) of one call."""
     gc.collect()
+    _release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS

@@ -404,3 +404,22 @@ def test_public_block_map() -> None:
     with pytest.raises(ValueError, match="B="):
         attncc.block_map(plain, 64, 64, tile=(32, 32))
     assert attncc.block_map(plain, 64, 64, tile=(32, 32), B=3).shape == (3, 1, 2, 2)
+
+
+def test_refinement_keeps_q_tiles_whole_when_only_kv_is_split() -> None:
+    """Regression: ``kv_idx % 2`` splits kv tiles; q tiles (offset 8, size 3) must stay whole."""
+    check_mask(lambda b, h, q, kv: (q >= kv) & (kv % 2 >= 1), None, B=1, H=1, Lq=2, Lkv=11, tile=(3, 3),
+               q_offset=8, exact=True)
+
+
+def test_document_kv_range_is_narrowed_by_sorted_ids() -> None:
+    """Sorted ids: per q tile, kv_range is exactly the hull of the tiles sharing a document."""
+    doc = torch.repeat_interleave(torch.arange(6), torch.tensor([30, 70, 5, 60, 40, 27]))
+    captures = Captures()
+    mask = trace_mask(M.document(doc), captures)
+    sp = analyze(mask)
+    want = brute_map(dense_keep(mask, captures.tensors, 1, 1, 232, 232, 0), (16, 16))[0, 0]
+    kr = sp.kv_range(1, 1, 232, 232, (16, 16), 0, captures.tensors)
+    for i in range(want.shape[0]):
+        nonempty = (want[i] != EMPTY).nonzero().flatten().tolist()
+        assert (int(kr.lo[0, 0, i]), int(kr.hi[0, 0, i])) == (nonempty[0], nonempty[-1] + 1)

@@ -436,25 +436,13 @@ def _score_allows_full(sp: MaskSparsity, tensors: dict[str, Tensor]) -> bool:
 
 
 def _band(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], cache: dict) -> Tensor | None:
-    """kv tile ids ``[nq, w]`` that may be non-empty, when that band is at most half the kv tiles.
-
-    The band is the structural hull (``kv_range``) intersected with the run-time bands of
-    ``t[q] == t[kv]`` conjuncts (``summaries.equality_band``: sorted document ids). Ids past
-    the last kv tile are padding. None: evaluate every kv tile.
-    """
-    lo: Tensor | None = None
-    hi: Tensor | None = None
-    if sp.bounds.bounded:
-        kr = _kv_range(sp, geo, tensors, with_full=False)
-        lo, hi = kr.lo.amin(dim=(0, 1)).long(), kr.hi.amax(dim=(0, 1)).long()
-    env = _env(geo, tensors, None, cache)
-    for term in conjuncts(sp.mask):
-        found = equality_band(term, env, geo, tensors)
-        if found is not None:
-            lo = found[0] if lo is None else torch.maximum(lo, found[0])
-            hi = found[1] if hi is None else torch.minimum(hi, found[1])
-    if lo is None or hi is None:
+    """kv tile ids ``[nq, w]`` that may be non-empty (``kv_range``'s hull over every batch and
+    head), when that band is at most half the kv tiles; ids past the last kv tile are padding.
+    None: evaluate every kv tile."""
+    if sp.mask is None:
         return None
+    kr = _kv_range(sp, geo, tensors, with_full=False, cache=cache)
+    lo, hi = kr.lo.amin(dim=(0, 1)).long(), kr.hi.amax(dim=(0, 1)).long()
     width = int((hi - lo).max().clamp(min=1))
     if width * 2 > geo.nkv:
         return None
@@ -500,8 +488,12 @@ def _divisors(mask: Expr, name: str) -> list[int]:
     return sorted(found)
 
 
-def _pieces(lo: Tensor, hi: Tensor, c: int, count: int) -> tuple[Tensor, Tensor]:
-    """Split every ``[lo, hi]`` at multiples of ``c`` into ``count`` pieces (repeating the last)."""
+def _pieces(lo: Tensor, hi: Tensor, plan: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+    """Split every ``[lo, hi]`` at multiples of ``c`` into ``count`` pieces (repeating the last);
+    without a plan, each range is its own single piece."""
+    if plan is None:
+        return lo[..., None], hi[..., None]
+    c, count = plan
     k = torch.arange(count)
     base = torch.div(lo, c, rounding_mode="floor")[..., None]
     start = torch.maximum(lo[..., None], (base + k) * c)
@@ -543,15 +535,15 @@ def _refine(mask: Expr, geo: Geometry, classes: Tensor, band: Tensor | None) -> 
     kv_ids = band.clamp(max=geo.nkv - 1) if band is not None else torch.arange(geo.nkv).expand(geo.nq, -1)
     crossing = _crosses(q_lo, q_hi, q_plan)[:, None] | _crosses(kv_lo, kv_hi, kv_plan)[kv_ids]
     where = ((classes == PARTIAL) & crossing).nonzero()
-    q_c, q_n = q_plan or (geo.bq, 1)
-    kv_c, kv_n = kv_plan or (geo.bk, 1)
+    q_n = q_plan[1] if q_plan else 1
+    kv_n = kv_plan[1] if kv_plan else 1
     P = where.shape[0]
     if P == 0 or P * q_n * kv_n > REFINE_BUDGET:
         return
     b, h, i, jj = where.unbind(1)
     j = kv_ids[i, jj]
-    qs, qe = _pieces(q_lo[i], q_hi[i], q_c, q_n)
-    ks, ke = _pieces(kv_lo[j], kv_hi[j], kv_c, kv_n)
+    qs, qe = _pieces(q_lo[i], q_hi[i], q_plan)
+    ks, ke = _pieces(kv_lo[j], kv_hi[j], kv_plan)
     ranges = {
         "q_idx": (qs.reshape(P, 1, q_n, 1), qe.reshape(P, 1, q_n, 1)),
         "kv_idx": (ks.reshape(P, 1, 1, kv_n), ke.reshape(P, 1, 1, kv_n)),
@@ -586,15 +578,25 @@ def _bound_interval(e: Expr | None, env: TileEnv, shape: tuple[int, ...], fallba
     return lo, hi
 
 
-def _kv_range(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], with_full: bool = True) -> KvRange:
+def _kv_range(
+    sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor], with_full: bool = True, cache: dict | None = None
+) -> KvRange:
+    """The structural hull per q tile, narrowed by the run-time bands of ``t[q] == t[kv]``
+    conjuncts (``summaries.equality_band``: sorted document ids), and the proven FULL sub-range."""
     shape = (geo.Bp, geo.Hp, geo.nq, 1)
-    env = _env(geo, tensors)
+    env = _env(geo, tensors, None, cache)
     last = float(geo.Lkv - 1)
     lo_min, _ = _bound_interval(sp.bounds.hull[0], env, shape, 0.0)
     _, hi_max = _bound_interval(sp.bounds.hull[1], env, shape, last)
     lo_t = floor_div(lo_min.clamp(min=0.0, max=last + 1), geo.bk)
     hi_t = floor_div(hi_max.clamp(min=-1.0, max=last), geo.bk) + 1
     nonempty = (hi_max >= lo_min) & (hi_max >= 0) & (lo_min <= last)
+    for term in conjuncts(sp.mask) if sp.mask is not None else ():
+        found = equality_band(term, env, geo, tensors)
+        if found is not None:
+            lo_t = torch.maximum(lo_t, found[0][..., None].double())
+            hi_t = torch.minimum(hi_t, found[1][..., None].double())
+            nonempty = nonempty & (hi_t > lo_t)
     lo_t = torch.where(nonempty, lo_t, 0.0)
     hi_t = torch.where(nonempty, hi_t, 0.0)
     full_lo, full_hi = lo_t, lo_t

@@ -146,7 +146,8 @@ def _side(e: Expr) -> str | None:
 def equality_band(
     term: Expr, env: TileEnv, geo: Geometry, tensors: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor] | None:
-    """Per q tile, the kv tiles ``[lo, hi)`` a conjunct ``t[q] == t'[kv]`` can keep (run time).
+    """Per q tile, the kv tiles ``[lo, hi)`` a conjunct ``t[q] == t'[kv]`` can keep (run time),
+    as ``[B', H', nq]`` tensors.
 
     kv tile ``j`` can match q tile ``i`` only if their ``[min, max]`` intervals meet. When the
     kv tiles' mins and maxes are both non-decreasing (sorted document ids), those tiles form
@@ -169,4 +170,4 @@ def equality_band(
         return None
     first = torch.searchsorted(kv_hi, q_lo, side="left")  # first kv tile whose max reaches the q tile's min
     stop = torch.searchsorted(kv_lo, q_hi, side="right")  # past the last kv tile whose min is <= its max
-    return first.amin(dim=(0, 1)), stop.amax(dim=(0, 1))
+    return first, stop
