@@ -136,6 +136,8 @@ def _add(a: Expr, b: Expr) -> Expr:
 def _neg(a: Expr) -> Expr:
     if a.op == "const":
         return ex.const(-a.arg)
+    if a.op == "sub":
+        return _sub(a.src[1], a.src[0])
     return a.src[0] if a.op == "neg" else ex.unary("neg", a)
 
 
