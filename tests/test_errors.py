@@ -242,3 +242,18 @@ def test_python_error_inside_torch_points_at_the_user_line() -> None:
         attncc.variant(bad_unpack)
     message = str(info.value)
     assert "bad_unpack" in message and f"{__file__}:{_line_of(bad_unpack, 'first, _')}" in message, message
+
+
+@pytest.mark.parametrize("construct", ["s & 1", "s | q_idx", "1 ^ s", "s >> 1"])
+def test_bitwise_on_float_is_refused(construct: str) -> None:
+    fn = eval(f"lambda s, b, h, q_idx, kv_idx: {construct}")
+    with pytest.raises(TraceError, match="bitwise"):
+        attncc.variant(fn)
+
+
+def test_in_place_widening_keeps_its_message() -> None:
+    def widening(b, h, q_idx, kv_idx):
+        q_idx *= 0.5
+        return q_idx > kv_idx
+
+    _expect_trace_error(widening, "in-place", "q_idx *= 0.5", as_mask=True)

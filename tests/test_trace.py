@@ -74,9 +74,10 @@ def _check_score(fn, score: torch.Tensor | None = None) -> None:
     score = _scores() if score is None else score
     grid = _grid()
     got = _full(evaluate(traced, {**grid, "score": score}, captures.tensors, torch.float64), score)
-    expected = _eager_score(fn, score)
+    expected = _eager_score(fn, score.clone())  # clones: in-place ops in fn change their arguments
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
-    direct = _broadcast_eager(fn, score, grid["b"], grid["h"], grid["q_idx"], grid["kv_idx"]).to(torch.float64)
+    direct = _broadcast_eager(fn, score.clone(), *(grid[n].clone() for n in ("b", "h", "q_idx", "kv_idx")))
+    direct = direct.to(torch.float64)
     torch.testing.assert_close(got, _full(direct, score), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
@@ -89,7 +90,7 @@ def _check_mask(fn, broadcast: bool = True) -> None:
     got = _full(evaluate(traced, grid, captures.tensors, torch.float64), expected)
     assert torch.equal(got, expected), f"mask {traced} differs from eager"
     if broadcast:
-        direct = _broadcast_eager(fn, grid["b"], grid["h"], grid["q_idx"], grid["kv_idx"])
+        direct = _broadcast_eager(fn, *(grid[n].clone() for n in ("b", "h", "q_idx", "kv_idx")))
         assert torch.equal(got, _full(direct, expected).to(torch.bool)), f"mask {traced} differs on broadcast grids"
 
 
@@ -355,3 +356,106 @@ def test_random_mask_expressions_match_eager(term: tuple[str, str, bool]) -> Non
     shape = (B, H, LQ, LKV)
     assert expected.dtype == torch.bool
     assert torch.equal(torch.broadcast_to(got, shape), torch.broadcast_to(expected, shape)), f"{source} -> {traced}"
+
+
+# ---- mask generators in the style FlexAttention users share (written here, not copied) -------
+
+
+def _compact_bits(x):
+    """Every other bit of x, packed (Morton decode of one coordinate), with in-place bit ops."""
+    x &= 0x55555555
+    x = (x | (x >> 1)) & 0x33333333
+    x = (x | (x >> 2)) & 0x0F0F0F0F
+    x = (x | (x >> 4)) & 0x00FF00FF
+    x = (x | (x >> 8)) & 0x0000FFFF
+    return x
+
+
+def _morton_window(radius: int):
+    def mask(b, h, q_idx, kv_idx):
+        qx, qy = _compact_bits(q_idx), _compact_bits(q_idx >> 1)
+        kx, ky = _compact_bits(kv_idx), _compact_bits(kv_idx >> 1)
+        return ((qx - kx).abs() <= radius) & ((qy - ky).abs() <= radius)
+
+    return mask
+
+
+def _documents_from_offsets(offsets: torch.Tensor, inner):
+    doc_of = torch.repeat_interleave(torch.arange(len(offsets) - 1, dtype=torch.int32), offsets[1:] - offsets[:-1])
+
+    def mask(b, h, q_idx, kv_idx):
+        same = doc_of[q_idx] == doc_of[kv_idx]
+        q_local = q_idx - offsets[doc_of[q_idx]]
+        kv_local = kv_idx - offsets[doc_of[kv_idx]]
+        return same & inner(b, h, q_local, kv_local)
+
+    return mask
+
+
+def _clamped_neighbourhood_2d(width: int, kernel: int):
+    def mask(b, h, q_idx, kv_idx):
+        qr, qc = q_idx // width, q_idx % width
+        kr, kc = kv_idx // width, kv_idx % width
+        centre_r = qr.clamp(kernel // 2, (LKV // width - 1) - kernel // 2)
+        centre_c = qc.clamp(kernel // 2, (width - 1) - kernel // 2)
+        return ((centre_r - kr).abs() <= kernel // 2) & ((centre_c - kc).abs() <= kernel // 2)
+
+    return mask
+
+
+def _alibi_generator(heads: int):
+    def score(s, b, h, q_idx, kv_idx):
+        slope = torch.exp2(-((h + 1) * 8.0 / heads))
+        return s + (kv_idx - q_idx) * slope
+
+    return score
+
+
+@pytest.mark.parametrize("name", ["morton", "documents", "neighbourhood", "prefix_or_causal"])
+def test_shared_mask_generators(name: str) -> None:
+    offsets = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    masks = {
+        "morton": _morton_window(1),
+        "documents": _documents_from_offsets(offsets, MASK_FUNCTIONS["causal"]),
+        "neighbourhood": _clamped_neighbourhood_2d(3, 3),
+        "prefix_or_causal": or_masks(lambda b, h, q, k: k < 3, MASK_FUNCTIONS["causal"]),
+    }
+    _check_mask(masks[name])
+
+
+def test_shared_score_generator() -> None:
+    _check_score(_alibi_generator(H))
+
+
+def test_in_place_ops_change_the_value_they_alias() -> None:
+    """``x = q_idx; x += 1`` changes q_idx too in eager torch; the trace must agree."""
+
+    def aliasing(s, b, h, q_idx, kv_idx):
+        x = q_idx
+        x += 1
+        x *= 3
+        x -= 2
+        y = kv_idx
+        y <<= 1
+        y //= 3
+        y %= 4
+        y |= 8
+        z = s
+        z /= 2
+        z.mul_(2).add_(1.5)
+        torch.relu_(z)
+        z.clamp_(max=2.0)
+        return s + q_idx * 10 + kv_idx  # reads the mutated values
+
+    _check_score(aliasing)
+
+
+def test_in_place_op_that_changes_dtype_is_refused() -> None:
+    from attncc.ir.trace import TraceError
+
+    def widening(b, h, q_idx, kv_idx):
+        q_idx *= 0.5
+        return q_idx > kv_idx
+
+    with pytest.raises(TraceError, match="in-place"):
+        trace_mask(widening, Captures())

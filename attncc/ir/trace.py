@@ -26,8 +26,12 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _TORCH_DTYPES = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}
 
 
-class TraceError(TypeError):
-    """A user function uses something attncc cannot turn into IR."""
+class TraceError(Exception):
+    """A user function uses something attncc cannot turn into IR.
+
+    NOTE: not a TypeError: torch turns a TypeError raised inside ``a & b`` or ``x *= 0.5``
+    into ``NotImplemented``, and Python would then retry another way and lose the message.
+    """
 
 
 class CaptureDeviceError(ValueError):
@@ -100,10 +104,33 @@ class Symbol(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         handler = _HANDLERS.get(name)
+        if handler is None and name.endswith("_") and not name.startswith("_"):
+            handler = _HANDLERS.get(name[:-1])  # x += 1 arrives as add_, x *= 2 as mul_
         if handler is None:
             raise _error(f"unsupported torch function or method '{_qualname(func)}'")
         result = handler(*args, **kwargs)
+        if _is_inplace(name) and args and isinstance(args[0], Symbol) and isinstance(result, Expr):
+            return _update_in_place(args[0], result, name)
         return Symbol(result) if isinstance(result, Expr) else result
+
+
+def _is_inplace(name: str) -> bool:
+    """``x &= m``, ``x.add_(1)``, ``torch.relu_(x)``: torch changes ``x`` itself."""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+
+
+_INPLACE_DUNDERS = {
+    f"__i{op}__" for op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+                            "lshift", "rshift")
+}
+
+
+def _update_in_place(target: Symbol, result: Expr, name: str) -> Symbol:
+    """Mutate ``target`` as eager torch would, so aliases of it (the caller's q_idx) see the change."""
+    if ex.promote(result.dtype, target.expr.dtype) != target.expr.dtype:
+        raise _error(f"in-place '{name}' would turn a {target.expr.dtype} value into {result.dtype}")
+    target.expr = ex.cast(result, target.expr.dtype)
+    return target
 
 
 _PASSTHROUGH = {"__repr__", "__format__", "__hash__", "dim", "size", "numel", "__len__"}
@@ -210,7 +237,7 @@ def _binary(op: str, reflected: bool = False) -> Callable[..., Expr]:
         left, right = _scalar(a), _scalar(b)
         if reflected:
             left, right = right, left
-        if op in ("and", "or", "xor") and left.dtype != right.dtype:
+        if op in ("and", "or", "xor") and {left.dtype, right.dtype} == {"bool", "int"}:
             left, right = ex.cast(left, "int"), ex.cast(right, "int")
         try:
             return ex.binary(op, left, right)
