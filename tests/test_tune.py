@@ -57,7 +57,8 @@ def test_exhaustive_budget_finds_the_fastest_correct_config_and_records_it():
     assert result.best_config == BEST, "wrong-but-faster configs must never win"
     assert {"tile": 64, "unroll": 4, "wrong": False} in backend.calls, "the failing config was tried"
     assert result.trials == 11  # 24 valid configs - 12 wrong - 1 that fails to compile
-    assert result.default_ms > result.best_ms and result.speedup > 1.5
+    assert result.default_ms > result.best_ms
+    assert result.confirmed is not None and result.confirmed[0] > result.confirmed[1] and result.speedup > 1.5
     assert result.stored and TuningCache().get(result.key).config == BEST
     chosen, source = _select(backend)
     assert chosen == BEST and source.startswith("tuned: exact key")
@@ -73,14 +74,14 @@ def test_small_budget_stops_at_the_budget_and_is_no_worse_than_the_default():
 
 def test_rerun_resumes_and_never_measures_a_config_twice():
     backend = FakeBackend()
-    tune_program(causal, backend, [SHAPE], torch.float32, budget=3, **FAST)
+    tune_program(causal, backend, [SHAPE], torch.float32, budget=3, confirm=False, **FAST)
     first = [json.dumps(c, sort_keys=True) for c in backend.calls]
     backend.calls.clear()
-    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=6, **FAST)
+    [result] = tune_program(causal, backend, [SHAPE], torch.float32, budget=6, confirm=False, **FAST)
     assert result.trials == 6
     assert not set(first) & {json.dumps(c, sort_keys=True) for c in backend.calls}
     backend.calls.clear()
-    tune_program(causal, backend, [SHAPE], torch.float32, budget=6, **FAST)
+    tune_program(causal, backend, [SHAPE], torch.float32, budget=6, confirm=False, **FAST)
     assert backend.calls == [], "a finished study runs nothing"
 
 

@@ -98,12 +98,17 @@ def example_programs() -> dict[str, Any]:
 @click.option("--seed", type=int, default=0, show_default=True, help="TPE sampler seed.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads while tuning (part of the CPU's device fingerprint; default: torch's).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def tune(specs: tuple[str, ...], shapes: str, dtype: str, budget: int, out: str | None, storage: str | None,
          backend: str | None, device: str, all_examples: bool, seed: int, warmup: int, repeats: int,
-         no_progress: bool) -> None:
+         threads: int | None, no_progress: bool) -> None:
     """Tune the variants NAME defined in FILE for the given shapes; results go to the tuning cache."""
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from attncc.autotune.cache import TuningCache, merge_json
     from attncc.autotune.study import tune_program
@@ -148,14 +153,20 @@ def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"tuning results (cache {cache.path})")
-    for column in ("variant", "shape bucket", "trials", "default ms", "tuned ms", "speedup", "config", "note"):
+    columns = ("variant", "shape bucket", "trials", "study: default ms", "study: tuned ms",
+               "side by side: default / tuned ms", "speedup", "config", "note")
+    for column in columns:
         table.add_column(column)
     for spec, r in rows:
         note = "pinned: the pin still wins" if r.pinned else ("" if r.stored else "cache kept a better result")
         speedup = f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-"
+        pair = f"{_ms(r.confirmed[0])} / {_ms(r.confirmed[1])}" if r.confirmed else "-"
         table.add_row(spec.rpartition(":")[2], r.key.shape.tag, str(r.trials), _ms(r.default_ms), _ms(r.best_ms),
-                      speedup, json.dumps(r.best_config, sort_keys=True), note)
-    Console().print(table)
+                      pair, speedup, json.dumps(r.best_config, sort_keys=True), note)
+    console = Console()
+    if not console.is_terminal:  # NOTE: piped output keeps whole configs instead of wrapping at 80 columns
+        console = Console(width=240)
+    console.print(table)
 
 
 def _ms(value: float) -> str:

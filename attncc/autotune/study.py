@@ -45,13 +45,30 @@ class TuneResult:
     seconds: float  # wall time of this call
     stored: bool  # whether the cache now holds this result (False: it already had a better one)
     pinned: bool
+    confirmed: tuple[float, float] | None = None  # (default ms, tuned ms) re-measured side by side
 
     @property
     def speedup(self) -> float:
-        """default time / tuned time (nan when either is unknown)."""
-        if not (self.best_ms > 0 and self.default_ms > 0 and math.isfinite(self.default_ms)):
+        """default time / tuned time, from the side-by-side re-measurement when there is one (else nan
+        when either is unknown). Study times are taken minutes apart; on a busy machine only the
+        interleaved pair is a fair comparison."""
+        default_ms, best_ms = self.confirmed or (self.default_ms, self.best_ms)
+        if not (best_ms > 0 and default_ms > 0 and math.isfinite(default_ms)):
             return math.nan
-        return self.default_ms / self.best_ms
+        return default_ms / best_ms
+
+
+def confirm_pair(runner: Runner, default: Config, best: Config, *, warmup: int, repeats: int,
+                 sync: Callable[[], None], rounds: int = 3) -> tuple[float, float] | None:
+    """(default ms, tuned ms): medians of ``rounds`` interleaved measurements (None if one fails)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    try:
+        for _ in range(rounds):
+            for config, bucket in ((default, times[0]), (best, times[1])):
+                bucket.append(measure(lambda c=config: runner(c), warmup=warmup, repeats=repeats, sync=sync)[0])
+    except Exception:
+        return None
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def default_storage() -> str:
@@ -228,6 +245,7 @@ def tune_key(
     device: torch.device | str = "cpu",
     progress: bool = True,
     description: str | None = None,
+    confirm: bool = True,
 ) -> TuneResult:
     """Run (or resume, or join) the study of ``key`` until it holds ``budget`` measured trials."""
     import optuna
@@ -279,6 +297,10 @@ def tune_key(
         if bar is not None:
             bar.close()
         result = _finish(study, key, space, cache, started)
+    if confirm and result.best_config not in (None, result.default_config) and math.isfinite(result.default_ms):
+        result.confirmed = confirm_pair(runner, result.default_config, result.best_config, warmup=max(1, warmup),
+                                        repeats=repeats, sync=objective.sync)
+        result.seconds = time.perf_counter() - started
     return result
 
 
@@ -410,6 +432,7 @@ def tune_program(
     repeats: int = 5,
     progress: bool = True,
     label: str | None = None,
+    confirm: bool = True,
 ) -> list[TuneResult]:
     """Tune ``program`` on ``backend`` for each (B, H, L, D) shape (see make_operands); results land in ``cache``."""
     plan = program.plan
@@ -429,5 +452,5 @@ def tune_program(
         description = f"{label or program.name} {'x'.join(map(str, shape))}"
         results.append(tune_key(key, space, runner, budget, checker=checker, cache=cache, storage=storage,
                                 seed=seed, warmup=warmup, repeats=repeats, device=q.device, progress=progress,
-                                description=description))
+                                description=description, confirm=confirm))
     return results
