@@ -58,10 +58,12 @@ def _release_freed_memory() -> None:
         pass
 
 
-def measure(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(seconds, peak RSS growth in MiB) of one call."""
+def measure(fn: Callable[[], Any], release: bool = False) -> tuple[float, float]:
+    """(seconds, peak RSS growth in MiB) of one call; ``release`` first returns freed heap pages
+    to the OS so the peak shows this call's own allocations (a cold call: page faults included)."""
     gc.collect()
-    _release_freed_memory()
+    if release:
+        _release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
@@ -160,7 +162,7 @@ def side_by_side(L: int, runs: int, flex_runs: int, skip_flex: bool) -> list[dic
             for key, fn in contenders.items():
                 if key == "flex eager" and r >= flex_runs:
                     continue
-                seconds, mib = measure(fn)
+                seconds, mib = measure(fn, release=r == 0)  # NOTE: memory from the cold first round
                 times[key].append(seconds)
                 mems[key] = max(mems[key], mib)
         row = {"mask": name, "L": L, "build_s": build, "compile_s": compile_s}
@@ -176,9 +178,9 @@ def alone(L: int, runs: int) -> list[dict[str, Any]]:
         ours, build = attncc_contenders(mask, L)
         times = {k: [] for k in ours}
         mems = {k: 0.0 for k in ours}
-        for _ in range(runs):
+        for r in range(runs):
             for key, fn in ours.items():
-                seconds, mib = measure(fn)
+                seconds, mib = measure(fn, release=r == 0)
                 times[key].append(seconds)
                 mems[key] = max(mems[key], mib)
         row = {"mask": name, "L": L, "build_s": build, "compile_s": None}
@@ -290,7 +292,9 @@ def main() -> None:
             "# Block maps: attncc vs FlexAttention create_block_mask (CPU)\n\n"
             f"Machine: {machine()}. Produced by `python benchmarks/block_map.py --write-results` "
             f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; the machine was shared "
-            "(load from other jobs), so absolute times are noisy; contenders alternate within each round.\n\n"
+            "(load from other jobs), so absolute times are noisy; contenders alternate within each round. "
+            "Times are the minimum over rounds; memory comes from the first round, run cold (freed heap "
+            "pages returned to the OS first).\n\n"
             "attncc times exclude nothing but need no compile step; building the variant (tracing and "
             f"the pass pipeline, once per variant) took {build}. The compiled create_block_mask's "
             "compile is its first call, shown in parentheses and not counted in the ratio. Memory: peak "

@@ -157,8 +157,7 @@ def equality_band(
     if term.op != "eq" or {_side(term.src[0]), _side(term.src[1])} != {"q", "kv"}:
         return None
     q_load, kv_load = term.src if _side(term.src[0]) == "q" else term.src[::-1]
-    q_val = summarize_load(q_load, [abstract_eval(i, env) for i in q_load.src[1:]], tensors, geo)
-    kv_val = summarize_load(kv_load, [abstract_eval(i, env) for i in kv_load.src[1:]], tensors, geo)
+    q_val, kv_val = abstract_eval(q_load, env), abstract_eval(kv_load, env)  # env.load caches summaries
     if not isinstance(q_val, IntVal) or not isinstance(kv_val, IntVal):
         return None
     shape = (geo.Bp, geo.Hp)
