@@ -159,6 +159,8 @@ def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
         table.add_column(column)
     for spec, r in rows:
         note = "pinned: the pin still wins" if r.pinned else ("" if r.stored else "cache kept a better result")
+        if r.confirmed and r.speedup < 1.02:
+            note = (note + "; " if note else "") + "no speedup side by side (noisy machine?)"
         speedup = f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-"
         pair = f"{_ms(r.confirmed[0])} / {_ms(r.confirmed[1])}" if r.confirmed else "-"
         table.add_row(spec.rpartition(":")[2], r.key.shape.tag, str(r.trials), _ms(r.default_ms), _ms(r.best_ms),
