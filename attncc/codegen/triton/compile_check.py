@@ -91,7 +91,7 @@ def main() -> None:  # pragma: no cover - a command-line check
                         tensors = {**program.tensors, **scalars}
                         BACKEND.run(plan, operands, tensors, scale=None, q_offset=0, return_lse=False)
                         _backward_calls(plan, operands, tensors)
-                    except Exception as err:  # noqa: BLE001
+                    except Exception as err:
                         print(f"{path.stem}.{name}: launcher failed: {err}")
                         failures += 1
                         continue
@@ -99,7 +99,7 @@ def main() -> None:  # pragma: no cover - a command-line check
                     try:
                         compile_call(fn, args, kwargs)
                         print(f"{path.stem}.{name} {dtype}: {fn.__name__} compiled")
-                    except Exception as err:  # noqa: BLE001
+                    except Exception as err:
                         failures += 1
                         print(f"{path.stem}.{name} {dtype}: {fn.__name__} FAILED: {str(err)[:2000]}")
     sys.exit(1 if failures else 0)
