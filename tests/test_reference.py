@@ -686,8 +686,20 @@ def test_mask_reading_a_float_table_and_float32_captures_with_float64_inputs() -
 RANDOM_MASKS = _term(2, with_score=False).filter(lambda t: t[1] == "bool" and t[2])
 
 
+RANDOM_NORMALIZERS = st.sampled_from(["softmax", "sink", "sigmoid", "relu", "stick_breaking"])
+SINK = torch.tensor([0.0, -1.0, 2.0, 0.5], dtype=f64)
+
+
+def _stick_breaking_products(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """beta_ij * prod_{t kept, t > j} (1 - beta_it) as a reversed cumulative product (not log space)."""
+    stay = torch.where(keep, 1 - torch.sigmoid(s), 1.0)
+    after = torch.flip(torch.cumprod(torch.flip(stay, [-1]), -1), [-1])  # prod over t >= j
+    after = torch.cat([after[..., 1:], torch.ones_like(after[..., :1])], -1)  # prod over t > j
+    return torch.where(keep, torch.sigmoid(s) * after, 0.0)
+
+
 @pytest.mark.filterwarnings("ignore")
-@given(_term(3, with_score=True), RANDOM_MASKS, st.sampled_from(["softmax", "sigmoid", "relu"]))
+@given(_term(3, with_score=True), RANDOM_MASKS, RANDOM_NORMALIZERS)
 def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tuple, normalizer: str) -> None:
     """Random score and mask callables: the pipeline plus the reference equal a direct evaluation."""
     score_src, mask_src = score_term[0], mask_term[0]
@@ -704,14 +716,22 @@ def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tupl
         torch.set_default_dtype(previous)
     assume(not torch.isnan(s).any() and not (s == math.inf).any())
     keep = keep & (s != -math.inf)
+    spec = attncc.Softmax(sink=SINK) if normalizer == "sink" else normalizer
     if normalizer == "softmax":
         m = torch.where(keep, s, -math.inf).amax(-1, keepdim=True)
         p = _row_normalize(torch.where(keep, torch.exp(s - torch.where(torch.isfinite(m), m, 0.0)), 0.0))
+    elif normalizer == "sink":
+        sink = SINK.view(1, -1, 1, 1)
+        m = torch.maximum(torch.where(keep, s, -math.inf).amax(-1, keepdim=True), sink)
+        e = torch.where(keep, torch.exp(s - m), 0.0)
+        p = e / (torch.exp(sink - m) + e.sum(-1, keepdim=True))
     elif normalizer == "sigmoid":
         p = torch.where(keep, torch.sigmoid(s - math.log(6)), 0.0)
+    elif normalizer == "stick_breaking":
+        p = _stick_breaking_products(s, keep)
     else:
         p = _row_normalize(torch.where(keep, torch.relu(s), 0.0))
-    got = _run(attncc.variant(score_fn, mask=mask_fn, normalizer=normalizer), q, k, v, q_offset=1)
+    got = _run(attncc.variant(score_fn, mask=mask_fn, normalizer=spec), q, k, v, q_offset=1)
     torch.testing.assert_close(got, _apply(p, v), rtol=1e-9, atol=1e-9,
                                msg=lambda m: f"score {score_src}\nmask {mask_src}\n{normalizer}\n{m}")
 
