@@ -178,6 +178,10 @@ def test_cli_tune_then_cache_commands(tmp_path, monkeypatch):
     assert [p.shape for p in TuningCache().pins()] == ["*"]
     bad = runner.invoke(commands.cache, ["pin", f"{source}:causal", "--config", "{not json"])
     assert bad.exit_code != 0 and "--config" in bad.output
+    removed = runner.invoke(commands.cache, ["pin", f"{source}:causal", "--backend", "fake", "--remove"])
+    assert removed.exit_code == 0 and TuningCache().pins() == []
+    assert runner.invoke(commands.cache, ["pin", f"{source}:causal", "--backend", "fake",
+                                          "--config", json.dumps({"tile": 16, "unroll": 1, "wrong": False})]).exit_code == 0
 
     exported = tmp_path / "export.json"
     assert runner.invoke(commands.cache, ["export", str(exported)]).exit_code == 0

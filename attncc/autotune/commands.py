@@ -149,7 +149,6 @@ def tune(specs: tuple[str, ...], shapes: str, dtype: str, budget: int, out: str 
 
 
 def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"tuning results (cache {cache.path})")
@@ -165,10 +164,16 @@ def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
         pair = f"{_ms(r.confirmed[0])} / {_ms(r.confirmed[1])}" if r.confirmed else "-"
         table.add_row(spec.rpartition(":")[2], r.key.shape.tag, str(r.trials), _ms(r.default_ms), _ms(r.best_ms),
                       pair, speedup, json.dumps(r.best_config, sort_keys=True), note)
+    _console().print(table)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal:  # NOTE: piped output keeps whole configs instead of wrapping at 80 columns
         console = Console(width=240)
-    console.print(table)
+    return console
 
 
 def _ms(value: float) -> str:
@@ -191,7 +196,6 @@ def _cache() -> Any:
 @cache.command("ls")
 def cache_ls() -> None:
     """List tuned entries and pins."""
-    from rich.console import Console
     from rich.table import Table
 
     db = _cache()
@@ -205,7 +209,7 @@ def cache_ls() -> None:
     for p in pins:
         table.add_row(p.fingerprint[:12], p.backend, _device_label(p.device, devices), p.shape, "pinned", "",
                       json.dumps(p.config, sort_keys=True))
-    Console().print(table)
+    _console().print(table)
 
 
 def _device_label(device: str, devices: dict[str, Any]) -> str:
@@ -271,7 +275,7 @@ def cache_clear(yes: bool, pins: bool) -> None:
 
 @cache.command("pin")
 @click.argument("target", metavar="KEY|FILE:NAME")
-@click.option("--config", "config_text", required=True, help="The config as JSON, e.g. '{\"tile_q\": 16, ...}'.")
+@click.option("--config", "config_text", default=None, help="The config as JSON, e.g. '{\"tile_q\": 16, ...}'.")
 @click.option("--backend", default="tvm", show_default=True, help="Backend (for FILE:NAME).")
 @click.option("--shapes", default=None, help="Pin for these shapes only (FILE:NAME); default: every shape.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
@@ -283,19 +287,23 @@ def cache_pin(target: str, config_text: str, backend: str, shapes: str | None, d
     """Pin a config for KEY (FINGERPRINT/BACKEND/DEVICE|*/SHAPE|*) or a variant FILE:NAME; tuning never changes it."""
     from attncc.autotune.records import Pin, config_problem
 
+    db = _cache()
+    targets = _pin_targets(target, backend, shapes, dtype, any_device)
+    if remove:
+        for fingerprint, backend_, device, shape in targets:
+            removed = db.unpin(fingerprint, backend_, device, shape)
+            click.echo(f"removed {removed} pin(s) {fingerprint}/{backend_}/{device}/{shape}")
+        return
+    if config_text is None:
+        raise click.UsageError("--config is required (or pass --remove)")
     try:
         config = json.loads(config_text)
     except ValueError as err:
         raise click.BadParameter(f"not JSON: {err}", param_hint="--config") from err
     if problem := config_problem(config):
         raise click.BadParameter(problem, param_hint="--config")
-    db = _cache()
-    for fingerprint, backend_, device, shape in _pin_targets(target, backend, shapes, dtype, any_device):
+    for fingerprint, backend_, device, shape in targets:
         _check_against_space(backend_, config, shape)
-        if remove:
-            removed = db.unpin(fingerprint, backend_, device, shape)
-            click.echo(f"removed {removed} pin(s) {fingerprint}/{backend_}/{device}/{shape}")
-            continue
         db.pin(Pin(fingerprint, backend_, device, shape, config, note))
         click.echo(f"pinned {fingerprint}/{backend_}/{device}/{shape} = {json.dumps(config, sort_keys=True)}")
 
@@ -334,15 +342,17 @@ def _shape_key(dims: tuple[int, ...], dtype: str, shape_key: Any) -> Any:
 def _check_against_space(backend: str, config: dict[str, Any], shape: str) -> None:
     """Refuse a pin the backend's search space would reject (when the backend can say)."""
     from attncc.autotune.keys import ShapeKey
+    from attncc.autotune.study import backend_space
     from attncc.codegen import registry
 
     if backend not in registry.BACKEND_MODULES:
         return
     loaded = registry.load(backend)
-    space = getattr(loaded, "search_space", None) if not isinstance(loaded, str) else None
-    from attncc.autotune.space import SearchSpace
-
-    if not isinstance(space, SearchSpace):
+    if isinstance(loaded, str):
+        return
+    try:
+        space = backend_space(loaded, None)
+    except ValueError:
         return
     if shape == WILDCARD:
         if set(config) != set(space.params):
