@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncc
@@ -206,6 +206,7 @@ def _expr(draw, depth: int) -> Expr:
     return draw(st.sampled_from(options)) if options else a
 
 
+@settings(max_examples=80, deadline=None)
 @given(_expr(3))
 def test_printed_text_reads_back_to_the_same_values(e: Expr) -> None:
     text = format_expr(e)

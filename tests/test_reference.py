@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from test_trace import NAMESPACE, _term
+from test_trace import HYPOTHESIS, NAMESPACE, _term
 
 import attncc
 from attncc.codegen.reference.attention import run_plan, topk_blocks_selection, topk_heads_weights
@@ -699,6 +699,7 @@ def _stick_breaking_products(s: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.filterwarnings("ignore")
+@HYPOTHESIS
 @given(_term(3, with_score=True), RANDOM_MASKS, RANDOM_NORMALIZERS)
 def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tuple, normalizer: str) -> None:
     """Random score and mask callables: the pipeline plus the reference equal a direct evaluation."""

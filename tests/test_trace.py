@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
 
@@ -330,6 +330,12 @@ def _broadcast_eager(fn, *args):
         torch.set_default_dtype(previous)
 
 
+# NOTE: per-test settings (not a global profile) so other files keep hypothesis' defaults.
+HYPOTHESIS = settings(max_examples=60, deadline=None,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@HYPOTHESIS
 @given(_term(3, with_score=True))
 def test_random_score_expressions_match_eager(term: tuple[str, str, bool]) -> None:
     source, _, _ = term
@@ -344,6 +350,7 @@ def test_random_score_expressions_match_eager(term: tuple[str, str, bool]) -> No
                                msg=lambda m: f"{source}\ntraced as {traced}\n{m}")
 
 
+@HYPOTHESIS
 @given(_term(3, with_score=False).filter(lambda t: t[1] == "bool" and t[2]))
 def test_random_mask_expressions_match_eager(term: tuple[str, str, bool]) -> None:
     source, _, _ = term
