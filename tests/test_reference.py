@@ -742,3 +742,39 @@ def test_out_of_bounds_read_names_the_captured_tensor() -> None:
     var = attncc.variant(lambda s, b, h, qi, ki: s + short[qi])
     with pytest.raises(IndexError, match="captured tensor 'short' of shape"):
         _run(var, *_qkv(Lq=7))
+
+
+NORMALIZERS_FOR_DTYPES = ["softmax", "sigmoid", "softplus", "relu2", "stick_breaking", "linear", "sink"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NORMALIZERS_FOR_DTYPES)
+def test_output_dtype_follows_input_for_every_normalizer(name: str, dtype: torch.dtype) -> None:
+    spec = {"linear": attncc.Linear(), "sink": attncc.Softmax(sink=torch.zeros(4))}.get(name, name)
+    q, k, v = _qkv(dtype=dtype)
+    o = _run(attncc.variant(mask=causal, normalizer=spec), q, k, v)
+    assert o.dtype == dtype and o.shape == (2, 4, 7, 6) and torch.isfinite(o).all()
+    exact = _run(attncc.variant(mask=causal, normalizer=spec), q.double(), k.double(), v.double())
+    # accumulation is float32 whatever the input: the error is that of rounding the output once
+    bound = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert (o.double() - exact).abs().max().item() <= bound * max(1.0, exact.abs().max().item())
+
+
+def test_gradcheck_router_logits() -> None:
+    q, k, v = _tiny()
+    router = torch.randn(1, 3, 2, dtype=f64, requires_grad=True)
+    var = attncc.variant(mask=causal, routing=attncc.TopKHeads(1, router))
+    (name,) = [n for n, t in var.tensors.items() if t is router]
+
+    def run(q, k, v, router):
+        return run_plan(var.plan, {"q": q, "k": k, "v": v}, {name: router}, scale=None, q_offset=0, return_lse=False)
+
+    # k=1 keeps one head with weight softmax([logit]) = 1: the gradient to the router is 0, q/k/v flow
+    assert torch.autograd.gradcheck(run, (q, k, v, router))
+    var2 = attncc.variant(mask=causal, routing=attncc.TopKHeads(2, router))
+
+    def run2(q, k, v, router):
+        return run_plan(var2.plan, {"q": q, "k": k, "v": v}, {name: router}, scale=None, q_offset=0,
+                        return_lse=False)
+
+    assert torch.autograd.gradcheck(run2, (q, k, v, router))
