@@ -158,6 +158,8 @@ def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
         table.add_column(column)
     for spec, r in rows:
         note = "pinned: the pin still wins" if r.pinned else ("" if r.stored else "cache kept a better result")
+        if r.best_config is None:
+            note = "no config ran correctly (see warnings)"
         if r.confirmed and r.speedup < 1.02:
             note = (note + "; " if note else "") + "no speedup side by side (noisy machine?)"
         speedup = f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-"

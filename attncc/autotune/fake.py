@@ -35,6 +35,9 @@ class FakeBackend:
         self.search_space = SearchSpace(
             {"tile": (8, 16, 32, 64), "unroll": (1, 2, 4), "wrong": (False, True)}, _keep, _default, name="fake")
 
+    def checker(self, plan: Any, q: Any) -> str | None:
+        return None
+
     def cost_ms(self, config: Config) -> float:
         steps = abs(math.log2(config["tile"] / 32)) + abs(math.log2(config["unroll"] / 2))
         return self.unit_ms * (1.0 + steps - (0.9 if config["wrong"] else 0.0))

@@ -442,6 +442,10 @@ def tune_program(
         operands = make_operands(program, shape, dtype, device, seed)
         region = plan.regions[0]
         q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        checker_fn = getattr(backend, "checker", None)
+        why_not = checker_fn(plan, q) if checker_fn is not None else None
+        if why_not:
+            raise ValueError(f"backend {backend.name!r} cannot run {label or program.name}: {why_not}")
         key = TuningKey(plan.fingerprint, backend.name, devices.fingerprint(q.device), ShapeKey.from_tensors(q, k, v))
 
         def runner(config: Config, operands: dict[str, torch.Tensor] = operands) -> Any:
