@@ -287,7 +287,7 @@ def forward_linear(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, ten
     mod.attn_linear[(B * Hq,)](
         q, k, v, o, decay, *q.stride(), *k.stride(), *v.stride(), *o.stride(), Hq, Hq // Hkv, Lq, Lkv, q_offset,
         *_captured_args(region, tensors), D=D, DV=Dv, CHUNK=chunk, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv),
-        **({} if space.interpreted() else {"num_warps": 4, "num_stages": 2}),
+        **({} if space.interpreted() else {"num_warps": 8, "num_stages": 2}),
     )
     return o, torch.zeros(B, Hq, Lq, dtype=torch.float32, device=q.device)
 

@@ -55,7 +55,7 @@ def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[s
     params = [p for spec in specs for p in pointer_args(spec)]
     norm = region.normalizer
     if kind == "linear":
-        return _render_linear(region, params)
+        return _render_linear(region, params, dtype)
     family = {nodes.SoftmaxNorm: "softmax", nodes.SigmoidNorm: "sigmoid", nodes.PointwiseNorm: "pointwise",
               nodes.StickBreakingNorm: "stick_breaking"}[type(norm)]
     index_env = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "score": "score"}
@@ -117,7 +117,7 @@ def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[s
     return header + env.get_template(TEMPLATES[kind]).render(**context)
 
 
-def _render_linear(region: AttentionRegion, params: list[str]) -> str:
+def _render_linear(region: AttentionRegion, params: list[str], dtype: str) -> str:
     """The chunked (causal) or global (unmasked) linear attention module."""
     norm, lowering = region.normalizer, region.linear
     context: dict[str, object] = {
@@ -128,6 +128,7 @@ def _render_linear(region: AttentionRegion, params: list[str]) -> str:
         "strict": lowering.causal_strict,
         "feature": norm.feature_map if isinstance(norm.feature_map, str) else "traced",
         "store": _indent(_LINEAR_STORE[bool(norm.normalize)], 8),
+        "precision": "ieee" if dtype == "float32" or os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32",
     }
     if not isinstance(norm.feature_map, str):
         body = ExprRenderer({"x": "x"}, prefix="f")
