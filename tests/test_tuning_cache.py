@@ -360,3 +360,26 @@ def test_default_cache_lives_in_ATTNCC_CACHE_DIR(tmp_path):
     cache.record(Entry(key(), config(1), 1.0))
     assert cache.path.parent == tmp_path / "cachedir" and cache.path.name == "tuning.v1.sqlite"
     assert (tmp_path / "cachedir" / "tuning.v1.sqlite").exists()
+
+
+def test_shipped_caches_are_found_through_the_entry_point_without_importing_the_package(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from attncc.autotune import cache as cache_module
+
+    package = tmp_path / "site" / "modelpkg"
+    (package / "tuning").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('a shipped cache must not execute code')\n")
+    doc = {"format": "attncc-tuning-cache", "version": 1, "entries": [Entry(key(), config(11), 0.3).to_json()]}
+    (package / "tuning" / "cache.json").write_text(json.dumps(doc))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    point = importlib.metadata.EntryPoint("modelpkg", "modelpkg.tuning", "attncc.tuning_caches")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [point] if group == "attncc.tuning_caches" else [])
+    cache_module.reset_shipped()
+    try:
+        chosen, source = select(TuningCache(tmp_path / "t.sqlite"))
+    finally:
+        cache_module.reset_shipped()
+    assert chosen == config(11) and str(package / "tuning" / "cache.json") in source
+    assert "modelpkg" not in sys.modules

@@ -516,6 +516,11 @@ def shipped() -> Layer:
     return _SHIPPED[tag]
 
 
+def reset_shipped() -> None:
+    """Forget the shipped caches read so far (they are re-read on next use)."""
+    _SHIPPED.clear()
+
+
 def parse_shape_or_wildcard(text: str) -> str:
     if text == WILDCARD:
         return text
