@@ -8,6 +8,7 @@ stored next to the hash in the cache so ``attncc cache ls`` can say which machin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -22,8 +23,9 @@ SIMD_FLAGS = (
 )
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo (empty where there is none)."""
+    """The first processor block of /proc/cpuinfo (empty where there is none); read once."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -68,6 +70,7 @@ def _driver_version() -> str | None:
     return f"{version // 1000}.{version % 1000 // 10}" if version else None
 
 
+@functools.cache
 def gpu_description(index: int) -> dict[str, Any]:
     major, minor = torch.cuda.get_device_capability(index)
     return {
@@ -81,7 +84,7 @@ def gpu_description(index: int) -> dict[str, Any]:
 
 
 def describe(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The readable facts the fingerprint hashes."""
+    """The readable facts the fingerprint hashes (the thread count is re-read on every call)."""
     device = torch.device(device)
     if device.type == "cpu":
         return cpu_description()
