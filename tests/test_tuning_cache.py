@@ -383,3 +383,15 @@ def test_shipped_caches_are_found_through_the_entry_point_without_importing_the_
         cache_module.reset_shipped()
     assert chosen == config(11) and str(package / "tuning" / "cache.json") in source
     assert "modelpkg" not in sys.modules
+
+
+def test_one_cache_object_serves_several_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = TuningCache(tmp_path / "t.sqlite")
+    cache.record(Entry(key(), config(1), 1.0))
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda i: cache.get(key()), range(8)))
+        pool.map(lambda i: cache.record(Entry(key(fp=f"t{i}"), config(i), 1.0)), range(8))
+    assert all(e is not None and e.config == config(1) for e in found)
+    assert {e.key.fingerprint for e in cache.entries()} == {FP} | {f"t{i}" for i in range(8)}

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,8 +125,7 @@ class TuningCache:
     def __init__(self, path: str | Path | None = None, *, shipped: bool = True) -> None:
         self.path = Path(path) if path is not None else default_db_path()
         self.use_shipped = shipped
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
+        self._local = threading.local()  # NOTE: one connection per thread and process (sqlite3's rule)
         self.disabled: str | None = None
 
     def __repr__(self) -> str:
@@ -141,8 +141,9 @@ class TuningCache:
         """The connection for this process (None when the cache is disabled)."""
         if self.disabled:
             return None
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = self._open_checked()
@@ -150,7 +151,7 @@ class TuningCache:
             warn_once(f"unusable:{self.path}", f"tuning cache {self.path} cannot be opened ({err}); using defaults")
             self.disabled = str(err)
             return None
-        self._conn, self._pid = conn, os.getpid()
+        self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
     def _open_checked(self) -> sqlite3.Connection:
@@ -220,9 +221,10 @@ class TuningCache:
         return changed
 
     def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
 
     # ------------------------------------------------------------ entries
     def record(self, entry: Entry, device_description: dict[str, Any] | None = None) -> bool:
