@@ -395,3 +395,13 @@ def test_one_cache_object_serves_several_threads(tmp_path):
         pool.map(lambda i: cache.record(Entry(key(fp=f"t{i}"), config(i), 1.0)), range(8))
     assert all(e is not None and e.config == config(1) for e in found)
     assert {e.key.fingerprint for e in cache.entries()} == {FP} | {f"t{i}" for i in range(8)}
+
+
+def test_unusable_cache_directory_means_defaults_not_a_crash(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker / "cache"))
+    cache = TuningCache()
+    with pytest.warns(TuningCacheWarning, match="cannot be opened"):
+        chosen, source = select(cache)
+    assert chosen == SPACE.default_for(SHAPE) and source.startswith("default")

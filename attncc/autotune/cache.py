@@ -144,10 +144,10 @@ class TuningCache:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._open_checked()
-        except sqlite3.OperationalError as err:
+        except (OSError, sqlite3.OperationalError) as err:
             warn_once(f"unusable:{self.path}", f"tuning cache {self.path} cannot be opened ({err}); using defaults")
             self.disabled = str(err)
             return None
