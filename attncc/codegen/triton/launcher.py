@@ -87,17 +87,9 @@ def compiled_count() -> int:
 # ---- sparsity tables --------------------------------------------------------------------
 
 
-def _dense_tables(nq: int, nkv: int, device: torch.device) -> Tables:
-    """Every tile PARTIAL (used when no sparsity information is at hand)."""
-    count = torch.full((1, 1, nq), nkv, dtype=torch.int32, device=device)
-    index = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
-    empty = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
-    return count, index, empty, torch.zeros(1, 1, nq, 1, dtype=torch.int32, device=device)
-
-
 def block_tables(region: AttentionRegion, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int], q_offset: int,
                  tensors: dict[str, Tensor], device: torch.device) -> Tables:
-    """Query-major tables [B', H', nq(, max)] from the sparsity pass (all PARTIAL without it)."""
+    """Query-major tables [B', H', nq(, max)] from the sparsity pass (all PARTIAL when it has no facts)."""
     # NOTE: tables depend on the mask's captured tensors' values: the cache key carries their
     # storage and version counter, so an in-place update recomputes them.
     reads = region.mask.inputs() if region.mask is not None else ()
@@ -105,11 +97,8 @@ def block_tables(region: AttentionRegion, B: int, H: int, Lq: int, Lkv: int, til
     key = (region_key(region), B, H, Lq, Lkv, tile, q_offset, str(device), versions)
     if key in _TABLES:
         return _TABLES[key]
-    try:
-        from attncc.passes.sparsify import block_tables_for
-    except ImportError:
-        # NOTE: temporary until attncc.passes.sparsify lands: every tile is PARTIAL.
-        return _dense_tables(-(-Lq // tile[0]), -(-Lkv // tile[1]), device)
+    from attncc.passes.sparsify import block_tables_for
+
     t = block_tables_for(region, B, H, Lq, Lkv, tile, q_offset, tensors)
     tables = tuple(x.to(device=device, dtype=torch.int32) for x in
                    (t.partial_count, t.partial_index, t.full_count, t.full_index))
