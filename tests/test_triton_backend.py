@@ -270,6 +270,33 @@ def _grads(var, q, k, v, do, learn, backend):
     return grads
 
 
+def _reference_grads_lowp(var, q, k, v, do):
+    """Reference gradients computed in the inputs' own (16-bit) dtype: e_ref of the FA rule."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = run_plan(var.plan, dict(zip("qkv", leaves, strict=True)), var.tensors, scale=None, q_offset=0,
+                   return_lse=False, compute_dtype=q.dtype)
+    out.backward(do)
+    return [t.grad for t in leaves]
+
+
+@in_process
+@pytest.mark.parametrize("name", ["causal", "alibi_causal", "sinks", "sigmoid", "softplus", "stick_breaking"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients(name, dtype):
+    """16-bit gradients of the fused backward within twice FlashAttention's forward rule."""
+    var = VARIANTS[name]()
+    shape = dict(Hq=4, Hkv=2, Lq=512, Lkv=512, D=64) if GPU else dict(Lq=40, Lkv=48)
+    q, k, v = _qkv(dtype=dtype, seed=13, **shape)
+    do = torch.randn((*q.shape[:3], v.shape[-1]), generator=torch.Generator().manual_seed(14)).to(DEVICE, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = _grads(var, q, k, v, do, (), "triton")
+    ref = _grads(var, q.double(), k.double(), v.double(), do.double(), (), "reference")
+    lowp = _reference_grads_lowp(var, q, k, v, do)
+    for i, (g, r, lp) in enumerate(zip(got, ref, lowp, strict=True)):
+        assert_close_to_reference(g, r, lp, k.shape[2], what=f"gradient {i}", factor=2)
+
+
 @in_process
 @pytest.mark.parametrize("name, learn", [
     ("causal", ()), ("alibi_causal", ()), ("softcap", ()), ("neg_inf_scores", ()), ("document_causal", ()),
