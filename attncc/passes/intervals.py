@@ -503,8 +503,10 @@ def restrict_kv(value: Any, band: Tensor) -> Any:
 def seed_kv_only(expr: Expr, full: TileEnv, banded: TileEnv, band: Tensor) -> None:
     """Evaluate the kv-only, non-affine sub-expressions once over all kv tiles (``[1, nkv]``) and
     gather them into the banded environment, instead of recomputing them on ``[nq, w]`` tiles."""
-    for node in expr.walk():
-        names = node.free_vars()
+    free: dict[Expr, frozenset[str]] = {}
+    for node in expr.walk():  # children first: free variables bottom-up, one pass
+        names = frozenset((node.arg,)) if node.op == "var" else frozenset().union(*(free[c] for c in node.src))
+        free[node] = names
         if "kv_idx" not in names or "q_idx" in names or node.op in ("var", "const", "input"):
             continue
         value = abstract_eval(node, full)

@@ -317,11 +317,11 @@ class MaskSparsity:
 
     @property
     def reads_b(self) -> bool:
-        return self.mask is not None and "b" in self.mask.free_vars()
+        return self.mask is not None and "b" in _free_vars(self.mask)
 
     @property
     def reads_h(self) -> bool:
-        return self.mask is not None and "h" in self.mask.free_vars()
+        return self.mask is not None and "h" in _free_vars(self.mask)
 
     @property
     def structured(self) -> bool:
@@ -343,7 +343,7 @@ class MaskSparsity:
         self, B: int, H: int, Lq: int, Lkv: int, tile: Any, q_offset: int, tensors: dict[str, Tensor] | None
     ) -> tuple[Tensor, Tensor | None]:
         geo = _geometry(self, B, H, Lq, Lkv, tile, q_offset)
-        if self.mask is None or self.mask.inputs() or self.score_tensors:
+        if self.mask is None or _reads_tensors(self.mask) or self.score_tensors:
             return _classes(self, geo, tensors or {})
         return _cached_classes(self, geo)  # NOTE: cached results are shared: callers never write to them
 
@@ -477,7 +477,18 @@ REFINE_BUDGET = 1 << 21
 REFINE_PIECES = 16
 
 
-def _divisors(mask: Expr, name: str) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def _free_vars(e: Expr) -> frozenset[str]:
+    return e.free_vars()
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_tensors(e: Expr) -> bool:
+    return bool(e.inputs())
+
+
+@functools.lru_cache(maxsize=256)
+def _divisors(mask: Expr, name: str) -> tuple[int, ...]:
     """Constants ``c > 1`` of ``name // c``, ``name % c`` and ``name >> s`` (``c = 2^s``) in the mask."""
     found = set()
     for node in mask.walk():
@@ -487,7 +498,7 @@ def _divisors(mask: Expr, name: str) -> list[int]:
                 c = 2**c if node.op == "rshift" and 0 <= c < 62 else c
                 if c > 1:
                     found.add(c)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def _pieces(lo: Tensor, hi: Tensor, plan: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
@@ -527,7 +538,7 @@ def _refine(mask: Expr, geo: Geometry, classes: Tensor, band: Tensor | None) -> 
     tile is cut at multiples of ``W`` into sub-boxes where they are; the tile is FULL (EMPTY)
     when every sub-box is. Only for masks without captured tensors, within ``REFINE_BUDGET``.
     """
-    if mask.inputs():
+    if _reads_tensors(mask):
         return
     q_plan, kv_plan = _split_plan(mask, "q_idx", geo.bq), _split_plan(mask, "kv_idx", geo.bk)
     if q_plan is None and kv_plan is None:
