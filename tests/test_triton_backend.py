@@ -127,6 +127,7 @@ VARIANTS = {
         "identity", normalize=False, decay=DECAY)),
     "linear_global": lambda: attncc.variant(normalizer=attncc.Linear()),
     "linear_traced": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear(lambda x: torch.relu(x) + 0.5)),
+    "softcap_learned_phi": lambda: attncc.variant(_softcap, normalizer=attncc.Pointwise(lambda s: torch.relu(s) * TEMP[0])),
     "moba_token": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=2)),
     "moba_query_block": lambda: attncc.variant(routing=attncc.TopKBlocks(block=8, k=2, per="query_block")),
     "moh_heads": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKHeads(k=2, router=ROUTER)),
@@ -319,7 +320,8 @@ def test_fused_backward_matches_reference(name, learn):
 
 
 @in_process
-@pytest.mark.parametrize("name, learn", [("learned_phi", "all"), ("linear_decay", "all")])
+@pytest.mark.parametrize("name, learn", [("learned_phi", "all"), ("softcap_learned_phi", "all"),
+                                         ("linear_decay", "all")])
 def test_fallback_backward_warns_and_is_exact(name, learn):
     """Without a fused kernel the gradient comes from the reference backward, with a warning."""
     var = VARIANTS[name]()

@@ -156,7 +156,7 @@ def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         caps = [c.detach().requires_grad_(c.is_floating_point() and c.requires_grad) for c in captured]
-        scale = scale * (region.score_scale if region.score_scale is not None else 1.0)
+        # NOTE: the reference applies region.score_scale (and row_shift) itself.
         out, lse = attention(region, *leaves, dict(zip(names, caps, strict=True)), scale=scale, q_offset=q_offset)
         outputs, grads_out = [out], [do]
         if lse is not None and dlse is not None:
