@@ -35,6 +35,15 @@ def format_plan(plan: KernelPlan) -> str:
     return "\n".join(lines)
 
 
+def _tuning_lines(fingerprint: str) -> list[str]:
+    """Which config each backend used for this plan and where it came from (cache, pin, default)."""
+    try:
+        from attncc.autotune.lookup import explain_lines
+    except ImportError:
+        return []
+    return explain_lines(fingerprint)
+
+
 def explain_program(program: Program, source: bool = False) -> str:
     sections = [str(program.ir)]
     report = program.report
@@ -47,6 +56,9 @@ def explain_program(program: Program, source: bool = False) -> str:
     sections.append(format_plan(program.plan))
     choice = program.last_choice
     sections.append(f"backend: {choice.backend.name} ({choice.reason})" if choice else "backend: not run yet")
+    tuning = _tuning_lines(program.plan.fingerprint)
+    if tuning:
+        sections.append("tuning configs:\n" + "\n".join(f"  {line}" for line in tuning))
     if source and choice is not None and hasattr(choice.backend, "source"):
         sections.append(choice.backend.source(program.plan))
     return "\n\n".join(sections)
