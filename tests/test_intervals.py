@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
 from attncc.passes.intervals import BoolVal, IntVal, TileEnv, abstract_eval
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
 from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec

@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
 
 from attncc import masks
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir.trace import Captures, trace_mask
 
 

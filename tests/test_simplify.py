@@ -328,7 +328,7 @@ def test_input_not_mutated_and_idempotent() -> None:
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from attncc.codegen.reference.evaluate import evaluate  # noqa: E402
+from attncc.ir.evaluate import evaluate  # noqa: E402
 
 
 def _int_exprs() -> st.SearchStrategy[Expr]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import attncc
 from attncc import masks as M
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
 from attncc.ir.trace import Captures, trace_mask, trace_score
 from attncc.passes.manager import facts_of

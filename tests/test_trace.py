@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
 
 from attncc.codegen.reference.attention import index_grid
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir.trace import Captures, Symbol, trace_mask, trace_pointwise, trace_score
 
 B, H, LQ, LKV = 2, 4, 7, 9

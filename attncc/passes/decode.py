@@ -16,7 +16,7 @@ import math
 import torch
 
 from attncc.codegen.reference.attention import expand_kv, index_grid
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir import nodes
 from attncc.ir.graph import AttentionGraph
 from attncc.passes.manager import PassResult, add_note, attach, facts_of

@@ -188,7 +188,7 @@ def routed_attention(
     import math
 
     from attncc.codegen.reference.attention import _normalize, expand_kv
-    from attncc.codegen.reference.evaluate import evaluate
+    from attncc.ir.evaluate import evaluate
 
     gate = region.gate
     if gate is None:

@@ -63,7 +63,7 @@ def fold_constants(e: Expr) -> Expr | None:
     """An operation on constants is a constant (evaluated with the reference's semantics)."""
     if e.op in ex.LEAF_OPS or e.op == "load" or not e.src or not all(s.op == "const" for s in e.src):
         return None
-    from attncc.codegen.reference.evaluate import evaluate
+    from attncc.ir.evaluate import evaluate
 
     try:
         value = evaluate(e, {}, {}, torch.float64).item()

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attncc.codegen.reference.evaluate import evaluate
+from attncc.ir.evaluate import evaluate
 from attncc.ir import nodes
 from attncc.ir.expr import Expr
 from attncc.passes.plan import AttentionRegion, KernelPlan

@@ -108,7 +108,7 @@ def _combine(plan: KernelPlan, outputs: dict[str, Any], tensors: dict[str, torch
     flows through it; each region ran its own fused kernel (no cross-region v sharing yet)."""
     # NOTE: the Expr evaluator lives with the reference backend; it is generic IR evaluation and
     # would better move to a shared module (attncc.ir) so backends need not import each other.
-    from attncc.codegen.reference.evaluate import evaluate
+    from attncc.ir.evaluate import evaluate
 
     env = {f"o{i}": outputs[node][0] for i, node in enumerate(plan.combine_operands)}
     dtype = next(iter(env.values())).dtype

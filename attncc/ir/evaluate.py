@@ -1,4 +1,8 @@
-"""Dense evaluation of ``Expr`` trees on broadcast index tensors (the oracle's arithmetic)."""
+"""Dense evaluation of ``Expr`` trees on broadcast index tensors: the meaning of each op.
+
+The reference backend, the passes' runtime steps and combine nodes all evaluate expressions
+this way, so it lives with the IR rather than in one backend.
+"""
 
 from __future__ import annotations
 
