@@ -1,0 +1,279 @@
+"""The TVM backend against the reference backend (SEMANTICS.md tolerances, attncc.testing).
+
+Shapes are small and odd (not tile multiples) so that edge tiles, padding and GQA are
+exercised; every variant compiles once (lengths, batch and heads are symbolic) and the
+module is reused across the parametrizations.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.codegen.tvm import (
+    BACKEND,
+    launcher,
+)
+from attncc.testing import assert_close_to_reference, check_against_reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A private module cache for this file (the disk-cache tests read it)."""
+    old = os.environ.get("ATTNCC_CACHE_DIR")
+    path = tmp_path_factory.mktemp("attncc-cache")
+    os.environ["ATTNCC_CACHE_DIR"] = str(path)
+    launcher._MODULES.clear()
+    yield path
+    if old is None:
+        os.environ.pop("ATTNCC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNCC_CACHE_DIR"] = old
+
+
+def qkv(B=2, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lkv, Dv, generator=gen).to(dtype)
+    return q, k, v
+
+
+HEADS = 4
+SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
+DOCS = torch.tensor([0] * 30 + [1] * 25 + [2] * 40)  # covers q_offset + Lq and Lkv below
+KEEP = torch.rand(96, generator=torch.Generator().manual_seed(3)) > 0.3  # a bool captured tensor
+SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
+
+
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (q_idx - kv_idx)
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+def _neg_inf_future(score, b, h, q_idx, kv_idx):
+    return torch.where(kv_idx > q_idx, float("-inf"), score)
+
+
+VARIANTS = {
+    "dense": lambda: attncc.variant(),
+    "causal": lambda: attncc.variant(mask=masks.causal),
+    "sliding_window": lambda: attncc.variant(mask=masks.causal & masks.sliding_window(8)),
+    "alibi": lambda: attncc.variant(_alibi, mask=masks.causal),
+    "softcap": lambda: attncc.variant(_softcap),
+    "document": lambda: attncc.variant(mask=lambda b, h, q, kv: DOCS[q] == DOCS[kv]),
+    "bool_table": lambda: attncc.variant(mask=lambda b, h, q, kv: KEEP[kv] | (q == kv)),
+    "neg_inf_score": lambda: attncc.variant(_neg_inf_future),
+    "sinks": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=SINK)),
+    "sigmoid": lambda: attncc.variant(mask=masks.causal, normalizer="sigmoid"),
+    "sigmoid_bias": lambda: attncc.variant(normalizer=attncc.Sigmoid(bias=-2.0)),
+    "softplus": lambda: attncc.variant(mask=masks.causal, normalizer="softplus"),
+    "relu": lambda: attncc.variant(mask=masks.causal, normalizer="relu"),
+    "relu2": lambda: attncc.variant(normalizer="relu2"),
+    "pointwise_unnormalized": lambda: attncc.variant(
+        normalizer=attncc.Pointwise(lambda s: torch.exp(-s * s), normalize=False)),
+    "stick_breaking": lambda: attncc.variant(mask=masks.causal, normalizer="stick_breaking"),
+    "stick_breaking_strict": lambda: attncc.variant(
+        mask=lambda b, h, q, kv: q > kv, normalizer="stick_breaking"),
+}
+_BUILT: dict[str, attncc.Variant] = {}
+
+
+def variant(name: str) -> attncc.Variant:
+    if name not in _BUILT:
+        _BUILT[name] = VARIANTS[name]()
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_float32_matches_reference(name: str) -> None:
+    """Every supported mask, score and normalizer, odd lengths, GQA 2, Lq != Lkv."""
+    program = variant(name)
+    assert BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1)) is None
+    q, k, v = qkv(Lq=37, Lkv=77)
+    check_against_reference(program, q, k, v, backend="tvm")
+
+
+@pytest.mark.parametrize("name", ["causal", "alibi", "sinks", "document", "stick_breaking", "softplus"])
+def test_q_offset_and_decode_rows(name: str) -> None:
+    """q_offset moves q_idx everywhere: decoding a few rows at the end of a cache."""
+    q, k, v = qkv(Lq=3, Lkv=90)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=87)
+    q, k, v = qkv(Lq=20, Lkv=50, seed=1)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=11)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2, 4])
+def test_gqa_and_mqa(Hkv: int) -> None:
+    """Query head h reads kv head h // (Hq // Hkv); one module serves every head count."""
+    q, k, v = qkv(Hq=4, Hkv=Hkv, Lq=45, Lkv=45)
+    check_against_reference(variant("alibi"), q, k, v, backend="tvm", return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal", "alibi", "sinks", "sigmoid", "stick_breaking"])
+def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
+    """float16/bfloat16 in, float32 accumulation, output in the input dtype."""
+    q, k, v = qkv(Lq=33, Lkv=70, dtype=dtype)
+    out = variant(name)(q, k, v, backend="tvm")
+    assert out.dtype == dtype
+    check_against_reference(variant(name), q, k, v, backend="tvm")
+
+
+@pytest.mark.parametrize("name", ["causal", "sinks", "document"])
+def test_return_lse(name: str) -> None:
+    q, k, v = qkv(Lq=29, Lkv=61)
+    check_against_reference(variant(name), q, k, v, backend="tvm", return_lse=True)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf_lse() -> None:
+    """Rows with no kept key: o = 0 and lse = -inf (softmax), o = 0 (normalized pointwise)."""
+    every_third = attncc.variant(mask=lambda b, h, q, kv: (q % 3 != 0) & (kv <= q))
+    q, k, v = qkv(Lq=40, Lkv=40)
+    out, lse = every_third(q, k, v, backend="tvm", return_lse=True)
+    assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
+    assert torch.isinf(lse[:, :, ::3]).all() and (lse[:, :, ::3] < 0).all()
+    check_against_reference(every_third, q, k, v, backend="tvm", return_lse=True)
+    relu_rows = attncc.variant(mask=lambda b, h, q, kv: (q % 3 != 0) & (kv <= q), normalizer="relu")
+    check_against_reference(relu_rows, q, k, v, backend="tvm")
+
+
+def test_tile_multiple_lengths_and_larger_head_dim() -> None:
+    """Lengths that are whole tiles (no padding copies) and D = Dv = 64."""
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, Lq=128, Lkv=128, D=64, Dv=64)
+    check_against_reference(variant("causal"), q, k, v, backend="tvm", return_lse=True)
+
+
+def test_new_length_reuses_the_module() -> None:
+    """Sequence lengths are symbolic: a new length in the same tile bucket is not a new compile."""
+    program = variant("sliding_window")
+    program(*qkv(Lq=21, Lkv=21), backend="tvm")
+    compiled = launcher.STATS["compiled"]
+    for L in (40, 64, 131):  # NOTE: Lq <= 16 selects decode-sized tiles, a different module
+        check_against_reference(program, *qkv(Lq=L, Lkv=L, seed=L), backend="tvm")
+    assert launcher.STATS["compiled"] == compiled
+
+
+def test_automatic_choice_is_tvm_on_cpu() -> None:
+    program = variant("alibi")
+    program(*qkv())
+    assert program.last_choice.backend.name == "tvm"
+    assert "tvm" in program.explain()
+
+
+def test_checker_declines_with_reasons() -> None:
+    """Unsupported plans fall back to the reference automatically, and explain() says why."""
+    q, k, v = qkv(Lq=16, Lkv=16)
+    linear = attncc.variant(mask=masks.causal, normalizer=attncc.Linear())
+    routed = attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=1))
+    for program, words in ((linear, "linear"), (routed, "routing")):
+        why = BACKEND.checker(program.plan, q)
+        assert why is not None and words in why
+        program(q, k, v)
+        assert program.last_choice.backend.name == "reference"
+        assert words in program.explain()
+        with pytest.raises(NotImplementedError, match=words):
+            program(q, k, v, backend="tvm")
+    assert "dtype" in BACKEND.checker(variant("causal").plan, q.double())
+
+
+def test_backward_runs_reference_with_one_warning() -> None:
+    """Gradients (q, k, v and a captured bias table) match the reference's, with a warning."""
+    slopes = SLOPES.clone().requires_grad_(True)
+    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
+    q, k, v = (t.requires_grad_(True) for t in qkv(Lq=24, Lkv=24))
+    with pytest.warns(UserWarning, match="reference backend"):
+        out = program(q, k, v, backend="tvm")
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, slopes))
+    inputs64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    slopes64 = slopes.detach().double().requires_grad_(True)
+    ref = attncc.codegen.reference.attention.run_plan(
+        program.plan, dict(zip("qkv", inputs64)), {n: slopes64 for n in program.tensors},
+        scale=None, q_offset=0, return_lse=False)
+    expected = torch.autograd.grad(ref.square().sum(), (*inputs64, slopes64))
+    for got, want in zip(grads, expected):
+        assert_close_to_reference(got, want, None, 24, what="gradient", factor=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program(q, k, v, backend="tvm")  # warned once per plan
+
+
+SECOND_PROCESS = (
+    "import warnings, torch, attncc\n"
+    "from attncc.codegen.tvm import launcher\n"
+    "from attncc.testing import check_against_reference\n"
+    "warnings.simplefilter('always')\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "q, k, v = (torch.randn(1, 2, 19, 32, generator=g) for _ in range(3))\n"
+    "check_against_reference(attncc.variant(mask=attncc.masks.causal), q, k, v, backend='tvm')\n"
+    "print(launcher.STATS['compiled'], launcher.STATS['loaded'])\n"
+)
+
+
+def _second_process(cache: Path) -> tuple[int, int, str]:
+    env = {**os.environ, "ATTNCC_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SECOND_PROCESS], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    compiled, loaded = map(int, done.stdout.split()[-2:])
+    return compiled, loaded, done.stderr
+
+
+def test_disk_cache_reused_by_another_process(tvm_cache_dir: Path) -> None:
+    """A second process loads the compiled module from the disk cache instead of compiling."""
+    variant("causal")(*qkv(), backend="tvm")
+    assert list((tvm_cache_dir / "tvm").glob("*.so"))
+    compiled, loaded, _ = _second_process(tvm_cache_dir)
+    assert (compiled, loaded) == (0, 1)
+
+
+def test_corrupt_cache_file_warns_and_recompiles(tvm_cache_dir: Path) -> None:
+    """A damaged cache file costs a warning and a recompile, never a crash or a wrong result."""
+    variant("causal")(*qkv(), backend="tvm")
+    for path in (tvm_cache_dir / "tvm").glob("*.so"):
+        # NOTE: a new inode; overwriting a library some process has loaded would SIGBUS it
+        broken = path.with_suffix(".broken")
+        broken.write_bytes(b"not a shared library")
+        os.replace(broken, path)
+    compiled, loaded, stderr = _second_process(tvm_cache_dir)
+    assert (compiled, loaded) == (1, 0)
+    assert "unreadable" in stderr
+    assert _second_process(tvm_cache_dir)[:2] == (0, 1)  # the rebuilt file is good
+
+
+def _example_programs():
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples import EXAMPLES
+    except ImportError:
+        return []
+    return sorted(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", _example_programs())
+def test_examples_through_tvm(name: str) -> None:
+    """Every example whose plan the checker accepts runs through TVM and matches the reference."""
+    import importlib
+
+    module = importlib.import_module(f"examples.{name}")
+    program = getattr(module, name)
+    why = BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1))
+    if why is not None:
+        pytest.skip(f"TVM declines {name}: {why}")
+    module.main(backend="tvm")
+
