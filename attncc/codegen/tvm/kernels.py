@@ -76,6 +76,16 @@ def fast_exp(x: str) -> str:
     return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {scale} * {poly})"
 
 
+def tree(fn: str, buf: str, n: int) -> str:
+    """A balanced reduction of ``buf[0..n)`` by ``fn`` (``""``: +) as one expression, so that
+    a row reduction does not round-trip through memory once per lane."""
+    terms = [f"{buf}[{i}]" for i in range(n)]
+    while len(terms) > 1:
+        pairs = [terms[i : i + 2] for i in range(0, len(terms), 2)]
+        terms = [(f"{fn}({p[0]}, {p[1]})" if fn else f"({p[0]} + {p[1]})") if len(p) == 2 else p[0] for p in pairs]
+    return terms[0]
+
+
 class Lines:
     """An indented text builder (the dispatch printer's ``indented()``, minimal)."""
 
@@ -269,18 +279,15 @@ class _Forward:
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
                         w(f"Mv[j1] = T.max(Mv[j1], S[i, j0 * {VJ} + j1])")
                 w("m_old = M[i]")
-                with w.block(f"for j1 in range({VJ}):"):
-                    w("M[i] = T.max(M[i], Mv[j1])")
-                w("m_new = M[i]")
+                w(f"m_new = T.max(m_old, {tree('T.max', 'Mv', VJ)})")
+                w("M[i] = m_new")
                 w(f"m_use = T.if_then_else(m_new == {NEG_INF}, T.float32(0.0), m_new)")
                 w("Alpha[i] = T.exp(m_old - m_use)")
                 with w.block(f"for j0 in range({NJ}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
                         w(f"S[i, j0 * {VJ} + j1] = {fast_exp(f'(S[i, j0 * {VJ} + j1] - m_use)')}")
                         w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
-                w("L[i] = L[i] * Alpha[i]")
-                with w.block(f"for j1 in range({VJ}):"):
-                    w("L[i] = L[i] + Lv[j1]")
+                w(f"L[i] = L[i] * Alpha[i] + {tree('', 'Lv', VJ)}")
             return
         if isinstance(norm, nodes.SigmoidNorm):
             with w.block(f"for i in range({self.s.block_m}):"):
@@ -299,8 +306,7 @@ class _Forward:
                     with w.block(f"for j0 in range({NJ}):"):
                         with w.block(f"for j1 in T.vectorized({VJ}):"):
                             w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
-                    with w.block(f"for j1 in range({VJ}):"):
-                        w("L[i] = L[i] + Lv[j1]")
+                    w(f"L[i] = L[i] + {tree('', 'Lv', VJ)}")
             return
         if isinstance(norm, nodes.StickBreakingNorm):
             # L carries the running sum of logsigmoid(-s) over kept keys after this tile

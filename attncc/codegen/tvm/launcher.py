@@ -32,9 +32,12 @@ STATS = {"compiled": 0, "loaded": 0, "memory_hits": 0}
 def cache_dir() -> Path:
     root = os.environ.get("ATTNCC_CACHE_DIR")
     if not root:
-        import platformdirs
+        try:
+            import platformdirs
 
-        root = platformdirs.user_cache_dir("attncc")
+            root = platformdirs.user_cache_dir("attncc")
+        except ImportError:
+            root = os.path.join(os.path.expanduser("~"), ".cache", "attncc")
     return Path(root) / "tvm"
 
 
