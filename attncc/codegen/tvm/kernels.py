@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, buffer_name
+from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _logsigmoid, _sigmoid, buffer_name, fast_exp
 from attncc.ir import nodes
 from attncc.ir.expr import TensorSpec
 from attncc.passes.plan import AttentionRegion
@@ -53,27 +53,6 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     if sink is not None:
         found[sink] = None
     return tuple(found)
-
-
-# exp(x) = 2**n * 2**f with n = round(x log2 e), |f| <= 1/2, 2**f by its Taylor polynomial of
-# degree 7 (relative error below 1e-8): TVM's generic exp lowering costs ~3x the whole tile.
-_EXP2_COEFFS = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
-
-
-def fast_exp(x: str) -> str:
-    """``exp(x)`` for float32 ``x`` as one expression (``-inf`` and anything below -87 give 0).
-
-    NOTE: one expression, no let-bindings: TVM vectorizes a let-bound value inside a
-    vectorized loop wrongly (every lane gets one lane's value).
-    """
-    xc = f"T.max({x}, T.float32(-87.0))"
-    tn = f"T.floor({xc} * T.float32(1.4426950408889634) + T.float32(0.5))"
-    tf = f"({xc} * T.float32(1.4426950408889634) - {tn})"
-    poly = f"T.float32({_EXP2_COEFFS[-1]!r})"
-    for c in reversed(_EXP2_COEFFS[:-1]):
-        poly = f"({poly} * {tf} + T.float32({c!r}))"
-    scale = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {tn}) + 127, 23))'
-    return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {scale} * {poly})"
 
 
 def tree(fn: str, buf: str, n: int) -> str:
@@ -292,7 +271,7 @@ class _Forward:
         if isinstance(norm, nodes.SigmoidNorm):
             with w.block(f"for i in range({self.s.block_m}):"):
                 with w.block(f"for j in T.vectorized({BN}):"):
-                    w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), T.sigmoid(S[i, j] + bias))")
+                    w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), {_sigmoid('(S[i, j] + bias)')})")
             return
         if isinstance(norm, nodes.PointwiseNorm):
             phi = Renderer({"score": "S[i, j]"}, self.specs)(norm.phi)
@@ -309,18 +288,33 @@ class _Forward:
                     w(f"L[i] = L[i] + {tree('', 'Lv', VJ)}")
             return
         if isinstance(norm, nodes.StickBreakingNorm):
-            # L carries the running sum of logsigmoid(-s) over kept keys after this tile
-            with w.block(f"for i in range({self.s.block_m}):"):
-                with w.block(f"for jj in range({BN}):"):
-                    w(f"s_ij = S[i, {BN - 1} - jj]")
-                    w(f"kept = s_ij != {NEG_INF}")
-                    w("x = T.if_then_else(kept, s_ij, T.float32(0.0))")
-                    w(f"S[i, {BN - 1} - jj] = T.if_then_else(kept, T.exp("
-                      f"T.min(x, T.float32(0.0)) - T.log1p(T.exp(-T.abs(x))) + L[i]), T.float32(0.0))")
-                    w("L[i] = L[i] + T.if_then_else(kept, T.min(-x, T.float32(0.0)) - T.log1p(T.exp(-T.abs(x))), "
-                      "T.float32(0.0))")
+            self._stick_breaking_update()
             return
         raise NotImplementedError(f"no TVM kernel for normalizer {type(norm).__name__}")
+
+    def _stick_breaking_update(self) -> None:
+        """log p_ij = logsigmoid(s_ij) + R_i + sum_{t in tile, t > j} logsigmoid(-s_it), R_i the
+        running sum over the tiles already walked (all later keys); suffix sums by doubling
+        steps over zero-padded buffers, so every loop stays vectorized."""
+        w, BN = self.w, self.s.block_n
+        kept = f"(S[i, j] != {NEG_INF})"
+        x = f"T.if_then_else({kept}, S[i, j], T.float32(0.0))"
+        w(f'G0 = T.decl_buffer(({2 * BN},), "float32")')
+        w(f'G1 = T.decl_buffer(({2 * BN},), "float32")')
+        with w.block(f"for i in range({self.s.block_m}):"):
+            with w.block(f"for j in T.vectorized({BN}):"):
+                w(f"G0[j] = T.if_then_else({kept}, {_logsigmoid(f'(-{x})')}, T.float32(0.0))")
+                w(f"G0[j + {BN}] = T.float32(0.0)")
+                w(f"G1[j + {BN}] = T.float32(0.0)")
+            step, src, dst = 1, "G0", "G1"
+            while step < BN:
+                with w.block(f"for j in T.vectorized({BN}):"):
+                    w(f"{dst}[j] = {src}[j] + {src}[j + {step}]")
+                step, src, dst = step * 2, dst, src
+            with w.block(f"for j in T.vectorized({BN}):"):
+                log_p = f"({_logsigmoid(x)} + L[i] + {src}[j + 1])"
+                w(f"S[i, j] = T.if_then_else({kept}, {fast_exp(log_p)}, T.float32(0.0))")
+            w(f"L[i] = L[i] + {src}[0]")
 
     def _finish(self) -> None:
         s, w, norm = self.s, self.w, self.norm
