@@ -2,7 +2,7 @@
 
 For random integer expressions over ``q_idx`` and ``kv_idx`` and random boxes, the interval
 computed by ``abstract_eval`` must contain every value the expression takes in the box
-(dense evaluation with the reference backend's ``evaluate``), and a boolean's ``T``/``F``
+(dense evaluation with ``attncc.ir.evaluate``, the oracle's arithmetic), and a boolean's ``T``/``F``
 must only claim what holds at every point. Exactness is checked where the module docstring
 promises it: affine forms, and modular atoms whose range does not wrap.
 """
@@ -13,8 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
+from attncc.ir.evaluate import evaluate
 from attncc.passes.intervals import BoolVal, IntVal, TileEnv, abstract_eval
 
 Q, KV = ex.var("q_idx"), ex.var("kv_idx")

@@ -3,7 +3,7 @@
 Every block map must be *sound* (EMPTY only if every pair of the tile is masked, FULL only
 if every pair is kept) on hypothesis-generated masks, and *exact* (no PARTIAL where brute
 force finds the tile uniform) on the structured masks the issue names. Brute force evaluates
-the mask with the reference backend's ``evaluate`` on every (q_idx, kv_idx), then reduces per
+the mask with the oracle's ``attncc.ir.evaluate`` on every (q_idx, kv_idx), then reduces per
 tile; it shares no code with the abstract interpretation under test.
 """
 
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import attncc
 from attncc import masks as M
-from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
+from attncc.ir.evaluate import evaluate
 from attncc.ir.trace import Captures, trace_mask, trace_score
 from attncc.passes.manager import facts_of
 from attncc.passes.sparsify import (

@@ -395,28 +395,36 @@ def _geometry(sp: MaskSparsity, B: int, H: int, Lq: int, Lkv: int, tile: Any, q_
     return Geometry(Lq, Lkv, bq, bk, q_offset, Bp, Hp)
 
 
+@functools.lru_cache(maxsize=64)
 def _tile_bounds(start: int, length: int, tile: int) -> tuple[Tensor, Tensor]:
+    """First and last index of every tile (cached: callers never write to them)."""
     lo = torch.arange(0, length, tile, dtype=torch.int64)
     return lo + start, torch.clamp(lo + tile, max=length) - 1 + start
+
+
+@functools.lru_cache(maxsize=64)
+def _ranges(geo: Geometry) -> dict[str, tuple[Tensor, Tensor]]:
+    """float64 ranges of the index variables in map layout (cached: callers never write to them)."""
+    q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
+    kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
+    b = torch.arange(geo.Bp, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    h = torch.arange(geo.Hp, dtype=torch.float64).reshape(1, -1, 1, 1)
+    return {
+        "q_idx": (q_lo.reshape(1, 1, -1, 1).double(), q_hi.reshape(1, 1, -1, 1).double()),
+        "kv_idx": (kv_lo.reshape(1, 1, 1, -1).double(), kv_hi.reshape(1, 1, 1, -1).double()),
+        "b": (b, b), "h": (h, h),
+    }
 
 
 def _env(
     geo: Geometry, tensors: dict[str, Tensor], kv_band: Tensor | None = None, cache: dict | None = None
 ) -> TileEnv:
     """Index ranges per tile (float64, map layout) and load summaries (shared through ``cache``)."""
-    q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
-    kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
+    ranges = _ranges(geo)
     band = None if kv_band is None else kv_band.clamp(max=geo.nkv - 1)
     if band is not None:
-        kv_lo, kv_hi = kv_lo[band].reshape(1, 1, *band.shape), kv_hi[band].reshape(1, 1, *band.shape)
-    else:
-        kv_lo, kv_hi = kv_lo.reshape(1, 1, 1, -1), kv_hi.reshape(1, 1, 1, -1)
-    b = torch.arange(geo.Bp, dtype=torch.float64).reshape(-1, 1, 1, 1)
-    h = torch.arange(geo.Hp, dtype=torch.float64).reshape(1, -1, 1, 1)
-    ranges = {
-        "q_idx": (q_lo.reshape(1, 1, -1, 1).double(), q_hi.reshape(1, 1, -1, 1).double()),
-        "kv_idx": (kv_lo.double(), kv_hi.double()), "b": (b, b), "h": (h, h),
-    }
+        kv_lo, kv_hi = (t[0, 0, 0][band].reshape(1, 1, *band.shape) for t in ranges["kv_idx"])
+        ranges = {**ranges, "kv_idx": (kv_lo, kv_hi)}
     summaries = {} if cache is None else cache
 
     def load(node: Expr, indices: list[Any]) -> Any:
@@ -545,8 +553,11 @@ def _refine(mask: Expr, geo: Geometry, classes: Tensor, band: Tensor | None) -> 
         return
     q_lo, q_hi = _tile_bounds(geo.q_offset, geo.Lq, geo.bq)
     kv_lo, kv_hi = _tile_bounds(0, geo.Lkv, geo.bk)
+    q_cross, kv_cross = _crosses(q_lo, q_hi, q_plan), _crosses(kv_lo, kv_hi, kv_plan)
+    if not (bool(q_cross.any()) or bool(kv_cross.any())):
+        return  # tiles aligned with every divisor: the coarse classes are already exact
     kv_ids = band.clamp(max=geo.nkv - 1) if band is not None else torch.arange(geo.nkv).expand(geo.nq, -1)
-    crossing = _crosses(q_lo, q_hi, q_plan)[:, None] | _crosses(kv_lo, kv_hi, kv_plan)[kv_ids]
+    crossing = q_cross[:, None] | kv_cross[kv_ids]
     where = ((classes == PARTIAL) & crossing).nonzero()
     q_n = q_plan[1] if q_plan else 1
     kv_n = kv_plan[1] if kv_plan else 1
