@@ -107,6 +107,7 @@ def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callabl
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         score_mod, mask_mod = case.flex
+        torch._dynamo.reset()  # NOTE: a fresh compile per case; past the recompile limit flex runs eagerly
         block_mask = create_block_mask(mask_mod, None, None, case.L, case.L, device="cpu")
         compiled = torch.compile(flex_attention, dynamic=False)
         found["flex-compiled"] = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
