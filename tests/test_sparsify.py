@@ -147,7 +147,7 @@ geometry = st.tuples(
 )
 
 
-@settings(max_examples=80)
+@settings(max_examples=80, deadline=None)
 @given(mask_trees(), geometry, st.integers(0, 2**31 - 1), st.booleans())
 def test_block_map_is_sound_on_generated_masks(tree, geo, seed, sorted_ids) -> None:
     """Never EMPTY if one pair is kept, FULL only if all are: random compositions with & | ~."""
@@ -197,7 +197,7 @@ def test_structured_masks_are_exact(name: str, geo: dict) -> None:
     check_mask(fn, None, B=1, H=1, exact=True, **geo)
 
 
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.integers(1, 40), st.integers(1, 40),
        st.integers(0, 30), st.booleans())
 def test_document_mask_with_sorted_ids_is_exact(lengths, bq, bk, q_offset, causal) -> None:
