@@ -10,7 +10,7 @@ promises it: affine forms, and modular atoms whose range does not wrap.
 from __future__ import annotations
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attncc.ir import expr as ex
@@ -81,6 +81,7 @@ def bool_exprs(draw: st.DrawFn, depth: int = 3) -> ex.Expr:
 boxes = st.tuples(st.integers(-20, 40), st.integers(0, 12), st.integers(-20, 40), st.integers(0, 12))
 
 
+@settings(max_examples=100, deadline=None)
 @given(int_exprs(), boxes)
 def test_integer_interval_contains_every_value(e: ex.Expr, box: tuple[int, int, int, int]) -> None:
     """Soundness: the abstract interval encloses the expression's values over the whole box."""
@@ -91,6 +92,7 @@ def test_integer_interval_contains_every_value(e: ex.Expr, box: tuple[int, int, 
     assert lo <= int(dense.min()) and int(dense.max()) <= hi, (str(e), lo, hi, int(dense.min()), int(dense.max()))
 
 
+@settings(max_examples=100, deadline=None)
 @given(bool_exprs(), boxes)
 def test_three_valued_booleans_are_sound(e: ex.Expr, box: tuple[int, int, int, int]) -> None:
     """``T`` only when true at every point, ``F`` only when false at every point."""
@@ -101,6 +103,7 @@ def test_three_valued_booleans_are_sound(e: ex.Expr, box: tuple[int, int, int, i
     assert not never or not bool(dense.any()), str(e)
 
 
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=3, max_size=3), boxes)
 def test_affine_form_range_is_exact(coefs: list[int], box: tuple[int, int, int, int]) -> None:
     """``a*q + b*kv + c`` written with repeated variables still gets its exact range."""
@@ -121,6 +124,7 @@ def test_difference_of_the_same_variables_is_a_point() -> None:
     assert _flags(abstract_eval(e, _box_env(0, 63, 100, 163))) == (True, False)
 
 
+@settings(max_examples=100, deadline=None)
 @given(positive, st.integers(0, 6), boxes)
 def test_modular_comparison_is_exact_unless_the_range_wraps(d: int, r: int, box: tuple[int, int, int, int]) -> None:
     """``(q_idx - kv_idx) % d == r``: decided exactly when the differences cover every residue
