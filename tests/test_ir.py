@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc.ir.evaluate import evaluate
 from attncc.ir import expr as ex
 from attncc.ir import nodes
+from attncc.ir.evaluate import evaluate
 from attncc.ir.expr import Expr, TensorSpec
 from attncc.ir.graph import AttentionGraph
 from attncc.ir.printer import format_expr, format_graph

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attncc.ir.evaluate import evaluate
 from attncc.ir import nodes
+from attncc.ir.evaluate import evaluate
 from attncc.ir.expr import Expr
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
