@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _logsigmoid, _sigmoid, buffer_name, fast_exp
+from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _sigmoid, buffer_name, fast_exp, fast_log1p
 from attncc.ir import nodes
 from attncc.ir.expr import TensorSpec
 from attncc.passes.plan import AttentionRegion
@@ -275,7 +275,14 @@ class _Forward:
             return
         if isinstance(norm, nodes.PointwiseNorm):
             phi = Renderer({"score": "S[i, j]"}, self.specs)(norm.phi)
+            softplus = norm.phi.op == "softplus" and norm.phi.src[0].op == "var"
+            if softplus:  # log1p(exp(s)) through a buffer: the fast log1p reads its argument often
+                w(f'E = T.decl_buffer(({BN},), "float32")')
+                phi = f"T.if_then_else(S[i, j] > T.float32(20.0), S[i, j], {fast_log1p('E[j]')})"
             with w.block(f"for i in range({self.s.block_m}):"):
+                if softplus:
+                    with w.block(f"for j in T.vectorized({BN}):"):
+                        w(f"E[j] = {fast_exp('T.min(S[i, j], T.float32(20.0))')}")
                 with w.block(f"for j in T.vectorized({BN}):"):
                     w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), {phi})")
                 if norm.normalize:
@@ -303,17 +310,21 @@ class _Forward:
         w(f'G1 = T.decl_buffer(({2 * BN},), "float32")')
         with w.block(f"for i in range({self.s.block_m}):"):
             with w.block(f"for j in T.vectorized({BN}):"):
-                w(f"G0[j] = T.if_then_else({kept}, {_logsigmoid(f'(-{x})')}, T.float32(0.0))")
+                w(f"G1[j] = {fast_exp(f'(-T.abs({x}))')}")
                 w(f"G0[j + {BN}] = T.float32(0.0)")
                 w(f"G1[j + {BN}] = T.float32(0.0)")
+            with w.block(f"for j in T.vectorized({BN}):"):
+                # G0: logsigmoid(-s); S: logsigmoid(s), -inf where masked
+                w(f"G0[j] = T.if_then_else({kept}, T.min(-{x}, T.float32(0.0)) - {fast_log1p('G1[j]')}, "
+                  "T.float32(0.0))")
+                w(f"S[i, j] = T.if_then_else({kept}, T.min({x}, T.float32(0.0)) - {fast_log1p('G1[j]')}, {NEG_INF})")
             step, src, dst = 1, "G0", "G1"
             while step < BN:
                 with w.block(f"for j in T.vectorized({BN}):"):
                     w(f"{dst}[j] = {src}[j] + {src}[j + {step}]")
                 step, src, dst = step * 2, dst, src
             with w.block(f"for j in T.vectorized({BN}):"):
-                log_p = f"({_logsigmoid(x)} + L[i] + {src}[j + 1])"
-                w(f"S[i, j] = T.if_then_else({kept}, {fast_exp(log_p)}, T.float32(0.0))")
+                w(f"S[i, j] = T.if_then_else({kept}, {fast_exp(f'(S[i, j] + L[i] + {src}[j + 1])')}, T.float32(0.0))")
             w(f"L[i] = L[i] + {src}[0]")
 
     def _finish(self) -> None:

@@ -76,6 +76,27 @@ def fast_exp(x: str) -> str:
     return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {big})"
 
 
+def fast_log1p(y: str) -> str:
+    """``log1p(y)`` for float32 ``y >= 0`` given as a cheap expression (a buffer read).
+
+    ``1 + y = 2**e * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))``; ``log m = 2 atanh(r)``,
+    ``r = (m - 1) / (m + 1)``, ``|r| < 0.172``, by its odd series to ``r**9`` (error < 1e-9);
+    below ``1e-4``, ``y - y**2 / 2`` keeps the digits that ``1 + y`` would round away.
+    """
+    bits = f'T.reinterpret("int32", (T.float32(1.0) + {y}))'
+    mant = f'T.reinterpret("float32", T.bitwise_or(T.bitwise_and({bits}, 8388607), 1065353216))'
+    big = f"({mant} > T.float32(1.4142135623730951))"
+    m = f"T.if_then_else({big}, {mant} * T.float32(0.5), {mant})"
+    e = f'(T.Cast("float32", T.shift_right({bits}, 23) - 127) + T.if_then_else({big}, T.float32(1.0), T.float32(0.0)))'
+    r = f"(({m} - T.float32(1.0)) / ({m} + T.float32(1.0)))"
+    r2 = f"({r} * {r})"
+    series = "T.float32(0.1111111111111111)"
+    for c in (1 / 7, 1 / 5, 1 / 3, 1.0):
+        series = f"({series} * {r2} + T.float32({c!r}))"
+    log_z = f"({e} * T.float32(0.6931471805599453) + T.float32(2.0) * {r} * {series})"
+    return f"T.if_then_else({y} < T.float32(1e-4), {y} - T.float32(0.5) * {y} * {y}, {log_z})"
+
+
 def _float_unary(fn: str) -> Callable[[str], str]:
     return lambda x: f"T.{fn}({x})"
 
