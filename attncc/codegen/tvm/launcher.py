@@ -147,14 +147,13 @@ def stage_kv(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[torch.Tens
     """K as float32 ``[B, Hkv, D, Lkp]`` (transposed once per call, not once per query tile) and
     V as float32 ``[B, Hkv, Lkp, Dv]``, zero-padded to whole kv tiles; a float32 V whose length
     is a whole number of tiles passes through without a copy."""
-    B, Hkv, Lkv, D = k.shape
-    Lkp = -(-Lkv // block_n) * block_n
-    kt = torch.zeros(B, Hkv, D, Lkp, dtype=torch.float32)
-    kt[..., :Lkv] = k.transpose(-1, -2)
-    if v.dtype == torch.float32 and Lkp == Lkv:
-        return kt, v.contiguous()
-    vp = torch.zeros(B, Hkv, Lkp, v.shape[-1], dtype=torch.float32)
-    vp[:, :, :Lkv] = v
+    Lkv = k.shape[2]
+    pad = -(-Lkv // block_n) * block_n - Lkv
+    # NOTE: convert while contiguous, then one transposing copy (torch's fast path)
+    kf = k.contiguous().float()
+    kt = torch.nn.functional.pad(kf.transpose(-1, -2), (0, pad)) if pad else kf.transpose(-1, -2).contiguous()
+    vf = v.contiguous().float()
+    vp = torch.nn.functional.pad(vf, (0, 0, 0, pad)) if pad else vf
     return kt, vp
 
 
