@@ -116,10 +116,10 @@ class _Forward:
           f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF"):
+            for name in ("B", "HQ", "HKV", "LQ", "LKP", "NKT", "TB", "TH", "NQ", "MP", "MF"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
-            w(f'KT = T.match_buffer(k_h, (B, HKV, {s.D}, LKP), "float32")')
+            w(f'KT = T.match_buffer(k_h, (B, HKV, NKT, {s.D}, {s.block_n}), "float32")')
             w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "float32")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
@@ -162,10 +162,12 @@ class _Forward:
             self._descending_tiles()
         else:
             with w.block("for n in range(PC[tb, th, qt]):"):
-                w("kv0 = PI[tb, th, qt, n] * " + str(BN))
+                w("kt = PI[tb, th, qt, n]")
+                w(f"kv0 = kt * {BN}")
                 self._tile(masked="True")
             with w.block("for n in range(FC[tb, th, qt]):"):
-                w("kv0 = FI[tb, th, qt, n] * " + str(BN))
+                w("kt = FI[tb, th, qt, n]")
+                w(f"kv0 = kt * {BN}")
                 self._tile(masked="False")
         self._finish()
 
@@ -179,7 +181,8 @@ class _Forward:
             w("pk = T.if_then_else(Ptr[0] >= 0, PI[tb, th, qt, T.max(Ptr[0], 0)], -1)")
             w("fk = T.if_then_else(Ptr[1] >= 0, FI[tb, th, qt, T.max(Ptr[1], 0)], -1)")
             w("is_full = fk > pk")
-            w(f"kv0 = T.max(pk, fk) * {BN}")
+            w("kt = T.max(pk, fk)")
+            w(f"kv0 = kt * {BN}")
             with w.block("if is_full:"):
                 w("Ptr[1] = Ptr[1] - 1")
             with w.block("else:"):
@@ -192,8 +195,8 @@ class _Forward:
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
         BM, BN, D, Dv, RI, VJ = s.block_m, s.block_n, s.D, s.Dv, s.rows, s.vector
-        VD = math.gcd(Dv, 64)
-        # S = score_mask(Qs @ K^T), register blocked; K arrives transposed and padded to LKP
+        VD = math.gcd(Dv, VJ)
+        # S = score_mask(Qs @ K^T), register blocked; K arrives as transposed tiles [NKT, D, BN]
         with w.block(f"for i0 in range({BM // RI}):"):
             with w.block(f"for j0 in range({BN // VJ}):"):
                 w(f'Sr = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
@@ -203,7 +206,7 @@ class _Forward:
                 with w.block(f"for d in range({D}):"):
                     with w.block(f"for i1 in T.unroll({RI}):"):
                         with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"Sr[i1, j1] = Sr[i1, j1] + Qs[i0 * {RI} + i1, d] * KT[b, hk, d, kv0 + j0 * {VJ} + j1]")
+                            w(f"Sr[i1, j1] = Sr[i1, j1] + Qs[i0 * {RI} + i1, d] * KT[b, hk, kt, d, j0 * {VJ} + j1]")
                 with w.block(f"for i1 in T.unroll({RI}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
                         i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"

@@ -144,14 +144,18 @@ def launch(
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K as float32 ``[B, Hkv, D, Lkp]`` (transposed once per call, not once per query tile) and
-    V as float32 ``[B, Hkv, Lkp, Dv]``, zero-padded to whole kv tiles; a float32 V whose length
-    is a whole number of tiles passes through without a copy."""
-    Lkv = k.shape[2]
+    """K as float32 transposed tiles ``[B, Hkv, NKT, D, BN]`` and V as float32 ``[B, Hkv, Lkp, Dv]``,
+    zero-padded to whole kv tiles; a float32 V whose length is a whole number of tiles passes
+    through without a copy.
+
+    NOTE: a tile of K^T is one contiguous block. Rows of a plain ``[D, Lkv]`` transpose lie a
+    power-of-two stride apart, so the 64 rows of a tile fall into one L1 set and evict each other.
+    """
+    B, H, Lkv, D = k.shape
     pad = -(-Lkv // block_n) * block_n - Lkv
-    # NOTE: convert while contiguous, then one transposing copy (torch's fast path)
     kf = k.contiguous().float()
-    kt = torch.nn.functional.pad(kf.transpose(-1, -2), (0, pad)) if pad else kf.transpose(-1, -2).contiguous()
+    kf = torch.nn.functional.pad(kf, (0, 0, 0, pad)) if pad else kf
+    kt = kf.view(B, H, (Lkv + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
     vf = v.contiguous().float()
     vp = torch.nn.functional.pad(vf, (0, 0, 0, pad)) if pad else vf
     return kt, vp
