@@ -2,8 +2,8 @@
 
 Pieces: ``render.py`` (Expr -> Triton text), ``source.py`` (templates filled from a region),
 ``templates/*.py.jinja`` (forward with split-KV decoding and GQA packing; backward for
-softmax, sigmoid, pointwise and stick-breaking; chunked linear attention), ``derivative.py``
-(symbolic d score_fn / d score for the backward),
+softmax, sigmoid, pointwise and stick-breaking; chunked linear attention; the symbolic
+d score_fn / d score comes from ``attncc.ir.derivative``),
 ``launcher.py`` (cache-dir modules, sparsity tables, grids), ``space.py`` (search space),
 ``checker.py`` (what runs here and why not), ``ops.py`` (torch.library ops + autograd).
 

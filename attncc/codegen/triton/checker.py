@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from attncc.codegen.triton.derivative import score_derivative
 from attncc.codegen.triton.render import unsupported
 from attncc.ir import nodes
+from attncc.ir.derivative import score_derivative
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 FORWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)

@@ -48,8 +48,8 @@ def render_source(region: AttentionRegion, kind: str, dtype: str, learn: tuple[s
     ``learn``: captured float tensors of the score function whose gradients the backward's
     dQ kernel accumulates (atomically, at the addresses the forward loads from).
     """
-    from attncc.codegen.triton.derivative import score_derivative
     from attncc.ir import nodes
+    from attncc.ir.derivative import score_derivative
 
     specs = _captured_specs(region)
     params = [p for spec in specs for p in pointer_args(spec)]
@@ -165,7 +165,7 @@ def _spec_named(specs: list[TensorSpec], name: str) -> TensorSpec:
 
 def _captured_grad_lines(score: Expr, learn: tuple[str, ...], env: dict[str, str]) -> list[str]:
     """Per load of a learned tensor: ``d score_fn / d load`` times ``dsout``, added atomically."""
-    from attncc.codegen.triton.derivative import derivative
+    from attncc.ir.derivative import derivative
 
     body = ExprRenderer(dict(env), prefix="c")
     lines: list[str] = []

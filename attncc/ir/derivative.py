@@ -1,7 +1,7 @@
 """Symbolic derivative of a score function with respect to its ``score`` argument.
 
-The backward kernels need ``d score_fn / d score`` at every kept position: the chain rule
-turns ``dP``-space gradients into gradients of ``q . k``. We differentiate the ``Expr``
+Every backend's backward kernels need ``d score_fn / d score`` at every kept position: the
+chain rule turns ``dP``-space gradients into gradients of ``q . k``. We differentiate the ``Expr``
 forward-mode, node by node, one rule per op (``RULES``); ops without a rule make the
 backward decline (and the autograd Function fall back to the reference backward).
 Integer and boolean nodes carry no derivative; captured tensors are constants here
