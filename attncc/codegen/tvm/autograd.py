@@ -1,9 +1,11 @@
-"""Run one region on the TVM kernel, with autograd through the reference backend.
+"""Run one region on the TVM kernel, with autograd through the generated backward kernels.
 
-There is no generated CPU backward kernel yet. When q, k, v or a captured float tensor
-requires grad, the forward still runs the TVM kernel and the backward recomputes the
-region with the reference backend's differentiable path (dense, ``O(L^2)`` memory), after
-a one-time warning that says so: never a silent wrong gradient.
+The softmax family (with or without learned sinks, the sinks' gradient included) has
+generated backward kernels (``backward.py``): any score function whose derivative renders,
+any mask, GQA/MQA, offsets and block sparsity. Everything else (other normalizers,
+gradients of other captured tensors such as an ALiBi slope table) recomputes the region
+with the reference backend's differentiable path (dense, ``O(Lq*Lkv)`` memory) after a
+one-time warning that says why: never a silent wrong gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm.backward import backward_unsupported, launch_backward, sink_gradient
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import SPACE
 from attncc.ir import nodes
@@ -22,8 +25,8 @@ from attncc.passes.plan import AttentionRegion, KernelPlan
 
 _WARNED: set[str] = set()
 BACKWARD_WARNING = (
-    "attncc: the TVM backend has no generated backward kernel yet; gradients of this variant are "
-    "computed by recomputing it with the reference backend (dense, O(Lq*Lkv) memory)"
+    "attncc: the TVM backend's generated backward does not cover this variant ({reason}); its gradients "
+    "are computed by recomputing it with the reference backend (dense, O(Lq*Lkv) memory)"
 )
 
 
@@ -73,12 +76,46 @@ def run_region(
     if not needs_grad:
         out, lse = _forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
+    context = (plan, region, tensors, grad_names, scale, q_offset, config)
+    grad_tensors = (tensors[n] for n in grad_names)
+    reason = backward_unsupported(region, tuple(grad_names))
+    if reason is None:
+        out, lse = _GeneratedBackward.apply(context, q, k, v, *grad_tensors)
+        return out, (lse if has_lse else None)
     if plan.fingerprint not in _WARNED:
         _WARNED.add(plan.fingerprint)
-        warnings.warn(BACKWARD_WARNING, stacklevel=4)
-    context = (plan, region, tensors, grad_names, scale, q_offset, config)
-    out, lse = _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
+        warnings.warn(BACKWARD_WARNING.format(reason=reason), stacklevel=4)
+    out, lse = _ReferenceBackward.apply(context, q, k, v, *grad_tensors)
     return out, (lse if has_lse else None)
+
+
+class _GeneratedBackward(torch.autograd.Function):
+    """Forward: the TVM kernel. Backward: the generated kernels (softmax family, ``backward.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, region, tensors, _grad_names, scale, q_offset, config = context
+        ctx.context = context
+        out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+        _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
+        q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
+        rowdot = (grad_out.float() * out.float()).sum(-1)
+        dlse = torch.zeros_like(lse) if grad_lse is None else torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
+        if region.score_scale is not None:
+            scale = scale * region.score_scale
+        # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient shifts Delta_i by -dlse_i.
+        dq, dk, dv = launch_backward(region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse,
+                                     tensors, scale=scale, q_offset=q_offset)
+        sink = region.normalizer.sink
+        dsink = [sink_gradient(t, lse, rowdot, dlse) for name, t in zip(grad_names, grad_tensors)
+                 if sink is not None and name == sink.name]
+        return (None, dq, dk, dv, *dsink)
 
 
 class _ReferenceBackward(torch.autograd.Function):
