@@ -6,13 +6,17 @@ Notation (FlexAttention's template, on a CPU):
   ``T.parallel``; the kv head is ``hk = h // (HQ // HKV)`` (GQA / MQA);
 - a task walks kv tiles of ``BN`` keys listed in the block tables: PARTIAL tiles evaluate
   the mask, FULL tiles do not, EMPTY tiles are never listed (two loops);
-- per tile: ``S = (scale * Q_tile) K_tile^T`` in register blocks of ``RI`` rows x ``VJ``
-  keys, then the score function and mask elementwise (masked -> ``-inf``), then the
-  normalizer's update, then ``Acc += P V_tile`` in register blocks of ``RI`` rows x ``VD``
-  value columns;
+- per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
+  in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
+  elementwise (masked -> ``-inf``), then the normalizer's update, then ``Acc += P V_tile`` in
+  register blocks of ``R`` rows x ``VD`` value columns;
 - sequence lengths, batch and head counts are symbolic: one module serves every length.
 
-Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (RI), ``vector`` (VJ, VD).
+Why key-major: a SIMD vector holds ``V`` query rows, so a row's max, sum or stick-breaking
+suffix sum is a vertical vector operation over keys (no horizontal reductions), and the
+product reads K in its own row-major layout (one broadcast per key and feature).
+
+Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
 Inputs of any float dtype are converted to float32 on load; accumulation is float32.
 """
 
@@ -21,7 +25,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _sigmoid, buffer_name, fast_exp, fast_log1p
+from attncc.codegen.tvm.render import (
+    BUFFER_DTYPE,
+    Renderer,
+    _sigmoid,
+    buffer_name,
+    fast_exp,
+    fast_exp_nonpositive,
+    fast_log1p,
+)
 from attncc.ir import nodes
 from attncc.ir.expr import TensorSpec
 from attncc.passes.plan import AttentionRegion
@@ -116,10 +128,10 @@ class _Forward:
           f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LKP", "NKT", "TB", "TH", "NQ", "MP", "MF"):
+            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
-            w(f'KT = T.match_buffer(k_h, (B, HKV, NKT, {s.D}, {s.block_n}), "float32")')
+            w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "float32")')
             w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "float32")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
@@ -145,17 +157,19 @@ class _Forward:
         w("tb = T.min(b, TB - 1)")
         w("th = T.min(h, TH - 1)")
         w(f"q0 = qt * {BM}")
-        w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
-        w(f'S = T.decl_buffer(({BM}, {BN}), "float32")')
+        w(f'QT = T.decl_buffer(({D}, {BM}), "float32")')
+        w(f'St = T.decl_buffer(({BN}, {BM}), "float32")')
         w(f'Acc = T.decl_buffer(({BM}, {Dv}), "float32")')
         w(f'M = T.decl_buffer(({BM},), "float32")')
         w(f'L = T.decl_buffer(({BM},), "float32")')
         w(f'Alpha = T.decl_buffer(({BM},), "float32")')
-        with w.block(f"for i in range({BM}):"):
-            with w.block(f"for d in T.vectorized({D}):"):
-                w(f"Qs[i, d] = {self._f32('Q[b, h, T.min(q0 + i, LQ - 1), d]')} * scale")
+        with w.block(f"for d in range({D}):"):
+            with w.block(f"for i in range({BM}):"):
+                w(f"QT[d, i] = {self._f32('Q[b, h, T.min(q0 + i, LQ - 1), d]')} * scale")
+        with w.block(f"for i in T.vectorized({BM}):"):
             w(f"M[i] = {NEG_INF}")
             w("L[i] = T.float32(0.0)")
+        with w.block(f"for i in range({BM}):"):
             with w.block(f"for d in T.vectorized({Dv}):"):
                 w("Acc[i, d] = T.float32(0.0)")
         if isinstance(self.norm, nodes.StickBreakingNorm):
@@ -194,40 +208,40 @@ class _Forward:
 
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
-        BM, BN, D, Dv, RI, VJ = s.block_m, s.block_n, s.D, s.Dv, s.rows, s.vector
-        VD = math.gcd(Dv, VJ)
-        # S = score_mask(Qs @ K^T), register blocked; K arrives as transposed tiles [NKT, D, BN]
-        with w.block(f"for i0 in range({BM // RI}):"):
-            with w.block(f"for j0 in range({BN // VJ}):"):
-                w(f'Sr = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w("Sr[i1, j1] = T.float32(0.0)")
+        BM, BN, D, Dv, R, V = s.block_m, s.block_n, s.D, s.Dv, s.rows, s.vector
+        VD = math.gcd(Dv, V)
+        # St = score_mask(K_tile QT), register blocked: R keys (broadcast) x V query rows (vector)
+        with w.block(f"for j0 in range({BN // R}):"):
+            with w.block(f"for i0 in range({BM // V}):"):
+                w(f'Sr = T.decl_buffer(({R}, {V}), "float32", scope="local")')
+                with w.block(f"for j1 in T.unroll({R}):"):
+                    with w.block(f"for i1 in T.vectorized({V}):"):
+                        w("Sr[j1, i1] = T.float32(0.0)")
                 with w.block(f"for d in range({D}):"):
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"Sr[i1, j1] = Sr[i1, j1] + Qs[i0 * {RI} + i1, d] * KT[b, hk, kt, d, j0 * {VJ} + j1]")
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
-                        w(f"S[{i}, {j}] = {self._score_and_mask('Sr[i1, j1]', masked, i, j)}")
+                    with w.block(f"for j1 in T.unroll({R}):"):
+                        with w.block(f"for i1 in T.vectorized({V}):"):
+                            w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, kv0 + j0 * {R} + j1, d] * QT[d, i0 * {V} + i1]")
+                with w.block(f"for j1 in T.unroll({R}):"):
+                    with w.block(f"for i1 in T.vectorized({V}):"):
+                        i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
+                        w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
         self._normalizer_update()
-        # Acc = Alpha * Acc + P @ V, register blocked
+        # Acc = Alpha * Acc + P @ V, register blocked: R rows (broadcast from St) x VD value columns
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
-        with w.block(f"for i0 in range({BM // RI}):"):
+        with w.block(f"for i0 in range({BM // R}):"):
             with w.block(f"for d0 in range({Dv // VD}):"):
-                w(f'Or = T.decl_buffer(({RI}, {VD}), "float32", scope="local")')
-                with w.block(f"for i1 in T.unroll({RI}):"):
+                w(f'Or = T.decl_buffer(({R}, {VD}), "float32", scope="local")')
+                with w.block(f"for i1 in T.unroll({R}):"):
                     with w.block(f"for d1 in T.vectorized({VD}):"):
-                        scaled = f" * Alpha[i0 * {RI} + i1]" if rescale else ""
-                        w(f"Or[i1, d1] = Acc[i0 * {RI} + i1, d0 * {VD} + d1]{scaled}")
+                        scaled = f" * Alpha[i0 * {R} + i1]" if rescale else ""
+                        w(f"Or[i1, d1] = Acc[i0 * {R} + i1, d0 * {VD} + d1]{scaled}")
                 with w.block(f"for j in range({BN}):"):
-                    with w.block(f"for i1 in T.unroll({RI}):"):
+                    with w.block(f"for i1 in T.unroll({R}):"):
                         with w.block(f"for d1 in T.vectorized({VD}):"):
-                            w(f"Or[i1, d1] = Or[i1, d1] + S[i0 * {RI} + i1, j] * V[b, hk, kv0 + j, d0 * {VD} + d1]")
-                with w.block(f"for i1 in T.unroll({RI}):"):
+                            w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * V[b, hk, kv0 + j, d0 * {VD} + d1]")
+                with w.block(f"for i1 in T.unroll({R}):"):
                     with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"Acc[i0 * {RI} + i1, d0 * {VD} + d1] = Or[i1, d1]")
+                        w(f"Acc[i0 * {R} + i1, d0 * {VD} + d1] = Or[i1, d1]")
 
     def _index_env(self, i: str = "i", j: str = "j") -> dict[str, str]:
         return {
@@ -248,87 +262,111 @@ class _Forward:
     # ---- normalizers: the per-tile update (S holds masked scores, becomes P) ---------
 
     def _normalizer_update(self) -> None:
-        norm, w, BN = self.norm, self.w, self.s.block_n
-        VJ, NJ = self.s.vector, BN // self.s.vector
+        norm = self.norm
         if isinstance(norm, nodes.SoftmaxNorm):
-            with w.block(f"for i in range({self.s.block_m}):"):
-                w(f'Mv = T.decl_buffer(({VJ},), "float32", scope="local")')
-                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
-                with w.block(f"for j1 in T.vectorized({VJ}):"):
-                    w("Mv[j1] = S[i, j1]")
-                    w("Lv[j1] = T.float32(0.0)")
-                with w.block(f"for j0 in range(1, {NJ}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"Mv[j1] = T.max(Mv[j1], S[i, j0 * {VJ} + j1])")
-                w("m_old = M[i]")
-                w(f"m_new = T.max(m_old, {tree('T.max', 'Mv', VJ)})")
-                w("M[i] = m_new")
-                w(f"m_use = T.if_then_else(m_new == {NEG_INF}, T.float32(0.0), m_new)")
-                w("Alpha[i] = T.exp(m_old - m_use)")
-                with w.block(f"for j0 in range({NJ}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"S[i, j0 * {VJ} + j1] = {fast_exp(f'(S[i, j0 * {VJ} + j1] - m_use)')}")
-                        w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
-                w(f"L[i] = L[i] * Alpha[i] + {tree('', 'Lv', VJ)}")
-            return
-        if isinstance(norm, nodes.SigmoidNorm):
-            with w.block(f"for i in range({self.s.block_m}):"):
-                with w.block(f"for j in T.vectorized({BN}):"):
-                    w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), {_sigmoid('(S[i, j] + bias)')})")
-            return
-        if isinstance(norm, nodes.PointwiseNorm):
-            phi = Renderer({"score": "S[i, j]"}, self.specs)(norm.phi)
-            softplus = norm.phi.op == "softplus" and norm.phi.src[0].op == "var"
-            if softplus:  # log1p(exp(s)) through a buffer: the fast log1p reads its argument often
-                w(f'E = T.decl_buffer(({BN},), "float32")')
-                phi = f"T.if_then_else(S[i, j] > T.float32(20.0), S[i, j], {fast_log1p('E[j]')})"
-            with w.block(f"for i in range({self.s.block_m}):"):
-                if softplus:
-                    with w.block(f"for j in T.vectorized({BN}):"):
-                        w(f"E[j] = {fast_exp('T.min(S[i, j], T.float32(20.0))')}")
-                with w.block(f"for j in T.vectorized({BN}):"):
-                    w(f"S[i, j] = T.if_then_else(S[i, j] == {NEG_INF}, T.float32(0.0), {phi})")
-                if norm.normalize:
-                    w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w("Lv[j1] = T.float32(0.0)")
-                    with w.block(f"for j0 in range({NJ}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"Lv[j1] = Lv[j1] + S[i, j0 * {VJ} + j1]")
-                    w(f"L[i] = L[i] + {tree('', 'Lv', VJ)}")
-            return
-        if isinstance(norm, nodes.StickBreakingNorm):
+            self._softmax_update()
+        elif isinstance(norm, nodes.SigmoidNorm):
+            weight = _sigmoid("(St[j, i] + bias)")
+            self._pointwise_update(f"T.if_then_else(St[j, i] == {NEG_INF}, T.float32(0.0), {weight})")
+        elif isinstance(norm, nodes.PointwiseNorm):
+            self._phi_update(norm)
+        elif isinstance(norm, nodes.StickBreakingNorm):
             self._stick_breaking_update()
+        else:
+            raise NotImplementedError(f"no TVM kernel for normalizer {type(norm).__name__}")
+
+    def _row_groups(self) -> Lines:
+        """Open ``for i0``: one SIMD vector of ``V`` query rows at a time; ``i`` is the row."""
+        V = self.s.vector
+        return self.w.block(f"for i0 in range({self.s.block_m // V}):")
+
+    def _softmax_update(self) -> None:
+        """Online softmax: new row max, rescale factor ``Alpha``, ``St <- exp(St - m)``, row sums."""
+        w, BN, V = self.w, self.s.block_n, self.s.vector
+        i = f"i0 * {V} + i1"
+        with self._row_groups():
+            w(f'Mv = T.decl_buffer(({V},), "float32", scope="local")')
+            w(f'Mu = T.decl_buffer(({V},), "float32", scope="local")')
+            w(f'Lv = T.decl_buffer(({V},), "float32", scope="local")')
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w(f"Mv[i1] = M[{i}]")
+                w("Lv[i1] = T.float32(0.0)")
+            with w.block(f"for j in range({BN}):"):
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    w(f"Mv[i1] = T.max(Mv[i1], St[j, {i}])")
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                # a row with no live score yet keeps m = -inf; subtract 0 there (exp(-inf) = 0)
+                w(f"Mu[i1] = T.if_then_else(Mv[i1] == {NEG_INF}, T.float32(0.0), Mv[i1])")
+                w(f"Alpha[{i}] = {fast_exp_nonpositive(f'(M[{i}] - Mu[i1])')}")
+                w(f"M[{i}] = Mv[i1]")
+            with w.block(f"for j in range({BN}):"):
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    w(f"St[j, {i}] = {fast_exp_nonpositive(f'(St[j, {i}] - Mu[i1])')}")
+                    w(f"Lv[i1] = Lv[i1] + St[j, {i}]")
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
+
+    def _pointwise_update(self, weight: str, before: str | None = None) -> None:
+        """``St[j, i] <- weight`` elementwise (``before``: a buffer fill the weight reads), and the
+        row sums ``L`` when the normalizer divides by them."""
+        w, BN, BM = self.w, self.s.block_n, self.s.block_m
+        normalize = getattr(self.norm, "normalize", False)
+        if normalize:
+            w(f'Lv = T.decl_buffer(({BM},), "float32", scope="local")')
+            with w.block(f"for i in T.vectorized({BM}):"):
+                w("Lv[i] = L[i]")
+        with w.block(f"for j in range({BN}):"):
+            if before is not None:
+                with w.block(f"for i in T.vectorized({BM}):"):
+                    w(before)
+            with w.block(f"for i in T.vectorized({BM}):"):
+                w(f"St[j, i] = {weight}")
+                if normalize:
+                    w("Lv[i] = Lv[i] + St[j, i]")
+        if normalize:
+            with w.block(f"for i in T.vectorized({BM}):"):
+                w("L[i] = Lv[i]")
+
+    def _phi_update(self, norm: nodes.PointwiseNorm) -> None:
+        dead = f"St[j, i] == {NEG_INF}"
+        if norm.phi.op == "softplus" and norm.phi.src[0].op == "var":
+            # log1p(exp(s)) through a buffer: the fast log1p reads its argument often
+            self.w(f'E = T.decl_buffer(({self.s.block_m},), "float32")')
+            phi = f"T.if_then_else(St[j, i] > T.float32(20.0), St[j, i], {fast_log1p('E[i]')})"
+            fill = f"E[i] = {fast_exp('T.min(St[j, i], T.float32(20.0))')}"
+            self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})", before=fill)
             return
-        raise NotImplementedError(f"no TVM kernel for normalizer {type(norm).__name__}")
+        phi = Renderer({"score": "St[j, i]"}, self.specs)(norm.phi)
+        self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})")
 
     def _stick_breaking_update(self) -> None:
         """log p_ij = logsigmoid(s_ij) + R_i + sum_{t in tile, t > j} logsigmoid(-s_it), R_i the
-        running sum over the tiles already walked (all later keys); suffix sums by doubling
-        steps over zero-padded buffers, so every loop stays vectorized."""
-        w, BN = self.w, self.s.block_n
-        kept = f"(S[i, j] != {NEG_INF})"
-        x = f"T.if_then_else({kept}, S[i, j], T.float32(0.0))"
-        w(f'G0 = T.decl_buffer(({2 * BN},), "float32")')
-        w(f'G1 = T.decl_buffer(({2 * BN},), "float32")')
-        with w.block(f"for i in range({self.s.block_m}):"):
-            with w.block(f"for j in T.vectorized({BN}):"):
-                w(f"G1[j] = {fast_exp(f'(-T.abs({x}))')}")
-                w(f"G0[j + {BN}] = T.float32(0.0)")
-                w(f"G1[j + {BN}] = T.float32(0.0)")
-            with w.block(f"for j in T.vectorized({BN}):"):
-                # G0: logsigmoid(-s); S: logsigmoid(s), -inf where masked
-                w(f"G0[j] = T.if_then_else({kept}, T.min(-{x}, T.float32(0.0)) - {fast_log1p('G1[j]')}, "
-                  "T.float32(0.0))")
-                w(f"S[i, j] = T.if_then_else({kept}, T.min({x}, T.float32(0.0)) - {fast_log1p('G1[j]')}, {NEG_INF})")
-            step, src, dst = 1, "G0", "G1"
-            while step < BN:
-                with w.block(f"for j in T.vectorized({BN}):"):
-                    w(f"{dst}[j] = {src}[j] + {src}[j + {step}]")
-                step, src, dst = step * 2, dst, src
-            with w.block(f"for j in T.vectorized({BN}):"):
-                w(f"S[i, j] = T.if_then_else({kept}, {fast_exp(f'(S[i, j] + L[i] + {src}[j + 1])')}, T.float32(0.0))")
-            w(f"L[i] = L[i] + {src}[0]")
+        running sum over the tiles already walked (all later keys, kept in ``L``): one walk over
+        the tile's keys from the last down, a vector of rows at a time."""
+        w, BN, V = self.w, self.s.block_n, self.s.vector
+        i = f"i0 * {V} + i1"
+        kept = f"(St[j, {i}] != {NEG_INF})"
+        x = f"T.if_then_else({kept}, St[j, {i}], T.float32(0.0))"
+        with self._row_groups():
+            w(f'Sum = T.decl_buffer(({V},), "float32", scope="local")')
+            w(f'E = T.decl_buffer(({V},), "float32", scope="local")')
+            w(f'G = T.decl_buffer(({V},), "float32", scope="local")')
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w(f"Sum[i1] = L[{i}]")
+            with w.block(f"for jr in range({BN}):"):
+                w(f"j = {BN - 1} - jr")
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    w(f"E[i1] = {fast_exp(f'(-T.abs({x}))')}")
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    w(f"G[i1] = {fast_log1p('E[i1]')}")
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    # logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)); logsigmoid(-x) likewise
+                    w(f"E[i1] = T.if_then_else({kept}, T.min(-{x}, T.float32(0.0)) - G[i1], T.float32(0.0))")
+                    w(f"St[j, {i}] = T.if_then_else({kept}, "
+                      f"{fast_exp(f'(T.min({x}, T.float32(0.0)) - G[i1] + Sum[i1])')}, T.float32(0.0))")
+                    w("Sum[i1] = Sum[i1] + E[i1]")
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w(f"L[{i}] = Sum[i1]")
 
     def _finish(self) -> None:
         s, w, norm = self.s, self.w, self.norm

@@ -133,9 +133,9 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
-    kt, vp = stage_kv(k, v, shape.block_n)
+    kp, vp = stage_kv(k, v, shape.block_n)
     module["attn"](
-        q.contiguous(), kt, vp, out, lse,
+        q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         *extra, float(scale), int(q_offset), float(bias), int(k.shape[2]),
@@ -144,21 +144,15 @@ def launch(
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K as float32 transposed tiles ``[B, Hkv, NKT, D, BN]`` and V as float32 ``[B, Hkv, Lkp, Dv]``,
-    zero-padded to whole kv tiles; a float32 V whose length is a whole number of tiles passes
-    through without a copy.
+    """K and V as float32 ``[B, Hkv, Lkp, D]``, zero-padded to whole kv tiles; float32 inputs
+    whose length is a whole number of tiles pass through without a copy."""
+    pad = -(-k.shape[2] // block_n) * block_n - k.shape[2]
 
-    NOTE: a tile of K^T is one contiguous block. Rows of a plain ``[D, Lkv]`` transpose lie a
-    power-of-two stride apart, so the 64 rows of a tile fall into one L1 set and evict each other.
-    """
-    B, H, Lkv, D = k.shape
-    pad = -(-Lkv // block_n) * block_n - Lkv
-    kf = k.contiguous().float()
-    kf = torch.nn.functional.pad(kf, (0, 0, 0, pad)) if pad else kf
-    kt = kf.view(B, H, (Lkv + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
-    vf = v.contiguous().float()
-    vp = torch.nn.functional.pad(vf, (0, 0, 0, pad)) if pad else vf
-    return kt, vp
+    def staged(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous().float()
+        return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+
+    return staged(k), staged(v)
 
 
 def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -76,6 +76,24 @@ def fast_exp(x: str) -> str:
     return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {big})"
 
 
+def fast_exp_nonpositive(x: str) -> str:
+    """``exp(x)`` for float32 ``x <= 0`` or ``-inf`` (softmax's ``s - m``), cheaper than ``fast_exp``.
+
+    ``x`` is clamped at -88: ``n = round(x log2 e)`` is then at least -127, whose exponent
+    field ``n + 127 = 0`` makes ``2**n`` exactly 0, so ``-inf`` (a masked score) and anything
+    below about -87.3 give exactly 0 without a select; a degree-6 polynomial suffices for
+    float32 (relative error about 1e-7).
+    """
+    xc = f"T.max({x}, T.float32(-88.0))"
+    tn = f"T.floor({xc} * T.float32(1.4426950408889634) + T.float32(0.5))"
+    tf = f"({xc} * T.float32(1.4426950408889634) - {tn})"
+    poly = f"T.float32({_EXP2_COEFFS[6]!r})"
+    for c in reversed(_EXP2_COEFFS[:6]):
+        poly = f"({poly} * {tf} + T.float32({c!r}))"
+    scale = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {tn}) + 127, 23))'
+    return f"({scale} * {poly})"
+
+
 def fast_log1p(y: str) -> str:
     """``log1p(y)`` for float32 ``y >= 0`` given as a cheap expression (a buffer read).
 

@@ -1,8 +1,8 @@
 """The TVM backend's tuning knobs as data: values, a validity filter, a default.
 
-``block_m`` x ``block_n`` is the score tile a task keeps in L1; ``rows`` x ``vector`` is
-the register block of both products (``rows`` accumulators of ``vector`` floats each);
-``vector`` is the SIMD width in float32 lanes (8 for AVX2, 16 for AVX-512).
+``block_m`` x ``block_n`` is the score tile a task keeps in cache; ``rows`` x ``vector`` is
+the register block of both products (``rows`` keys, or query rows, of ``vector`` floats
+each); ``vector`` is a multiple of the SIMD width in float32 lanes (8 for AVX2, 16 for AVX-512).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def working_set_bytes(c: Config, s: ShapeKey) -> int:
 
 
 def keep(c: Config, s: ShapeKey) -> bool:
-    if c["block_m"] % c["rows"] or c["block_n"] % c["vector"]:
+    if c["block_m"] % c["rows"] or c["block_n"] % c["rows"] or c["block_m"] % c["vector"]:
         return False
     return working_set_bytes(c, s) <= 4 * L1_BYTES
 
