@@ -8,7 +8,6 @@ here and why not), ``autograd.py`` (backward through the reference, with a warni
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -34,13 +33,10 @@ class TVMBackend:
     def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
             scale: float | None, q_offset: int, return_lse: bool, config: dict | None = None,
             **kwargs: Any) -> Any:
-        from attncc.codegen.tvm.autograd import run_region
+        from attncc.codegen.tvm.plans import run_plan  # routing, split-KV decoding, combine
 
-        region = plan.regions[0]
-        q, k, v = operands[region.q], operands[region.k], operands[region.v]
-        resolved = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = run_region(plan, region, q, k, v, tensors, scale=resolved, q_offset=q_offset, config=config)
-        return (out, lse) if return_lse else out
+        return run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse,
+                        config=config)
 
     def source(self, plan: KernelPlan) -> str:
         from attncc.codegen.tvm.kernels import KernelShape, render_forward

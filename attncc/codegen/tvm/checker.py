@@ -19,7 +19,10 @@ def tvm_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (TVM kernels take float32, float16, bfloat16)"
     if plan.combine is not None or len(plan.regions) != 1:
-        return "graphs of several attention regions (combine) are not generated yet"
+        linear = [r.node for r in plan.regions if isinstance(r.normalizer, nodes.LinearNorm)]
+        if linear:
+            return f"combine over linear attention ({', '.join(linear)}) is not generated yet"
+        return next((why for why in map(region_checker, plan.regions) if why), None)
     if plan.strategy in ("linear_chunked", "linear_global"):
         return "linear attention (chunked kernel) is not generated yet"
     return region_checker(plan.regions[0])
@@ -29,8 +32,10 @@ def region_checker(region: AttentionRegion) -> str | None:
     norm = region.normalizer
     if not isinstance(norm, NORMALIZERS):
         return f"normalizer {type(norm).__name__} has no TVM kernel yet"
-    if region.routing is not None or region.gate is not None or region.head_select is not None:
-        return f"routing {type(region.routing).__name__} is not generated yet"
+    if region.routing is not None and region.gate is None and region.head_select is None:
+        return f"routing {type(region.routing).__name__} was not lowered (run lower_routing)"
+    if region.gate is not None and region.head_select is not None:
+        return "TopKBlocks and TopKHeads on one region are not generated"
     if region.row_shift is not None and not isinstance(norm, nodes.SoftmaxNorm):
         return "row_shift outside softmax is not rendered"
     phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None

@@ -1,0 +1,86 @@
+"""Run a whole kernel plan on the TVM backend: each region by the path that fits it, then combine.
+
+Per region: TopKBlocks (``routing.py``) and TopKHeads (``heads.py``) visit only what the routing
+selected; a decode-shaped call of a plan with a ``decode_split`` rule splits the keys
+(``decode.py``); everything else is the plain tiled kernel (``autograd.run_region``). A plan with
+``combine`` evaluates it in torch over the region outputs, as the reference backend does
+(float64, then the first output's dtype); ``return_lse`` is defined for one attention only.
+
+Gradients: the plain path has its own (reference-recomputed) backward. The routed paths have
+none, so when anything requires grad a routed region runs on the reference backend (with a
+one-time warning) and split-KV falls back to the plain path: never a silent wrong gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from attncc.codegen.tvm import decode, heads, routing
+from attncc.codegen.tvm.autograd import run_region, select_config
+from attncc.ir import nodes
+from attncc.ir.evaluate import evaluate
+from attncc.passes.plan import AttentionRegion, KernelPlan
+
+Tensor = torch.Tensor
+_WARNED: set[str] = set()
+ROUTED_GRAD_WARNING = (
+    "attncc: the TVM backend has no gradient for routed attention (TopKBlocks / TopKHeads); this call "
+    "runs the region on the reference backend (dense, O(Lq*Lkv) memory)"
+)
+
+
+def run_plan(plan: KernelPlan, operands: dict[str, Tensor], tensors: dict[str, Tensor], *, scale: float | None,
+             q_offset: int, return_lse: bool, config: dict | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    if return_lse and plan.combine is not None:
+        raise ValueError("return_lse=True is defined for a single attention, not a combined graph")
+    outputs: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for region in plan.regions:
+        q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        resolved = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        outputs[region.node] = run_one(plan, region, q, k, v, tensors, scale=resolved, q_offset=q_offset,
+                                       config=config)
+    if plan.combine is None:
+        out, lse = outputs[plan.regions[0].node]
+        return (out, lse) if return_lse else out
+    env = {f"o{i}": outputs[node][0] for i, node in enumerate(plan.combine_operands)}
+    dtype = next(iter(env.values())).dtype
+    return evaluate(plan.combine, env, tensors, float_dtype=torch.float64).to(dtype)
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor]) -> bool:
+    captured = any(t.is_floating_point() and t.requires_grad for t in tensors.values())
+    return torch.is_grad_enabled() and (captured or any(t.requires_grad for t in (q, k, v)))
+
+
+def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor,
+            tensors: dict[str, Tensor], *, scale: float, q_offset: int,
+            config: dict | None = None) -> tuple[Tensor, Tensor | None]:
+    """(o, lse or None) of one region; lse only for the softmax family, as SEMANTICS.md defines it."""
+    has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
+    grad = _needs_grad(q, k, v, tensors)
+    routed = region.gate is not None or region.head_select is not None
+    if routed and grad:
+        return _reference(plan, region, q, k, v, tensors, scale, q_offset)
+    if routed:
+        chosen = config or select_config(plan, q, k, v)
+        run = routing.run_topk_blocks if region.gate is not None else heads.run_topk_heads
+        out, lse = run(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
+        return out, (lse if has_lse else None)
+    splits = 1 if grad else decode.num_splits(plan, region, q, k)
+    if splits > 1:
+        chosen = config or select_config(plan, q, k, v)
+        return decode.run_split_kv(region, q, k, v, tensors, chosen, splits, scale=scale, q_offset=q_offset)
+    return run_region(plan, region, q, k, v, tensors, scale=scale, q_offset=q_offset, config=config)
+
+
+def _reference(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor,
+               tensors: dict[str, Tensor], scale: float, q_offset: int) -> tuple[Tensor, Tensor | None]:
+    from attncc.codegen.reference.attention import attention
+
+    if plan.fingerprint not in _WARNED:
+        _WARNED.add(plan.fingerprint)
+        warnings.warn(ROUTED_GRAD_WARNING, stacklevel=5)
+    return attention(region, q, k, v, tensors, scale=scale, q_offset=q_offset)

@@ -1,0 +1,149 @@
+"""Run the unchanged forward kernel on re-indexed rows and keys (routing and split-KV share it).
+
+The kernel walks ``(b, h, query tile)`` tasks over the kv tiles its block tables list, and
+renders the region's score, mask and row shift with the index variables ``b, h, q_idx,
+kv_idx`` of the tensors it is given. Routing (compacted queries) and split-KV decoding (keys
+folded into the batch) hand it tensors whose indices are not the real ones, so the region's
+expressions are rewritten to compute the real indices from the kernel's (``reindex``), with
+run-time sizes read from a small captured ``int64`` tensor (``META``) rather than baked in as
+constants: the generated source, hence the compiled module, stays the same from call to call.
+
+Tables for such kernels come from the mask's classes per real query row (``row_classes``,
+tiles of one row), gathered into the kernel's row order and reduced per query tile
+(``tile_tables``): a tile is EMPTY when every row's is, FULL when every row's is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm.kernels import KernelShape
+from attncc.codegen.tvm.space import PARAMS
+from attncc.ir import expr as ex
+from attncc.ir import nodes
+from attncc.ir.expr import Expr, TensorSpec
+from attncc.passes.plan import AttentionRegion
+from attncc.passes.sparsify import EMPTY, FULL, PARTIAL, BlockTables, tables_from_classes
+
+Tensor = torch.Tensor
+
+META_SLOTS = 8
+META = TensorSpec("__attncc_meta", (META_SLOTS,), "int64")
+# NOTE: flat side tables are allocated in power-of-two sizes (at least this many elements) so
+# that their declared length, which is part of the generated source, rarely changes.
+MIN_FLAT = 1 << 12
+
+
+def meta(*values: int) -> Tensor:
+    """The ``META`` tensor holding ``values`` (the rest zero)."""
+    out = torch.zeros(META_SLOTS, dtype=torch.int64)
+    out[: len(values)] = torch.tensor(values, dtype=torch.int64)
+    return out
+
+
+def meta_at(slot: int) -> Expr:
+    return ex.load(ex.input_ref(META), (ex.const(slot),))
+
+
+def flat_spec(name: str, numel: int, dtype: str) -> TensorSpec:
+    """A 1-D side table of at least ``numel`` elements, its length rounded up to a power of two."""
+    return TensorSpec(name, (max(MIN_FLAT, 1 << max(0, numel - 1).bit_length()),), dtype)
+
+
+def flat_tensor(spec: TensorSpec, values: Tensor) -> Tensor:
+    """``values`` flattened and zero-padded to ``spec``'s length."""
+    dtype = torch.bool if spec.dtype == "bool" else getattr(torch, spec.dtype)
+    out = torch.zeros(spec.shape[0], dtype=dtype)
+    flat = values.reshape(-1)
+    out[: flat.numel()] = flat.to(dtype)
+    return out
+
+
+def flat_index(indices: tuple[Expr, ...], sizes: tuple[Expr, ...]) -> Expr:
+    """Row-major offset of ``indices`` in an array of ``sizes`` (the first size is not needed)."""
+    offset = indices[0]
+    for index, size in zip(indices[1:], sizes[1:], strict=True):
+        offset = ex.binary("add", ex.binary("mul", offset, size), index)
+    return offset
+
+
+def op(name: str, a: Expr, b: Expr | int) -> Expr:
+    return ex.binary(name, a, ex.const(b) if isinstance(b, int) else b)
+
+
+def reindex(region: AttentionRegion, mapping: dict[str, Expr], extra_mask: Expr | None = None,
+            normalizer: object | None = None) -> AttentionRegion:
+    """``region`` with index variables replaced as ``mapping`` says (simultaneously), ``extra_mask``
+    and-ed into the mask, and routing facts dropped: the result is a plain region for the kernel."""
+    subs = {ex.var(name): value for name, value in mapping.items()}
+
+    def sub(e: Expr | None) -> Expr | None:
+        return None if e is None else ex.substitute(e, subs)
+
+    mask = sub(region.mask)
+    if extra_mask is not None:
+        mask = extra_mask if mask is None else ex.binary("and", mask, extra_mask)
+    return dataclasses.replace(
+        region, score=sub(region.score), mask=mask, row_shift=sub(region.row_shift), sparsity=None,
+        routing=None, gate=None, head_select=None, normalizer=normalizer or region.normalizer,
+    )
+
+
+def row_classes(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, block_n: int, q_offset: int,
+                tensors: dict[str, Tensor]) -> Tensor:
+    """int8 ``[B, Hq, Lq, nkv]``: the mask's class of every (query row, kv tile) pair."""
+    sp = region.sparsity
+    if sp is not None:
+        classes = sp.block_map(B, Hq, Lq, Lkv, (1, block_n), q_offset, tensors)
+    else:
+        everything = FULL if region.mask is None and region.score is None else PARTIAL
+        classes = torch.full((1, 1, Lq, -(-Lkv // block_n)), everything, dtype=torch.int8)
+    return classes.expand(B, Hq, *classes.shape[2:])
+
+
+def tile_classes(rows: Tensor, block_m: int) -> Tensor:
+    """``[N, H, R, nkv]`` row classes (-1: a padding row, ignored) -> ``[N, H, ceil(R / BM), nkv]``."""
+    N, H, R, nkv = rows.shape
+    nq = -(-R // block_m)
+    padded = torch.full((N, H, nq * block_m, nkv), -1, dtype=torch.int8)
+    padded[:, :, :R] = rows
+    tiles = padded.view(N, H, nq, block_m, nkv)
+    visited = (tiles > EMPTY).any(dim=3)
+    full = ((tiles == FULL) | (tiles < 0)).all(dim=3)
+    return torch.where(visited, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.int8)
+
+
+def tile_tables(rows: Tensor, block_m: int) -> BlockTables:
+    return tables_from_classes(tile_classes(rows, block_m))
+
+
+def fit_config(config: dict, *, block_m: int | None = None, block_n: int | None = None) -> dict:
+    """``config`` with the given tile sizes, register block and vector width made to divide them."""
+    out = dict(config)
+    if block_m is not None:
+        out["block_m"] = block_m
+    if block_n is not None:
+        out["block_n"] = block_n
+    if out["block_m"] % out["rows"]:
+        out["rows"] = max(r for r in (*PARAMS["rows"], 1) if out["block_m"] % r == 0)
+    if out["block_n"] % out["vector"]:
+        out["vector"] = max(v for v in (*PARAMS["vector"], 4, 1) if out["block_n"] % v == 0)
+    return out
+
+
+def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
+                  tables: BlockTables, config: dict, *, scale: float, q_offset: int,
+                  total_lkv: int) -> tuple[Tensor, Tensor]:
+    """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it)."""
+    shape = KernelShape(D=q.shape[-1], Dv=v.shape[-1], dtype=str(q.dtype).removeprefix("torch."), **config)
+    if region.score_scale is not None:
+        scale = scale * region.score_scale
+    norm = region.normalizer
+    bias = 0.0
+    if isinstance(norm, nodes.SigmoidNorm):
+        bias = -math.log(total_lkv) if norm.bias is None else float(norm.bias)
+    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
