@@ -1,0 +1,271 @@
+"""TVM backend: routing (TopKBlocks / MoBA, TopKHeads / MoH) and combine plans against the reference.
+
+Besides matching the reference (SEMANTICS.md tolerances), the routed paths must skip work:
+the block tables handed to the kernel list no tile outside the MoBA selection, and MoH's
+kernel rows are exactly the kept (token, head) pairs. Shapes are small and share kernels
+(D = 16 throughout) so the file compiles a handful of modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.codegen.reference.attention import topk_blocks_selection
+from attncc.codegen.tvm import BACKEND, heads, launcher, rows
+from attncc.testing import assert_close_to_reference, check_against_reference, reference_outputs
+
+SLOPES = torch.tensor([2.0 ** (-2.0 * (i + 1)) for i in range(4)])
+SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    old = os.environ.get("ATTNCC_CACHE_DIR")
+    os.environ["ATTNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attncc-cache"))
+    launcher._MODULES.clear()
+    yield
+    if old is None:
+        os.environ.pop("ATTNCC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNCC_CACHE_DIR"] = old
+
+
+def qkv(B=2, Hq=4, Hkv=2, Lq=75, Lkv=75, D=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (q_idx - kv_idx).abs()
+
+
+class LaunchSpy:
+    """Records what each kernel call was given, then runs it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[dict] = []
+        real = launcher.launch
+
+        def spy(region, shape, q, k, v, tensors, tables, **kwargs):
+            self.calls.append({"region": region, "shape": shape, "q": q, "k": k, "tables": tables})
+            return real(region, shape, q, k, v, tensors, tables, **kwargs)
+
+        monkeypatch.setattr(rows.launcher, "launch", spy)
+
+
+# ---- TopKBlocks (MoBA) ---------------------------------------------------------------------
+
+MOBA = {
+    "token_causal": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(16, 3)),
+    "block_causal": lambda: attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(16, 2, per="query_block")),
+    "token_window_alibi": lambda: attncc.variant(
+        _alibi, mask=masks.sliding_window(40), routing=attncc.TopKBlocks(16, 2, causal=False)),
+    "token_dense": lambda: attncc.variant(routing=attncc.TopKBlocks(32, 2)),
+    "block_dense_sink": lambda: attncc.variant(
+        normalizer=attncc.Softmax(sink=SINK), routing=attncc.TopKBlocks(32, 2, per="query_block")),
+}
+_BUILT: dict[str, attncc.Variant] = {}
+
+
+def moba(name: str) -> attncc.Variant:
+    if name not in _BUILT:
+        _BUILT[name] = MOBA[name]()
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("name", sorted(MOBA))
+def test_topk_blocks_matches_reference(name: str) -> None:
+    """Per token and per query block, causal and not, masks and score functions, GQA, lengths that
+    are not multiples of the block, with the lse."""
+    program = moba(name)
+    assert BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1)) is None
+    q, k, v = qkv(Lq=75, Lkv=75)
+    check_against_reference(program, q, k, v, backend="tvm", return_lse=True)
+
+
+@pytest.mark.parametrize("name", ["token_causal", "block_causal"])
+def test_topk_blocks_with_offset(name: str) -> None:
+    """Decoding rows at the end of a cache: the gate, own block and causality use q_offset."""
+    q, k, v = qkv(Lq=6, Lkv=83, seed=2)
+    check_against_reference(moba(name), q, k, v, backend="tvm", q_offset=77)
+    q, k, v = qkv(Lq=40, Lkv=90, seed=3)
+    check_against_reference(moba(name), q, k, v, backend="tvm", q_offset=50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_blocks_low_precision(dtype: torch.dtype) -> None:
+    q, k, v = qkv(Lq=50, Lkv=50, dtype=dtype)
+    out = moba("token_causal")(q, k, v, backend="tvm")
+    assert out.dtype == dtype
+    check_against_reference(moba("token_causal"), q, k, v, backend="tvm")
+
+
+@pytest.mark.parametrize("name", ["token_causal", "block_causal", "token_window_alibi"])
+def test_topk_blocks_tables_list_only_selected_tiles(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping is real: every tile the kernel is told to visit holds a selected (query, key)
+    pair, and the kernel's tile count is well below the dense count."""
+    spy = LaunchSpy(monkeypatch)
+    program = moba(name)
+    q, k, v = qkv(B=1, Lq=160, Lkv=160)
+    program(q, k, v, backend="tvm")
+    (call,) = spy.calls
+    route = program.plan.regions[0]
+    selected = topk_blocks_selection(route.routing, route.routing_causal, q, k, 0)  # [B, Hq, Lq, Lkv]
+    bm, bn = call["shape"].block_m, call["shape"].block_n
+    tables = call["tables"]
+    visited = 0
+    for count, index in ((tables.partial_count, tables.partial_index), (tables.full_count, tables.full_index)):
+        for b, h, qt in torch.nonzero(count > 0).tolist():
+            for kt in index[b, h, qt, : count[b, h, qt]].tolist():
+                tile = selected[b, h, qt * bm : (qt + 1) * bm, kt * bn : (kt + 1) * bn]
+                assert tile.any(), f"tile ({b}, {h}, {qt}, {kt}) lies outside the selection"
+                visited += 1
+    dense = q.shape[1] * -(-160 // bm) * -(-160 // bn)
+    assert visited < dense
+
+
+def test_topk_blocks_full_tiles_skip_the_bitmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Query blocks aligned with tiles select whole tiles: no per-row bitmap enters the kernel."""
+    spy = LaunchSpy(monkeypatch)
+    q, k, v = qkv(Lq=64, Lkv=64)
+    moba("block_dense_sink")(q, k, v, backend="tvm")
+    (call,) = spy.calls
+    assert call["region"].mask is None
+    assert int(call["tables"].partial_count.sum()) == 0
+
+
+def test_topk_blocks_grad_falls_back_to_reference() -> None:
+    """No generated gradient for routed attention: the reference computes it, with a warning."""
+    program = moba("token_causal")
+    q, k, v = (t.requires_grad_() for t in qkv(B=1, Lq=40, Lkv=40))
+    with pytest.warns(UserWarning, match="no gradient for routed attention"):
+        out = program(q, k, v, backend="tvm")
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    program(q2, k2, v2, backend="reference").square().sum().backward()
+    for got, want in zip(grads, (q2.grad, k2.grad, v2.grad), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    block=st.sampled_from([16, 32]),
+    k_top=st.integers(1, 3),
+    per=st.sampled_from(["token", "query_block"]),
+    causal=st.booleans(),
+    Lq=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    seed=st.integers(0, 1000),
+)
+def test_topk_blocks_random_cases(block: int, k_top: int, per: str, causal: bool, Lq: int, extra: int,
+                                  seed: int) -> None:
+    Lkv = max(Lq + extra, block * k_top)
+    mask = masks.causal if causal else None
+    program = attncc.variant(mask=mask, routing=attncc.TopKBlocks(block, k_top, per=per))
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Lq=Lq, Lkv=Lkv, seed=seed)
+    check_against_reference(program, q, k, v, backend="tvm", q_offset=Lkv - Lq)
+
+
+# ---- TopKHeads (MoH) -----------------------------------------------------------------------
+
+
+def moh(k_top: int, Lq: int, score=None, normalizer="softmax", seed=5) -> attncc.Variant:
+    router = torch.randn(2, Lq, 4, generator=torch.Generator().manual_seed(seed))
+    return attncc.variant(score, mask=masks.causal, normalizer=normalizer, routing=attncc.TopKHeads(k_top, router))
+
+
+@pytest.mark.parametrize("k_top", [1, 2, 3, 4])
+def test_topk_heads_matches_reference(k_top: int) -> None:
+    program = moh(k_top, 70)
+    assert BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1)) is None
+    q, k, v = qkv(Lq=70, Lkv=70)
+    check_against_reference(program, q, k, v, backend="tvm")
+
+
+def test_topk_heads_score_reads_real_rows() -> None:
+    """ALiBi reads h and q_idx: the compacted rows must see the real token's q_idx (with offset)."""
+    program = moh(2, 30, score=_alibi)
+    q, k, v = qkv(Lq=30, Lkv=90)
+    check_against_reference(program, q, k, v, backend="tvm", q_offset=60)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_heads_sink_and_lse(dtype: torch.dtype) -> None:
+    """Kept pairs match the reference's output and lse; skipped pairs are zero with lse -inf."""
+    program = moh(2, 45, normalizer=attncc.Softmax(sink=SINK))
+    q, k, v = qkv(Lq=45, Lkv=45, dtype=dtype)
+    out, lse = program(q, k, v, backend="tvm", return_lse=True)
+    (ref_out, ref_lse), lowp = reference_outputs(program, {"q": q, "k": k, "v": v}, return_lse=True)
+    assert_close_to_reference(out, ref_out, lowp[0] if lowp else None, 45)
+    compact = heads.compact_heads(program.tensors[program.plan.regions[0].head_select.router], 2, 4)
+    kept = torch.zeros(2, 4, 45, dtype=torch.bool)
+    kept.scatter_(2, compact.tokens, compact.valid)
+    assert_close_to_reference(lse[kept].double(), ref_lse.double()[kept], None, 45, what="lse")
+    assert torch.all(lse[~kept] == -torch.inf)
+    assert torch.all(out[~kept] == 0)
+
+
+@pytest.mark.parametrize("k_top", [1, 3])
+def test_topk_heads_computes_only_kept_pairs(k_top: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's rows are the kept (token, head) pairs: counts sum to B * Lq * k, the
+    compacted query has the largest count as its length, and no tile of padding rows is listed."""
+    spy = LaunchSpy(monkeypatch)
+    program = moh(k_top, 70)
+    q, k, v = qkv(Lq=70, Lkv=70)
+    program(q, k, v, backend="tvm")
+    (call,) = spy.calls
+    compact = heads.compact_heads(program.tensors[program.plan.regions[0].head_select.router], k_top, 4)
+    assert int(compact.count.sum()) == 2 * 70 * k_top
+    assert call["q"].shape[2] == int(compact.count.max())
+    bm = call["shape"].block_m
+    tiles_needed = -(-compact.count // bm)  # [B, Hq]
+    listed = (call["tables"].partial_count + call["tables"].full_count) > 0  # [B, Hq, nq]
+    for b in range(2):
+        for h in range(4):
+            assert not listed[b, h, int(tiles_needed[b, h]) :].any()
+
+
+# ---- combine (differential attention) ------------------------------------------------------
+
+
+def differential(mask=masks.causal) -> attncc.ComposedProgram:
+    g = attncc.GraphBuilder("differential")
+    q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+    lam = g.scalar("lam")
+    return g.build(g.attention(q1, k1, v, mask=mask) - lam * g.attention(q2, k2, v, mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_differential_attention(dtype: torch.dtype) -> None:
+    program = differential()
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(2, 4, 53, 16, generator=gen).to(dtype) for n in ("q1", "k1", "q2", "k2", "v")}
+    assert BACKEND.checker(program.plan, inputs["q1"]) is None
+    out = program(**inputs, lam=torch.tensor(0.7), backend="tvm")
+    assert program.last_choice.backend.name == "tvm"
+    ref64, lowp = reference_outputs(program, inputs)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref64, lowp, 53)
+
+
+def test_combine_refuses_lse() -> None:
+    """return_lse is defined for one attention, not a combined graph (as the reference says)."""
+    program = differential()
+    plan = program.plan
+    q = torch.randn(1, 1, 8, 16)
+    operands = dict.fromkeys(("q1", "k1", "q2", "k2", "v"), q)
+    with pytest.raises(ValueError, match="single attention"):
+        BACKEND.run(plan, operands, {"lam": torch.tensor(0.5)}, scale=None, q_offset=0, return_lse=True)
