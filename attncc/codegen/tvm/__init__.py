@@ -33,6 +33,12 @@ class TVMBackend:
     def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
             scale: float | None, q_offset: int, return_lse: bool, config: dict | None = None,
             **kwargs: Any) -> Any:
+        region = plan.regions[0]
+        q, k, v = operands[region.q], operands[region.k], operands[region.v]
+        if plan.strategy in ("linear_chunked", "linear_global"):
+            from attncc.codegen.tvm.linear_launch import run_linear
+
+            return run_linear(plan, region, q, k, v, tensors, q_offset=q_offset)
         from attncc.codegen.tvm.plans import run_plan  # routing, split-KV decoding, combine
 
         return run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse,
@@ -42,6 +48,11 @@ class TVMBackend:
         from attncc.codegen.tvm.kernels import KernelShape, render_forward
         from attncc.codegen.tvm.space import PARAMS
 
+        if plan.strategy in ("linear_chunked", "linear_global"):
+            from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, render_linear
+
+            region = plan.regions[0]
+            return render_linear(region, LinearShape(64, 64, "float32", chunk=kernel_chunk(region.linear.chunk)))
         config = {name: values[0] for name, values in PARAMS.items()}
         return render_forward(plan.regions[0], KernelShape(64, 64, "float32", **config))
 

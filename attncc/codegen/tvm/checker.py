@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attncc.codegen.tvm.linear import linear_checker
 from attncc.codegen.tvm.render import unsupported
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
@@ -23,8 +24,8 @@ def tvm_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
         if linear:
             return f"combine over linear attention ({', '.join(linear)}) is not generated yet"
         return next((why for why in map(region_checker, plan.regions) if why), None)
-    if plan.strategy in ("linear_chunked", "linear_global"):
-        return "linear attention (chunked kernel) is not generated yet"
+    if isinstance(plan.regions[0].normalizer, nodes.LinearNorm):
+        return linear_checker(plan.regions[0])
     return region_checker(plan.regions[0])
 
 
