@@ -1,0 +1,93 @@
+"""Random variants, shapes and tuning configs through the TVM forward kernel (hypothesis).
+
+The hand-picked cases in test_tvm_backend.py run the default config; the autotuner may pick
+any config the space keeps, so a random one is drawn here too, with lengths that span
+several tiles (online softmax across tiles, descending stick-breaking walk, edge tiles).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.autotune import ShapeKey
+from attncc.codegen.tvm import BACKEND
+from attncc.codegen.tvm.space import SPACE
+from attncc.testing import assert_close_to_reference, reference_outputs
+
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+DOCS = torch.repeat_interleave(torch.arange(8), 40)
+
+
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (q_idx - kv_idx).abs()
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 15.0 * torch.tanh(score / 15.0)
+
+
+SCORES = {"none": None, "alibi": _alibi, "softcap": _softcap}
+MASKS = {
+    "none": None,
+    "causal": masks.causal,
+    "window": masks.causal & masks.sliding_window(19),
+    "document": lambda b, h, q, kv: DOCS[q] == DOCS[kv],
+    "prefix_or_causal": masks.prefix_lm(23),
+}
+NORMALIZERS = {
+    "softmax": lambda: "softmax",
+    "sinks": lambda: attncc.Softmax(sink=torch.tensor([0.3, -0.5, 1.0, 0.0])),
+    "sigmoid": lambda: "sigmoid",
+    "softplus": lambda: "softplus",
+    "relu2": lambda: "relu2",
+    "stick_breaking": lambda: "stick_breaking",
+}
+
+
+@st.composite
+def cases(draw):
+    score = draw(st.sampled_from(sorted(SCORES)))
+    mask = draw(st.sampled_from(sorted(MASKS)))
+    norm = draw(st.sampled_from(sorted(NORMALIZERS)))
+    Hq = 4  # the captured slopes and sink logits have one entry per query head
+    Hkv = draw(st.sampled_from([1, 2, 4]))
+    Lkv = draw(st.integers(1, 300))
+    Lq = draw(st.integers(1, Lkv))
+    D = draw(st.sampled_from([16, 32]))
+    shape = ShapeKey.of(1, Hq, Lq, D, Hkv=Hkv, Lkv=Lkv, Dv=D, dtype=torch.float32)
+    config = draw(st.sampled_from(SPACE.configs(shape)))
+    return score, mask, norm, (Hq, Hkv, Lq, Lkv, D), config
+
+
+_VARIANTS: dict[tuple[str, str, str], attncc.Variant] = {}
+
+
+def _variant(score: str, mask: str, norm: str) -> attncc.Variant:
+    key = (score, mask, norm)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = attncc.variant(SCORES[score], mask=MASKS[mask], normalizer=NORMALIZERS[norm]())
+    return _VARIANTS[key]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_random_variant_and_config_match_reference(case) -> None:
+    score, mask, norm, (Hq, Hkv, Lq, Lkv, D), config = case
+    var = _variant(score, mask, norm)
+    gen = torch.Generator().manual_seed(Lq * 1000 + Lkv)
+    q = torch.randn(1, Hq, Lq, D, generator=gen)
+    k = torch.randn(1, Hkv, Lkv, D, generator=gen)
+    v = torch.randn(1, Hkv, Lkv, D, generator=gen)
+    q_offset = Lkv - Lq
+    operands = {"q": q, "k": k, "v": v}
+    assert BACKEND.checker(var.plan, q) is None
+    out = BACKEND.run(var.plan, operands, var.tensors, scale=None, q_offset=q_offset, return_lse=False, config=config)
+    ref64, _ = reference_outputs(var, operands, q_offset=q_offset)
+    assert_close_to_reference(out, ref64, None, Lkv, what=f"{score}/{mask}/{norm} {config}")
