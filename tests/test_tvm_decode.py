@@ -1,0 +1,151 @@
+"""TVM backend: split-KV decoding (keys folded into the batch, GQA heads into rows) vs the reference.
+
+Decode shapes (Lq in 1, 4, 16 over a cache of 2048+ keys, small D and H) must take the split
+path (checked by watching the kernel's folded key length) and match the reference within
+SEMANTICS.md's tolerances, sinks added once, masks reading kv_idx, q_offset = Lkv - Lq.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.codegen.tvm import decode, launcher, rows
+from attncc.testing import check_against_reference
+
+SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
+SLOPES = torch.tensor([2.0 ** (-4.0 * (i + 1)) for i in range(4)])
+DOCS = torch.arange(4096) // 700  # documents of 700 tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    old = os.environ.get("ATTNCC_CACHE_DIR")
+    os.environ["ATTNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attncc-cache"))
+    launcher._MODULES.clear()
+    yield
+    if old is None:
+        os.environ.pop("ATTNCC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNCC_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The key length of every kernel call (a split call sees one chunk, not the cache)."""
+    seen: list[int] = []
+    real = launcher.launch
+
+    def spy(region, shape, q, k, v, *args, **kwargs):
+        seen.append(k.shape[2])
+        return real(region, shape, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(rows.launcher, "launch", spy)
+    return seen
+
+
+def qkv(B=1, Hq=4, Hkv=1, Lq=1, Lkv=2048, D=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (q_idx - kv_idx)
+
+
+VARIANTS = {
+    "causal": lambda: attncc.variant(mask=masks.causal),
+    "window": lambda: attncc.variant(mask=masks.sliding_window(300)),
+    "sinks": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=SINK)),
+    "alibi_documents": lambda: attncc.variant(_alibi, mask=lambda b, h, q, kv: (DOCS[q] == DOCS[kv]) & (q >= kv)),
+    "sigmoid": lambda: attncc.variant(mask=masks.causal, normalizer="sigmoid"),
+    "relu_sum": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Pointwise("relu", normalize=False)),
+}
+_BUILT: dict[str, attncc.Variant] = {}
+
+
+def variant(name: str) -> attncc.Variant:
+    if name not in _BUILT:
+        _BUILT[name] = VARIANTS[name]()
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("Lq", [1, 4, 16])
+@pytest.mark.parametrize("name", ["causal", "sinks", "window"])
+def test_split_kv_softmax(name: str, Lq: int, kernel_keys: list[int]) -> None:
+    """Softmax with and without sinks, a window reading kv_idx; the lse merges too."""
+    q, k, v = qkv(Lq=Lq, Lkv=2048)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=2048 - Lq, return_lse=True)
+    assert kernel_keys and max(kernel_keys) < 2048
+
+
+@pytest.mark.parametrize("name", ["alibi_documents", "sigmoid", "relu_sum"])
+def test_split_kv_scores_and_normalizers(name: str, kernel_keys: list[int]) -> None:
+    """A score and mask reading h, q_idx and kv_idx through captured tensors; the sigmoid's bias
+    uses the whole cache length; an unnormalised pointwise map sums its partials."""
+    q, k, v = qkv(Lq=4, Lkv=3000, seed=1)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=2996)
+    assert kernel_keys and max(kernel_keys) < 3000
+
+
+@pytest.mark.parametrize("Hkv", [1, 2, 4])
+def test_split_kv_gqa_batches_and_ragged_chunks(Hkv: int, kernel_keys: list[int]) -> None:
+    """GQA 4:1, 2:1 and MHA, two batches, a cache length that no chunk size divides."""
+    q, k, v = qkv(B=2, Hkv=Hkv, Lq=4, Lkv=2333, seed=2)
+    check_against_reference(variant("sinks"), q, k, v, backend="tvm", q_offset=2329, return_lse=True)
+    assert kernel_keys and max(kernel_keys) < 2333
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_kv_low_precision(dtype: torch.dtype) -> None:
+    q, k, v = qkv(Lq=4, Lkv=2048, dtype=dtype, seed=3)
+    out = variant("sinks")(q, k, v, backend="tvm", q_offset=2044)
+    assert out.dtype == dtype
+    check_against_reference(variant("sinks"), q, k, v, backend="tvm", q_offset=2044)
+
+
+def test_short_cache_and_long_queries_stay_tiled(kernel_keys: list[int]) -> None:
+    """The plan's rule decides: Lkv below min_lkv or Lq above max_lq runs the plain tiled kernel."""
+    program = variant("causal")
+    q, k, v = qkv(Lq=4, Lkv=512)
+    program(q, k, v, backend="tvm", q_offset=508)
+    q, k, v = qkv(Lq=17, Lkv=2048)
+    program(q, k, v, backend="tvm", q_offset=2031)
+    assert kernel_keys == [512, 2048]
+
+
+def test_normalized_pointwise_is_not_split() -> None:
+    """A normalised pointwise map needs row sums the kernel does not return: no split."""
+    program = attncc.variant(mask=masks.causal, normalizer="relu")
+    region = program.plan.regions[0]
+    q, k, _ = qkv(Lq=1, Lkv=4096)
+    assert decode.num_splits(program.plan, region, q, k) == 1
+    assert decode.num_splits(variant("relu_sum").plan, variant("relu_sum").plan.regions[0], q, k) > 1
+
+
+def test_merge_adds_the_sink_once() -> None:
+    """Fully masked partials with a sink give o = 0 and lse = sink; without a sink lse = -inf."""
+    o = torch.randn(1, 3, 2, 1, 4)
+    lse = torch.full((1, 3, 2, 1), -math.inf)
+    sink = torch.tensor([0.5, -1.0]).view(1, 2, 1)
+    out, merged = decode.merge_partials(o, lse, sink)
+    assert torch.equal(out, torch.zeros(1, 2, 1, 4))
+    assert torch.equal(merged, sink.expand(1, 2, 1))
+    out, merged = decode.merge_partials(o, lse, None)
+    assert torch.equal(out, torch.zeros(1, 2, 1, 4)) and torch.all(merged == -math.inf)
+    lse = torch.tensor([0.0, math.log(3.0), -math.inf]).view(1, 3, 1, 1).expand(1, 3, 2, 1)
+    out, merged = decode.merge_partials(o, lse, sink)
+    total = 1.0 + 3.0 + torch.exp(sink)
+    want = (o[:, 0] + 3.0 * o[:, 1]) / total.unsqueeze(-1)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(merged, torch.log(total))
