@@ -179,7 +179,7 @@ def test_automatic_choice_is_tvm_on_cpu() -> None:
 def test_checker_declines_with_reasons() -> None:
     """Unsupported plans fall back to the reference automatically, and explain() says why."""
     q, k, v = qkv(Lq=16, Lkv=16)
-    linear = attncc.variant(mask=masks.causal, normalizer=attncc.Linear())
+    linear = attncc.variant(mask=masks.causal & masks.sliding_window(8), normalizer=attncc.Linear())  # quadratic form
     routed = attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block=8, k=1))
     for program, words in ((linear, "linear"), (routed, "routing")):
         why = BACKEND.checker(program.plan, q)
