@@ -172,13 +172,13 @@ class _Backward:
         with w.block("for g in range(HQ // HKV):"):
             w("h = hk * (HQ // HKV) + g")
             w("th = T.min(h, TH - 1)")
-            for count, index, masked in (("PC", "PI", True), ("FC", "FI", False)):
-                with w.block(f"for n in range({count}[tb, th, kt]):"):
-                    w(f"q0 = {index}[tb, th, kt, n] * {s.block_m}")
-                    self._load_rows()
-                    self._p_and_ds(masked)
-                    self._accumulate("dVa", "P", "dOs", Dv)
-                    self._accumulate("dKa", "dS", "Qs", D)
+            with w.block("for n in range(PC[tb, th, kt] + FC[tb, th, kt]):"):
+                self._pick("kt", "qt")
+                w(f"q0 = qt * {s.block_m}")
+                self._load_rows()
+                self._p_and_ds()
+                self._accumulate("dVa", "P", "dOs", Dv)
+                self._accumulate("dKa", "dS", "Qs", D)
         with w.block(f"for j in range({BN}):"):
             with w.block(f"for d in T.vectorized({D}):"):
                 w("DK[b, hk, kv0 + j, d] = dKa[j, d]")
@@ -202,18 +202,27 @@ class _Backward:
             with w.block(f"for d in T.vectorized({D}):"):
                 w("dQa[i, d] = T.float32(0.0)")
         self._load_rows()
-        for count, index, masked in (("PC", "PI", True), ("FC", "FI", False)):
-            with w.block(f"for n in range({count}[tb, th, qt]):"):
-                w(f"kt = {index}[tb, th, qt, n]")
-                w(f"kv0 = kt * {BN}")
-                self._p_and_ds(masked)
-                self._dq_update()
+        with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
+            self._pick("qt", "kt")
+            w(f"kv0 = kt * {BN}")
+            self._p_and_ds()
+            self._dq_update()
         with w.block(f"for i in range({BM}):"):
             with w.block("if q0 + i < LQ:"):
                 with w.block(f"for d in T.vectorized({D}):"):
                     w("DQ[b, h, q0 + i, d] = dQa[i, d] * scale")
 
     # ---- the shared pieces -------------------------------------------------------------
+
+    def _pick(self, at: str, name: str) -> None:
+        """``name``: the n-th listed tile, PARTIAL ones first; ``partial`` says which list.
+
+        NOTE: one loop over both lists keeps the kernel half the size (compile time); only the
+        elementwise step differs, behind a branch that is uniform over the tile."""
+        w = self.w
+        w(f"partial = n < PC[tb, th, {at}]")
+        w(f"{name} = T.if_then_else(partial, PI[tb, th, {at}, T.min(n, MP - 1)], "
+          f"FI[tb, th, {at}, T.max(n - PC[tb, th, {at}], 0)])")
 
     def _f32(self, access: str) -> str:
         return access if self.s.dtype == "float32" else f'T.Cast("float32", {access})'
@@ -256,8 +265,9 @@ class _Backward:
             grad = "T.float32(0.0)" if self.dscore is None else render(self.dscore)
         return f"T.if_then_else({keep}, {score}, {NEG_INF})", grad
 
-    def _p_and_ds(self, masked: bool) -> None:
-        """P = exp(score(Qs K^T) - Lr), dS = P * (dO V^T - Dr) * g, register blocked."""
+    def _p_and_ds(self) -> None:
+        """P = exp(score(Qs K^T) - Lr), dS = P * (dO V^T - Dr) * g, register blocked; the mask
+        is evaluated on PARTIAL tiles only."""
         s, w = self.s, self.w
         BM, BN, RI, VJ = s.block_m, s.block_n, s.rows, s.vector
         i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
@@ -265,12 +275,19 @@ class _Backward:
             with w.block(f"for j0 in range({BN // VJ}):"):
                 w(f'Sr = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
                 self._product("Sr", "Qs", "KT", s.D)
-                score, grad = self._score("Sr[i1, j1]", masked, i, j)
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"P[{i}, {j}] = {fast_exp(f'({score} - Lr[{i}])')}")
-                        if grad is not None:
-                            w(f"dS[{i}, {j}] = {grad}")
+                cases = (True, False) if self.region.mask is not None else (False,)
+                for masked in cases:
+                    score, grad = self._score("Sr[i1, j1]", masked, i, j)
+                    if len(cases) > 1:
+                        w("if partial:" if masked else "else:")
+                        w.depth += 1
+                    with w.block(f"for i1 in T.unroll({RI}):"):
+                        with w.block(f"for j1 in T.vectorized({VJ}):"):
+                            w(f"P[{i}, {j}] = {fast_exp(f'({score} - Lr[{i}])')}")
+                            if grad is not None:
+                                w(f"dS[{i}, {j}] = {grad}")
+                    if len(cases) > 1:
+                        w.depth -= 1
                 self._product("Sr", "dOs", "VT", s.Dv)
                 scaled = f" * dS[{i}, {j}]" if grad is not None else ""
                 with w.block(f"for i1 in T.unroll({RI}):"):

@@ -1,0 +1,231 @@
+"""The TVM backend's generated backward (softmax family) against the reference backend's autograd.
+
+Gradients of q, k, v (and sink logits, and the lse's own gradient) are compared with a float64
+reference computed from the same inputs, at twice the forward tolerance (SEMANTICS.md). Each
+variant compiles its two backward kernels once (lengths, batch and heads are symbolic), so the
+parametrizations reuse modules; the lengths are odd (not tile multiples) on purpose.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.codegen.reference.attention import run_plan
+from attncc.codegen.tvm import autograd as tvm_autograd
+from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm.backward import transpose_tables
+from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference
+
+HEADS = 4
+SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
+DOCS = torch.tensor([0] * 30 + [1] * 25 + [2] * 40 + [3] * 110)  # covers q_offset + Lq and Lkv below
+
+
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (q_idx - kv_idx)
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+VARIANTS = {
+    "dense": lambda: attncc.variant(),
+    "causal": lambda: attncc.variant(mask=masks.causal),
+    "sliding_window": lambda: attncc.variant(mask=masks.causal & masks.sliding_window(8)),
+    "document": lambda: attncc.variant(mask=lambda b, h, q, kv: DOCS[q] == DOCS[kv]),
+    "alibi": lambda: attncc.variant(_alibi, mask=masks.causal),
+    "softcap": lambda: attncc.variant(_softcap),
+    "strict_causal": lambda: attncc.variant(mask=lambda b, h, q, kv: q > kv),  # row q_idx = 0 sees nothing
+}
+_BUILT: dict[str, attncc.Variant] = {}
+
+
+def variant(name: str) -> attncc.Variant:
+    if name not in _BUILT:
+        _BUILT[name] = VARIANTS[name]()
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_fallback_warnings_leak():
+    """Warnings are asserted per test: start every module run with no plan marked as warned."""
+    tvm_autograd._WARNED.clear()
+    yield
+
+
+def qkv(B=1, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lkv, Dv, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _loss(out: torch.Tensor, lse: torch.Tensor | None, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 100)
+    loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum()
+    if lse is not None:  # the lse's own gradient: d lse_i / d s_ij = p_ij
+        weights = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+        loss = loss + (torch.where(torch.isfinite(lse), lse.double(), 0.0) * weights).sum()
+    return loss
+
+
+def _reference_grads(program, inputs, learn, tensors, dtype, *, q_offset, with_lse, seed, compute_dtype=None):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
+    live = {n: (t.detach().to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
+    learned = [live[n].requires_grad_(True) for n in learn]
+    got = run_plan(program.plan, dict(zip("qkv", leaves)), live, scale=None, q_offset=q_offset,
+                   return_lse=with_lse, compute_dtype=compute_dtype)
+    out, lse = got if with_lse else (got, None)
+    return torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
+
+
+def check_grads(program, q, k, v, *, q_offset=0, learn=(), with_lse=False, seed=0) -> None:
+    """Gradients of the TVM run (generated backward) against the float64 reference's."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    learned = [program.tensors[n] for n in learn]
+    got = program(*leaves, backend="tvm", q_offset=q_offset, return_lse=with_lse)
+    out, lse = got if with_lse else (got, None)
+    grads = torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
+    ref64 = _reference_grads(program, (q, k, v), learn, program.tensors, torch.float64, q_offset=q_offset,
+                             with_lse=with_lse, seed=seed)
+    lowp = [None] * len(ref64)
+    if q.dtype in LOW_PRECISION_FLOOR:
+        lowp = _reference_grads(program, (q, k, v), learn, program.tensors, q.dtype, q_offset=q_offset,
+                                with_lse=with_lse, seed=seed, compute_dtype=q.dtype)
+    names = ["dq", "dk", "dv", *(f"d{n}" for n in learn)]
+    for name, g, want, want_lowp in zip(names, grads, ref64, lowp):
+        assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else g.dtype)
+        assert_close_to_reference(g, want, want_lowp, k.shape[2], what=name, factor=2.0)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_gradients_float32(name: str) -> None:
+    """Every mask and score function: odd lengths, GQA 2:1, Lq != Lkv; no fallback warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_grads(variant(name), *qkv(Lq=37, Lkv=77))
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_4_to_1_and_mqa(Hkv: int) -> None:
+    """GQA 4:1 and MQA (8:1): every query head of a group accumulates into the same dK/dV."""
+    check_grads(variant("alibi"), *qkv(Hq=4, Hkv=Hkv, Lq=45, Lkv=45), with_lse=True)  # ALiBi: 4 heads
+    check_grads(variant("causal"), *qkv(B=2, Hq=8, Hkv=Hkv, Lq=45, Lkv=45, seed=1))
+
+
+@pytest.mark.parametrize("Lq,Lkv,q_offset", [(1, 1, 0), (1, 100, 99), (37, 100, 63), (100, 37, 0),
+                                             (200, 200, 0), (20, 90, 11)])
+@pytest.mark.parametrize("name", ["causal", "document"])
+def test_lengths_and_q_offset(name: str, Lq: int, Lkv: int, q_offset: int) -> None:
+    """Lengths that are not tile multiples, Lq != Lkv, q_offset moving q_idx (decode rows)."""
+    check_grads(variant(name), *qkv(Lq=Lq, Lkv=Lkv), q_offset=q_offset)
+
+
+def test_fully_masked_rows_have_zero_gradients() -> None:
+    """A row that sees no key (o = 0, lse = -inf) contributes nothing and never NaN."""
+    q, k, v = qkv(Lq=40, Lkv=40)
+    check_grads(variant("strict_causal"), q, k, v, with_lse=True)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = variant("strict_causal")(*leaves, backend="tvm")
+    dq, = torch.autograd.grad(out.sum(), leaves[0])
+    assert torch.all(dq[:, :, 0] == 0) and not torch.isnan(dq).any()
+
+
+def test_sink_gradient() -> None:
+    """Learned sink logits: d sink_h = sum_i p_sink_i (dlse_i - rowsum(dO_i O_i)); lse gradient too."""
+    sink = torch.tensor([0.5, -1.0, 0.0, 2.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, q, kv: (q >= kv) & (q > 3), normalizer=attncc.Softmax(sink=sink))
+    (name,) = [n for n in program.tensors if program.tensors[n] is sink]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_grads(program, *qkv(Lq=50, Lkv=50), learn=(name,), with_lse=True)
+        check_grads(program, *qkv(Lq=9, Lkv=70, seed=2), q_offset=61, learn=(name,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal", "softcap"])
+def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
+    """float16 / bfloat16 inputs, float32 accumulation, gradients in the input dtype."""
+    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    name=st.sampled_from(["causal", "document", "dense"]),
+    B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]),
+    Lq=st.integers(1, 90), Lkv=st.integers(1, 130), offset=st.integers(0, 40), seed=st.integers(0, 2**16),
+)
+def test_random_shapes(name, B, Hkv, group, Lq, Lkv, offset, seed) -> None:
+    """Random small shapes, head groups and offsets against the reference."""
+    q_offset = min(offset, max(0, 190 - Lq))  # DOCS covers q_idx < 205
+    check_grads(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed), q_offset=q_offset,
+                seed=seed)
+
+
+def test_warning_only_when_falling_back() -> None:
+    """Covered cases warn nothing; a learned ALiBi slope table falls back once, with the reason."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(Hq=4, Hkv=4, Lq=24, Lkv=24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        variant("causal")(q, k, v, backend="tvm").sum().backward()
+    slopes = SLOPES.clone().requires_grad_(True)
+    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
+    with pytest.warns(UserWarning, match="reference backend") as record:
+        program(q, k, v, backend="tvm").sum().backward()
+    assert len([w for w in record if "reference backend" in str(w.message)]) == 1
+    assert "gradient of captured tensor" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program(q, k, v, backend="tvm").sum().backward()  # once per plan
+        with torch.no_grad():
+            program(q, k, v, backend="tvm")
+    assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
+
+
+def test_transpose_tables_round_trip() -> None:
+    """Per-kv-tile lists of q tiles list exactly the pairs of the per-q-tile lists, ascending."""
+    count = torch.tensor([[[2, 0, 3]]], dtype=torch.int32)
+    index = torch.tensor([[[[1, 3, 0], [0, 0, 0], [0, 1, 3]]]], dtype=torch.int32)
+    tcount, tindex = transpose_tables(count, index, nkv=4)
+    assert tcount.tolist() == [[[1, 2, 0, 2]]]
+    assert tindex[0, 0, 0, :1].tolist() == [2]
+    assert tindex[0, 0, 1, :2].tolist() == [0, 2]
+    assert tindex[0, 0, 3, :2].tolist() == [0, 2]
+    empty_count, empty_index = transpose_tables(torch.zeros(1, 1, 2, dtype=torch.int32),
+                                                torch.zeros(1, 1, 2, 1, dtype=torch.int32), nkv=3)
+    assert empty_count.tolist() == [[[0, 0, 0]]] and empty_index.shape == (1, 1, 3, 1)
+
+
+def _largest_allocation(backend: str, L: int) -> int:
+    q, k, v = (t.requires_grad_(True) for t in qkv(B=1, Hq=1, Hkv=1, Lq=L, Lkv=L))
+    out = variant("causal")(q, k, v, backend=backend)
+    grad = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(out, (q, k, v), grad)
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_backward_allocates_no_lq_by_lkv_buffer() -> None:
+    """No tensor of the backward is as large as one float32 Lq x Lkv matrix (the reference's are)."""
+    L = 1024
+    assert _largest_allocation("reference", L) >= 4 * L * L  # the probe sees a dense backward
+    assert _largest_allocation("tvm", L) < 4 * L * L // 8
+
+
+def test_modules_are_reused_across_lengths() -> None:
+    """Lengths, batch and heads are symbolic: a second length compiles nothing new."""
+    check_grads(variant("causal"), *qkv(Lq=33, Lkv=33))
+    before = launcher.STATS["compiled"]
+    check_grads(variant("causal"), *qkv(Lq=71, Lkv=71, seed=3))
+    assert launcher.STATS["compiled"] == before
