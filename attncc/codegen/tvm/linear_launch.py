@@ -46,7 +46,7 @@ def _forward(region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 def _as_buffer(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().reshape(-1) if t.dim() == 0 else t.detach().contiguous()
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
@@ -59,7 +59,7 @@ def run_linear(plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: to
         return _forward(region, q, k, v, tensors, q_offset)
     if plan.fingerprint not in _WARNED:
         _WARNED.add(plan.fingerprint)
-        warnings.warn(BACKWARD_WARNING, stacklevel=4)
+        warnings.warn(BACKWARD_WARNING.format(reason="linear attention has no generated backward"), stacklevel=4)
     context = (region, tensors, grad_names, q_offset)
     return _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
 
