@@ -48,6 +48,12 @@ def host_target() -> dict[str, str]:
     return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
 
 
+# NOTE: TVM sizes its thread pool once, from TVM_NUM_THREADS or its own count of physical
+# cores, which is 1 on a 2-vCPU virtual machine; config_threadpool cannot grow the pool past
+# that later. Allow every core before TVM creates the pool; _set_threads then uses torch's count.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+
 def _set_threads() -> None:
     """TVM's pool follows ``torch.get_num_threads()`` (reconfigured when it changes)."""
     import tvm
