@@ -3,7 +3,8 @@
 Pieces: ``render.py`` (Expr -> TVMScript expression text), ``kernels.py`` (the forward
 kernel skeleton filled from a region), ``launcher.py`` (compile with llvm, module cache in
 memory and on disk, DLPack calls), ``space.py`` (tuning knobs), ``checker.py`` (what runs
-here and why not), ``autograd.py`` (backward through the reference, with a warning).
+here and why not), ``autograd.py`` (backward through the reference, with a warning),
+``linear.py`` / ``linear_launch.py`` (linear attention: chunked recurrence or global form).
 """
 
 from __future__ import annotations
