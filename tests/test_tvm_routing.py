@@ -20,7 +20,9 @@ pytest.importorskip("tvm")
 import attncc
 from attncc import masks
 from attncc.codegen.reference.attention import topk_blocks_selection
-from attncc.codegen.tvm import BACKEND, heads, launcher, rows
+from attncc.codegen.tvm import BACKEND, heads, launcher, routing_tokens, rows
+from attncc.ir import nodes
+from attncc.passes.lower_routing import block_index_table
 from attncc.testing import assert_close_to_reference, check_against_reference, reference_outputs
 
 SLOPES = torch.tensor([2.0 ** (-2.0 * (i + 1)) for i in range(4)])
@@ -59,7 +61,7 @@ class LaunchSpy:
         real = launcher.launch
 
         def spy(region, shape, q, k, v, tensors, tables, **kwargs):
-            self.calls.append({"region": region, "shape": shape, "q": q, "k": k, "tables": tables})
+            self.calls.append({"region": region, "shape": shape, "q": q, "k": k, "tables": tables, "tensors": tensors})
             return real(region, shape, q, k, v, tensors, tables, **kwargs)
 
         monkeypatch.setattr(rows.launcher, "launch", spy)
@@ -75,6 +77,11 @@ MOBA = {
     "token_dense": lambda: attncc.variant(routing=attncc.TopKBlocks(32, 2)),
     "block_dense_sink": lambda: attncc.variant(
         normalizer=attncc.Softmax(sink=SINK), routing=attncc.TopKBlocks(32, 2, per="query_block")),
+    "token_sink": lambda: attncc.variant(
+        mask=masks.causal, normalizer=attncc.Softmax(sink=SINK), routing=attncc.TopKBlocks(16, 2)),
+    "token_sigmoid": lambda: attncc.variant(mask=masks.causal, normalizer="sigmoid", routing=attncc.TopKBlocks(16, 3)),
+    # a normalised map cannot merge per-block partials: the tile path with a per-row bitmap
+    "token_relu": lambda: attncc.variant(mask=masks.causal, normalizer="relu", routing=attncc.TopKBlocks(16, 3)),
 }
 _BUILT: dict[str, attncc.Variant] = {}
 
@@ -92,7 +99,8 @@ def test_topk_blocks_matches_reference(name: str) -> None:
     program = moba(name)
     assert BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1)) is None
     q, k, v = qkv(Lq=75, Lkv=75)
-    check_against_reference(program, q, k, v, backend="tvm", return_lse=True)
+    softmax = isinstance(program.plan.regions[0].normalizer, nodes.SoftmaxNorm)
+    check_against_reference(program, q, k, v, backend="tvm", return_lse=softmax)
 
 
 def test_topk_blocks_with_offset() -> None:
@@ -112,10 +120,41 @@ def test_topk_blocks_low_precision(dtype: torch.dtype) -> None:
     check_against_reference(moba("token_causal"), q, k, v, backend="tvm")
 
 
-@pytest.mark.parametrize("name", ["token_causal", "block_causal", "token_window_alibi"])
+def _listed(tables) -> list[tuple[int, int, int, int]]:
+    found = []
+    for count, index in ((tables.partial_count, tables.partial_index), (tables.full_count, tables.full_index)):
+        for b, h, qt in torch.nonzero(count > 0).tolist():
+            found += [(b, h, qt, kt) for kt in index[b, h, qt, : count[b, h, qt]].tolist()]
+    return found
+
+
+@pytest.mark.parametrize("name", ["token_causal", "token_window_alibi"])
+def test_topk_blocks_by_token_computes_only_selected_pairs(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per token, the kernel's rows are the selected (query, block) pairs, grouped by block, and a
+    tile lists only kv tiles of its group's block, which every real row of it selected."""
+    spy = LaunchSpy(monkeypatch)
+    program = moba(name)
+    q, k, v = qkv(B=1, Lq=160, Lkv=160)
+    program(q, k, v, backend="tvm")
+    (call,) = spy.calls
+    gate = program.plan.regions[0].gate
+    table = block_index_table(q, k, block=gate.block, k_top=gate.k, causal=gate.causal, dtype=torch.float64)
+    bm, bn = call["shape"].block_m, call["shape"].block_n
+    token, _, _, tile_block = routing_tokens.group_rows(table, -(-160 // gate.block), bm)
+    assert call["q"].shape[2] == token.shape[2]
+    assert int((token >= 0).sum()) == int((table >= 0).sum())  # one kernel row per selected pair
+    for b, h, qt, kt in _listed(call["tables"]):
+        assert kt * bn // gate.block == tile_block[b, h, qt]
+        tokens = token[b, h, qt * bm : (qt + 1) * bm]
+        assert (tokens >= 0).any()
+        for i in tokens[tokens >= 0].tolist():
+            assert int(tile_block[b, h, qt]) in table[b, h, i].tolist()
+
+
+@pytest.mark.parametrize("name", ["block_causal", "token_relu"])
 def test_topk_blocks_tables_list_only_selected_tiles(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skipping is real: every tile the kernel is told to visit holds a selected (query, key)
-    pair, and the kernel's tile count is well below the dense count."""
+    """The tile path: every tile the kernel is told to visit holds a selected (query, key) pair,
+    and the kernel's tile count is below the dense count."""
     spy = LaunchSpy(monkeypatch)
     program = moba(name)
     q, k, v = qkv(B=1, Lq=160, Lkv=160)

@@ -124,18 +124,20 @@ def _fold(t: Tensor, S: int, C: int) -> Tensor:
     return out.view(B * S, H, C, D)
 
 
-def merge_partials(o: Tensor, lse: Tensor, sink: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Merge ``o [B, S, H, Lq, Dv]`` / ``lse [B, S, H, Lq]`` over S; ``sink [1, H, 1]`` enters once."""
-    top = lse.amax(dim=1)
+def merge_partials(o: Tensor, lse: Tensor, sink: Tensor | None, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """Merge partials over ``dim``: ``o [..., Dv]`` and ``lse`` (``o`` without its last axis), e.g.
+    ``[B, S, H, Lq]``; ``sink`` broadcasts against ``lse`` without ``dim`` and enters once."""
+    top = lse.amax(dim=dim)
     if sink is not None:
         top = torch.maximum(top, sink)
-    safe = torch.where(torch.isfinite(top), top, 0.0)
-    weight = torch.where(torch.isfinite(lse), torch.exp(lse - safe.unsqueeze(1)), 0.0)
-    total = weight.sum(dim=1)
+    safe = torch.where(top > -math.inf, top, 0.0)
+    weight = torch.exp(lse - safe.unsqueeze(dim))  # exp(-inf) = 0: empty partials weigh nothing
+    total = weight.sum(dim=dim)
     if sink is not None:
         total = total + torch.exp(sink - safe)
     alive = total > 0
     denom = torch.where(alive, total, 1.0)
-    out = torch.where(alive.unsqueeze(-1), (weight.unsqueeze(-1) * o).sum(dim=1) / denom.unsqueeze(-1), 0.0)
+    summed = (weight.unsqueeze(-1) * o).sum(dim=dim)
+    out = torch.where(alive.unsqueeze(-1), summed / denom.unsqueeze(-1), 0.0)
     merged = torch.where(alive, safe + torch.log(denom), -math.inf)
     return out, merged

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from attncc.codegen.tvm import rows as rw
-from attncc.ir import expr as ex
 from attncc.passes.lower_routing import head_selection
 from attncc.passes.plan import AttentionRegion
 
 Tensor = torch.Tensor
-QUERY_INDEX = "__attncc_query_index"
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,11 +67,7 @@ def run_topk_heads(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, ten
     qc = torch.gather(q.float(), 2, compact.tokens.unsqueeze(-1).expand(B, Hq, P, D))
     real = torch.full((B, Hq, padded_rows), q_offset, dtype=torch.int32)
     real[:, :, :P] = compact.tokens + q_offset
-    spec = rw.flat_spec(QUERY_INDEX, real.numel(), "int32")
-    index = rw.flat_index((ex.var("b"), ex.var("h"), ex.var("q_idx")), (rw.meta_at(0), rw.meta_at(1),
-                                                                          rw.meta_at(2)))
-    kernel_region = rw.reindex(region, {"q_idx": ex.load(ex.input_ref(spec), (index,))})
-    side = {QUERY_INDEX: rw.flat_tensor(spec, real), rw.META.name: rw.meta(B, Hq, padded_rows)}
+    kernel_region, side = rw.gathered_rows_region(region, real)
     classes = rw.row_classes(region, B, Hq, Lq, Lkv, block_n, q_offset, tensors)
     gathered = torch.gather(classes, 2, compact.tokens.unsqueeze(-1).expand(B, Hq, P, classes.shape[-1]))
     gathered = torch.where(valid.unsqueeze(-1), gathered, torch.tensor(-1, dtype=torch.int8))

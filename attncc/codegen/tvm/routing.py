@@ -7,6 +7,11 @@ tile every row of which selected all its key blocks keeps the mask's class, and 
 is PARTIAL with the per-row selection entering the mask as a load from a bitmap
 ``sel[b, h, row, kv_idx // block]`` (a flat captured tensor). ``block_n`` is chosen to divide
 the routing block so that most tiles lie in one key block.
+
+Per-token routing with a normalizer whose partials merge goes to ``routing_tokens.py`` instead:
+the union of 64 rows' selections is most of the tiles, so there the queries are grouped by the
+block they selected. This tile path serves ``per="query_block"`` (rows of a query block share
+their selection) and the normalizers that cannot merge partials.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncc.codegen.tvm import routing_tokens
 from attncc.codegen.tvm import rows as rw
 from attncc.codegen.tvm.space import PARAMS
 from attncc.ir import expr as ex
@@ -127,6 +133,9 @@ def run_topk_blocks(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, te
                     config: dict, *, scale: float, q_offset: int) -> tuple[Tensor, Tensor]:
     """(o, lse) of a TopKBlocks region: only selected key blocks are visited."""
     config = routing_config(config, region.gate.block, region.gate.per)
+    if routing_tokens.applies(region, config["block_n"]):
+        return routing_tokens.run_topk_blocks_by_token(region, q, k, v, tensors, config, scale=scale,
+                                                       q_offset=q_offset)
     block_m, block_n = config["block_m"], config["block_n"]
     Lq, Lkv = q.shape[2], k.shape[2]
     routing = route_blocks(region, q, k, tensors, q_offset, block_m, block_n)

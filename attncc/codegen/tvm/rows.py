@@ -147,3 +147,18 @@ def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tens
     if isinstance(norm, nodes.SigmoidNorm):
         bias = -math.log(total_lkv) if norm.bias is None else float(norm.bias)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+
+
+QUERY_INDEX = "__attncc_query_index"
+
+
+def gathered_rows_region(region: AttentionRegion, real_q_idx: Tensor, normalizer: object | None = None,
+                         ) -> tuple[AttentionRegion, dict[str, Tensor]]:
+    """For a kernel whose query rows were gathered from the real ones (run with ``q_offset = 0``):
+    ``q_idx`` becomes ``real_q_idx[b, h, row]`` (``[B, Hq, R]``, R covering the kernel's padded
+    rows), read from a flat side table; returns the region and the side tensors it reads."""
+    B, Hq, R = real_q_idx.shape
+    spec = flat_spec(QUERY_INDEX, real_q_idx.numel(), "int32")
+    index = flat_index((ex.var("b"), ex.var("h"), ex.var("q_idx")), (meta_at(0), meta_at(1), meta_at(2)))
+    kernel_region = reindex(region, {"q_idx": ex.load(ex.input_ref(spec), (index,))}, normalizer=normalizer)
+    return kernel_region, {QUERY_INDEX: flat_tensor(spec, real_q_idx), META.name: meta(B, Hq, R)}
