@@ -220,13 +220,16 @@ class _Forward:
                 with w.block(f"for d in range({D}):"):
                     with w.block(f"for j1 in T.unroll({R}):"):
                         with w.block(f"for i1 in T.vectorized({V}):"):
-                            w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, kv0 + j0 * {R} + j1, d] * QT[d, i0 * {V} + i1]")
+                            key = f"T.min(kv0 + j0 * {R} + j1, LKP - 1)"
+                            w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, {key}, d] * QT[d, i0 * {V} + i1]")
                 with w.block(f"for j1 in T.unroll({R}):"):
                     with w.block(f"for i1 in T.vectorized({V}):"):
                         i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
                         w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
         self._normalizer_update()
         # Acc = Alpha * Acc + P @ V, register blocked: R rows (broadcast from St) x VD value columns
+        # NOTE: key rows past the end are clamped to the last one (their weight is exactly 0), so
+        # K and V need no padding copy
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
         with w.block(f"for i0 in range({BM // R}):"):
             with w.block(f"for d0 in range({Dv // VD}):"):
@@ -238,7 +241,8 @@ class _Forward:
                 with w.block(f"for j in range({BN}):"):
                     with w.block(f"for i1 in T.unroll({R}):"):
                         with w.block(f"for d1 in T.vectorized({VD}):"):
-                            w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * V[b, hk, kv0 + j, d0 * {VD} + d1]")
+                            value = f"V[b, hk, T.min(kv0 + j, LKP - 1), d0 * {VD} + d1]"
+                            w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * {value}")
                 with w.block(f"for i1 in T.unroll({R}):"):
                     with w.block(f"for d1 in T.vectorized({VD}):"):
                         w(f"Acc[i0 * {R} + i1, d0 * {VD} + d1] = Or[i1, d1]")

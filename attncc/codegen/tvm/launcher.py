@@ -139,7 +139,7 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
-    kp, vp = stage_kv(k, v, shape.block_n)
+    kp, vp = stage_kv(k, v)
     module["attn"](
         q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
@@ -149,16 +149,10 @@ def launch(
     return out, lse
 
 
-def stage_kv(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V as float32 ``[B, Hkv, Lkp, D]``, zero-padded to whole kv tiles; float32 inputs
-    whose length is a whole number of tiles pass through without a copy."""
-    pad = -(-k.shape[2] // block_n) * block_n - k.shape[2]
-
-    def staged(t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous().float()
-        return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
-
-    return staged(k), staged(v)
+def stage_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as contiguous float32 ``[B, Hkv, Lkv, D]``: contiguous float32 inputs pass through
+    without a copy (the kernel clamps reads past the last key instead of padding)."""
+    return k.contiguous().float(), v.contiguous().float()
 
 
 def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:
