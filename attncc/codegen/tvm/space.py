@@ -15,7 +15,7 @@ from attncc.autotune.space import SearchSpace
 Config = dict[str, Any]
 
 PARAMS: dict[str, tuple] = {
-    "block_m": (64, 32, 16, 128),
+    "block_m": (64, 32, 16, 128, 8),
     "block_n": (64, 32, 128, 16),
     "rows": (4, 2, 6, 8),
     "vector": (16, 8, 32),
@@ -36,6 +36,10 @@ def keep(c: Config, s: ShapeKey) -> bool:
 
 
 def default(s: ShapeKey) -> Config:
+    """64 x 64 tiles; a few query rows (decoding) get a tile of one SIMD vector of rows, since
+    every row of a tile costs the same work whether it exists or not."""
+    if s.q_len <= 8:
+        return {"block_m": 8, "block_n": 64, "rows": 4, "vector": 8}
     block_m = 16 if s.q_len <= 16 else 64
     return {"block_m": block_m, "block_n": 64, "rows": 4, "vector": 16}
 
