@@ -308,3 +308,11 @@ def test_combine_refuses_lse() -> None:
     operands = dict.fromkeys(("q1", "k1", "q2", "k2", "v"), q)
     with pytest.raises(ValueError, match="single attention"):
         BACKEND.run(plan, operands, {"lam": torch.tensor(0.5)}, scale=None, q_offset=0, return_lse=True)
+
+
+@settings(max_examples=6, deadline=None)
+@given(k_top=st.integers(1, 4), Lq=st.integers(17, 60), extra=st.integers(0, 30), seed=st.integers(0, 1000))
+def test_topk_heads_random_cases(k_top: int, Lq: int, extra: int, seed: int) -> None:
+    program = moh(k_top, Lq, seed=seed)
+    q, k, v = qkv(Lq=Lq, Lkv=Lq + extra, seed=seed)
+    check_against_reference(program, q, k, v, backend="tvm", q_offset=extra)
