@@ -333,8 +333,11 @@ class _Linear:
         the diagonal are zero without a product."""
         s, w, C, RI, VJ = self.s, self.w, self.s.chunk, self.RI, self.s.vector
         i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
-        weighted = f"Ar[i1, j1] * Dm[{i}, {j}]" if self.decay else (
-            f"T.if_then_else({self._visible(i, j)}, Ar[i1, j1], {ZERO})")
+        weighted = (
+            f"Ar[i1, j1] * Dm[{i}, {j}]"
+            if self.decay
+            else (f"T.if_then_else({self._visible(i, j)}, Ar[i1, j1], {ZERO})")
+        )
         with w.block(f"for i0 in range({C // RI}):"):
             with w.block(f"for j0 in range({C // VJ}):"):
                 with w.block(f"if j0 * {VJ} < i0 * {RI} + {RI}:"):
@@ -376,8 +379,10 @@ class _Linear:
                 with w.block(f"for d1 in T.vectorized({VK}):"):
                     w(f"Zl[d1] = Zl[d1] + {self._carried()}[i, d0 * {VK} + d1] * {self._Z(f'd0 * {VK} + d1')}")
             w(f"den = {tree('', 'Dl', VJ)} + {tree('', 'Zl', VK)}")
-            w(f"Inv[i] = T.if_then_else(den != {ZERO}, T.float32(1.0) / T.if_then_else(den != {ZERO}, den, "
-              f"T.float32(1.0)), {ZERO})")
+            w(
+                f"Inv[i] = T.if_then_else(den != {ZERO}, T.float32(1.0) / T.if_then_else(den != {ZERO}, den, "
+                f"T.float32(1.0)), {ZERO})"
+            )
 
     def _outputs(self) -> None:
         """``O = (A Vc + FqC S) * Inv`` in ``RI x VE`` register blocks, rows below ``LQ`` stored."""

@@ -23,12 +23,22 @@ _WARNED: set[str] = set()
 
 
 def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor) -> LinearShape:
-    return LinearShape(D=q.shape[-1], Dv=v.shape[-1], dtype=str(q.dtype).removeprefix("torch."),
-                       chunk=kernel_chunk(region.linear.chunk))
+    return LinearShape(
+        D=q.shape[-1],
+        Dv=v.shape[-1],
+        dtype=str(q.dtype).removeprefix("torch."),
+        chunk=kernel_chunk(region.linear.chunk),
+    )
 
 
-def _forward(region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             tensors: dict[str, torch.Tensor], q_offset: int) -> torch.Tensor:
+def _forward(
+    region: AttentionRegion,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    q_offset: int,
+) -> torch.Tensor:
     B, Hq, Lq, _ = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
@@ -50,8 +60,16 @@ def _as_buffer(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def run_linear(plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               tensors: dict[str, torch.Tensor], *, q_offset: int) -> torch.Tensor:
+def run_linear(
+    plan: KernelPlan,
+    region: AttentionRegion,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    *,
+    q_offset: int,
+) -> torch.Tensor:
     """o in q's dtype for a region lowered to ``linear_chunked`` or ``linear_global``."""
     grad_names = [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or grad_names)
@@ -68,8 +86,9 @@ class _ReferenceBackward(torch.autograd.Function):
     """Forward: the TVM kernel. Backward: the reference backend's autograd graph, recomputed."""
 
     @staticmethod
-    def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                *grad_tensors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *grad_tensors: torch.Tensor
+    ) -> torch.Tensor:
         region, tensors, _grad_names, q_offset = context
         ctx.context = context
         ctx.save_for_backward(q, k, v, *grad_tensors)
