@@ -53,7 +53,6 @@ def _linear(mask=masks.causal, feature="elu1", normalize=True, decay=None):
 
 VARIANTS = {
     "elu1": lambda: _linear(),
-    "relu": lambda: _linear(feature="relu"),
     "traced": lambda: _linear(feature=lambda x: torch.sigmoid(x) + torch.relu(x) * OFFSET[1]),
     "identity_unnormalized": lambda: _linear(feature="identity", normalize=False),
     "lightning": lambda: _linear(feature="identity", normalize=False, decay=DECAY),
@@ -87,7 +86,9 @@ def _q_scale(name: str) -> float:
 @pytest.mark.parametrize("L", [1, 37, 200])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_matches_reference(name: str, L: int) -> None:
-    """Feature maps, decay, strict causality, normalize False, global form; GQA (4 -> 2 heads)."""
+    """Feature maps, decay, strict causality, normalize False, global form; GQA (4 -> 2 heads).
+
+    relu runs in ``strict_decay`` and ``global_unnormalized`` (each variant is one more compile)."""
     program = variant(name)
     expected = "linear_global" if name.startswith("global") else "linear_chunked"
     assert program.plan.strategy == expected
@@ -118,7 +119,7 @@ def test_value_width_differs_from_head_dim() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype"), [("elu1", torch.float16), ("elu1", torch.bfloat16), ("lightning", torch.bfloat16)]
+    ("name", "dtype"), [("elu1", torch.float16), ("lightning", torch.bfloat16)]
 )
 def test_low_precision(name: str, dtype: torch.dtype) -> None:
     """float16/bfloat16 inputs are converted on load, accumulated in float32, stored in q's dtype."""
