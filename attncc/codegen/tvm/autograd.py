@@ -58,11 +58,14 @@ def _forward(
     tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, shape.block_n), q_offset, tensors)
     if region.score_scale is not None:
         scale = scale * region.score_scale
-    norm = region.normalizer
-    bias = 0.0
-    if isinstance(norm, nodes.SigmoidNorm):
-        bias = -math.log(Lkv) if norm.bias is None else float(norm.bias)
+    bias = _sigmoid_bias(region.normalizer, Lkv)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+
+
+def _sigmoid_bias(norm: Any, Lkv: int) -> float:
+    if not isinstance(norm, nodes.SigmoidNorm):
+        return 0.0
+    return -math.log(Lkv) if norm.bias is None else float(norm.bias)
 
 
 def run_region(
@@ -99,20 +102,25 @@ class _GeneratedBackward(torch.autograd.Function):
         ctx.context = context
         out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
+        if not isinstance(region.normalizer, nodes.SoftmaxNorm):
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
         _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
         q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
-        rowdot = (grad_out.float() * out.float()).sum(-1)
-        dlse = torch.zeros_like(lse) if grad_lse is None else torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
+        norm = region.normalizer
+        rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())
+        dlse = torch.zeros_like(lse)
+        if grad_lse is not None and isinstance(norm, nodes.SoftmaxNorm):
+            dlse = torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
         if region.score_scale is not None:
             scale = scale * region.score_scale
         # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient shifts Delta_i by -dlse_i.
         dq, dk, dv = launch_backward(region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse,
-                                     tensors, scale=scale, q_offset=q_offset)
-        sink = region.normalizer.sink
+                                     tensors, scale=scale, q_offset=q_offset, bias=_sigmoid_bias(norm, k.shape[2]))
+        sink = getattr(norm, "sink", None)
         dsink = [sink_gradient(t, lse, rowdot, dlse) for name, t in zip(grad_names, grad_tensors)
                  if sink is not None and name == sink.name]
         return (None, dq, dk, dv, *dsink)

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.kernels import NEG_INF, TORCH_TO_TIR, Lines, captured_specs
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, fast_exp, unsupported
+from attncc.codegen.tvm.kernels import NEG_INF, TORCH_TO_TIR, Lines, captured_specs, tree
+from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _sigmoid, fast_exp, unsupported
 from attncc.ir import nodes
 from attncc.ir.derivative import score_derivative
 from attncc.passes.plan import AttentionRegion
 
 POS_INF = 'T.float32("inf")'
+NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...]) -
     gradient is generated; every other captured tensor's gradient is the reference's.
     """
     norm = region.normalizer
-    if not isinstance(norm, nodes.SoftmaxNorm):
+    if not isinstance(norm, NORMALIZERS):
         return f"normalizer {type(norm).__name__} has no generated TVM backward yet"
-    sink = norm.sink.name if norm.sink is not None else None
+    sink = norm.sink.name if isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None else None
     others = [n for n in grad_names if n != sink]
     if others:
         return f"gradient of captured tensor {others[0]!r} is not generated"
@@ -73,14 +74,17 @@ def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...]) -
         exprs = [e for e in (region.score, region.mask, region.row_shift) if e is not None]
         if sink in {spec.name for e in exprs for spec in e.inputs()}:
             return f"sink tensor {sink!r} is also read by the score, mask or row_shift"
-    if region.score is not None:
+    phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None
+    for what, expr in (("score", region.score), ("phi", phi)):
+        if expr is None:
+            continue
         try:
-            derivative = score_derivative(region.score)
+            derivative = score_derivative(expr)
         except NotImplementedError as err:
-            return f"score derivative: {err}"
+            return f"{what} derivative: {err}"
         why = unsupported(derivative) if derivative is not None else None
         if why:
-            return f"score derivative: {why}"
+            return f"{what} derivative: {why}"
     return None
 
 
@@ -95,9 +99,13 @@ class _Backward:
         self.s = shape
         self.specs = captured_specs(region)
         self.w = Lines()
-        derivative = score_derivative(region.score) if region.score is not None else None
-        self.dscore = derivative
+        self.norm = region.normalizer
+        self.dscore = score_derivative(region.score) if region.score is not None else None
         self.identity = region.score is None
+        self.dphi = score_derivative(self.norm.phi) if isinstance(self.norm, nodes.PointwiseNorm) else None
+        # NOTE: a normalised pointwise row needs its sum L_i: dq computes 1/L_i first (a pass
+        # over its tiles) and leaves it in LSE for dkdv, which runs after it.
+        self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
 
     def render(self, kind: str) -> str:
         s, w = self.s, self.w
@@ -108,7 +116,7 @@ class _Backward:
         outs = "dq_h: T.handle, kp_h: T.handle" if kind == "dq" else "dk_h: T.handle, dv_h: T.handle"
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
-          f"{extra}, scale: T.float32, q_offset: T.int32, LKV: T.int32):")
+          f"{extra}, scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
             for name in ("B", "HQ", "HKV", "LQ", "LKP", "NKT", "TB", "TH", "NT", "MP", "MF"):
@@ -201,7 +209,9 @@ class _Backward:
         with w.block(f"for i in range({BM}):"):
             with w.block(f"for d in T.vectorized({D}):"):
                 w("dQa[i, d] = T.float32(0.0)")
-        self._load_rows()
+        self._load_rows(from_lse=not self.row_sums)
+        if self.row_sums:
+            self._row_sums()
         with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
             self._pick("qt", "kt")
             w(f"kv0 = kt * {BN}")
@@ -233,15 +243,46 @@ class _Backward:
             env["kv_idx"] = f'T.Cast("int64", kv0 + {j})'
         return env
 
-    def _load_rows(self) -> None:
-        """Qs = scale * Q, dOs = dO (float32), Lr = lse (+inf for dead rows), Dr = Delta."""
+    def _row_sums(self) -> None:
+        """Lr = 1 / sum_j phi(s_ij) over the listed tiles (0 for a zero sum), stored to LSE."""
+        s, w = self.s, self.w
+        BM, BN, VJ = s.block_m, s.block_n, s.vector
+        w(f'Ls = T.decl_buffer(({BM},), "float32")')
+        with w.block(f"for i in range({BM}):"):
+            w("Ls[i] = T.float32(0.0)")
+        with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
+            self._pick("qt", "kt")
+            w(f"kv0 = kt * {BN}")
+            self._p_and_ds(weights_only=True)
+            with w.block(f"for i in range({BM}):"):
+                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
+                with w.block(f"for j1 in T.vectorized({VJ}):"):
+                    w("Lv[j1] = P[i, j1]")
+                with w.block(f"for j0 in range(1, {BN // VJ}):"):
+                    with w.block(f"for j1 in T.vectorized({VJ}):"):
+                        w(f"Lv[j1] = Lv[j1] + P[i, j0 * {VJ} + j1]")
+                w(f"Ls[i] = Ls[i] + {tree('', 'Lv', VJ)}")
+        with w.block(f"for i in range({BM}):"):
+            w("Lr[i] = T.if_then_else(Ls[i] != T.float32(0.0), T.float32(1.0) / Ls[i], T.float32(0.0))")
+            with w.block("if q0 + i < LQ:"):
+                w("LSE[b, h, q0 + i] = Lr[i]")
+
+    def _load_rows(self, from_lse: bool = True) -> None:
+        """Qs = scale * Q, dOs = dO (float32, 0 past LQ), Dr = Delta, Lr per normalizer: softmax
+        lse (+inf for dead rows), a normalised pointwise 1/L_i (LSE, written by dq), else 1;
+        rows past LQ get weights 0."""
         s, w = self.s, self.w
         with w.block(f"for i in range({s.block_m}):"):
             w("qi = T.min(q0 + i, LQ - 1)")
             with w.block(f"for d in T.vectorized({s.D}):"):
                 w(f"Qs[i, d] = {self._f32('Q[b, h, qi, d]')} * scale")
             with w.block(f"for d in T.vectorized({s.Dv}):"):
-                w(f"dOs[i, d] = {self._f32('DO[b, h, qi, d]')}")
+                w(f"dOs[i, d] = T.if_then_else(q0 + i < LQ, {self._f32('DO[b, h, qi, d]')}, T.float32(0.0))")
+            w("Dr[i] = DELTA[b, h, qi]")
+            if not isinstance(self.norm, nodes.SoftmaxNorm):
+                value = "LSE[b, h, qi]" if self.row_sums and from_lse else "T.float32(1.0)"
+                w(f"Lr[i] = T.if_then_else(q0 + i < LQ, {value}, T.float32(0.0))")
+                return
             w("lse = LSE[b, h, qi]")
             alive = f"T.And(q0 + i < LQ, lse != {NEG_INF})"
             if self.region.row_shift is not None:
@@ -250,7 +291,6 @@ class _Backward:
                 w(f"Lr[i] = T.if_then_else(T.And({alive}, rs != {NEG_INF}), lse - rs, {POS_INF})")
             else:
                 w(f"Lr[i] = T.if_then_else({alive}, lse, {POS_INF})")
-            w("Dr[i] = DELTA[b, h, qi]")
 
     def _score(self, raw: str, masked: bool, i: str, j: str) -> tuple[str, str | None]:
         """(masked score text, derivative text or None for 1) at one position."""
@@ -265,9 +305,9 @@ class _Backward:
             grad = "T.float32(0.0)" if self.dscore is None else render(self.dscore)
         return f"T.if_then_else({keep}, {score}, {NEG_INF})", grad
 
-    def _p_and_ds(self) -> None:
-        """P = exp(score(Qs K^T) - Lr), dS = P * (dO V^T - Dr) * g, register blocked; the mask
-        is evaluated on PARTIAL tiles only."""
+    def _p_and_ds(self, weights_only: bool = False) -> None:
+        """P (the weights) and dS (the gradient of the raw score) of one tile, register blocked;
+        the mask is evaluated on PARTIAL tiles only. ``weights_only``: P alone (row sums)."""
         s, w = self.s, self.w
         BM, BN, RI, VJ = s.block_m, s.block_n, s.rows, s.vector
         i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
@@ -283,18 +323,51 @@ class _Backward:
                         w.depth += 1
                     with w.block(f"for i1 in T.unroll({RI}):"):
                         with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"P[{i}, {j}] = {fast_exp(f'({score} - Lr[{i}])')}")
-                            if grad is not None:
-                                w(f"dS[{i}, {j}] = {grad}")
+                            self._weights(score, grad, f"[{i}, {j}]", i)
                     if len(cases) > 1:
                         w.depth -= 1
+                if weights_only:
+                    return
                 self._product("Sr", "dOs", "VT", s.Dv)
-                scaled = f" * dS[{i}, {j}]" if grad is not None else ""
                 with w.block(f"for i1 in T.unroll({RI}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        # NOTE: P == 0 (masked, dead row) gives 0 even where g is not finite.
-                        w(f"dS[{i}, {j}] = T.if_then_else(P[{i}, {j}] != T.float32(0.0), "
-                          f"P[{i}, {j}] * (Sr[i1, j1] - Dr[{i}]){scaled}, T.float32(0.0))")
+                        w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', 'Sr[i1, j1]', f'dS[{i}, {j}]', i, grad)}")
+
+    def _weights(self, score: str, grad: str | None, at: str, i: str) -> None:
+        """``P[at]`` from the masked score text and, where the normalizer has one, dS's factor
+        before dP in ``dS[at]`` (``g``; outside softmax, the masked score goes through ``P``
+        first, so that phi and its derivative read a buffer rather than repeat the score)."""
+        w, norm = self.w, self.norm
+        p, ds = f"P{at}", f"dS{at}"
+        if isinstance(norm, nodes.SoftmaxNorm):
+            w(f"{p} = {fast_exp(f'({score} - Lr[{i}])')}")
+            if grad is not None:
+                w(f"{ds} = {grad}")
+            return
+        w(f"{p} = {score}")
+        dead = f"({p} == {NEG_INF})"
+        if isinstance(norm, nodes.SigmoidNorm):
+            if grad is not None:
+                w(f"{ds} = {grad}")
+            w(f"{p} = T.if_then_else({dead}, T.float32(0.0), {_sigmoid(f'({p} + bias)')})")
+            return
+        render = Renderer({"score": p}, self.specs)
+        dphi = "T.float32(0.0)" if self.dphi is None else render(self.dphi)
+        chain = f" * {grad}" if grad is not None else ""
+        w(f"{ds} = T.if_then_else({dead}, T.float32(0.0), {dphi} * Lr[{i}]{chain})")
+        w(f"{p} = T.if_then_else({dead}, T.float32(0.0), {render(norm.phi)} * Lr[{i}])")
+
+    def _ds(self, p: str, dp: str, factor: str, i: str, grad: str | None) -> str:
+        """dS from the weight, dP and the factor stored in dS, per normalizer.
+
+        NOTE: where the weight is 0 (masked, dead row) dS is 0 even where g is not finite."""
+        norm = self.norm
+        if isinstance(norm, nodes.PointwiseNorm):
+            return f"({dp} - Dr[{i}]) * {factor}" if norm.normalize else f"{dp} * {factor}"
+        scaled = f" * {factor}" if grad is not None else ""
+        if isinstance(norm, nodes.SigmoidNorm):
+            return f"T.if_then_else({p} != T.float32(0.0), {p} * (T.float32(1.0) - {p}) * {dp}{scaled}, T.float32(0.0))"
+        return f"T.if_then_else({p} != T.float32(0.0), {p} * ({dp} - Dr[{i}]){scaled}, T.float32(0.0))"
 
     def _product(self, acc: str, rows: str, tiles: str, depth: int) -> None:
         """acc[RI, VJ] = rows[i block, :depth] @ tiles[b, hk, kt, :depth, j block]."""
@@ -380,10 +453,11 @@ def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tupl
 def launch_backward(
     region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, delta: torch.Tensor, tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int,
-    shape: BackwardShape | None = None,
+    bias: float = 0.0, shape: BackwardShape | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtype. ``scale`` includes ``score_scale``; ``delta`` is
-    ``rowsum(dO * O) - dlse`` (float32 ``[B, Hq, Lq]``)."""
+    ``rowsum(dO * O) - dlse`` for softmax, ``rowsum(dO * O)`` for a normalised pointwise map,
+    unused otherwise (float32 ``[B, Hq, Lq]``); ``lse`` is the forward's (softmax only)."""
     from attncc.passes.sparsify import block_tables_for
 
     B, Hq, Lq, D = q.shape
@@ -398,20 +472,23 @@ def launch_backward(
     _, vt = _tiles(v, BN)
     extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
     qc, doc = q.contiguous(), do.to(q.dtype).contiguous()
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
+    softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
+    lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
+    delta = delta.float().contiguous()
     launcher._set_threads()
-    dk = torch.empty(B, k.shape[1], kp.shape[2], D, dtype=torch.float32)
-    dv = torch.empty(B, k.shape[1], kp.shape[2], Dv, dtype=torch.float32)
-    launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
-        qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
-        *extra, float(scale), int(q_offset), int(Lkv),
-    )
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     launcher.get_module(render_backward(region, shape, "dq"))["attn"](
         qc, kt, vt, doc, lse, delta, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
-        *extra, float(scale), int(q_offset), int(Lkv),
+        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
+    )
+    dk = torch.empty(B, k.shape[1], kp.shape[2], D, dtype=torch.float32)
+    dv = torch.empty(B, k.shape[1], kp.shape[2], Dv, dtype=torch.float32)
+    launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
+        qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
+        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)
 
