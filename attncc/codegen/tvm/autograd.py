@@ -1,11 +1,11 @@
 """Run one region on the TVM kernel, with autograd through the generated backward kernels.
 
-The softmax family (with or without learned sinks, the sinks' gradient included) has
-generated backward kernels (``backward.py``): any score function whose derivative renders,
-any mask, GQA/MQA, offsets and block sparsity. Everything else (other normalizers,
-gradients of other captured tensors such as an ALiBi slope table) recomputes the region
-with the reference backend's differentiable path (dense, ``O(Lq*Lkv)`` memory) after a
-one-time warning that says why: never a silent wrong gradient.
+Softmax (with learned sinks, their gradient included), sigmoid and the pointwise normalizers
+have generated backward kernels (``backward.py``): any score function and phi whose
+derivatives render, any mask, GQA/MQA, offsets and block sparsity. Everything else
+(stick-breaking, gradients of other captured tensors such as an ALiBi slope table)
+recomputes the region with the reference backend's differentiable path (dense,
+``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent wrong gradient.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run_region(
 
 
 class _GeneratedBackward(torch.autograd.Function):
-    """Forward: the TVM kernel. Backward: the generated kernels (softmax family, ``backward.py``)."""
+    """Forward: the TVM kernel. Backward: the generated kernels (``backward.py``), sink gradient in torch."""
 
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

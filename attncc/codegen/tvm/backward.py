@@ -1,23 +1,29 @@
-"""The backward kernels of the softmax family (TVMScript text), FlashAttention-2's structure.
+"""The backward kernels (TVMScript text): FlashAttention-2's structure, every normalizer but
+stick-breaking.
 
 Notation (as in ``kernels.py``; ``BM`` query rows x ``BN`` keys per tile, ``RI`` x ``VJ``
 register blocks, ``G = HQ // HKV`` query heads per kv head):
 
-- per row ``i``: ``Delta_i = rowsum(dO_i * O_i) - dlse_i`` (torch, before the kernels) and the
-  forward's ``lse_i``; with a ``row_shift`` the kernel subtracts it again, since the score it
-  recomputes is the simplified one; a dead row (``lse = -inf``, ``row_shift = -inf``, or past
-  ``LQ``) gets ``lse = +inf`` so that ``P = 0`` there without a branch;
-- per tile: ``S = (scale * Q) K^T`` and the score function (masked -> ``-inf``),
-  ``P = exp(S - lse)``, ``dP = dO V^T``, ``dS = P * (dP - Delta) * g`` with ``g`` the
-  derivative of the score function at the raw score (``attncc.ir.derivative``);
-- ``dkdv``: one task per (batch ``b``, kv head ``hk``, kv tile ``kt``), run by ``T.parallel``;
-  it walks, for each of the ``G`` query heads of its group, the query tiles that see ``kt``
-  (the forward's block tables transposed: PARTIAL tiles evaluate the mask, FULL tiles do
-  not, EMPTY tiles are never listed) and accumulates ``dV += P^T dO``, ``dK += dS^T (scale Q)``
-  in its own buffers: no two tasks write the same rows;
-- ``dq``: one task per (``b``, query head ``h``, query tile ``qt``) walks the forward's tables
-  and accumulates ``dQ += scale * dS K``; it recomputes ``S`` and ``dP`` (FlashAttention-2
-  shares them through atomics, which a CPU task pool does not have);
+- per tile, ``S = (scale * Q) K^T`` and the score function (masked -> ``-inf``), ``P`` the
+  weights, ``dP = dO V^T``, and ``dS``, the gradient of the raw score, with ``g`` the
+  derivative of the score function at the raw score (``attncc.ir.derivative``):
+  softmax ``P = exp(S - lse)``, ``dS = P (dP - Delta) g`` with ``Delta_i = rowsum(dO_i O_i)
+  - dlse_i``; sigmoid ``P = sigmoid(S + bias)``, ``dS = P (1 - P) dP g``; pointwise
+  ``P = phi(S) / L_i``, ``dS = (dP - Delta) phi'(S) g / L_i`` (``L_i = 1`` and no ``Delta``
+  without ``normalize``);
+- rows: ``Lr`` holds the forward's lse (softmax; minus the ``row_shift`` the simplified score
+  lacks; ``+inf`` for a dead row, so ``P = 0`` there without a branch) or ``1 / L_i``; rows
+  past ``LQ`` get zero weights and a zero ``dO``;
+- ``dq``: one task per (batch ``b``, query head ``h``, query tile ``qt``), run by
+  ``T.parallel``, walks the forward's block tables (PARTIAL tiles evaluate the mask, FULL
+  tiles do not, EMPTY tiles are never listed) and accumulates ``dQ += scale * dS K``; for a
+  normalised pointwise map it first sums ``phi`` over the same tiles and leaves ``1 / L_i``
+  in ``LSE`` for ``dkdv``, which runs after it;
+- ``dkdv``: one task per (``b``, kv head ``hk``, kv tile ``kt``) walks, for each of the ``G``
+  query heads of its group, the query tiles that see ``kt`` (the tables transposed) and
+  accumulates ``dV += P^T dO``, ``dK += dS^T (scale Q)`` in its own buffers: no two tasks
+  write the same rows. It recomputes ``S`` and ``dP`` that ``dq`` also computes
+  (FlashAttention-2 shares them through atomics, which a CPU task pool does not have);
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 tile by tile; gradients accumulate in float32. No buffer is ``Lq x Lkv``.
