@@ -56,6 +56,7 @@ SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
 DOCS = torch.tensor([0] * 30 + [1] * 25 + [2] * 40)  # covers q_offset + Lq and Lkv below
 KEEP = torch.rand(96, generator=torch.Generator().manual_seed(3)) > 0.3  # a bool captured tensor
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
+TEMPERATURE = torch.tensor(0.7)  # a 0-d captured tensor (one-element kernel buffer)
 
 
 def _alibi(score, b, h, q_idx, kv_idx):
@@ -79,6 +80,7 @@ VARIANTS = {
     "document": lambda: attncc.variant(mask=lambda b, h, q, kv: DOCS[q] == DOCS[kv]),
     "bool_table": lambda: attncc.variant(mask=lambda b, h, q, kv: KEEP[kv] | (q == kv)),
     "neg_inf_score": lambda: attncc.variant(_neg_inf_future),
+    "scalar_capture": lambda: attncc.variant(lambda s, b, h, q, kv: s * TEMPERATURE, mask=masks.causal),
     "sinks": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=SINK)),
     "sigmoid": lambda: attncc.variant(mask=masks.causal, normalizer="sigmoid"),
     "sigmoid_bias": lambda: attncc.variant(normalizer=attncc.Sigmoid(bias=-2.0)),

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.render import (
-    BUFFER_DTYPE,
     Renderer,
     _sigmoid,
+    buffer_declaration,
     buffer_name,
     fast_exp,
     fast_exp_nonpositive,
@@ -53,6 +53,7 @@ class KernelShape:
     block_n: int
     rows: int
     vector: int
+    group: int = 1  # > 1: the query heads of a GQA group share a tile's rows (see packing.py)
 
 
 def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
@@ -140,23 +141,35 @@ class _Forward:
             w('FC = T.match_buffer(fc_h, (TB, TH, NQ), "int32")')
             w('FI = T.match_buffer(fi_h, (TB, TH, NQ, MF), "int32")')
             for i, spec in enumerate(self.specs):
-                dims = ", ".join(str(d) for d in spec.shape) if spec.shape else ""
-                w(f'X_{i} = T.match_buffer(x{i}, ({dims}{"," if len(spec.shape) == 1 else ""}), '
-                  f'"{BUFFER_DTYPE[spec.dtype]}")')
-            with w.block("for task in T.parallel(B * HQ * NQ):"):
+                w(buffer_declaration(i, spec))
+            heads = "HQ" if s.group == 1 else "HKV"
+            with w.block(f"for task in T.parallel(B * {heads} * NQ):"):
                 self._task()
         return w.text()
 
     def _task(self) -> None:
         s, w = self.s, self.w
         BM, BN, D, Dv = s.block_m, s.block_n, s.D, s.Dv
-        w("b = task // (HQ * NQ)")
-        w("h = task // NQ % HQ")
-        w("qt = task % NQ")
-        w("hk = h // (HQ // HKV)")
+        G = s.group
+        if G == 1:
+            w("b = task // (HQ * NQ)")
+            w("h = task // NQ % HQ")
+            w("qt = task % NQ")
+            w("hk = h // (HQ // HKV)")
+            w("th = T.min(h, TH - 1)")
+        else:
+            w("b = task // (HKV * NQ)")
+            w("hk = task // NQ % HKV")
+            w("qt = task % NQ")
+            w("th = T.min(hk, TH - 1)")
         w("tb = T.min(b, TB - 1)")
-        w("th = T.min(h, TH - 1)")
         w(f"q0 = qt * {BM}")
+        if G > 1:  # row r of the packed rows is query r // G of head hk * G + r % G
+            w(f'HI = T.decl_buffer(({BM},), "int32")')
+            w(f'QI = T.decl_buffer(({BM},), "int32")')
+            with w.block(f"for i in range({BM}):"):
+                w(f"HI[i] = hk * {G} + (q0 + i) % {G}")
+                w(f"QI[i] = T.min((q0 + i) // {G}, LQ - 1)")
         w(f'QT = T.decl_buffer(({D}, {BM}), "float32")')
         w(f'St = T.decl_buffer(({BN}, {BM}), "float32")')
         w(f'Acc = T.decl_buffer(({BM}, {Dv}), "float32")')
@@ -165,7 +178,8 @@ class _Forward:
         w(f'Alpha = T.decl_buffer(({BM},), "float32")')
         with w.block(f"for d in range({D}):"):
             with w.block(f"for i in range({BM}):"):
-                w(f"QT[d, i] = {self._f32('Q[b, h, T.min(q0 + i, LQ - 1), d]')} * scale")
+                head, row = self._row("i")
+                w(f"QT[d, i] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * scale")
         with w.block(f"for i in T.vectorized({BM}):"):
             w(f"M[i] = {NEG_INF}")
             w("L[i] = T.float32(0.0)")
@@ -247,10 +261,17 @@ class _Forward:
                     with w.block(f"for d1 in T.vectorized({VD}):"):
                         w(f"Acc[i0 * {R} + i1, d0 * {VD} + d1] = Or[i1, d1]")
 
+    def _row(self, i: str) -> tuple[str, str]:
+        """(query head, query row) of tile row ``i``: ``h`` and ``q0 + i``, or the packed ones."""
+        if self.s.group == 1:
+            return "h", f"q0 + {i}"
+        return f"HI[{i}]", f"QI[{i}]"
+
     def _index_env(self, i: str = "i", j: str = "j") -> dict[str, str]:
+        head, row = self._row(i)
         return {
-            "b": 'T.Cast("int64", b)', "h": 'T.Cast("int64", h)',
-            "q_idx": f'T.Cast("int64", q0 + {i} + q_offset)', "kv_idx": f'T.Cast("int64", kv0 + {j})',
+            "b": 'T.Cast("int64", b)', "h": f'T.Cast("int64", {head})',
+            "q_idx": f'T.Cast("int64", {row} + q_offset)', "kv_idx": f'T.Cast("int64", kv0 + {j})',
         }
 
     def _score_and_mask(self, raw: str, masked: str, i: str, j: str) -> str:
@@ -376,8 +397,10 @@ class _Forward:
         s, w, norm = self.s, self.w, self.norm
         BM, Dv = s.block_m, s.Dv
         out_dt = TORCH_TO_TIR[s.dtype]
+        head, row = self._row("i")
+        rows = "LQ" if s.group == 1 else f"{s.group} * LQ"
         with w.block(f"for i in range({BM}):"):
-            with w.block("if q0 + i < LQ:"):
+            with w.block(f"if q0 + i < {rows}:"):
                 if isinstance(norm, nodes.SoftmaxNorm):
                     self._softmax_finish()
                 elif isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
@@ -388,8 +411,8 @@ class _Forward:
                     w("lse_i = T.float32(0.0)")
                 with w.block(f"for d in T.vectorized({Dv}):"):
                     value = "Acc[i, d] * inv"
-                    w(f"O[b, h, q0 + i, d] = {value if out_dt == 'float32' else f'T.Cast({out_dt!r}, {value})'}")
-                w("LSE[b, h, q0 + i] = lse_i")
+                    w(f"O[b, {head}, {row}, d] = {value if out_dt == 'float32' else f'T.Cast({out_dt!r}, {value})'}")
+                w(f"LSE[b, {head}, {row}] = lse_i")
 
     def _softmax_finish(self) -> None:
         w, norm = self.w, self.norm
@@ -397,7 +420,8 @@ class _Forward:
         w("l = L[i]")
         if norm.sink is not None:
             name = buffer_name(norm.sink, self.specs)
-            sink_value = f'T.Cast("float32", {name}[h])' if norm.sink.dtype != "float32" else f"{name}[h]"
+            sink = f"{name}[{self._row('i')[0]}]"
+            sink_value = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
             w(f"sk = {sink_value}")
             w("mt = T.max(m, sk)")
             w("lt = l * T.exp(m - mt) + T.exp(sk - mt)")
@@ -409,7 +433,6 @@ class _Forward:
             w(f"lse0 = T.if_then_else(alive, m + T.log(T.if_then_else(alive, l, T.float32(1.0))), {NEG_INF})")
         if self.region.row_shift is not None:
             env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
-            env["q_idx"] = 'T.Cast("int64", q0 + i + q_offset)'
             shift = Renderer(env, self.specs)(self.region.row_shift)
             w(f"rs = {shift}")
             w(f"dead = rs == {NEG_INF}")

@@ -138,7 +138,7 @@ def launch(
     B, Hq, Lq, _ = q.shape
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
-    extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
+    extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     kp, vp = stage_kv(k, v)
     module["attn"](
         q.contiguous(), kp, vp, out, lse,
@@ -155,8 +155,8 @@ def stage_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return k.contiguous().float(), v.contiguous().float()
 
 
-def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:
+def as_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A captured tensor as its kernel buffer: contiguous, bool as uint8, 0-d as one element."""
     t = t.detach().contiguous()
-    if dtype == "bool":
-        return t.view(torch.uint8)
-    return t
+    t = t.reshape(1) if t.dim() == 0 else t
+    return t.view(torch.uint8) if t.dtype == torch.bool else t

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.kernels import TORCH_TO_TIR, Lines, tree
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, buffer_name, fast_exp, unsupported
+from attncc.codegen.tvm.render import Renderer, buffer_declaration, buffer_name, fast_exp, unsupported
 from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
 from attncc.passes.plan import AttentionRegion
@@ -130,10 +130,7 @@ class _Linear:
                 w(f'WS = T.match_buffer(s_h, (B, HKV, {s.D}, {s.Dv}), "float32")')
                 w(f'WZ = T.match_buffer(z_h, (B, HKV, {s.D}), "float32")')
             for i, spec in enumerate(self.specs):
-                shape = spec.shape or (1,)  # a 0-d tensor travels as one element
-                dims = ", ".join(str(d) for d in shape)
-                comma = "," if len(shape) == 1 else ""
-                w(f'X_{i} = T.match_buffer(x{i}, ({dims}{comma}), "{BUFFER_DTYPE[spec.dtype]}")')
+                w(buffer_declaration(i, spec))
             if glob:
                 self._global()
             else:
@@ -270,7 +267,7 @@ class _Linear:
             return f"T.max({x}, {ZERO})"
         if feature == "identity":
             return x
-        return _Renderer({"x": x}, self.specs)(feature)
+        return Renderer({"x": x}, self.specs)(feature)
 
     def _load_queries(self, r0: str) -> None:
         s, w, C = self.s, self.w, self.s.chunk
@@ -411,16 +408,3 @@ class _Linear:
                             value = f"Or[i1, e1] * Inv[{i}]" if self.norm.normalize else "Or[i1, e1]"
                             cast = value if out_dt == "float32" else f"T.Cast({out_dt!r}, {value})"
                             w(f"O[b, h, r0 + {i}, {e}] = {cast}")
-
-
-class _Renderer(Renderer):
-    """``render.Renderer`` with loads of 0-d captured tensors read as element 0 of a 1-element
-    buffer (the base class renders them ``X_i[]``, which TVMScript does not parse)."""
-
-    def _load(self, node: Expr) -> str:
-        text = super()._load(node)
-        spec: TensorSpec = node.src[0].arg
-        if spec.shape:
-            return text
-        name = buffer_name(spec, self.specs)
-        return text.replace(f"{name}[]", f"{name}[0]")

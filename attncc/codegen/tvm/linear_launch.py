@@ -50,14 +50,9 @@ def _forward(
     workspace = []
     if region.linear.strategy == "linear_global":
         workspace = [torch.empty(B, Hkv, shape.D, Dv), torch.empty(B, Hkv, shape.D)]
-    extra = [_as_buffer(tensors[spec.name]) for spec in linear_specs(region)]
+    extra = [launcher.as_buffer(tensors[spec.name]) for spec in linear_specs(region)]
     module["attn"](q.contiguous(), k.contiguous(), v.contiguous(), out, *workspace, *extra, int(q_offset))
     return out
-
-
-def _as_buffer(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1) if t.dim() == 0 else t.detach().contiguous()
-    return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
 def run_linear(

@@ -28,6 +28,17 @@ def buffer_name(spec: TensorSpec, specs: tuple[TensorSpec, ...]) -> str:
     return f"X_{specs.index(spec)}"
 
 
+def buffer_declaration(index: int, spec: TensorSpec) -> str:
+    """The ``T.match_buffer`` line of captured tensor ``X_<index>`` (argument ``x<index>``).
+
+    NOTE: a 0-d tensor travels as a one-element buffer (TVMScript parses no ``X[]``); loads
+    read element 0 and ``launcher.as_buffer`` reshapes the tensor.
+    """
+    shape = spec.shape or (1,)
+    dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
+    return f'X_{index} = T.match_buffer(x{index}, ({dims}), "{BUFFER_DTYPE[spec.dtype]}")'
+
+
 def _float(value: float) -> str:
     if math.isnan(value):
         return 'T.float32("nan")'
@@ -202,7 +213,7 @@ class Renderer:
 
     def _load(self, node: Expr) -> str:
         spec: TensorSpec = node.src[0].arg
-        indices = ", ".join(self._as(i, "int") for i in node.src[1:])
+        indices = ", ".join(self._as(i, "int") for i in node.src[1:]) if spec.shape else "0"
         access = f"{buffer_name(spec, self.specs)}[{indices}]"
         stored = spec.scalar_dtype
         if spec.dtype == "bool":
