@@ -140,7 +140,7 @@ def test_topk_blocks_by_token_computes_only_selected_pairs(name: str, monkeypatc
     gate = program.plan.regions[0].gate
     table = block_index_table(q, k, block=gate.block, k_top=gate.k, causal=gate.causal, dtype=torch.float64)
     bm, bn = call["shape"].block_m, call["shape"].block_n
-    token, _, _, tile_block = routing_tokens.group_rows(table, -(-160 // gate.block), bm)
+    token, _, tile_block = routing_tokens.group_rows(table, -(-160 // gate.block), bm)
     assert call["q"].shape[2] == token.shape[2]
     assert int((token >= 0).sum()) == int((table >= 0).sum())  # one kernel row per selected pair
     for b, h, qt, kt in _listed(call["tables"]):

@@ -11,18 +11,18 @@ block and a merge):
   block table lists only the kv tiles of that block (``q_idx`` is read from a side table of
   real indices, ``rows.gathered_rows_region``; the mask's classes are the real rows');
 - each pair yields a partial ``(o, lse)``; a query's ``k`` partials are merged by log-sum-exp,
-  adding a softmax sink once (``decode.merge_partials``). Sigmoid and unnormalised pointwise
+  adding a softmax sink once (``merge_rows``). Sigmoid and unnormalised pointwise
   maps sum their partials; other normalizers use ``routing.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from attncc.codegen.tvm import rows as rw
-from attncc.codegen.tvm.decode import merge_partials
 from attncc.ir import nodes
 from attncc.passes.lower_routing import block_index_table
 from attncc.passes.plan import AttentionRegion
@@ -44,16 +44,15 @@ def group_block_m(pairs: int, n_blocks: int) -> int:
     return next((m for m in (64, 32) if n_blocks * m * 4 <= pairs), 16)
 
 
-def group_rows(table: Tensor, n_blocks: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """From ``table [B, Hq, Lq, k]``: per packed row its token, block and slot (position in the
-    token's table row), ``[B, Hq, R]`` each (token -1 on padding rows), and per tile its block
-    ``[B, Hq, R / block_m]`` (-1: padding only)."""
+def group_rows(table: Tensor, n_blocks: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From ``table [B, Hq, Lq, k]``: per packed row its token and block, ``[B, Hq, R]`` each
+    (token -1 on padding rows), and per tile its block ``[B, Hq, R / block_m]`` (-1: padding only)."""
     B, Hq, Lq, _ = table.shape
     member = table >= 0
     b, h, i, slot = torch.nonzero(member, as_tuple=True)
     block = table[b, h, i, slot].long()
     order = torch.argsort(((b * Hq + h) * n_blocks + block) * Lq + i)  # by (b, h, block, token)
-    b, h, i, slot, block = b[order], h[order], i[order], slot[order], block[order]
+    b, h, i, block = b[order], h[order], i[order], block[order]
     counts = torch.zeros(B, Hq, n_blocks, dtype=torch.int64)
     counts.index_put_((b, h, block), torch.ones_like(block), accumulate=True)
     padded = -(-counts // block_m) * block_m
@@ -65,11 +64,10 @@ def group_rows(table: Tensor, n_blocks: int, block_m: int) -> tuple[Tensor, Tens
     R = max(block_m, int(padded.sum(-1).max()))
     token = torch.full((B, Hq, R), -1, dtype=torch.int64)
     row_block = torch.full((B, Hq, R), -1, dtype=torch.int64)
-    row_slot = torch.zeros(B, Hq, R, dtype=torch.int64)
-    token[b, h, row], row_block[b, h, row], row_slot[b, h, row] = i, block, slot
+    token[b, h, row], row_block[b, h, row] = i, block
     tile_block = torch.full((B, Hq, R // block_m), -1, dtype=torch.int64)
     tile_block[b, h, row // block_m] = block
-    return token, row_block, row_slot, tile_block
+    return token, row_block, tile_block
 
 
 def run_topk_blocks_by_token(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
@@ -84,7 +82,7 @@ def run_topk_blocks_by_token(region: AttentionRegion, q: Tensor, k: Tensor, v: T
                               q_offset=q_offset, dtype=torch.float64)
     config = rw.fit_config(config, block_m=group_block_m(Lq * gate.k, n_blocks))
     block_m = config["block_m"]
-    token, row_block, row_slot, tile_block = group_rows(table, n_blocks, block_m)
+    token, row_block, tile_block = group_rows(table, n_blocks, block_m)
     valid = token >= 0
     safe_token = token.clamp(min=0)
 
@@ -107,16 +105,33 @@ def run_topk_blocks_by_token(region: AttentionRegion, q: Tensor, k: Tensor, v: T
     o, lse = rw.launch_region(kernel_region, qg, k, v, {**tensors, **side}, tables, config, scale=scale,
                               q_offset=0, total_lkv=Lkv)
 
-    # scatter partials to (token, slot) and merge a token's k partials
-    flat = (safe_token * gate.k + row_slot).masked_fill(~valid, Lq * gate.k)  # padding -> a spare slot
-    part_o = torch.zeros(B, Hq, Lq * gate.k + 1, Dv, dtype=torch.float32)
-    part_o.scatter_(2, flat.unsqueeze(-1).expand(*flat.shape, Dv), o)
-    part_lse = torch.full((B, Hq, Lq * gate.k + 1), -torch.inf, dtype=torch.float32)
-    part_lse.scatter_(2, flat, lse)
-    part_o = part_o[:, :, :-1].view(B, Hq, Lq, gate.k, Dv)
-    part_lse = part_lse[:, :, :-1].view(B, Hq, Lq, gate.k)
+    # merge each token's partials where they lie (no [Lq, k] buffers): padding rows go to a spare row
+    target = token.masked_fill(~valid, Lq)
     if not isinstance(norm, nodes.SoftmaxNorm):
-        return part_o.sum(3).to(q.dtype), None
+        out = torch.zeros(B, Hq, Lq + 1, Dv, dtype=torch.float32)
+        out.scatter_add_(2, target.unsqueeze(-1).expand_as(o), o)
+        return out[:, :, :Lq].to(q.dtype), None
     sink = None if norm.sink is None else tensors[norm.sink.name].float().view(1, Hq, 1)
-    out, merged = merge_partials(part_o, part_lse, sink, dim=3)
+    out, merged = merge_rows(o, lse, target, Lq, sink)
     return out.to(q.dtype), merged
+
+
+def merge_rows(o: Tensor, lse: Tensor, target: Tensor, Lq: int, sink: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp merge of partial rows ``o [B, H, R, Dv]`` / ``lse [B, H, R]`` into the rows
+    ``target [B, H, R]`` (``Lq``: discarded) of ``[B, H, Lq]``, the sink added once (as
+    ``decode.merge_partials``, with the partials scattered instead of stacked)."""
+    B, H, _, Dv = o.shape
+    top = torch.full((B, H, Lq + 1), -math.inf).scatter_reduce_(2, target, lse, "amax")[:, :, :Lq]
+    if sink is not None:
+        top = torch.maximum(top, sink)
+    safe = torch.where(top > -math.inf, top, 0.0)
+    weight = torch.exp(lse - torch.nn.functional.pad(safe, (0, 1)).gather(2, target))
+    total = torch.zeros(B, H, Lq + 1).scatter_add_(2, target, weight)[:, :, :Lq]
+    if sink is not None:
+        total = total + torch.exp(sink - safe)
+    summed = torch.zeros(B, H, Lq + 1, Dv).scatter_add_(2, target.unsqueeze(-1).expand_as(o),
+                                                        o * weight.unsqueeze(-1))[:, :, :Lq]
+    alive = total > 0
+    denom = torch.where(alive, total, 1.0)
+    out = torch.where(alive.unsqueeze(-1), summed / denom.unsqueeze(-1), 0.0)
+    return out, torch.where(alive, safe + torch.log(denom), -math.inf)
