@@ -8,6 +8,7 @@ parametrizations reuse modules; the lengths are odd (not tile multiples) on purp
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -21,7 +22,7 @@ import attncc
 from attncc import masks
 from attncc.codegen.reference.attention import run_plan
 from attncc.codegen.tvm import autograd as tvm_autograd
-from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm import backward, launcher
 from attncc.codegen.tvm.backward import transpose_tables
 from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference
 
@@ -141,6 +142,11 @@ def test_lengths_and_q_offset(name: str, Lq: int, Lkv: int, q_offset: int) -> No
     check_grads(variant(name), *qkv(Lq=Lq, Lkv=Lkv), q_offset=q_offset)
 
 
+def test_head_dims_differ() -> None:
+    """D != Dv, neither a multiple of the vector width: the products' register blocks adapt."""
+    check_grads(variant("causal"), *qkv(Lq=50, Lkv=70, D=24, Dv=40), q_offset=20, with_lse=True)
+
+
 def test_fully_masked_rows_have_zero_gradients() -> None:
     """A row that sees no key (o = 0, lse = -inf) contributes nothing and never NaN."""
     q, k, v = qkv(Lq=40, Lkv=40)
@@ -171,17 +177,49 @@ def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
 
 
-@settings(max_examples=12, deadline=None)
+@contextlib.contextmanager
+def fused_kernel(on: bool):
+    """Force the single fused kernel over (b, hk) (on) or the two kernels (off)."""
+    old = backward.FUSED_MIN_TASKS_PER_THREAD
+    backward.FUSED_MIN_TASKS_PER_THREAD = 0 if on else 10**9
+    try:
+        yield
+    finally:
+        backward.FUSED_MIN_TASKS_PER_THREAD = old
+
+
+@settings(max_examples=16, deadline=None)
 @given(
-    name=st.sampled_from(["causal", "document", "dense"]),
+    name=st.sampled_from(["causal", "document", "dense"]), fused=st.booleans(),
     B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]),
     Lq=st.integers(1, 90), Lkv=st.integers(1, 130), offset=st.integers(0, 40), seed=st.integers(0, 2**16),
 )
-def test_random_shapes(name, B, Hkv, group, Lq, Lkv, offset, seed) -> None:
-    """Random small shapes, head groups and offsets against the reference."""
+def test_random_shapes(name, fused, B, Hkv, group, Lq, Lkv, offset, seed) -> None:
+    """Random small shapes, head groups and offsets against the reference, either kernel scheme."""
     q_offset = min(offset, max(0, 190 - Lq))  # DOCS covers q_idx < 205
-    check_grads(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed), q_offset=q_offset,
-                seed=seed)
+    with fused_kernel(fused):
+        check_grads(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed),
+                    q_offset=q_offset, seed=seed)
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("causal", torch.float32), ("causal", torch.bfloat16), ("alibi", torch.float32), ("strict_causal", torch.float32),
+    ("sigmoid", torch.float32), ("phi_unnormalized", torch.float32),
+])
+def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
+    """The fused scheme (one task per (b, hk) owning its dQ rows): GQA, offsets, dead rows."""
+    with fused_kernel(True):
+        check_grads(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=dtype), q_offset=20,
+                    with_lse=name in ("causal", "alibi", "strict_causal"))
+        check_grads(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
+
+
+def test_fused_kernel_choice() -> None:
+    """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map."""
+    threads = torch.get_num_threads()
+    region = variant("causal").plan.regions[0]
+    assert backward.use_fused(region, 4 * threads) and not backward.use_fused(region, 4 * threads - 1)
+    assert not backward.use_fused(variant("softplus").plan.regions[0], 10**6)
 
 
 def test_warning_only_when_falling_back() -> None:
