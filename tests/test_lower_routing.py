@@ -181,3 +181,15 @@ def test_routed_attention_matches_reference(normalizer: object, per: str) -> Non
         got = routed_attention(region, q, key, v, tensors, table, q_offset=q_offset)
         want, _ = attention(region, q, key, v, tensors, scale=None, q_offset=q_offset)
         assert_close_to_reference(got, want, None, Lkv)
+
+
+@pytest.mark.parametrize("k_top", [1, 3, 7, 8])
+def test_top_indices_match_a_stable_sort_with_ties(k_top: int) -> None:
+    """topk picks the same set as a stable descending sort, ties (small integers, +-inf) included."""
+    from attncc.passes.lower_routing import top_indices
+
+    gate = torch.randint(-2, 3, (3, 50, 8), generator=torch.Generator().manual_seed(k_top)).double()
+    gate[0, :5] = -torch.inf
+    gate[1, :5, 2] = torch.inf
+    want = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :k_top]
+    assert torch.equal(torch.sort(top_indices(gate, k_top), dim=-1).values, torch.sort(want, dim=-1).values)

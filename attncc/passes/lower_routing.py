@@ -56,10 +56,12 @@ def lower_routing(graph: AttentionGraph) -> PassResult:
 def key_block_means(k: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     """``[B, Hkv, n_blocks, D]``: the mean of each block's keys (a partial last block over its real keys)."""
     B, Hkv, Lkv, D = k.shape
-    n_blocks = -(-Lkv // block)
-    padded = torch.zeros(B, Hkv, n_blocks * block, D, dtype=dtype, device=k.device)
-    padded[:, :, :Lkv] = k.to(dtype)
-    sums = padded.view(B, Hkv, n_blocks, block, D).sum(dim=3)
+    n_blocks, whole = -(-Lkv // block), Lkv // block
+    # NOTE: sums accumulate in ``dtype`` straight from k (no converted copy of the keys)
+    sums = torch.empty(B, Hkv, n_blocks, D, dtype=dtype, device=k.device)
+    sums[:, :, :whole] = k[:, :, : whole * block].reshape(B, Hkv, whole, block, D).sum(dim=3, dtype=dtype)
+    if whole < n_blocks:
+        sums[:, :, whole] = k[:, :, whole * block :].sum(dim=2, dtype=dtype)
     counts = torch.full((n_blocks,), block, dtype=dtype, device=k.device)
     counts[-1] = Lkv - (n_blocks - 1) * block
     return sums / counts.view(1, 1, -1, 1)
@@ -119,11 +121,24 @@ def block_index_table(
         eligible = blocks.view(1, -1) <= own.view(-1, 1)
         gate = torch.where(blocks.view(1, -1) == own.view(-1, 1), torch.inf, gate)
     gate = torch.where(eligible, gate, -torch.inf)
-    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :k_top]
+    order = top_indices(gate, k_top)
     chosen_ok = torch.gather(eligible.expand(B, Hq, rows, n_blocks), -1, order)
     table = torch.where(chosen_ok, order, n_blocks)  # ineligible picks sort last, then become -1
     table = torch.sort(table, dim=-1).values
     return torch.where(table == n_blocks, -1, table).to(torch.int32)
+
+
+def top_indices(gate: Tensor, k_top: int) -> Tensor:
+    """The first ``k_top`` indices of a stable descending sort of each row (ties towards the lower
+    index), by ``topk``; only rows tied at the k-th place pay for the sort."""
+    n = gate.shape[-1]
+    if k_top >= n:
+        return torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :k_top]
+    values, order = torch.topk(gate, k_top + 1, dim=-1)  # descending
+    tied = values[..., k_top - 1] == values[..., k_top]
+    if bool(tied.any()):
+        order[tied] = torch.sort(gate[tied], dim=-1, descending=True, stable=True).indices[..., : k_top + 1]
+    return order[..., :k_top]
 
 
 def table_to_token_mask(table: Tensor, block: int, per: str, Lq: int, Lkv: int, q_offset: int = 0) -> Tensor:

@@ -47,14 +47,13 @@ def group_block_m(pairs: int, n_blocks: int) -> int:
 def group_rows(table: Tensor, n_blocks: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
     """From ``table [B, Hq, Lq, k]``: per packed row its token and block, ``[B, Hq, R]`` each
     (token -1 on padding rows), and per tile its block ``[B, Hq, R / block_m]`` (-1: padding only)."""
-    B, Hq, Lq, _ = table.shape
-    member = table >= 0
-    b, h, i, slot = torch.nonzero(member, as_tuple=True)
-    block = table[b, h, i, slot].long()
-    order = torch.argsort(((b * Hq + h) * n_blocks + block) * Lq + i)  # by (b, h, block, token)
-    b, h, i, block = b[order], h[order], i[order], block[order]
-    counts = torch.zeros(B, Hq, n_blocks, dtype=torch.int64)
-    counts.index_put_((b, h, block), torch.ones_like(block), accumulate=True)
+    B, Hq, Lq, k_top = table.shape
+    picks = table.long().masked_fill(table < 0, n_blocks).transpose(2, 3)  # [B, Hq, k, Lq]
+    member = torch.zeros(B, Hq, n_blocks + 1, Lq, dtype=torch.bool)
+    member.scatter_(2, picks, torch.ones(B, Hq, k_top, Lq, dtype=torch.bool))
+    member = member[:, :, :n_blocks]
+    counts = member.sum(-1)
+    b, h, block, i = torch.nonzero(member, as_tuple=True)  # ordered by (b, h, block, token): no sort
     padded = -(-counts // block_m) * block_m
     starts = torch.cumsum(padded, -1) - padded  # first row of each block's group
     group_first = torch.cumsum(counts.flatten(), 0) - counts.flatten()  # first pair of each group
