@@ -24,6 +24,10 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
   accumulates ``dV += P^T dO``, ``dK += dS^T (scale Q)`` in its own buffers: no two tasks
   write the same rows. It recomputes ``S`` and ``dP`` that ``dq`` also computes
   (FlashAttention-2 shares them through atomics, which a CPU task pool does not have);
+- ``fused``: one task per (``b``, ``hk``) walks every kv tile in turn as ``dkdv`` does and
+  also adds ``dS K`` to the dQ rows of its own query heads, in place: five products per tile
+  instead of seven, but only ``B * HKV`` tasks, so it is chosen when every thread gets a few
+  (``use_fused``); a normalised pointwise map needs its row sums first and takes two kernels;
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 tile by tile; gradients accumulate in float32. No buffer is ``Lq x Lkv``.
