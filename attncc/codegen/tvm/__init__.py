@@ -4,7 +4,10 @@ Pieces: ``render.py`` (Expr -> TVMScript expression text), ``kernels.py`` (the f
 kernel skeleton filled from a region), ``launcher.py`` (compile with llvm, module cache in
 memory and on disk, DLPack calls), ``space.py`` (tuning knobs), ``checker.py`` (what runs
 here and why not), ``autograd.py`` (backward through the reference, with a warning),
-``linear.py`` / ``linear_launch.py`` (linear attention: chunked recurrence or global form).
+``linear.py`` / ``linear_launch.py`` (linear attention: chunked recurrence or global form),
+``plans.py`` (a whole plan: a path per region, then combine), ``routing.py`` /
+``routing_tokens.py`` (TopKBlocks), ``heads.py`` (TopKHeads), ``decode.py`` (split-KV
+decoding), ``rows.py`` (the forward kernel on re-indexed rows and keys, shared by those).
 """
 
 from __future__ import annotations
