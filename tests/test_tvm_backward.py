@@ -246,6 +246,14 @@ def test_warning_only_when_falling_back() -> None:
         stick(q, k, v, backend="tvm").sum().backward()
 
 
+def test_double_backward_raises() -> None:
+    """The generated backward is not itself differentiable: asking for it raises, never a silent 0."""
+    q, k, v = (t.requires_grad_(True) for t in qkv(Lq=20, Lkv=20))
+    (dq,) = torch.autograd.grad(variant("causal")(q, k, v, backend="tvm").square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
 def test_transpose_tables_round_trip() -> None:
     """Per-kv-tile lists of q tiles list exactly the pairs of the per-q-tile lists, ascending."""
     count = torch.tensor([[[2, 0, 3]]], dtype=torch.int32)

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.backward import backward_unsupported, launch_backward, sink_gradient
@@ -107,6 +108,7 @@ class _GeneratedBackward(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
         _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
         q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
