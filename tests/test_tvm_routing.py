@@ -316,3 +316,13 @@ def test_topk_heads_random_cases(k_top: int, Lq: int, extra: int, seed: int) -> 
     program = moh(k_top, Lq, seed=seed)
     q, k, v = qkv(Lq=Lq, Lkv=Lq + extra, seed=seed)
     check_against_reference(program, q, k, v, backend="tvm", q_offset=extra)
+
+
+@pytest.mark.parametrize(("block", "per"), [(8, "query_block"), (24, "query_block"), (24, "token")])
+def test_topk_blocks_odd_block_sizes(block: int, per: str) -> None:
+    """Blocks that no tile size divides (tiles straddle key blocks) or that force small query tiles:
+    the register block must be refitted to the space's rules."""
+    program = attncc.variant(mask=masks.causal, routing=attncc.TopKBlocks(block, 2, per=per))
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Lq=90, Lkv=90, seed=7)
+    check_against_reference(program, q, k, v, backend="tvm", return_lse=True)
+    check_against_reference(program, q[:, :, :5], k, v, backend="tvm", q_offset=85)
