@@ -222,15 +222,39 @@ def test_fused_kernel_choice() -> None:
     assert not backward.use_fused(variant("softplus").plan.regions[0], 10**6)
 
 
+def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:
+    (name,) = [n for n, t in program.tensors.items() if t is tensor]
+    return name
+
+
+def test_learned_captured_tensors() -> None:
+    """ALiBi slopes (score and row_shift: simplify moves -slope * q_idx there), a relative bias
+    table indexed by q_idx - kv_idx, a sigmoid's learned scale: generated (the fused kernel
+    scatters per-task partial gradients), with the lse's gradient too; no warning."""
+    slopes = SLOPES.clone().requires_grad_(True)
+    alibi = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
+    assert alibi.plan.regions[0].row_shift is not None
+    table = (0.1 * torch.randn(300, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
+    relative = attncc.variant(lambda s, b, h, qi, ki: s + table[qi - ki + 150], mask=masks.causal)
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.5], requires_grad=True)
+    sigmoid = attncc.variant(lambda s, b, h, qi, ki: s * temperature[h], normalizer="sigmoid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_grads(alibi, *qkv(Lq=45, Lkv=70), q_offset=25, learn=(_learned(alibi, slopes),), with_lse=True)
+        check_grads(relative, *qkv(B=2, Lq=45, Lkv=100), q_offset=55, learn=(_learned(relative, table),))
+        check_grads(sigmoid, *qkv(Lq=30, Lkv=50), learn=(_learned(sigmoid, temperature),))
+
+
 def test_warning_only_when_falling_back() -> None:
-    """Covered cases warn nothing; a learned ALiBi slope table falls back once, with the reason;
-    so does stick-breaking (no generated backward)."""
+    """Covered cases warn nothing; a learned tensor under a pointwise normalizer falls back once,
+    with the reason; so does stick-breaking (no generated backward)."""
     q, k, v = (t.requires_grad_(True) for t in qkv(Hq=4, Hkv=4, Lq=24, Lkv=24))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         variant("causal")(q, k, v, backend="tvm").sum().backward()
     slopes = SLOPES.clone().requires_grad_(True)
-    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
+    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,
+                             normalizer="softplus")
     with pytest.warns(UserWarning, match="reference backend") as record:
         program(q, k, v, backend="tvm").sum().backward()
     assert len([w for w in record if "reference backend" in str(w.message)]) == 1

@@ -18,7 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.backward import backward_unsupported, launch_backward, sink_gradient
+from attncc.codegen.tvm.backward import backward_unsupported, launch_backward, row_shift_gradient, sink_gradient
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import SPACE
 from attncc.ir import nodes
@@ -82,7 +82,7 @@ def run_region(
         return out, (lse if has_lse else None)
     context = (plan, region, tensors, grad_names, scale, q_offset, config)
     grad_tensors = (tensors[n] for n in grad_names)
-    reason = backward_unsupported(region, tuple(grad_names))
+    reason = backward_unsupported(region, tuple(grad_names), tasks=k.shape[0] * k.shape[1])
     if reason is None:
         out, lse = _GeneratedBackward.apply(context, q, k, v, *grad_tensors)
         return out, (lse if has_lse else None)
@@ -120,12 +120,19 @@ class _GeneratedBackward(torch.autograd.Function):
         if region.score_scale is not None:
             scale = scale * region.score_scale
         # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient shifts Delta_i by -dlse_i.
-        dq, dk, dv = launch_backward(region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse,
-                                     tensors, scale=scale, q_offset=q_offset, bias=_sigmoid_bias(norm, k.shape[2]))
         sink = getattr(norm, "sink", None)
-        dsink = [sink_gradient(t, lse, rowdot, dlse) for name, t in zip(grad_names, grad_tensors)
-                 if sink is not None and name == sink.name]
-        return (None, dq, dk, dv, *dsink)
+        learn = tuple(n for n in grad_names if sink is None or n != sink.name)
+        dq, dk, dv, *learned = launch_backward(
+            region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse, tensors, scale=scale,
+            q_offset=q_offset, bias=_sigmoid_bias(norm, k.shape[2]), learn=learn)
+        by_name = {}
+        for name, grad in zip(learn, learned):
+            shifted = row_shift_gradient(region, name, tensors, dlse, q_offset)
+            grad = grad if shifted is None else grad + shifted.view(grad.shape)
+            by_name[name] = grad.to(tensors[name].dtype)
+        grads = [sink_gradient(t, lse, rowdot, dlse) if name not in by_name else by_name[name]
+                 for name, t in zip(grad_names, grad_tensors)]
+        return (None, dq, dk, dv, *grads)
 
 
 class _ReferenceBackward(torch.autograd.Function):
