@@ -97,7 +97,9 @@ def run_topk_blocks_by_token(region: AttentionRegion, q: Tensor, k: Tensor, v: T
     tile_cls = torch.where(band < nkv, tile_cls, torch.tensor(EMPTY, dtype=torch.int8))
     tables = tables_from_classes(tile_cls, band.clamp(max=nkv - 1))
 
-    qg = torch.gather(q.float(), 2, safe_token.unsqueeze(-1).expand(*token.shape, D))
+    heads_base = (torch.arange(B * Hq) * Lq).view(B, Hq, 1)
+    qg = q.float().reshape(B * Hq * Lq, D).index_select(0, (heads_base + safe_token).flatten())
+    qg = qg.view(*token.shape, D)
     norm = region.normalizer
     partial_norm = dataclasses.replace(norm, sink=None) if isinstance(norm, nodes.SoftmaxNorm) else norm
     kernel_region, side = rw.gathered_rows_region(region, (safe_token + q_offset).to(torch.int32), partial_norm)
@@ -128,8 +130,9 @@ def merge_rows(o: Tensor, lse: Tensor, target: Tensor, Lq: int, sink: Tensor | N
     total = torch.zeros(B, H, Lq + 1).scatter_add_(2, target, weight)[:, :, :Lq]
     if sink is not None:
         total = total + torch.exp(sink - safe)
-    summed = torch.zeros(B, H, Lq + 1, Dv).scatter_add_(2, target.unsqueeze(-1).expand_as(o),
-                                                        o * weight.unsqueeze(-1))[:, :, :Lq]
+    rows = ((torch.arange(B * H) * (Lq + 1)).view(B, H, 1) + target).flatten()
+    summed = torch.zeros(B * H * (Lq + 1), Dv).index_add_(0, rows, (o * weight.unsqueeze(-1)).view(-1, Dv))
+    summed = summed.view(B, H, Lq + 1, Dv)[:, :, :Lq]
     alive = total > 0
     denom = torch.where(alive, total, 1.0)
     out = torch.where(alive.unsqueeze(-1), summed / denom.unsqueeze(-1), 0.0)
