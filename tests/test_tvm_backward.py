@@ -229,7 +229,7 @@ def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:
 
 def test_learned_captured_tensors() -> None:
     """ALiBi slopes (score and row_shift: simplify moves -slope * q_idx there), a relative bias
-    table indexed by q_idx - kv_idx, a sigmoid's learned scale: generated (the fused kernel
+    table indexed by q_idx - kv_idx, a sigmoid's learned scale, a 0-d gain: generated (the fused kernel
     scatters per-task partial gradients), with the lse's gradient too; no warning."""
     slopes = SLOPES.clone().requires_grad_(True)
     alibi = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
@@ -238,11 +238,14 @@ def test_learned_captured_tensors() -> None:
     relative = attncc.variant(lambda s, b, h, qi, ki: s + table[qi - ki + 150], mask=masks.causal)
     temperature = torch.tensor([1.0, 0.5, 2.0, 1.5], requires_grad=True)
     sigmoid = attncc.variant(lambda s, b, h, qi, ki: s * temperature[h], normalizer="sigmoid")
+    gain = torch.tensor(0.7, requires_grad=True)  # 0-d, in the score and in the row_shift
+    scalar = attncc.variant(lambda s, b, h, qi, ki: s * gain + 0.01 * (ki - qi) * gain, mask=masks.causal)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_grads(alibi, *qkv(Lq=45, Lkv=70), q_offset=25, learn=(_learned(alibi, slopes),), with_lse=True)
         check_grads(relative, *qkv(B=2, Lq=45, Lkv=100), q_offset=55, learn=(_learned(relative, table),))
         check_grads(sigmoid, *qkv(Lq=30, Lkv=50), learn=(_learned(sigmoid, temperature),))
+        check_grads(scalar, *qkv(Lq=30, Lkv=40), q_offset=10, learn=(_learned(scalar, gain),), with_lse=True)
 
 
 def test_warning_only_when_falling_back() -> None:

@@ -45,7 +45,7 @@ import torch
 
 from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.kernels import NEG_INF, TORCH_TO_TIR, Lines, captured_specs, tree
-from attncc.codegen.tvm.render import BUFFER_DTYPE, Renderer, _sigmoid, fast_exp, unsupported
+from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp, unsupported
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
 from attncc.ir.expr import Expr
@@ -194,9 +194,7 @@ class _Backward:
             w('FC = T.match_buffer(fc_h, (TB, TH, NT), "int32")')
             w('FI = T.match_buffer(fi_h, (TB, TH, NT, MF), "int32")')
             for i, spec in enumerate(self.specs):
-                dims = ", ".join(str(d) for d in spec.shape) if spec.shape else ""
-                w(f'X_{i} = T.match_buffer(x{i}, ({dims}{"," if len(spec.shape) == 1 else ""}), '
-                  f'"{BUFFER_DTYPE[spec.dtype]}")')
+                w(buffer_declaration(i, spec))
             for i, name in enumerate(self.learn):
                 size = math.prod(learned_loads(self.region.score, name)[0].src[0].arg.shape)
                 w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float32")')
@@ -439,7 +437,7 @@ class _Backward:
                             shape = load.src[0].arg.shape
                             flat = " + ".join(
                                 f"{render._as(index, 'int')} * T.int64({math.prod(shape[d + 1:])})"
-                                for d, index in enumerate(load.src[1:]))
+                                for d, index in enumerate(load.src[1:])) or "T.int64(0)"
                             at = f'G_{k}[task, T.Cast("int32", {flat})]'
                             w(f"{at} = {at} + dSo[i, j] * {render(local)}")
 
@@ -596,7 +594,7 @@ def launch_backward(
     fcount, findex = transpose_tables(tables.full_count, tables.full_index, nkv)
     kp, kt = _tiles(k, BN)
     _, vt = _tiles(v, BN)
-    extra = [_as_buffer(tensors[spec.name], spec.dtype) for spec in captured_specs(region)]
+    extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     qc, doc = q.contiguous(), do.to(q.dtype).contiguous()
     # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
     softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
@@ -629,11 +627,6 @@ def launch_backward(
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)
-
-
-def _as_buffer(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    t = t.detach().contiguous()
-    return t.view(torch.uint8) if dtype == "bool" else t
 
 
 def row_shift_gradient(
