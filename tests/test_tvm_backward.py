@@ -22,8 +22,8 @@ import attncc
 from attncc import masks
 from attncc.codegen.reference.attention import run_plan
 from attncc.codegen.tvm import autograd as tvm_autograd
-from attncc.codegen.tvm import backward, launcher
-from attncc.codegen.tvm.backward import transpose_tables
+from attncc.codegen.tvm import backward_launch, launcher
+from attncc.codegen.tvm.backward_launch import transpose_tables
 from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference
 
 HEADS = 4
@@ -180,12 +180,12 @@ def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
 @contextlib.contextmanager
 def fused_kernel(on: bool):
     """Force the single fused kernel over (b, hk) (on) or the two kernels (off)."""
-    old = backward.FUSED_MIN_TASKS_PER_THREAD
-    backward.FUSED_MIN_TASKS_PER_THREAD = 0 if on else 10**9
+    old = backward_launch.FUSED_MIN_TASKS_PER_THREAD
+    backward_launch.FUSED_MIN_TASKS_PER_THREAD = 0 if on else 10**9
     try:
         yield
     finally:
-        backward.FUSED_MIN_TASKS_PER_THREAD = old
+        backward_launch.FUSED_MIN_TASKS_PER_THREAD = old
 
 
 @settings(max_examples=16, deadline=None)
@@ -218,8 +218,8 @@ def test_fused_kernel_choice() -> None:
     """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map."""
     threads = torch.get_num_threads()
     region = variant("causal").plan.regions[0]
-    assert backward.use_fused(region, 4 * threads) and not backward.use_fused(region, 4 * threads - 1)
-    assert not backward.use_fused(variant("softplus").plan.regions[0], 10**6)
+    assert backward_launch.use_fused(region, 4 * threads) and not backward_launch.use_fused(region, 4 * threads - 1)
+    assert not backward_launch.use_fused(variant("softplus").plan.regions[0], 10**6)
 
 
 def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:

@@ -1,7 +1,7 @@
 """Run one region on the TVM kernel, with autograd through the generated backward kernels.
 
 Softmax (with learned sinks, their gradient included), sigmoid and the pointwise normalizers
-have generated backward kernels (``backward.py``): any score function and phi whose
+have generated backward kernels (``backward.py``, run by ``backward_launch.py``): any score function and phi whose
 derivatives render, any mask, GQA/MQA, offsets and block sparsity. Everything else
 (stick-breaking, gradients of other captured tensors such as an ALiBi slope table)
 recomputes the region with the reference backend's differentiable path (dense,
@@ -18,7 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.backward import backward_unsupported, launch_backward, row_shift_gradient, sink_gradient
+from attncc.codegen.tvm.backward_launch import backward_unsupported, launch_backward, row_shift_gradient, sink_gradient
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import SPACE
 from attncc.ir import nodes

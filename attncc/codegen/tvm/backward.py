@@ -39,20 +39,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.kernels import NEG_INF, TORCH_TO_TIR, Lines, captured_specs, tree
-from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp, unsupported
+from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
 from attncc.ir.expr import Expr
 from attncc.passes.plan import AttentionRegion
 
 POS_INF = 'T.float32("inf")'
-NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
 
 
 @dataclass(frozen=True)
@@ -68,75 +63,11 @@ class BackwardShape:
     vector: int = 16
 
 
-def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...], tasks: int = 1) -> str | None:
-    """Why the generated backward cannot compute these gradients, or None.
-
-    ``grad_names``: captured float tensors that require grad: a softmax sink, or tensors read
-    only by the score function of a softmax (without ``row_shift``) or sigmoid region, whose
-    per-task gradient buffers (``tasks`` = B * HKV of them) stay below ``LEARN_BYTES``.
-    """
-    norm = region.normalizer
-    if not isinstance(norm, NORMALIZERS):
-        return f"normalizer {type(norm).__name__} has no generated TVM backward yet"
-    sink = norm.sink.name if isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None else None
-    for name in (n for n in grad_names if n != sink):
-        why = _learn_unsupported(region, name, tasks)
-        if why:
-            return f"gradient of captured tensor {name!r}: {why}"
-    if sink in grad_names:
-        exprs = [e for e in (region.score, region.mask, region.row_shift) if e is not None]
-        if sink in {spec.name for e in exprs for spec in e.inputs()}:
-            return f"sink tensor {sink!r} is also read by the score, mask or row_shift"
-    phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None
-    for what, expr in (("score", region.score), ("phi", phi)):
-        if expr is None:
-            continue
-        try:
-            derivative = score_derivative(expr)
-        except NotImplementedError as err:
-            return f"{what} derivative: {err}"
-        why = unsupported(derivative) if derivative is not None else None
-        if why:
-            return f"{what} derivative: {why}"
-    return None
-
-
-LEARN_BYTES = 1 << 28
-
-
 def learned_loads(score: Expr | None, name: str) -> list[Expr]:
-    """The distinct loads of captured tensor ``name`` in the score function."""
+    """The distinct loads of captured tensor ``name`` in ``score`` (a score function or row_shift)."""
     if score is None:
         return []
     return [n for n in dict.fromkeys(score.walk()) if n.op == "load" and n.src[0].arg.name == name]
-
-
-def _learn_unsupported(region: AttentionRegion, name: str, tasks: int) -> str | None:
-    # NOTE: the kernel scatters d score_fn / d load; a ``row_shift`` only moves the lse, whose
-    # gradient ``row_shift_gradient`` adds in torch.
-    if not isinstance(region.normalizer, nodes.SoftmaxNorm | nodes.SigmoidNorm):
-        return "generated for softmax and sigmoid only"
-    others = (region.mask, getattr(region.normalizer, "phi", None))
-    if any(e is not None and name in {spec.name for spec in e.inputs()} for e in others):
-        return "read by the mask or phi"
-    loads = [(region.score, n) for n in learned_loads(region.score, name)]
-    loads += [(region.row_shift, n) for n in learned_loads(region.row_shift, name)]
-    if not loads:
-        return "not read by the score function"
-    spec = loads[0][1].src[0].arg
-    if spec.dtype not in ("float32", "float16", "bfloat16"):
-        return f"dtype {spec.dtype}"
-    if 4 * tasks * math.prod(spec.shape) > LEARN_BYTES:
-        return f"per-task gradient buffers would exceed {LEARN_BYTES} bytes"
-    for expr, load in loads:
-        try:
-            local = derivative(expr, load)
-        except NotImplementedError as err:
-            return str(err)
-        why = unsupported(local) if local is not None else None
-        if why:
-            return why
-    return None
 
 
 def render_backward(region: AttentionRegion, shape: BackwardShape, kind: str, learn: tuple[str, ...] = ()) -> str:
@@ -528,145 +459,4 @@ class _Backward:
                         w(f"{row}i0 * {RI} + i1, d0 * {VD} + d1] = Ar[i1, d1]")
 
 
-# ---- staging and launch --------------------------------------------------------------------
-
-
-def _tiles(t: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``)."""
-    B, H, L, D = t.shape
-    pad = -(-L // block_n) * block_n - L
-    tf = t.contiguous().float()
-    tf = torch.nn.functional.pad(tf, (0, 0, 0, pad)) if pad else tf
-    return tf, tf.view(B, H, (L + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
-
-
-def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-q-tile lists of kv tiles ``[B', H', nq]`` / ``[B', H', nq, m]`` -> per-kv-tile lists of
-    q tiles ``[B', H', nkv]`` / ``[B', H', nkv, m']`` (ascending, 0-padded, ``m' >= 1``).
-    Work and memory O(listed pairs)."""
-    Bp, Hp, nq, m = index.shape
-    listed = torch.arange(m).view(1, 1, 1, m) < count.unsqueeze(-1)
-    bh = torch.arange(Bp * Hp).view(Bp, Hp, 1, 1).expand(Bp, Hp, nq, m)[listed]
-    qt = torch.arange(nq).view(1, 1, nq, 1).expand(Bp, Hp, nq, m)[listed]
-    group = bh * nkv + index[listed].long()
-    order = torch.argsort(group * nq + qt)
-    group, qt = group[order], qt[order]
-    counts = torch.bincount(group, minlength=Bp * Hp * nkv)
-    starts = torch.cumsum(counts, 0) - counts
-    width = max(1, int(counts.max()))
-    out = torch.zeros(Bp * Hp * nkv, width, dtype=torch.int32)
-    out[group, torch.arange(group.numel()) - starts[group]] = qt.to(torch.int32)
-    return counts.to(torch.int32).view(Bp, Hp, nkv), out.view(Bp, Hp, nkv, width)
-
-
-# NOTE: the fused kernel runs B * HKV tasks; below this many per thread, two kernels balance better.
-FUSED_MIN_TASKS_PER_THREAD = 4
-
-
-def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) -> bool:
-    """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
-    thread, or when captured tensors learn (only its tasks own whole query heads); a
-    normalised pointwise map needs its row sums first, so it always takes two."""
-    norm = region.normalizer
-    if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
-        return False
-    return bool(learn) or tasks >= FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
-
-
-def launch_backward(
-    region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-    do: torch.Tensor, delta: torch.Tensor, tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int,
-    bias: float = 0.0, learn: tuple[str, ...] = (), shape: BackwardShape | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, *gradients of the ``learn`` tensors) in the inputs' dtypes. ``scale``
-    includes ``score_scale``; ``delta`` is ``rowsum(dO * O) - dlse`` for softmax,
-    ``rowsum(dO * O)`` for a normalised pointwise map, unused otherwise (float32
-    ``[B, Hq, Lq]``); ``lse`` is the forward's (softmax only)."""
-    from attncc.passes.sparsify import block_tables_for
-
-    B, Hq, Lq, D = q.shape
-    Lkv, Dv = k.shape[2], v.shape[3]
-    shape = shape or BackwardShape(D=D, Dv=Dv, dtype=str(q.dtype).removeprefix("torch."))
-    BN = shape.block_n
-    nkv = -(-Lkv // BN)
-    tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, BN), q_offset, tensors)
-    tcount, tindex = transpose_tables(tables.partial_count, tables.partial_index, nkv)
-    fcount, findex = transpose_tables(tables.full_count, tables.full_index, nkv)
-    kp, kt = _tiles(k, BN)
-    _, vt = _tiles(v, BN)
-    extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    qc, doc = q.contiguous(), do.to(q.dtype).contiguous()
-    # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
-    softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
-    lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
-    delta = delta.float().contiguous()
-    launcher._set_threads()
-    dk = torch.empty(B, k.shape[1], kp.shape[2], D, dtype=torch.float32)
-    dv = torch.empty(B, k.shape[1], kp.shape[2], Dv, dtype=torch.float32)
-    if use_fused(region, B * k.shape[1], learn):
-        dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
-        scattered = tuple(n for n in learn if learned_loads(region.score, n))
-        partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
-        launcher.get_module(render_backward(region, shape, "fused", scattered))["attn"](
-            qc, kt, vt, doc, lse, delta, dq, kp, dk, dv, tcount, tindex, fcount, findex,
-            *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
-        )
-        sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
-        learned = [sums.get(n, torch.zeros(tensors[n].numel())).view(tensors[n].shape) for n in learn]
-        dq = dq[:, :, :Lq] * scale
-        return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype), *learned
-    dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
-    launcher.get_module(render_backward(region, shape, "dq"))["attn"](
-        qc, kt, vt, doc, lse, delta, dq, kp,
-        tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-        tables.full_count.contiguous(), tables.full_index.contiguous(),
-        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
-    )
-    launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
-        qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
-        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
-    )
-    return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)
-
-
-def row_shift_gradient(
-    region: AttentionRegion, name: str, tensors: dict[str, torch.Tensor], dlse: torch.Tensor, q_offset: int,
-) -> torch.Tensor | None:
-    """``d loss / d tensor`` through the ``row_shift`` (float32, flat), or None when it reads none
-    of it: ``lse_i = lse'_i + r_i`` while the output does not move with ``r_i``, so each row adds
-    ``dlse_i * d r_i / d load`` at the load's index. O(B * Hq * Lq)."""
-    from attncc.ir.evaluate import evaluate
-
-    loads = learned_loads(region.row_shift, name)
-    if not loads:
-        return None
-    B, H, Lq = dlse.shape
-    grid = {"b": torch.arange(B).view(B, 1, 1), "h": torch.arange(H).view(1, H, 1),
-            "q_idx": (torch.arange(Lq) + q_offset).view(1, 1, Lq)}
-    ctx = {n: t.detach() for n, t in tensors.items()}
-    tensor = tensors[name]
-    grad = torch.zeros(tensor.numel(), dtype=torch.float32)
-    for load in loads:
-        local = derivative(region.row_shift, load)
-        if local is None:
-            continue
-        value = torch.broadcast_to(evaluate(local, grid, ctx, torch.float32), dlse.shape) * dlse
-        flat = torch.zeros(dlse.shape, dtype=torch.int64)
-        for d, index in enumerate(load.src[1:]):
-            flat = flat + evaluate(index, grid, ctx).long() * math.prod(tensor.shape[d + 1:])
-        grad.index_add_(0, flat.flatten(), value.flatten())
-    return grad
-
-
-def sink_gradient(sink: torch.Tensor, lse: torch.Tensor, rowdot: torch.Tensor, dlse: torch.Tensor) -> torch.Tensor:
-    """``d loss / d sink_h = sum_{b,i} p_sink (dlse_i - rowsum(dO_i * O_i))``, ``p_sink = exp(sink_h - lse_i)``.
-
-    The sink is one more logit of every row with no value: ``d o_i / d sink_h = -p_sink o_i``
-    and ``d lse_i / d sink_h = p_sink``.
-    """
-    p_sink = torch.exp(sink.detach().float().view(1, -1, 1) - lse)
-    return (p_sink * (dlse - rowdot)).sum((0, 2)).to(sink.dtype)
-
-
-__all__: list[Any] = ["BackwardShape", "backward_unsupported", "launch_backward", "render_backward",
-                      "row_shift_gradient", "sink_gradient", "transpose_tables"]
+__all__ = ["BackwardShape", "learned_loads", "render_backward"]
