@@ -115,12 +115,13 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
 def _fold(t: Tensor, S: int, C: int) -> Tensor:
     """``[B, H, L, D]`` -> float32 ``[B * S, H, C, D]``, chunk ``s`` of batch ``b`` at ``b * S + s``."""
     B, H, L, D = t.shape
-    out = torch.zeros(B, S, H, C, D, dtype=torch.float32)
+    out = torch.empty(B, S, H, C, D, dtype=torch.float32)
     whole = L // C
     if whole:
         out[:, :whole] = t[:, :, : whole * C].reshape(B, H, whole, C, D).transpose(1, 2)
     if L > whole * C:
         out[:, whole, :, : L - whole * C] = t[:, :, whole * C :]
+        out[:, whole, :, L - whole * C :] = 0.0  # masked keys, but 0 * garbage could be NaN
     return out.view(B * S, H, C, D)
 
 
