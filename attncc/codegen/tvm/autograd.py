@@ -1,11 +1,13 @@
 """Run one region on the TVM kernel, with autograd through the generated backward kernels.
 
-Softmax (with learned sinks, their gradient included), sigmoid and the pointwise normalizers
-have generated backward kernels (``backward.py``, run by ``backward_launch.py``): any score function and phi whose
-derivatives render, any mask, GQA/MQA, offsets and block sparsity. Everything else
-(stick-breaking, gradients of other captured tensors such as an ALiBi slope table)
-recomputes the region with the reference backend's differentiable path (dense,
-``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent wrong gradient.
+Softmax (with learned sinks), sigmoid and the pointwise normalizers have generated backward
+kernels (``backward.py``, run by ``backward_launch.py``): any score function and phi whose
+derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the gradients of
+captured tensors that a softmax or sigmoid score function reads (an ALiBi slope table, a
+relative bias table). Everything else (stick-breaking, a learned tensor under a pointwise
+normalizer or in a mask) recomputes the region with the reference backend's differentiable
+path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent
+wrong gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.backward_launch import backward_unsupported, launch_backward, row_shift_gradient, sink_gradient
+from attncc.codegen.tvm.backward_launch import (
+    backward_unsupported,
+    launch_backward,
+    row_shift_gradient,
+    sink_gradient,
+)
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import SPACE
 from attncc.ir import nodes
@@ -94,7 +101,8 @@ def run_region(
 
 
 class _GeneratedBackward(torch.autograd.Function):
-    """Forward: the TVM kernel. Backward: the generated kernels (``backward.py``), sink gradient in torch."""
+    """Forward: the TVM kernel. Backward: the generated kernels; the sink's and the row_shift's
+    shares of captured tensors' gradients in torch (O(B * Hq * Lq))."""
 
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
