@@ -89,7 +89,7 @@ def run_region(
         return out, (lse if has_lse else None)
     context = (plan, region, tensors, grad_names, scale, q_offset, config)
     grad_tensors = (tensors[n] for n in grad_names)
-    reason = backward_unsupported(region, tuple(grad_names), tasks=k.shape[0] * k.shape[1])
+    reason = backward_unsupported(region, tuple(grad_names), tasks=k.shape[0] * k.shape[1], tensors=tensors)
     if reason is None:
         out, lse = _GeneratedBackward.apply(context, q, k, v, *grad_tensors)
         return out, (lse if has_lse else None)

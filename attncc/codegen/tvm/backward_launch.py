@@ -25,7 +25,10 @@ from attncc.passes.plan import AttentionRegion
 NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
 
 
-def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...], tasks: int = 1) -> str | None:
+def backward_unsupported(
+    region: AttentionRegion, grad_names: tuple[str, ...], tasks: int = 1,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> str | None:
     """Why the generated backward cannot compute these gradients, or None.
 
     ``grad_names``: captured float tensors that require grad: a softmax sink, or tensors read
@@ -37,7 +40,7 @@ def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...], t
         return f"normalizer {type(norm).__name__} has no generated TVM backward yet"
     sink = norm.sink.name if isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None else None
     for name in (n for n in grad_names if n != sink):
-        why = _learn_unsupported(region, name, tasks)
+        why = _learn_unsupported(region, name, tasks, (tensors or {}).get(name))
         if why:
             return f"gradient of captured tensor {name!r}: {why}"
     if sink in grad_names:
@@ -61,7 +64,7 @@ def backward_unsupported(region: AttentionRegion, grad_names: tuple[str, ...], t
 LEARN_BYTES = 1 << 28  # per-task partial gradients of learned captured tensors, all tasks together
 
 
-def _learn_unsupported(region: AttentionRegion, name: str, tasks: int) -> str | None:
+def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: torch.Tensor | None) -> str | None:
     # NOTE: the kernel scatters d score_fn / d load; a ``row_shift`` only moves the lse, whose
     # gradient ``row_shift_gradient`` adds in torch.
     if not isinstance(region.normalizer, nodes.SoftmaxNorm | nodes.SigmoidNorm):
@@ -76,6 +79,8 @@ def _learn_unsupported(region: AttentionRegion, name: str, tasks: int) -> str | 
     spec = loads[0][1].src[0].arg
     if spec.dtype not in ("float32", "float16", "bfloat16"):
         return f"dtype {spec.dtype}"
+    if tensor is not None and tuple(tensor.shape) != tuple(spec.shape):  # NOTE: the scatter's strides are traced
+        return f"shape {tuple(tensor.shape)} differs from the traced {tuple(spec.shape)}"
     if 4 * tasks * math.prod(spec.shape) > LEARN_BYTES:
         return f"per-task gradient buffers would exceed {LEARN_BYTES} bytes"
     for expr, load in loads:
