@@ -31,12 +31,15 @@ def buffer_name(spec: TensorSpec, specs: tuple[TensorSpec, ...]) -> str:
 def buffer_declaration(index: int, spec: TensorSpec) -> str:
     """The ``T.match_buffer`` line of captured tensor ``X_<index>`` (argument ``x<index>``).
 
+    Its sizes are symbolic (``X<index>_n<d>``), so a captured tensor of a new size (a run-time
+    index table, a longer document-id vector) reuses the compiled module.
     NOTE: a 0-d tensor travels as a one-element buffer (TVMScript parses no ``X[]``); loads
     read element 0 and ``launcher.as_buffer`` reshapes the tensor.
     """
-    shape = spec.shape or (1,)
-    dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
-    return f'X_{index} = T.match_buffer(x{index}, ({dims}), "{BUFFER_DTYPE[spec.dtype]}")'
+    sizes = [f"X{index}_n{d}" for d in range(max(1, len(spec.shape)))]
+    dims = ", ".join(sizes) + ("," if len(sizes) == 1 else "")
+    symbols = "".join(f"{size} = T.int32(); " for size in sizes)
+    return f'{symbols}X_{index} = T.match_buffer(x{index}, ({dims}), "{BUFFER_DTYPE[spec.dtype]}")'
 
 
 def _float(value: float) -> str:
