@@ -12,22 +12,19 @@ wrong gradient.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.backward_launch import (
     backward_unsupported,
     launch_backward,
     row_shift_gradient,
     sink_gradient,
 )
-from attncc.codegen.tvm.kernels import KernelShape
-from attncc.codegen.tvm.space import SPACE
+from attncc.codegen.tvm.forward import run_forward, sigmoid_bias
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
@@ -36,44 +33,6 @@ BACKWARD_WARNING = (
     "attncc: the TVM backend's generated backward does not cover this variant ({reason}); its gradients "
     "are computed by recomputing it with the reference backend (dense, O(Lq*Lkv) memory)"
 )
-
-
-def select_config(plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """The tuned config when ``attncc.autotune`` has one, else the space's default."""
-    from attncc.autotune import ShapeKey
-
-    B, Hq, Lq, D = q.shape
-    shape = ShapeKey.of(B, Hq, Lq, D, Hkv=k.shape[1], Lkv=k.shape[2], Dv=v.shape[3], dtype=q.dtype)
-    try:
-        from attncc.autotune import select_config as autotune_select
-
-        config, _ = autotune_select("tvm", SPACE, plan.fingerprint, q.dtype, shape)
-        return config
-    except Exception:
-        return SPACE.default_for(shape)
-
-
-def _forward(
-    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from attncc.passes.sparsify import block_tables_for
-
-    config = config or select_config(plan, q, k, v)
-    B, Hq, Lq, D = q.shape
-    Lkv = k.shape[2]
-    shape = KernelShape(D=D, Dv=v.shape[3], dtype=str(q.dtype).removeprefix("torch."), **config)
-    tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, shape.block_n), q_offset, tensors)
-    if region.score_scale is not None:
-        scale = scale * region.score_scale
-    bias = _sigmoid_bias(region.normalizer, Lkv)
-    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
-
-
-def _sigmoid_bias(norm: Any, Lkv: int) -> float:
-    if not isinstance(norm, nodes.SigmoidNorm):
-        return 0.0
-    return -math.log(Lkv) if norm.bias is None else float(norm.bias)
 
 
 def run_region(
@@ -85,7 +44,7 @@ def run_region(
     grad_names = [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
     needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or grad_names)
     if not needs_grad:
-        out, lse = _forward(plan, region, q, k, v, tensors, scale, q_offset, config)
+        out, lse = run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
     context = (plan, region, tensors, grad_names, scale, q_offset, config)
     grad_tensors = (tensors[n] for n in grad_names)
@@ -109,7 +68,7 @@ class _GeneratedBackward(torch.autograd.Function):
                 *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan, region, tensors, _grad_names, scale, q_offset, config = context
         ctx.context = context
-        out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        out, lse = run_forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
@@ -132,7 +91,7 @@ class _GeneratedBackward(torch.autograd.Function):
         learn = tuple(n for n in grad_names if sink is None or n != sink.name)
         dq, dk, dv, *learned = launch_backward(
             region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse, tensors, scale=scale,
-            q_offset=q_offset, bias=_sigmoid_bias(norm, k.shape[2]), learn=learn)
+            q_offset=q_offset, bias=sigmoid_bias(norm, k.shape[2]), learn=learn)
         by_name = {}
         for name, grad in zip(learn, learned):
             shifted = row_shift_gradient(region, name, tensors, dlse, q_offset)
@@ -152,7 +111,7 @@ class _ReferenceBackward(torch.autograd.Function):
         plan, region, tensors, _grad_names, scale, q_offset, config = context
         ctx.context = context
         ctx.save_for_backward(q, k, v, *grad_tensors)
-        out, lse = _forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        out, lse = run_forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
         return out, lse

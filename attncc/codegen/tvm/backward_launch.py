@@ -163,7 +163,7 @@ def launch_backward(
     softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
     lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
     delta = delta.float().contiguous()
-    launcher._set_threads()
+    launcher.set_threads()
     dk = torch.empty(B, k.shape[1], kp.shape[2], D, dtype=torch.float32)
     dv = torch.empty(B, k.shape[1], kp.shape[2], Dv, dtype=torch.float32)
     if use_fused(region, B * k.shape[1], learn):

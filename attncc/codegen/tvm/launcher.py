@@ -50,11 +50,11 @@ def host_target() -> dict[str, str]:
 
 # NOTE: TVM sizes its thread pool once, from TVM_NUM_THREADS or its own count of physical
 # cores, which is 1 on a 2-vCPU virtual machine; config_threadpool cannot grow the pool past
-# that later. Allow every core before TVM creates the pool; _set_threads then uses torch's count.
+# that later. Allow every core before TVM creates the pool; set_threads then uses torch's count.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
-def _set_threads() -> None:
+def set_threads() -> None:
     """TVM's pool follows ``torch.get_num_threads()`` (reconfigured when it changes)."""
     import tvm
 
@@ -134,7 +134,7 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (o in q's dtype, lse float32)."""
     module = get_module(render_forward(region, shape))
-    _set_threads()
+    set_threads()
     B, Hq, Lq, _ = q.shape
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)

@@ -46,7 +46,7 @@ def _forward(
         return out.zero_()
     shape = linear_shape(region, q, v)
     module = launcher.get_module(render_linear(region, shape))
-    launcher._set_threads()
+    launcher.set_threads()
     workspace = []
     if region.linear.strategy == "linear_global":
         workspace = [torch.empty(B, Hkv, shape.D, Dv), torch.empty(B, Hkv, shape.D)]

@@ -27,6 +27,15 @@ def packed_group(Hq: int, Hkv: int, Lq: int, block_m: int) -> int:
     return group
 
 
+def packed_config(config: dict, group: int, Lq: int) -> dict:
+    """``config`` with the smallest tile of 8 to 64 rows that holds the packed rows (``group * Lq``,
+    or as many whole queries as fit), and a register block that fits it."""
+    from attncc.codegen.tvm.rows import fit_config
+
+    block_m = next((m for m in (8, 16, 32, 64) if m >= group * Lq and m % group == 0), 64)
+    return fit_config(config, block_m=block_m)
+
+
 def packed_tables(
     region: AttentionRegion, B: int, Hq: int, Hkv: int, Lq: int, Lkv: int, tile: tuple[int, int],
     q_offset: int, tensors: dict[str, torch.Tensor],

@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from attncc.codegen.tvm import decode, heads, routing
-from attncc.codegen.tvm.autograd import run_region, select_config
+from attncc.codegen.tvm.autograd import run_region
+from attncc.codegen.tvm.forward import select_config
 from attncc.ir import nodes
 from attncc.ir.evaluate import evaluate
 from attncc.passes.plan import AttentionRegion, KernelPlan
@@ -65,13 +66,13 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
     if routed and grad:
         return _reference(plan, region, q, k, v, tensors, scale, q_offset)
     if routed:
-        chosen = config or select_config(plan, q, k, v)
+        chosen = config or select_config(plan, q, k, v)[0]
         run = routing.run_topk_blocks if region.gate is not None else heads.run_topk_heads
         out, lse = run(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
         return out, (lse if has_lse else None)
     splits = 1 if grad else decode.num_splits(plan, region, q, k)
     if splits > 1:
-        chosen = config or select_config(plan, q, k, v)
+        chosen = config or select_config(plan, q, k, v)[0]
         return decode.run_split_kv(region, q, k, v, tensors, chosen, splits, scale=scale, q_offset=q_offset)
     return run_region(plan, region, q, k, v, tensors, scale=scale, q_offset=q_offset, config=config)
 

@@ -16,7 +16,6 @@ tiles of one row), gathered into the kernel's row order and reduced per query ti
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -25,7 +24,6 @@ from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import PARAMS, SPACE
 from attncc.ir import expr as ex
-from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
 from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import EMPTY, FULL, PARTIAL, BlockTables, tables_from_classes
@@ -146,12 +144,11 @@ def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tens
                   total_lkv: int) -> tuple[Tensor, Tensor]:
     """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it)."""
     shape = KernelShape(D=q.shape[-1], Dv=v.shape[-1], dtype=str(q.dtype).removeprefix("torch."), **config)
+    from attncc.codegen.tvm.forward import sigmoid_bias
+
     if region.score_scale is not None:
         scale = scale * region.score_scale
-    norm = region.normalizer
-    bias = 0.0
-    if isinstance(norm, nodes.SigmoidNorm):
-        bias = -math.log(total_lkv) if norm.bias is None else float(norm.bias)
+    bias = sigmoid_bias(region.normalizer, total_lkv)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
 
 

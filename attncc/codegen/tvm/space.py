@@ -29,10 +29,13 @@ def working_set_bytes(c: Config, s: ShapeKey) -> int:
     return 4 * (bm * s.head_dim + bn * (s.head_dim + s.value_dim) + bm * bn + bm * s.value_dim)
 
 
+def fits(c: Config) -> bool:
+    """The kernel's divisibility rules: whole register blocks of rows and keys, whole row vectors."""
+    return not (c["block_m"] % c["rows"] or c["block_n"] % c["rows"] or c["block_m"] % c["vector"])
+
+
 def keep(c: Config, s: ShapeKey) -> bool:
-    if c["block_m"] % c["rows"] or c["block_n"] % c["rows"] or c["block_m"] % c["vector"]:
-        return False
-    return working_set_bytes(c, s) <= 4 * L1_BYTES
+    return fits(c) and working_set_bytes(c, s) <= 4 * L1_BYTES
 
 
 def default(s: ShapeKey) -> Config:

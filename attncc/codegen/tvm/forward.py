@@ -1,0 +1,95 @@
+"""One region's forward on the generated kernel: the config, the tile geometry, the launch.
+
+Why a module of its own: what to run with is decided here from the plan's proven facts, once,
+for every caller (plain calls, autograd, routing and decoding paths): a tuned config when the
+tuning cache has one, else the space's default, refined by two rules a default cannot know
+from the shape bucket alone:
+
+- GQA packing (``packing.py``): a few query rows per head share a tile with their group;
+- sparsity pays in full: a banded mask (a sliding window) wastes about ``BM`` keys per row of
+  each q tile at each diagonal edge, rounded up to whole ``BN`` tiles, so a default tile is
+  halved when the block tables show that the smaller one visits clearly less work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm.kernels import KernelShape
+from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
+from attncc.codegen.tvm.space import SPACE, fits
+from attncc.ir import nodes
+from attncc.passes.plan import AttentionRegion, KernelPlan
+from attncc.passes.sparsify import BlockTables, block_tables_for
+
+SMALLER_TILE_GAIN = 0.9  # halve a default tile when it visits at most this share of the work
+
+
+def select_config(plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict, str]:
+    """(config, source): the tuned config when ``attncc.autotune`` has one, else the default."""
+    from attncc.autotune import ShapeKey
+
+    B, Hq, Lq, D = q.shape
+    shape = ShapeKey.of(B, Hq, Lq, D, Hkv=k.shape[1], Lkv=k.shape[2], Dv=v.shape[3], dtype=q.dtype)
+    try:
+        from attncc.autotune import select_config as autotune_select
+
+        return autotune_select("tvm", SPACE, plan.fingerprint, q.dtype, shape)
+    except Exception:
+        return SPACE.default_for(shape), "default"
+
+
+def visited_work(tables: BlockTables, block_m: int, block_n: int) -> int:
+    """Score entries a kernel computes with these tables (listed tiles times tile area)."""
+    return int((tables.partial_count.sum() + tables.full_count.sum()) * block_m * block_n)
+
+
+def _geometry(
+    region: AttentionRegion, config: dict, q: torch.Tensor, k: torch.Tensor, tensors: dict[str, torch.Tensor],
+    q_offset: int, tuned: bool,
+) -> tuple[dict, int, BlockTables]:
+    """(config, packed group, block tables) for this call."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    group = packed_group(Hq, Hkv, Lq, 64)
+    if group > 1:
+        config = packed_config(config, group, Lq)
+        tile = (config["block_m"], config["block_n"])
+        return config, group, packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
+    tables = block_tables_for(region, B, Hq, Lq, Lkv, (config["block_m"], config["block_n"]), q_offset, tensors)
+    half = {**config, "block_m": config["block_m"] // 2, "block_n": config["block_n"] // 2}
+    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half):
+        return config, 1, tables
+    smaller = block_tables_for(region, B, Hq, Lq, Lkv, (half["block_m"], half["block_n"]), q_offset, tensors)
+    if visited_work(smaller, half["block_m"], half["block_n"]) <= SMALLER_TILE_GAIN * visited_work(
+            tables, config["block_m"], config["block_n"]):
+        return half, 1, smaller
+    return config, 1, tables
+
+
+def run_forward(
+    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o in q's dtype, lse float32) of ``region`` on the forward kernel."""
+    tuned = config is not None
+    if config is None:
+        config, source = select_config(plan, q, k, v)
+        tuned = not source.startswith("default")
+    config, group, tables = _geometry(region, config, q, k, tensors, q_offset, tuned)
+    shape = KernelShape(D=q.shape[3], Dv=v.shape[3], dtype=str(q.dtype).removeprefix("torch."), group=group,
+                        **config)
+    if region.score_scale is not None:
+        scale = scale * region.score_scale
+    bias = sigmoid_bias(region.normalizer, k.shape[2])
+    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+
+
+def sigmoid_bias(norm: Any, Lkv: int) -> float:
+    if not isinstance(norm, nodes.SigmoidNorm):
+        return 0.0
+    return -math.log(Lkv) if norm.bias is None else float(norm.bias)
