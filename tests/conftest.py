@@ -1,6 +1,9 @@
-"""Shared test set-up: every test starts from the same torch random state, so failures reproduce."""
+"""Shared test set-up: every test starts from the same torch random state, so failures reproduce;
+TVM test modules each get a private kernel cache."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -9,3 +12,20 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A private TVM module cache for one test module (the disk-cache tests read it); a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("tvm_cache_dir")``."""
+    from attncc.codegen.tvm import launcher
+
+    old = os.environ.get("ATTNCC_CACHE_DIR")
+    path = tmp_path_factory.mktemp("attncc-cache")
+    os.environ["ATTNCC_CACHE_DIR"] = str(path)
+    launcher._MODULES.clear()
+    yield path
+    if old is None:
+        os.environ.pop("ATTNCC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNCC_CACHE_DIR"] = old

@@ -29,18 +29,7 @@ from attncc.testing import assert_close_to_reference, check_against_reference
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    """A private module cache for this file (the disk-cache tests read it)."""
-    old = os.environ.get("ATTNCC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("attncc-cache")
-    os.environ["ATTNCC_CACHE_DIR"] = str(path)
-    launcher._MODULES.clear()
-    yield path
-    if old is None:
-        os.environ.pop("ATTNCC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNCC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
 def qkv(B=2, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32, dtype=torch.float32, seed=0):

@@ -8,7 +8,6 @@ SEMANTICS.md's tolerances, sinks added once, masks reading kv_idx, q_offset = Lk
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -25,16 +24,7 @@ SLOPES = torch.tensor([2.0 ** (-4.0 * (i + 1)) for i in range(4)])
 DOCS = torch.arange(4096) // 700  # documents of 700 tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    old = os.environ.get("ATTNCC_CACHE_DIR")
-    os.environ["ATTNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attncc-cache"))
-    launcher._MODULES.clear()
-    yield
-    if old is None:
-        os.environ.pop("ATTNCC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNCC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ which keeps them well conditioned for the fixed float32 tolerance.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -32,15 +30,7 @@ FAST_DECAY = torch.tensor([0.5, 0.8, 0.95, 1.0])
 OFFSET = torch.tensor([0.1, 0.3])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    old = os.environ.get("ATTNCC_CACHE_DIR")
-    os.environ["ATTNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attncc-linear-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ATTNCC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNCC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
 def _strict(b, h, q_idx, kv_idx):

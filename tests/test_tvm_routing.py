@@ -8,8 +8,6 @@ kernel rows are exactly the kept (token, head) pairs. Shapes are small and share
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -29,16 +27,7 @@ SLOPES = torch.tensor([2.0 ** (-2.0 * (i + 1)) for i in range(4)])
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    old = os.environ.get("ATTNCC_CACHE_DIR")
-    os.environ["ATTNCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attncc-cache"))
-    launcher._MODULES.clear()
-    yield
-    if old is None:
-        os.environ.pop("ATTNCC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNCC_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
 def qkv(B=2, Hq=4, Hkv=2, Lq=75, Lkv=75, D=16, dtype=torch.float32, seed=0):
