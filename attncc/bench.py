@@ -229,6 +229,9 @@ def compile_times() -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "ATTNCC_CACHE_DIR": cache}
+        # NOTE: as a user's install: bytecode cached (some sandboxes set PYTHONDONTWRITEBYTECODE,
+        # and recompiling attncc's modules then dominates a warm first call)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
 
         def first_call() -> float:
             out = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True,
