@@ -103,9 +103,22 @@ class Lines:
         return "\n".join(self.lines) + "\n"
 
 
+_RENDERED: dict[tuple[AttentionRegion, KernelShape], str] = {}
+
+
 def render_forward(region: AttentionRegion, shape: KernelShape) -> str:
-    """TVMScript source of the forward kernel ``attn`` for ``region`` at ``shape``."""
-    return _Forward(region, shape).render()
+    """TVMScript source of the forward kernel ``attn`` for ``region`` at ``shape``.
+
+    Memoized: a call renders once per (region, shape), not once per kernel launch (rendering
+    costs about a millisecond, the whole launch of a small problem).
+    """
+    try:
+        return _RENDERED[region, shape]
+    except TypeError:  # a payload that does not hash: render every time
+        return _Forward(region, shape).render()
+    except KeyError:
+        source = _RENDERED[region, shape] = _Forward(region, shape).render()
+        return source
 
 
 class _Forward:

@@ -10,6 +10,7 @@ module through DLPack, without copies when contiguous.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -41,11 +42,16 @@ def cache_dir() -> Path:
     return Path(root) / "tvm"
 
 
-def host_target() -> dict[str, str]:
-    """The llvm target for this host's CPU (``-mcpu=native`` is refused by TVM's LLVM)."""
+@functools.cache
+def _host_cpu() -> str:
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_target() -> dict[str, str]:
+    """The llvm target for this host's CPU (``-mcpu=native`` is refused by TVM's LLVM)."""
+    return {"kind": "llvm", "mcpu": _host_cpu()}
 
 
 # NOTE: TVM sizes its thread pool once, from TVM_NUM_THREADS or its own count of physical
