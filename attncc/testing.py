@@ -104,3 +104,16 @@ def check_against_reference(
         assert_close_to_reference(got[1].double(), lse_ref, None, Lkv, what="lse")
     else:
         assert_close_to_reference(got, ref64, lowp, Lkv)
+
+
+def random_qkv(
+    B: int = 2, Hq: int = 4, Hkv: int = 2, Lq: int = 37, Lkv: int = 77, D: int = 32, Dv: int | None = None,
+    dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lkv, D]``, ``v [B, Hkv, Lkv, Dv]`` (drawn in float32,
+    then cast, so every dtype sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, Lkv, D if Dv is None else Dv, generator=gen).to(dtype)
+    return q, k, v

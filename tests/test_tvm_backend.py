@@ -7,6 +7,7 @@ module is reused across the parametrizations.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from attncc.codegen.tvm import (
     BACKEND,
     launcher,
 )
-from attncc.testing import assert_close_to_reference, check_against_reference
+from attncc.testing import assert_close_to_reference, check_against_reference, random_qkv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
-def qkv(B=2, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, Lkv, Dv, generator=gen).to(dtype)
-    return q, k, v
+qkv = functools.partial(random_qkv, B=2, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32)
 
 
 HEADS = 4

@@ -9,6 +9,7 @@ parametrizations reuse modules; the lengths are odd (not tile multiples) on purp
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import pytest
@@ -24,7 +25,7 @@ from attncc.codegen.reference.attention import run_plan
 from attncc.codegen.tvm import autograd as tvm_autograd
 from attncc.codegen.tvm import backward_launch, launcher
 from attncc.codegen.tvm.backward_launch import transpose_tables
-from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference
+from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference, random_qkv
 
 HEADS = 4
 SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
@@ -72,12 +73,7 @@ def _no_fallback_warnings_leak():
     yield
 
 
-def qkv(B=1, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, Lkv, Dv, generator=gen).to(dtype)
-    return q, k, v
+qkv = functools.partial(random_qkv, B=1, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32)
 
 
 def _loss(out: torch.Tensor, lse: torch.Tensor | None, seed: int) -> torch.Tensor:

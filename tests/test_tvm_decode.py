@@ -7,6 +7,7 @@ SEMANTICS.md's tolerances, sinks added once, masks reading kv_idx, q_offset = Lk
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -17,7 +18,7 @@ pytest.importorskip("tvm")
 import attncc
 from attncc import masks
 from attncc.codegen.tvm import decode, launcher, rows
-from attncc.testing import check_against_reference
+from attncc.testing import check_against_reference, random_qkv
 
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
 SLOPES = torch.tensor([2.0 ** (-4.0 * (i + 1)) for i in range(4)])
@@ -41,12 +42,7 @@ def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-def qkv(B=1, Hq=4, Hkv=1, Lq=1, Lkv=2048, D=16, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    return q, k, v
+qkv = functools.partial(random_qkv, B=1, Hq=4, Hkv=1, Lq=1, Lkv=2048, D=16)
 
 
 def _alibi(score, b, h, q_idx, kv_idx):

@@ -8,6 +8,8 @@ kernel rows are exactly the kept (token, head) pairs. Shapes are small and share
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,7 @@ from attncc.codegen.reference.attention import topk_blocks_selection
 from attncc.codegen.tvm import BACKEND, heads, launcher, routing_tokens, rows
 from attncc.ir import nodes
 from attncc.passes.lower_routing import block_index_table
-from attncc.testing import assert_close_to_reference, check_against_reference, reference_outputs
+from attncc.testing import assert_close_to_reference, check_against_reference, random_qkv, reference_outputs
 
 SLOPES = torch.tensor([2.0 ** (-2.0 * (i + 1)) for i in range(4)])
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
@@ -30,12 +32,7 @@ SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
 pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
-def qkv(B=2, Hq=4, Hkv=2, Lq=75, Lkv=75, D=16, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, Lkv, D, generator=gen).to(dtype)
-    return q, k, v
+qkv = functools.partial(random_qkv, B=2, Hq=4, Hkv=2, Lq=75, Lkv=75, D=16)
 
 
 def _alibi(score, b, h, q_idx, kv_idx):
