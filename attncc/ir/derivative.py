@@ -102,6 +102,16 @@ def score_derivative(expr: Expr) -> Expr | None:
     return derivative(expr, var("score"))
 
 
+def score_derivative_problem(expr: Expr, unsupported: Callable[[Expr], str | None]) -> str | None:
+    """Why a backend cannot render ``d expr / d score`` (no rule for an op, or its renderer's
+    ``unsupported`` refuses the derivative), or None; every backward checker asks this."""
+    try:
+        local = score_derivative(expr)
+    except NotImplementedError as err:
+        return str(err)
+    return unsupported(local) if local is not None else None
+
+
 def derivative(expr: Expr, target: Expr) -> Expr | None:
     """``d expr / d target`` for any float node ``target`` of ``expr`` (a var or a load)."""
     tangent: dict[Expr, Expr | None] = {}

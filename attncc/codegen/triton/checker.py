@@ -11,7 +11,7 @@ import torch
 
 from attncc.codegen.triton.render import unsupported
 from attncc.ir import nodes
-from attncc.ir.derivative import score_derivative
+from attncc.ir.derivative import score_derivative_problem
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 FORWARD_NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
@@ -91,13 +91,7 @@ def backward_unsupported(region: AttentionRegion, learn: tuple[str, ...] = ()) -
     if not isinstance(norm, BACKWARD_NORMALIZERS):
         return f"no fused backward for {type(norm).__name__} yet"
     for what, expr in (("score function", region.score), ("phi", getattr(norm, "phi", None))):
-        if expr is None:
-            continue
-        try:
-            derivative = score_derivative(expr)
-        except NotImplementedError as err:
-            return f"{what}: {err}"
-        why = unsupported(derivative) if derivative is not None else None
+        why = None if expr is None else score_derivative_problem(expr, unsupported)
         if why:
             return f"{what} derivative: {why}"
     return None

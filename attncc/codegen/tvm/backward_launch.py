@@ -19,7 +19,7 @@ from attncc.codegen.tvm.backward import BackwardShape, learned_loads, render_bac
 from attncc.codegen.tvm.kernels import captured_specs
 from attncc.codegen.tvm.render import unsupported
 from attncc.ir import nodes
-from attncc.ir.derivative import derivative, score_derivative
+from attncc.ir.derivative import derivative, score_derivative_problem
 from attncc.passes.plan import AttentionRegion
 
 NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
@@ -49,13 +49,7 @@ def backward_unsupported(
             return f"sink tensor {sink!r} is also read by the score, mask or row_shift"
     phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None
     for what, expr in (("score", region.score), ("phi", phi)):
-        if expr is None:
-            continue
-        try:
-            local = score_derivative(expr)
-        except NotImplementedError as err:
-            return f"{what} derivative: {err}"
-        why = unsupported(local) if local is not None else None
+        why = None if expr is None else score_derivative_problem(expr, unsupported)
         if why:
             return f"{what} derivative: {why}"
     return None
