@@ -1,9 +1,12 @@
 """The TVM backend: fused attention kernels generated from the kernel plan (CPUs).
 
 Pieces: ``render.py`` (Expr -> TVMScript expression text), ``kernels.py`` (the forward
-kernel skeleton filled from a region), ``launcher.py`` (compile with llvm, module cache in
-memory and on disk, DLPack calls), ``space.py`` (tuning knobs), ``checker.py`` (what runs
-here and why not), ``autograd.py`` (backward through the reference, with a warning),
+kernel skeleton filled from a region), ``forward.py`` (config and tile geometry of one call:
+tuned or default, GQA packing via ``packing.py``, smaller tiles for band masks),
+``launcher.py`` (compile with llvm, module cache in memory and on disk, DLPack calls),
+``space.py`` (tuning knobs), ``checker.py`` (what runs here and why not), ``autograd.py``
+(generated backward kernels from ``backward.py`` / ``backward_launch.py``, else the
+reference backward after a one-time warning),
 ``linear.py`` / ``linear_launch.py`` (linear attention: chunked recurrence or global form),
 ``plans.py`` (a whole plan: a path per region, then combine), ``routing.py`` /
 ``routing_tokens.py`` (TopKBlocks), ``heads.py`` (TopKHeads), ``decode.py`` (split-KV
