@@ -13,6 +13,7 @@ wrong gradient.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,27 +36,52 @@ BACKWARD_WARNING = (
 )
 
 
+def learned_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Captured float tensors that require grad (a learned bias table, sink logits, a decay)."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
+
+
+def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or bool(learned_names(tensors)))
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def reference_backward(
+    plan: KernelPlan, region: AttentionRegion, forward: Forward, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, tensors: dict[str, torch.Tensor], *, scale: float | None, q_offset: int, reason: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): ``forward`` (a generated kernel) now, the reference backend's gradients later,
+    after the one-time warning that names ``reason``: every TVM path without a generated backward."""
+    if plan.fingerprint not in _WARNED:
+        _WARNED.add(plan.fingerprint)
+        warnings.warn(BACKWARD_WARNING.format(reason=reason), stacklevel=5)
+    names = learned_names(tensors)
+    context = (region, tensors, names, scale, q_offset, forward)
+    return _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in names))
+
+
 def run_region(
     plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(o, lse or None): lse only for the softmax family, as SEMANTICS.md defines it."""
     has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
-    grad_names = [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
-    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or grad_names)
-    if not needs_grad:
+    if not needs_grad(q, k, v, tensors):
         out, lse = run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
-    context = (plan, region, tensors, grad_names, scale, q_offset, config)
-    grad_tensors = (tensors[n] for n in grad_names)
+    grad_names = learned_names(tensors)
     reason = backward_unsupported(region, tuple(grad_names), tasks=k.shape[0] * k.shape[1], tensors=tensors)
     if reason is None:
-        out, lse = _GeneratedBackward.apply(context, q, k, v, *grad_tensors)
-        return out, (lse if has_lse else None)
-    if plan.fingerprint not in _WARNED:
-        _WARNED.add(plan.fingerprint)
-        warnings.warn(BACKWARD_WARNING.format(reason=reason), stacklevel=4)
-    out, lse = _ReferenceBackward.apply(context, q, k, v, *grad_tensors)
+        context = (plan, region, tensors, grad_names, scale, q_offset, config)
+        out, lse = _GeneratedBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
+    else:
+        def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
+
+        out, lse = reference_backward(plan, region, forward, q, k, v, tensors, scale=scale, q_offset=q_offset,
+                                      reason=reason)
     return out, (lse if has_lse else None)
 
 
@@ -103,15 +129,16 @@ class _GeneratedBackward(torch.autograd.Function):
 
 
 class _ReferenceBackward(torch.autograd.Function):
-    """Forward: the TVM kernel. Backward: the reference backend's autograd graph, recomputed."""
+    """Forward: a TVM kernel (the context's callable). Backward: the reference backend's
+    autograd graph, recomputed."""
 
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        plan, region, tensors, _grad_names, scale, q_offset, config = context
+        region, *_, forward = context
         ctx.context = context
         ctx.save_for_backward(q, k, v, *grad_tensors)
-        out, lse = run_forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        out, lse = forward(q.detach(), k.detach(), v.detach())
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -120,7 +147,7 @@ class _ReferenceBackward(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
         from attncc.codegen.reference.attention import attention
 
-        _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
+        region, tensors, grad_names, scale, q_offset, _ = ctx.context
         q, k, v, *grad_tensors = ctx.saved_tensors
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(True) for t in (q, k, v, *grad_tensors)]

@@ -9,17 +9,12 @@ reference backend's differentiable path, after the backend's one-time warning.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
 import torch
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.autograd import BACKWARD_WARNING
+from attncc.codegen.tvm.autograd import needs_grad, reference_backward
 from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, linear_specs, render_linear
 from attncc.passes.plan import AttentionRegion, KernelPlan
-
-_WARNED: set[str] = set()
 
 
 def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor) -> LinearShape:
@@ -66,39 +61,13 @@ def run_linear(
     q_offset: int,
 ) -> torch.Tensor:
     """o in q's dtype for a region lowered to ``linear_chunked`` or ``linear_global``."""
-    grad_names = [n for n, t in tensors.items() if t.is_floating_point() and t.requires_grad]
-    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or grad_names)
-    if not needs_grad:
+    if not needs_grad(q, k, v, tensors):
         return _forward(region, q, k, v, tensors, q_offset)
-    if plan.fingerprint not in _WARNED:
-        _WARNED.add(plan.fingerprint)
-        warnings.warn(BACKWARD_WARNING.format(reason="linear attention has no generated backward"), stacklevel=4)
-    context = (region, tensors, grad_names, q_offset)
-    return _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
 
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        no_lse = torch.zeros(q.shape[:3], dtype=torch.float32)  # linear attention has no lse
+        return _forward(region, q, k, v, tensors, q_offset), no_lse
 
-class _ReferenceBackward(torch.autograd.Function):
-    """Forward: the TVM kernel. Backward: the reference backend's autograd graph, recomputed."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *grad_tensors: torch.Tensor
-    ) -> torch.Tensor:
-        region, tensors, _grad_names, q_offset = context
-        ctx.context = context
-        ctx.save_for_backward(q, k, v, *grad_tensors)
-        return _forward(region, q.detach(), k.detach(), v.detach(), tensors, q_offset)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        from attncc.codegen.reference.attention import attention
-
-        region, tensors, grad_names, q_offset = ctx.context
-        q, k, v, *grad_tensors = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(True) for t in (q, k, v, *grad_tensors)]
-            live = dict(tensors)
-            live.update(zip(grad_names, inputs[3:]))
-            out, _ = attention(region, inputs[0], inputs[1], inputs[2], live, scale=None, q_offset=q_offset)
-            found = torch.autograd.grad([out], inputs, [grad_out], allow_unused=True)
-        return (None, *found)
+    out, _ = reference_backward(plan, region, forward, q, k, v, tensors, scale=None, q_offset=q_offset,
+                                reason="linear attention has no generated backward")
+    return out

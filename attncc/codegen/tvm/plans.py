@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from attncc.codegen.tvm import decode, heads, routing
-from attncc.codegen.tvm.autograd import run_region
+from attncc.codegen.tvm.autograd import needs_grad, run_region
 from attncc.codegen.tvm.forward import select_config
 from attncc.ir import nodes
 from attncc.ir.evaluate import evaluate
@@ -51,17 +51,12 @@ def run_plan(plan: KernelPlan, operands: dict[str, Tensor], tensors: dict[str, T
     return evaluate(plan.combine, env, tensors, float_dtype=torch.float64).to(dtype)
 
 
-def _needs_grad(q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor]) -> bool:
-    captured = any(t.is_floating_point() and t.requires_grad for t in tensors.values())
-    return torch.is_grad_enabled() and (captured or any(t.requires_grad for t in (q, k, v)))
-
-
 def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor,
             tensors: dict[str, Tensor], *, scale: float, q_offset: int,
             config: dict | None = None) -> tuple[Tensor, Tensor | None]:
     """(o, lse or None) of one region; lse only for the softmax family, as SEMANTICS.md defines it."""
     has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
-    grad = _needs_grad(q, k, v, tensors)
+    grad = needs_grad(q, k, v, tensors)
     routed = region.gate is not None or region.head_select is not None
     if routed and grad:
         return _reference(plan, region, q, k, v, tensors, scale, q_offset)
