@@ -17,7 +17,7 @@ pytest.importorskip("tvm")
 
 import attncc
 from attncc import masks
-from attncc.codegen.tvm import decode, launcher, rows
+from attncc.codegen.tvm import decode, launcher
 from attncc.testing import check_against_reference, random_qkv
 
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
@@ -38,7 +38,7 @@ def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         seen.append(k.shape[2])
         return real(region, shape, q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(rows.launcher, "launch", spy)
+    monkeypatch.setattr(launcher, "launch", spy)
     return seen
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("tvm")
 import attncc
 from attncc import masks
 from attncc.codegen.reference.attention import topk_blocks_selection
-from attncc.codegen.tvm import BACKEND, heads, launcher, routing_tokens, rows
+from attncc.codegen.tvm import BACKEND, heads, launcher, routing_tokens
 from attncc.ir import nodes
 from attncc.passes.lower_routing import block_index_table
 from attncc.testing import assert_close_to_reference, check_against_reference, random_qkv, reference_outputs
@@ -50,7 +50,7 @@ class LaunchSpy:
             self.calls.append({"region": region, "shape": shape, "q": q, "k": k, "tables": tables, "tensors": tensors})
             return real(region, shape, q, k, v, tensors, tables, **kwargs)
 
-        monkeypatch.setattr(rows.launcher, "launch", spy)
+        monkeypatch.setattr(launcher, "launch", spy)
 
 
 # ---- TopKBlocks (MoBA) ---------------------------------------------------------------------

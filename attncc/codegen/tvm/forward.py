@@ -81,11 +81,21 @@ def run_forward(
         config, source = select_config(plan, q, k, v)
         tuned = not source.startswith("default")
     config, group, tables = _geometry(region, config, q, k, tensors, q_offset, tuned)
+    return launch_tiles(region, config, tables, q, k, v, tensors, scale=scale, q_offset=q_offset,
+                        total_lkv=k.shape[2], group=group)
+
+
+def launch_tiles(
+    region: AttentionRegion, config: dict, tables: BlockTables, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, total_lkv: int, group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel call with a chosen config and tables: the region's folded score scale and the
+    sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path."""
     shape = KernelShape(D=q.shape[3], Dv=v.shape[3], dtype=str(q.dtype).removeprefix("torch."), group=group,
                         **config)
     if region.score_scale is not None:
         scale = scale * region.score_scale
-    bias = sigmoid_bias(region.normalizer, k.shape[2])
+    bias = sigmoid_bias(region.normalizer, total_lkv)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
 
 

@@ -20,8 +20,6 @@ import dataclasses
 import torch
 
 from attncc.autotune.keys import ShapeKey
-from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.space import PARAMS, SPACE
 from attncc.ir import expr as ex
 from attncc.ir.expr import Expr, TensorSpec
@@ -143,13 +141,10 @@ def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tens
                   tables: BlockTables, config: dict, *, scale: float, q_offset: int,
                   total_lkv: int) -> tuple[Tensor, Tensor]:
     """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it)."""
-    shape = KernelShape(D=q.shape[-1], Dv=v.shape[-1], dtype=str(q.dtype).removeprefix("torch."), **config)
-    from attncc.codegen.tvm.forward import sigmoid_bias
+    from attncc.codegen.tvm.forward import launch_tiles
 
-    if region.score_scale is not None:
-        scale = scale * region.score_scale
-    bias = sigmoid_bias(region.normalizer, total_lkv)
-    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+    return launch_tiles(region, config, tables, q, k, v, tensors, scale=scale, q_offset=q_offset,
+                        total_lkv=total_lkv)
 
 
 QUERY_INDEX = "__attncc_query_index"
