@@ -146,6 +146,16 @@ def test_and_true_or_false() -> None:
     assert simp.rewrite(ex.binary("or", m, ex.const(True)), simp.pm_simplify) == ex.const(True)
 
 
+def test_and_repeated_conjunct() -> None:
+    """``a & (a & b) = a & b``: ``causal & sliding_window(w)`` holds the causal term twice; the
+    order of first appearance is kept, and distinct terms are left alone."""
+    causal = ex.binary("ge", Q, KV)
+    near = ex.binary("lt", ex.binary("sub", Q, KV), ex.const(256))
+    twice = ex.binary("and", causal, ex.binary("and", causal, near))
+    assert simp.rewrite(twice, simp.pm_simplify) == ex.binary("and", causal, near)
+    assert simp.rewrite(ex.binary("and", near, causal), simp.pm_simplify) == ex.binary("and", near, causal)
+
+
 def test_compare_self_int() -> None:
     """``i <= i`` is True for integers (a float could be NaN, so floats are left alone)."""
     assert simp.rewrite(ex.binary("le", Q, Q), simp.pm_simplify) == ex.const(True)

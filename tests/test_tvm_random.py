@@ -40,6 +40,8 @@ MASKS = {
     "window": masks.causal & masks.sliding_window(19),
     "document": lambda b, h, q, kv: DOCS[q] == DOCS[kv],
     "prefix_or_causal": masks.prefix_lm(23),
+    # slanted half-planes: PARTIAL tiles skip register blocks by testing their corners
+    "halfplanes": lambda b, h, q, kv: (2 * q - 3 * kv + 40 >= 0) & (q + kv > 20),
 }
 NORMALIZERS = {
     "softmax": lambda: "softmax",
@@ -91,3 +93,24 @@ def test_random_variant_and_config_match_reference(case) -> None:
     out = BACKEND.run(var.plan, operands, var.tensors, scale=None, q_offset=q_offset, return_lse=False, config=config)
     ref64, _ = reference_outputs(var, operands, q_offset=q_offset)
     assert_close_to_reference(out, ref64, None, Lkv, what=f"{score}/{mask}/{norm} {config}")
+
+
+@pytest.mark.parametrize("mask", ["window", "halfplanes", "causal"])
+@pytest.mark.parametrize("config", [
+    {"block_m": 64, "block_n": 64, "rows": 4, "vector": 16},
+    {"block_m": 32, "block_n": 16, "rows": 2, "vector": 8},
+    {"block_m": 16, "block_n": 32, "rows": 8, "vector": 16},
+])
+@pytest.mark.parametrize("norm", ["softmax", "sigmoid"])
+def test_partial_tiles_skip_only_masked_register_blocks(mask, config, norm) -> None:
+    """Masks made of half-planes skip register blocks inside PARTIAL tiles (``_live_box``): every
+    kept pair must still be computed, for GQA, a query offset and ragged lengths."""
+    var = _variant("alibi", mask, norm)
+    gen = torch.Generator().manual_seed(7)
+    Lq, Lkv = 150, 171
+    q = torch.randn(1, 4, Lq, 32, generator=gen)
+    k, v = (torch.randn(1, 2, Lkv, 32, generator=gen) for _ in range(2))
+    operands = {"q": q, "k": k, "v": v}
+    out = BACKEND.run(var.plan, operands, var.tensors, scale=None, q_offset=Lkv - Lq, return_lse=False, config=config)
+    ref64, _ = reference_outputs(var, operands, q_offset=Lkv - Lq)
+    assert_close_to_reference(out, ref64, None, Lkv, what=f"{mask}/{norm} {config}")

@@ -12,6 +12,7 @@ belongs to another attncc). Caches shipped with a package are read-only JSON lay
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -70,6 +71,11 @@ def cache_dir() -> Path:
     override = os.environ.get("ATTNCC_CACHE_DIR")
     if override:
         return Path(override).expanduser()
+    return _user_cache_dir()
+
+
+@functools.cache
+def _user_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("attncc", appauthor=False))

@@ -52,14 +52,9 @@ def load_backend(name: str | None, device: str) -> Any:
 
 
 def load_program(spec: str) -> Any:
-    from attncc.loader import LoadError, load_variant
+    from attncc.cli import load_program as load  # NOTE: lazy: attncc.cli imports these commands
 
-    try:
-        return load_variant(spec)
-    except LoadError as err:
-        raise click.ClickException(str(err)) from err
-    except Exception as err:
-        raise click.ClickException(f"loading {spec} failed: {type(err).__name__}: {err}") from err
+    return load(spec)
 
 
 def example_programs() -> dict[str, Any]:

@@ -104,7 +104,15 @@ def fingerprint_of(description: dict[str, Any]) -> str:
 
 def fingerprint(device: str | torch.device = "cpu") -> str:
     """The fingerprint of ``device`` as it is configured now (thread count included)."""
-    return fingerprint_of(describe(device))
+    device = torch.device(device)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    return _fingerprint(device, threads)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(device: torch.device, threads: int | None) -> str:
+    """Memoized on what can change in a process (the thread count): every kernel call asks."""
+    return fingerprint_of(cpu_description(threads) if device.type == "cpu" else describe(device))
 
 
 def gpu_limits(index: int = 0) -> dict[str, int]:

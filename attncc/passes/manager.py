@@ -45,7 +45,14 @@ class CompileReport:
     """Per-pass timing and the graph text after every pass (``attncc explain --passes``)."""
 
     passes: list[tuple[str, float, bool]] = field(default_factory=list)  # name, seconds, modified
-    dumps: list[tuple[str, str]] = field(default_factory=list)  # name, graph text after it
+    graphs: list[tuple[str, AttentionGraph]] = field(default_factory=list)  # name, graph after it
+
+    @property
+    def dumps(self) -> list[tuple[str, str]]:
+        """(name, graph text after it): printed on request only, since formatting every
+        intermediate graph cost a third of a new variant's compile. Passes are pure, so the
+        kept graphs are exactly what each pass produced."""
+        return [(name, dump_text(graph)) for name, graph in self.graphs]
 
 
 # ---- facts ---------------------------------------------------------------------------
@@ -107,10 +114,10 @@ def run_passes(
     """Run ``passes`` in order; verify after each, time each, record a dump after each."""
     report = report if report is not None else CompileReport()
     verify(graph)
-    report.dumps.append(("input", dump_text(graph)))
+    report.graphs.append(("input", graph))
     echo = dump_requested()
     if echo:
-        print(f"// ---- attncc IR: input\n{report.dumps[-1][1]}", file=sys.stderr)
+        print(f"// ---- attncc IR: input\n{dump_text(graph)}", file=sys.stderr)
     for fn in passes:
         name = pass_name(fn)
         start = time.perf_counter()
@@ -121,7 +128,7 @@ def run_passes(
         verify(result.graph)
         graph = result.graph
         report.passes.append((name, seconds, result.modified))
-        report.dumps.append((name, dump_text(graph)))
+        report.graphs.append((name, graph))
         if echo:
-            print(f"// ---- attncc IR after {name} ({seconds * 1e3:.2f} ms)\n{report.dumps[-1][1]}", file=sys.stderr)
+            print(f"// ---- attncc IR after {name} ({seconds * 1e3:.2f} ms)\n{dump_text(graph)}", file=sys.stderr)
     return graph, report

@@ -163,6 +163,27 @@ def and_false(e: Expr) -> Expr | None:
     return None
 
 
+def _conjunction(e: Expr) -> list[Expr]:
+    if e.op == "and" and e.dtype == "bool":
+        return _conjunction(e.src[0]) + _conjunction(e.src[1])
+    return [e]
+
+
+def and_repeated(e: Expr) -> Expr | None:
+    """``a & (a & b) = a & b``: a conjunct written twice (``causal & sliding_window(w)``, whose
+    window already holds the causal term) is evaluated once per score in a kernel."""
+    if e.op != "and" or e.dtype != "bool":
+        return None
+    terms = _conjunction(e)
+    unique = list(dict.fromkeys(terms))
+    if len(unique) == len(terms):
+        return None
+    out = unique[0]
+    for term in unique[1:]:
+        out = ex.binary("and", out, term)
+    return out
+
+
 def or_false(e: Expr) -> Expr | None:
     """``m | False = m``."""
     if e.op == "or" and e.dtype == "bool":
@@ -205,7 +226,7 @@ def where_same_branches(e: Expr) -> Expr | None:
 pm_fold: tuple[Rule, ...] = (fold_constants,)
 pm_identities: tuple[Rule, ...] = (
     add_zero, sub_zero, mul_one, mul_zero_int, sub_self_int, div_one, double_neg, double_not,
-    and_true, and_false, or_false, or_true, compare_self_int, where_const_cond, where_same_branches,
+    and_true, and_false, and_repeated, or_false, or_true, compare_self_int, where_const_cond, where_same_branches,
 )
 pm_simplify: tuple[Rule, ...] = pm_fold + pm_identities
 

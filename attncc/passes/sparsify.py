@@ -343,16 +343,23 @@ class MaskSparsity:
         self, B: int, H: int, Lq: int, Lkv: int, tile: Any, q_offset: int, tensors: dict[str, Tensor] | None
     ) -> tuple[Tensor, Tensor | None]:
         geo = _geometry(self, B, H, Lq, Lkv, tile, q_offset)
-        if self.mask is None or _reads_tensors(self.mask) or self.score_tensors:
+        if not self.cacheable:
             return _classes(self, geo, tensors or {})
         return _cached_classes(self, geo)  # NOTE: cached results are shared: callers never write to them
+
+    @property
+    def cacheable(self) -> bool:
+        """Tile classes follow from the geometry alone (a mask that reads no captured tensor)."""
+        return not (self.mask is None or _reads_tensors(self.mask) or self.score_tensors)
 
     def block_tables(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
         tensors: dict[str, Tensor] | None = None,
     ) -> BlockTables:
-        classes, band = self._classes(B, H, Lq, Lkv, tile, q_offset, tensors)
-        return tables_from_classes(classes, band)
+        geo = _geometry(self, B, H, Lq, Lkv, tile, q_offset)
+        if not self.cacheable:
+            return _tables_of_tensors(self, geo, tensors or {})
+        return _cached_tables(self, geo)  # NOTE: shared like _cached_classes: callers never write to them
 
     def kv_range(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
@@ -590,6 +597,35 @@ def _scatter_band(classes: Tensor, band: Tensor, nkv: int) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _cached_classes(sp: MaskSparsity, geo: Geometry) -> tuple[Tensor, Tensor | None]:
     return _classes(sp, geo, {})
+
+
+_TENSOR_TABLES: dict[tuple, tuple[tuple[Tensor, ...], BlockTables]] = {}
+_TENSOR_TABLES_SIZE = 16
+
+
+def _tables_of_tensors(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tensor]) -> BlockTables:
+    """Tables of a mask that reads captured tensors (document ids), reused while the very same
+    tensors are unmodified: FlexAttention users build a ``BlockMask`` once for this reason.
+
+    An entry holds its tensors, so their ids stay unique while it lives; an in-place write
+    bumps a tensor's ``_version`` and misses.
+    """
+    names = sorted(tensors)
+    key = (sp, geo, tuple((name, id(tensors[name]), tensors[name]._version) for name in names))
+    found = _TENSOR_TABLES.get(key)
+    if found is not None and all(a is tensors[n] for a, n in zip(found[0], names, strict=True)):
+        return found[1]
+    tables = tables_from_classes(*_classes(sp, geo, tensors))
+    if len(_TENSOR_TABLES) >= _TENSOR_TABLES_SIZE:
+        _TENSOR_TABLES.pop(next(iter(_TENSOR_TABLES)))
+    _TENSOR_TABLES[key] = (tuple(tensors[n] for n in names), tables)
+    return tables
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tables(sp: MaskSparsity, geo: Geometry) -> BlockTables:
+    """A static mask's tables, built once per geometry (a kernel call otherwise rebuilds them)."""
+    return tables_from_classes(*_cached_classes(sp, geo))
 
 
 def _bound_interval(e: Expr | None, env: TileEnv, shape: tuple[int, ...], fallback: float) -> tuple[Tensor, Tensor]:

@@ -6,8 +6,9 @@ tuning cache has one, else the space's default, refined by two rules a default c
 from the shape bucket alone:
 
 - GQA packing (``packing.py``): a few query rows per head share a tile with their group;
-- sparsity pays in full: a banded mask (a sliding window) wastes about ``BM`` keys per row of
-  each q tile at each diagonal edge, rounded up to whole ``BN`` tiles, so a default tile is
+- sparsity pays in full: a banded mask wastes about ``BM`` keys per row of each q tile at each
+  diagonal edge, rounded up to whole ``BN`` tiles. Where the mask is all half-planes (causal,
+  sliding windows) the kernel skips those register blocks itself; otherwise a default tile is
   halved when the block tables show that the smaller one visits clearly less work.
 """
 
@@ -23,6 +24,8 @@ from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
 from attncc.codegen.tvm.space import SPACE, fits
 from attncc.ir import nodes
+from attncc.passes.causality import conjuncts
+from attncc.passes.halfplanes import halfplane_conjuncts
 from attncc.passes.plan import AttentionRegion, KernelPlan
 from attncc.passes.sparsify import BlockTables, block_tables_for
 
@@ -62,13 +65,23 @@ def _geometry(
         return config, group, packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
     tables = block_tables_for(region, B, Hq, Lq, Lkv, (config["block_m"], config["block_n"]), q_offset, tensors)
     half = {**config, "block_m": config["block_m"] // 2, "block_n": config["block_n"] // 2}
-    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half):
+    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half) or _skips_inside(region):
+        return config, 1, tables
+    # halving saves work only inside PARTIAL tiles (a FULL tile splits into FULL tiles)
+    partial = int(tables.partial_count.sum()) * config["block_m"] * config["block_n"]
+    if partial <= (1 - SMALLER_TILE_GAIN) * visited_work(tables, config["block_m"], config["block_n"]):
         return config, 1, tables
     smaller = block_tables_for(region, B, Hq, Lq, Lkv, (half["block_m"], half["block_n"]), q_offset, tensors)
     if visited_work(smaller, half["block_m"], half["block_n"]) <= SMALLER_TILE_GAIN * visited_work(
             tables, config["block_m"], config["block_n"]):
         return half, 1, smaller
     return config, 1, tables
+
+
+def _skips_inside(region: AttentionRegion) -> bool:
+    """Every conjunct of the mask is a half-plane: the kernel skips the masked register blocks
+    of a PARTIAL tile itself (``kernels._live_box``), so a band's edges cost little at any tile."""
+    return len(halfplane_conjuncts(region.mask)) == len(conjuncts(region.mask))
 
 
 def run_forward(

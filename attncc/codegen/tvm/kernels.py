@@ -22,6 +22,7 @@ Inputs of any float dtype are converted to float32 on load; accumulation is floa
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from attncc.codegen.tvm.render import (
 )
 from attncc.ir import nodes
 from attncc.ir.expr import TensorSpec
+from attncc.passes.halfplanes import halfplane_conjuncts
 from attncc.passes.plan import AttentionRegion
 
 NEG_INF = 'T.float32("-inf")'
@@ -235,24 +237,22 @@ class _Forward:
 
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
-        BM, BN, D, Dv, R, V = s.block_m, s.block_n, s.D, s.Dv, s.rows, s.vector
+        BM, BN, Dv, R, V = s.block_m, s.block_n, s.Dv, s.rows, s.vector
         VD = math.gcd(Dv, V)
         # St = score_mask(K_tile QT), register blocked: R keys (broadcast) x V query rows (vector)
         with w.block(f"for j0 in range({BN // R}):"):
             with w.block(f"for i0 in range({BM // V}):"):
-                w(f'Sr = T.decl_buffer(({R}, {V}), "float32", scope="local")')
-                with w.block(f"for j1 in T.unroll({R}):"):
-                    with w.block(f"for i1 in T.vectorized({V}):"):
-                        w("Sr[j1, i1] = T.float32(0.0)")
-                with w.block(f"for d in range({D}):"):
-                    with w.block(f"for j1 in T.unroll({R}):"):
-                        with w.block(f"for i1 in T.vectorized({V}):"):
-                            key = f"T.min(kv0 + j0 * {R} + j1, LKP - 1)"
-                            w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, {key}, d] * QT[d, i0 * {V} + i1]")
-                with w.block(f"for j1 in T.unroll({R}):"):
-                    with w.block(f"for i1 in T.vectorized({V}):"):
-                        i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
-                        w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
+                live = self._live_box(masked, (f"i0 * {V}", f"i0 * {V} + {V - 1}"),
+                                      (f"j0 * {R}", f"j0 * {R} + {R - 1}"))
+                if live is None:
+                    self._score_block(masked)
+                else:
+                    with w.block(f"if {live}:"):
+                        self._score_block(masked)
+                    with w.block("else:"):
+                        with w.block(f"for j1 in T.unroll({R}):"):
+                            with w.block(f"for i1 in T.vectorized({V}):"):
+                                w(f"St[j0 * {R} + j1, i0 * {V} + i1] = {NEG_INF}")
         self._normalizer_update()
         # Acc = Alpha * Acc + P @ V, register blocked: R rows (broadcast from St) x VD value columns
         # NOTE: key rows past the end are clamped to the last one (their weight is exactly 0), so
@@ -265,14 +265,57 @@ class _Forward:
                     with w.block(f"for d1 in T.vectorized({VD}):"):
                         scaled = f" * Alpha[i0 * {R} + i1]" if rescale else ""
                         w(f"Or[i1, d1] = Acc[i0 * {R} + i1, d0 * {VD} + d1]{scaled}")
-                with w.block(f"for j in range({BN}):"):
-                    with w.block(f"for i1 in T.unroll({R}):"):
-                        with w.block(f"for d1 in T.vectorized({VD}):"):
-                            value = f"V[b, hk, T.min(kv0 + j, LKP - 1), d0 * {VD} + d1]"
-                            w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * {value}")
+                live = self._live_box(masked, (f"i0 * {R}", f"i0 * {R} + {R - 1}"),
+                                      (f"jc * {R}", f"jc * {R} + {R - 1}"))
+                if live is None:
+                    with w.block(f"for j in range({BN}):"):
+                        self._value_step()
+                else:  # key chunks all masked for these rows carry weight 0: skipped
+                    with w.block(f"for jc in range({BN // R}):"):
+                        with w.block(f"if {live}:"):
+                            with w.block(f"for j1 in range({R}):"):
+                                w(f"j = jc * {R} + j1")
+                                self._value_step()
                 with w.block(f"for i1 in T.unroll({R}):"):
                     with w.block(f"for d1 in T.vectorized({VD}):"):
                         w(f"Acc[i0 * {R} + i1, d0 * {VD} + d1] = Or[i1, d1]")
+
+    def _score_block(self, masked: str) -> None:
+        """One register block of ``St``: R keys x V query rows, through the score and the mask."""
+        s, w = self.s, self.w
+        R, V = s.rows, s.vector
+        w(f'Sr = T.decl_buffer(({R}, {V}), "float32", scope="local")')
+        with w.block(f"for j1 in T.unroll({R}):"):
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w("Sr[j1, i1] = T.float32(0.0)")
+        with w.block(f"for d in range({s.D}):"):
+            with w.block(f"for j1 in T.unroll({R}):"):
+                with w.block(f"for i1 in T.vectorized({V}):"):
+                    key = f"T.min(kv0 + j0 * {R} + j1, LKP - 1)"
+                    w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, {key}, d] * QT[d, i0 * {V} + i1]")
+        with w.block(f"for j1 in T.unroll({R}):"):
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
+                w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
+
+    def _value_step(self) -> None:
+        """``Or += P[rows, j] V[j]`` for key ``j``: R rows (broadcast from St) x VD value columns."""
+        R, VD = self.s.rows, math.gcd(self.s.Dv, self.s.vector)
+        with self.w.block(f"for i1 in T.unroll({R}):"):
+            with self.w.block(f"for d1 in T.vectorized({VD}):"):
+                value = f"V[b, hk, T.min(kv0 + j, LKP - 1), d0 * {VD} + d1]"
+                self.w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * {value}")
+
+    def _live_box(self, masked: str, rows: tuple[str, str], keys: tuple[str, str]) -> str | None:
+        """In a PARTIAL tile, a scalar test that the box of tile rows ``rows`` x keys ``keys``
+        (first, last) may keep a pair: every half-plane conjunct of the mask holds at one of
+        its four corners (``passes.halfplanes``). None where there is nothing to test."""
+        terms = halfplane_conjuncts(self.region.mask) if masked == "True" else ()
+        tests = []
+        for term in terms:
+            corners = [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
+            tests.append(functools.reduce(lambda a, b: f"T.Or({a}, {b})", corners))
+        return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests) if tests else None
 
     def _row(self, i: str) -> tuple[str, str]:
         """(query head, query row) of tile row ``i``: ``h`` and ``q0 + i``, or the packed ones."""
