@@ -90,7 +90,7 @@ def reference_outputs(
 
 
 def check_against_reference(
-    program: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str,
+    program: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None,
     scale: float | None = None, q_offset: int = 0, return_lse: bool = False,
 ) -> None:
     """Run ``program(q, k, v, backend=backend)`` and assert SEMANTICS.md's tolerance."""
@@ -104,6 +104,22 @@ def check_against_reference(
         assert_close_to_reference(got[1].double(), lse_ref, None, Lkv, what="lse")
     else:
         assert_close_to_reference(got, ref64, lowp, Lkv)
+
+
+def check_example(
+    program: Any, batch: int, heads: int, seq_len: int, head_dim: int, *, backend: str | None = None,
+    label: str | None = None,
+) -> None:
+    """An example's ``main()``: one line there, the same seed-0 inputs and printed verdict in every file.
+
+    ``label`` replaces the program's name in the printed line when the example wants to show its
+    parameters (``"sliding_window(64)"``).
+    """
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    check_against_reference(program, q, k, v, backend=backend)
+    name = program.name if label is None else label
+    print(f"{name}: ran on {program.last_choice.backend.name}, matches the float64 reference")
 
 
 def random_qkv(

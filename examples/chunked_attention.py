@@ -9,10 +9,8 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, CHUNK=64; any length 
 Run: ``python examples/chunked_attention.py``.
 """
 
-import torch
-
 import attncc
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 CHUNK = 64
@@ -31,10 +29,7 @@ chunked_attention = attncc.variant(mask=chunked_causal, name="chunked_attention"
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(chunked_attention, q, k, v, backend=backend)
-    print(f"chunked_attention({CHUNK}): ran on {chunked_attention.last_choice.backend.name}, matches the float64 reference")
+    check_example(chunked_attention, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"chunked_attention({CHUNK})")
 
 
 if __name__ == "__main__":

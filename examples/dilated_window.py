@@ -9,11 +9,9 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, WINDOW=16, DILATION=4
 works. Run: ``python examples/dilated_window.py``.
 """
 
-import torch
-
 import attncc
 from attncc import masks
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 WINDOW, DILATION = 16, 4
@@ -23,10 +21,7 @@ dilated_window = attncc.variant(mask=dilated_window_mask, name="dilated_window")
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(dilated_window, q, k, v, backend=backend)
-    print(f"{dilated_window_mask}: ran on {dilated_window.last_choice.backend.name}, matches the float64 reference")
+    check_example(dilated_window, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=str(dilated_window_mask))
 
 
 if __name__ == "__main__":

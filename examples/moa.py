@@ -12,7 +12,7 @@ SEQ_LEN=256, HEAD_DIM=32; any length works. Run: ``python examples/moa.py``.
 import torch
 
 import attncc
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 
@@ -30,10 +30,7 @@ moa = attncc.variant(mask=moa_mask, name="moa")
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(moa, q, k, v, backend=backend)
-    print(f"moa (windows {windows.tolist()}): ran on {moa.last_choice.backend.name}, matches the float64 reference")
+    check_example(moa, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"moa (windows {windows.tolist()})")
 
 
 if __name__ == "__main__":

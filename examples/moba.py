@@ -10,11 +10,9 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, BLOCK=32 (8 blocks), 
 any length with ``TOP_K <= ceil(Lkv / BLOCK)`` works. Run: ``python examples/moba.py``.
 """
 
-import torch
-
 import attncc
 from attncc.masks import causal
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 BLOCK, TOP_K = 32, 3
@@ -23,10 +21,7 @@ moba = attncc.variant(mask=causal, routing=attncc.TopKBlocks(block=BLOCK, k=TOP_
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(moba, q, k, v, backend=backend)
-    print(f"moba (block {BLOCK}, top {TOP_K}): ran on {moba.last_choice.backend.name}, matches the float64 reference")
+    check_example(moba, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"moba (block {BLOCK}, top {TOP_K})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 import attncc
 from attncc.masks import causal
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 TOP_K = 2
@@ -24,10 +24,7 @@ moh = attncc.variant(mask=causal, routing=attncc.TopKHeads(TOP_K, router_logits)
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(moh, q, k, v, backend=backend)
-    print(f"moh (top {TOP_K} of {HEADS} heads): ran on {moh.last_choice.backend.name}, matches the float64 reference")
+    check_example(moh, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"moh (top {TOP_K} of {HEADS} heads)")
 
 
 if __name__ == "__main__":

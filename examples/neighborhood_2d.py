@@ -10,11 +10,9 @@ Default sizes: BATCH=2, HEADS=4, GRID=(16, 16) so SEQ_LEN=256 (fixed by the grid
 KERNEL=5; ``neighborhood_2d_dilated`` uses DILATION=2. Run: ``python examples/neighborhood_2d.py``.
 """
 
-import torch
-
 import attncc
 from attncc import masks
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, HEAD_DIM = 2, 4, 32
 GRID = (16, 16)
@@ -33,11 +31,8 @@ neighborhood_2d_dilated = attncc.variant(mask=dilated_neighborhood_mask, name="n
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
     for var in (neighborhood_2d, neighborhood_2d_dilated):
-        check_against_reference(var, q, k, v, backend=backend)
-        print(f"{var.name} {GRID} kernel {KERNEL}: ran on {var.last_choice.backend.name}, matches the float64 reference")
+        check_example(var, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"{var.name} {GRID} kernel {KERNEL}")
 
 
 if __name__ == "__main__":

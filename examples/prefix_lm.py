@@ -8,10 +8,8 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, PREFIX=64; any length
 Run: ``python examples/prefix_lm.py``.
 """
 
-import torch
-
 import attncc
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 PREFIX = 64
@@ -29,10 +27,7 @@ prefix_lm = attncc.variant(mask=prefix_lm_mask, name="prefix_lm")
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(prefix_lm, q, k, v, backend=backend)
-    print(f"prefix_lm({PREFIX}): ran on {prefix_lm.last_choice.backend.name}, matches the float64 reference")
+    check_example(prefix_lm, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"prefix_lm({PREFIX})")
 
 
 if __name__ == "__main__":

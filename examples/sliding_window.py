@@ -9,10 +9,8 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, WINDOW=64; any length
 Run: ``python examples/sliding_window.py``.
 """
 
-import torch
-
 import attncc
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 WINDOW = 64
@@ -32,10 +30,7 @@ sliding_window = attncc.variant(mask=sliding_window_mask, name="sliding_window")
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(sliding_window, q, k, v, backend=backend)
-    print(f"sliding_window({WINDOW}): ran on {sliding_window.last_choice.backend.name}, matches the float64 reference")
+    check_example(sliding_window, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"sliding_window({WINDOW})")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ Default sizes: BATCH=2, HEADS=4, SEQ_LEN=256, HEAD_DIM=32, STRIDE=16 (about sqrt
 any length works. Run: ``python examples/strided.py``.
 """
 
-import torch
-
 import attncc
-from attncc.testing import check_against_reference
+from attncc.testing import check_example
 
 BATCH, HEADS, SEQ_LEN, HEAD_DIM = 2, 4, 256, 32
 STRIDE = 16
@@ -33,10 +31,7 @@ strided = attncc.variant(mask=strided_mask, name="strided")
 
 
 def main(backend: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(BATCH, HEADS, SEQ_LEN, HEAD_DIM, generator=gen) for _ in range(3))
-    check_against_reference(strided, q, k, v, backend=backend)
-    print(f"strided({STRIDE}): ran on {strided.last_choice.backend.name}, matches the float64 reference")
+    check_example(strided, BATCH, HEADS, SEQ_LEN, HEAD_DIM, backend=backend, label=f"strided({STRIDE})")
 
 
 if __name__ == "__main__":
