@@ -423,3 +423,27 @@ def test_document_kv_range_is_narrowed_by_sorted_ids() -> None:
     for i in range(want.shape[0]):
         nonempty = (want[i] != EMPTY).nonzero().flatten().tolist()
         assert (int(kr.lo[0, 0, i]), int(kr.hi[0, 0, i])) == (nonempty[0], nonempty[-1] + 1)
+
+
+def test_tables_of_captured_tensors_follow_in_place_writes_and_new_tensors() -> None:
+    """Tables of a document mask are reused while its id tensor is the same, unmodified one; an
+    in-place write (``_version``) or another tensor gives fresh tables, equal to a rebuild."""
+    docs = torch.repeat_interleave(torch.arange(4), 32)
+    captures = Captures()
+    sp = analyze(trace_mask(lambda b, h, q, kv: docs[q] == docs[kv], captures))
+    (name,) = captures.tensors
+
+    def tables(t: torch.Tensor):
+        return sp.block_tables(1, 1, 128, 128, (16, 16), 0, {name: t})
+
+    first = tables(docs)
+    assert tables(docs) is first  # reused
+    docs[:64] = 0  # documents 0 and 1 merge
+    merged = tables(docs)
+    assert merged is not first
+    assert int(merged.full_count.sum()) > int(first.full_count.sum())
+    other = torch.zeros(128, dtype=torch.int64)
+    single = tables(other)
+    assert int(single.full_count.sum()) == 8 * 8 and int(single.partial_count.sum()) == 0
+    expected = tables_from_map(sp.block_map(1, 1, 128, 128, (16, 16), 0, {name: docs}))
+    assert torch.equal(merged.full_index, expected.full_index) and torch.equal(merged.full_count, expected.full_count)
