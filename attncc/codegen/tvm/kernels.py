@@ -147,8 +147,8 @@ class _Forward:
             for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
-            w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "float32")')
-            w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "float32")')
+            w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{dt}")')
+            w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "{dt}")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('PC = T.match_buffer(pc_h, (TB, TH, NQ), "int32")')
@@ -187,6 +187,9 @@ class _Forward:
                 w(f"QI[i] = T.min((q0 + i) // {G}, LQ - 1)")
         w(f'QT = T.decl_buffer(({D}, {BM}), "float32")')
         w(f'St = T.decl_buffer(({BN}, {BM}), "float32")')
+        if self._staged:
+            w(f'Kf = T.decl_buffer(({BN}, {D}), "float32")')
+            w(f'Vf = T.decl_buffer(({BN}, {Dv}), "float32")')
         w(f'Acc = T.decl_buffer(({BM}, {Dv}), "float32")')
         w(f'M = T.decl_buffer(({BM},), "float32")')
         w(f'L = T.decl_buffer(({BM},), "float32")')
@@ -235,8 +238,30 @@ class _Forward:
     def _f32(self, access: str) -> str:
         return access if self.s.dtype == "float32" else f'T.Cast("float32", {access})'
 
+    @property
+    def _staged(self) -> bool:
+        """float16 / bfloat16 K and V are converted a tile at a time into float32 buffers (the
+        products read each element BM / R times; converting all of K and V up front cost a copy
+        of both per call)."""
+        return self.s.dtype != "float32"
+
+    def _kv(self, buf: str, j: str, d: str) -> str:
+        """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
+        if self._staged:
+            return f"{buf}f[{j}, {d}]"
+        return f"{buf}[b, hk, T.min(kv0 + {j}, LKP - 1), {d}]"
+
+    def _stage_tile(self) -> None:
+        s, w = self.s, self.w
+        with w.block(f"for j in range({s.block_n}):"):
+            for buf, width in (("K", s.D), ("V", s.Dv)):
+                with w.block(f"for d in T.vectorized({width}):"):
+                    w(f'{buf}f[j, d] = T.Cast("float32", {buf}[b, hk, T.min(kv0 + j, LKP - 1), d])')
+
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
+        if self._staged:
+            self._stage_tile()
         BM, BN, Dv, R, V = s.block_m, s.block_n, s.Dv, s.rows, s.vector
         VD = math.gcd(Dv, V)
         # St = score_mask(K_tile QT), register blocked: R keys (broadcast) x V query rows (vector)
@@ -291,8 +316,8 @@ class _Forward:
         with w.block(f"for d in range({s.D}):"):
             with w.block(f"for j1 in T.unroll({R}):"):
                 with w.block(f"for i1 in T.vectorized({V}):"):
-                    key = f"T.min(kv0 + j0 * {R} + j1, LKP - 1)"
-                    w(f"Sr[j1, i1] = Sr[j1, i1] + K[b, hk, {key}, d] * QT[d, i0 * {V} + i1]")
+                    key = f"j0 * {R} + j1"
+                    w(f"Sr[j1, i1] = Sr[j1, i1] + {self._kv('K', key, 'd')} * QT[d, i0 * {V} + i1]")
         with w.block(f"for j1 in T.unroll({R}):"):
             with w.block(f"for i1 in T.vectorized({V}):"):
                 i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
@@ -303,7 +328,7 @@ class _Forward:
         R, VD = self.s.rows, math.gcd(self.s.Dv, self.s.vector)
         with self.w.block(f"for i1 in T.unroll({R}):"):
             with self.w.block(f"for d1 in T.vectorized({VD}):"):
-                value = f"V[b, hk, T.min(kv0 + j, LKP - 1), d0 * {VD} + d1]"
+                value = self._kv("V", "j", f"d0 * {VD} + d1")
                 self.w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * {value}")
 
     def _live_box(self, masked: str, rows: tuple[str, str], keys: tuple[str, str]) -> str | None:

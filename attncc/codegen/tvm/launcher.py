@@ -145,7 +145,7 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    kp, vp = stage_kv(k, v)
+    kp, vp = stage_kv(k, v, q.dtype)
     module["attn"](
         q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
@@ -155,10 +155,11 @@ def launch(
     return out, lse
 
 
-def stage_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V as contiguous float32 ``[B, Hkv, Lkv, D]``: contiguous float32 inputs pass through
-    without a copy (the kernel clamps reads past the last key instead of padding)."""
-    return k.contiguous().float(), v.contiguous().float()
+def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as contiguous ``[B, Hkv, Lkv, D]`` in the kernel's input dtype (q's): contiguous
+    inputs pass through without a copy; the kernel clamps reads past the last key instead of
+    padding, and converts float16 / bfloat16 a tile at a time."""
+    return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
 def as_buffer(t: torch.Tensor) -> torch.Tensor:
