@@ -36,7 +36,7 @@ from attncc.ir.nodes import (
     payload_key,
     referenced_specs,
 )
-from attncc.passes.causality import mask_implies_causal
+from attncc.passes.causality import conjuncts, mask_implies_causal
 from attncc.passes.manager import PassResult, attach, facts_of
 
 Rule = Callable[[Expr], Expr | None]
@@ -163,18 +163,12 @@ def and_false(e: Expr) -> Expr | None:
     return None
 
 
-def _conjunction(e: Expr) -> list[Expr]:
-    if e.op == "and" and e.dtype == "bool":
-        return _conjunction(e.src[0]) + _conjunction(e.src[1])
-    return [e]
-
-
 def and_repeated(e: Expr) -> Expr | None:
     """``a & (a & b) = a & b``: a conjunct written twice (``causal & sliding_window(w)``, whose
     window already holds the causal term) is evaluated once per score in a kernel."""
     if e.op != "and" or e.dtype != "bool":
         return None
-    terms = _conjunction(e)
+    terms = conjuncts(e)
     unique = list(dict.fromkeys(terms))
     if len(unique) == len(terms):
         return None
