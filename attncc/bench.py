@@ -2,10 +2,14 @@
 
 Contenders per case: attncc on the TVM backend, torch SDPA (where the case is expressible),
 compiled FlexAttention (``torch.compile(flex_attention)`` with a block mask), and the
-reference backend (small cases only: it builds the ``L x L`` matrix). Contenders are
-interleaved and the minimum over repeats is kept (the machine is shared and noisy); effective
-GFLOP/s count only unmasked work, ``4 * B * H * D * kept_pairs``. ``torch.mm`` at 2048^3
-gives the practical ceiling.
+reference backend (it builds dense ``B x H x L x L`` tensors: small cases, plus the
+sigmoid/softplus/stick-breaking cases of issue 5's "10x the reference" target; where the dense
+buffers would pass ``REFERENCE_BUDGET`` those large references run one head at a time, the same
+dense work with 1/H of the memory, and the loop over heads is the reference's time). Contenders
+are interleaved and the minimum over repeats is kept (the machine is shared and noisy); the
+reference takes at most ``REFERENCE_REPEATS`` of the timed rounds (its first ones). Effective
+GFLOP/s count only unmasked work, ``4 * B * H * D * kept_pairs``. ``torch.mm`` at 2048^3 gives
+the practical ceiling.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Case:
     flex: tuple | None = None  # (score_mod, mask_mod) for FlexAttention
     sdpa: dict | None = None  # kwargs for SDPA, or None
     reference: bool = False
+    # run the reference one query head at a time (see reference_by_head); only for cases whose
+    # scores do not depend on the head (no ``h`` in score or mask, no per-head captured tensors)
+    reference_by_head: bool = False
     flops: Callable[[int], int] | None = None  # work when it is not 4 B H D per kept pair (linear)
     # in-case baselines, interleaved with the contenders so a ratio never spans the machine's drift:
     # "causal" (attncc on the same inputs, causal mask), "float32" (attncc on float32 copies), "mm"
@@ -46,6 +53,22 @@ class Case:
     def work(self) -> int:
         """Floating-point operations counted for GFLOP/s: the unmasked work only."""
         return self.flops(self.L) if self.flops else 4 * B * H * D * kept_pairs(self)
+
+
+# NOTE: the reference backend keeps up to about eight B x H x L x L float32 buffers live at its peak
+# (measured peak RSS at L=1024: 7.6 for stick-breaking, 5.6 softplus, 4.6 sigmoid): at L=8192,
+# H=8 one float32 buffer is 2.1 GB, so the whole-tensor reference needs far more than a 23 GB
+# machine. Past this budget a head-independent case runs it head by head (1/H of the peak).
+REFERENCE_BUDGET = 4 * 2**30
+REFERENCE_BUFFERS = 8
+# the reference's timed repeats: at L=8192 one run takes tens of seconds and 20-30x attncc's time,
+# so its noise does not matter to a 10x target; the other contenders keep every repeat
+REFERENCE_REPEATS = 2
+
+
+def reference_by_head(L: int) -> bool:
+    """Whether the dense reference at ``B x H x L x L`` (float32) would pass ``REFERENCE_BUDGET``."""
+    return REFERENCE_BUFFERS * B * H * L * L * 4 > REFERENCE_BUDGET
 
 
 def _causal(q, kv):
@@ -96,7 +119,7 @@ def build_cases(quick: bool) -> list[Case]:
     L = 1024 if quick else 8192
     for norm in ("sigmoid", "softplus", "stick_breaking"):
         cases.append(Case(norm, L, program=lambda norm=norm: attncc.variant(mask=masks.causal, normalizer=norm),
-                          keep=_causal, reference=L <= 2048 or norm != "stick_breaking"))
+                          keep=_causal, reference=True, reference_by_head=reference_by_head(L)))
     L = 2048 if quick else 16384
     cases.append(Case("linear", L, program=lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
                       keep=_causal, flops=lambda L: 4 * B * H * D * D * L, baselines=("causal",)))
@@ -130,7 +153,9 @@ def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callabl
         block_mask = create_block_mask(mask_mod, None, None, case.L, case.L, device="cpu")
         compiled = torch.compile(flex_attention, dynamic=False)
         found["flex-compiled"] = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
-    if case.reference:
+    if case.reference and case.reference_by_head:
+        found["reference"] = lambda: reference_heads(program, q, k, v)
+    elif case.reference:
         found["reference"] = lambda: program(q, k, v, backend="reference")
     if "causal" in case.baselines:
         import attncc
@@ -144,6 +169,16 @@ def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callabl
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         found["torch.mm"] = lambda: torch.mm(a, b)
     return found
+
+
+def reference_heads(program: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The reference backend one query head at a time (GQA: each with its kv head), concatenated.
+
+    The same dense work as one whole call for a case whose scores do not depend on the head.
+    """
+    group = q.shape[1] // k.shape[1]
+    return torch.cat([program(q[:, h:h + 1], k[:, h // group:h // group + 1], v[:, h // group:h // group + 1],
+                              backend="reference") for h in range(q.shape[1])], dim=1)
 
 
 MM_FLOPS = 2 * 2048**3
@@ -176,8 +211,10 @@ def run_case(case: Case, repeats: int, echo: Callable[[str], None]) -> None:
     for name, fn in fns.items():  # warm-up: compiles (timed once, reported separately)
         case.results[f"{name}:first"] = _time(fn)
     best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, fn in fns.items():
+            if name == "reference" and i >= REFERENCE_REPEATS:
+                continue  # the reference takes the first REFERENCE_REPEATS rounds only (see there)
             best[name] = min(best[name], _time(fn))
     case.results.update(best)
     echo(f"  {case.label}: "
