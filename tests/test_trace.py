@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
 
-from attncc.codegen.reference.attention import index_grid
+from attncc.ir.dense import index_grid
 from attncc.ir.evaluate import evaluate
 from attncc.ir.trace import Captures, Symbol, trace_mask, trace_pointwise, trace_score
 

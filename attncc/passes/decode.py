@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from attncc.codegen.reference.attention import expand_kv, index_grid
 from attncc.ir import nodes
+from attncc.ir.dense import expand_kv, index_grid
 from attncc.ir.evaluate import evaluate
 from attncc.ir.graph import AttentionGraph
 from attncc.passes.manager import PassResult, add_note, attach, facts_of

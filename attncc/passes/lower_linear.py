@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from attncc.codegen.reference.attention import expand_kv, feature_map
+from attncc.ir.dense import expand_kv, feature_map
 from attncc.ir.graph import AttentionGraph
 from attncc.ir.nodes import LinearNorm
 from attncc.passes.causality import exact_causal_kind

@@ -12,8 +12,12 @@ steps live here too, in plain torch, as the algorithm backends mirror:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from attncc.ir.dense import expand_kv, normalize_scores
+from attncc.ir.evaluate import evaluate
 from attncc.ir.graph import AttentionGraph
 from attncc.ir.nodes import TopKBlocksRoute, TopKHeadsRoute
 from attncc.passes.causality import mask_implies_causal
@@ -200,11 +204,6 @@ def routed_attention(
     ``Lkv`` are masked), then applies the region's score, mask and normaliser there, as
     the dense reference does on the full row (SEMANTICS.md: routing intersects the mask).
     """
-    import math
-
-    from attncc.codegen.reference.attention import _normalize, expand_kv
-    from attncc.ir.evaluate import evaluate
-
     gate = region.gate
     if gate is None:
         raise ValueError(f"region %{region.node} has no TopKBlocks gate (run lower_routing first)")
@@ -238,6 +237,6 @@ def routed_attention(
     keep = valid & (s != -math.inf)
     if region.mask is not None:
         keep = keep & evaluate(region.mask, grid, ctx, dtype)
-    # NOTE: the normalisers are the reference's own: routing changes which keys, not how they weigh.
-    weights, _ = _normalize(region.normalizer, s, keep, ctx, Lkv, dtype)
+    # NOTE: the normalisers are the reference's own (attncc.ir.dense): routing changes which keys, not how they weigh.
+    weights, _ = normalize_scores(region.normalizer, s, keep, ctx, Lkv, dtype)
     return torch.einsum("bhqn,bhqnd->bhqd", weights, values).to(q.dtype)

@@ -8,30 +8,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from attncc.ir import nodes
+from attncc.ir.dense import divide_rows, expand_kv, feature_map, index_grid, normalize_scores
 from attncc.ir.evaluate import evaluate
-from attncc.ir.expr import Expr
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 Tensor = torch.Tensor
-
-
-def index_grid(B: int, H: int, Lq: int, Lkv: int, q_offset: int, device: torch.device) -> dict[str, Tensor]:
-    """Broadcastable index tensors b, h, q_idx, kv_idx of shape [B|1, H|1, Lq|1, Lkv|1]."""
-    arange = lambda n: torch.arange(n, device=device, dtype=torch.int64)
-    return {
-        "b": arange(B).view(B, 1, 1, 1),
-        "h": arange(H).view(1, H, 1, 1),
-        "q_idx": (arange(Lq) + q_offset).view(1, 1, Lq, 1),
-        "kv_idx": arange(Lkv).view(1, 1, 1, Lkv),
-    }
-
-
-def expand_kv(t: Tensor, Hq: int) -> Tensor:
-    """GQA: query head h reads kv head h // (Hq // Hkv)."""
-    return t.repeat_interleave(Hq // t.shape[1], dim=1)
 
 
 def run_plan(
@@ -99,76 +82,11 @@ def attention(
             s = s + evaluate(region.row_shift, grid, ctx, dtype)
         s = torch.broadcast_to(s, keep.shape)
         keep = keep & (s != float("-inf"))
-        weights, lse = _normalize(norm, s, keep, ctx, Lkv, dtype)
+        weights, lse = normalize_scores(norm, s, keep, ctx, Lkv, dtype)
     out = weights @ vc
     if isinstance(region.routing, nodes.TopKHeadsRoute):
         out = out * topk_heads_weights(region.routing, ctx[region.routing.router.name]).to(dtype)
     return out.to(q.dtype), (lse.float() if lse is not None else None)
-
-
-def _normalize(
-    norm: object, s: Tensor, keep: Tensor, ctx: dict[str, Tensor], Lkv: int, dtype: torch.dtype
-) -> tuple[Tensor, Tensor | None]:
-    safe = torch.where(keep, s, torch.zeros((), dtype=dtype, device=s.device))
-    if isinstance(norm, nodes.SoftmaxNorm):
-        return _softmax(norm, s, keep, ctx)
-    if isinstance(norm, nodes.SigmoidNorm):
-        bias = -math.log(max(Lkv, 1)) if norm.bias is None else norm.bias  # Lkv = 0: no keys, no weights
-        return torch.where(keep, torch.sigmoid(safe + bias), 0.0), None
-    if isinstance(norm, nodes.PointwiseNorm):
-        phi = torch.where(keep, evaluate(norm.phi, {"score": safe}, ctx, dtype), 0.0)
-        if not norm.normalize:
-            return phi, None
-        return _divide_rows(phi), None
-    if isinstance(norm, nodes.StickBreakingNorm):
-        return _stick_breaking(safe, keep), None
-    raise TypeError(f"the reference backend has no case for normalizer {type(norm).__name__}")
-
-
-def _divide_rows(weights: Tensor) -> Tensor:
-    """Row-normalise; a row summing to exactly 0 stays 0 (SEMANTICS.md)."""
-    total = weights.sum(dim=-1, keepdim=True)
-    nonzero = total != 0
-    return torch.where(nonzero, weights / torch.where(nonzero, total, 1.0), 0.0)
-
-
-def _softmax(norm: nodes.SoftmaxNorm, s: Tensor, keep: Tensor, ctx: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Softmax over the kept entries, plus ``exp(sink_h)`` in the denominator when present.
-
-    A row with nothing kept (and no sink) has ``lse = -inf`` and zero weights. Its scores are
-    replaced by zeros before ``logsumexp`` so that autograd never forms ``exp(-inf - -inf)``:
-    fully masked rows get zero gradients, not NaN.
-    """
-    masked = torch.where(keep, s, float("-inf"))
-    if norm.sink is not None:
-        sink = ctx[norm.sink.name].view(1, -1, 1, 1).expand(*masked.shape[:3], 1)
-        masked = torch.cat([masked, sink], dim=-1)
-        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
-    alive = keep.any(dim=-1, keepdim=True)
-    lse_alive = torch.logsumexp(torch.where(alive, masked, 0.0), dim=-1, keepdim=True)
-    weights = torch.where(keep & alive, torch.exp(masked - lse_alive), 0.0)
-    lse = torch.where(alive, lse_alive, float("-inf")).squeeze(-1)
-    if norm.sink is not None:
-        weights = weights[..., :-1]
-    return weights, lse
-
-
-def _stick_breaking(s: Tensor, keep: Tensor) -> Tensor:
-    """log p_ij = logsigmoid(s_ij) + sum_{t in M, t > j} logsigmoid(-s_it) (Tan et al. 2024)."""
-    log_stay = torch.where(keep, F.logsigmoid(-s), 0.0)
-    suffix = torch.flip(torch.cumsum(torch.flip(log_stay, [-1]), dim=-1), [-1])
-    later = torch.cat([suffix[..., 1:], torch.zeros_like(suffix[..., :1])], dim=-1)
-    return torch.where(keep, torch.exp(F.logsigmoid(s) + later), 0.0)
-
-
-def feature_map(name_or_expr: str | Expr, x: Tensor, ctx: dict[str, Tensor]) -> Tensor:
-    if name_or_expr == "elu1":
-        return F.elu(x) + 1
-    if name_or_expr == "relu":
-        return torch.relu(x)
-    if name_or_expr == "identity":
-        return x
-    return evaluate(name_or_expr, {"x": x}, ctx, x.dtype)
 
 
 def _linear_weights(
@@ -182,7 +100,7 @@ def _linear_weights(
         decay = ctx[norm.decay.name].view(1, -1, 1, 1)
         a = a * decay**distance
     a = torch.where(keep, a, 0.0)
-    return _divide_rows(a) if norm.normalize else a
+    return divide_rows(a) if norm.normalize else a
 
 
 def topk_blocks_selection(route: nodes.TopKBlocksRoute, causal: bool, q: Tensor, k: Tensor, q_offset: int) -> Tensor:
