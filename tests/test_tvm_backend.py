@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("tvm")
 
@@ -77,6 +79,7 @@ VARIANTS = {
     "stick_breaking": lambda: attncc.variant(mask=masks.causal, normalizer="stick_breaking"),
     "stick_breaking_strict": lambda: attncc.variant(
         mask=lambda b, h, q, kv: q > kv, normalizer="stick_breaking"),
+    "stick_breaking_dense": lambda: attncc.variant(normalizer="stick_breaking"),
 }
 _BUILT: dict[str, attncc.Variant] = {}
 
@@ -144,6 +147,61 @@ def test_tile_multiple_lengths_and_larger_head_dim() -> None:
     """Lengths that are whole tiles (no padding copies) and D = Dv = 64."""
     q, k, v = qkv(B=1, Hq=2, Hkv=2, Lq=128, Lkv=128, D=64, Dv=64)
     check_against_reference(variant("causal"), q, k, v, backend="tvm", return_lse=True)
+
+
+def test_ragged_last_tile_is_listed_partial() -> None:
+    """FULL tiles evaluate no bound: a FULL last tile past ``Lkv`` moves to the PARTIAL list,
+    at the end (lists stay ascending); whole-tile lengths keep their tables."""
+    from attncc.passes.sparsify import block_tables_for
+
+    region = variant("dense").plan.regions[0]
+    tables = block_tables_for(region, 1, 2, 37, 150, (16, 64), 0, {})
+    moved = launcher.ragged_tile_partial(tables, 150, 64)
+    assert moved.full_count.flatten().tolist() == [2] * 3
+    assert moved.partial_count.flatten().tolist() == [1] * 3
+    assert moved.partial_index[..., 0].flatten().tolist() == [2] * 3
+    assert launcher.ragged_tile_partial(tables, 150, 64) is moved  # computed once per tables
+    whole = block_tables_for(region, 1, 2, 37, 128, (16, 64), 0, {})
+    assert launcher.ragged_tile_partial(whole, 128, 64) is whole
+    causal = block_tables_for(variant("causal").plan.regions[0], 1, 2, 150, 150, (64, 64), 0, {})
+    assert launcher.ragged_tile_partial(causal, 150, 64) is causal  # its last tile is PARTIAL already
+
+
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=60), heads=st.integers(1, 4),
+       threads=st.integers(1, 8))
+@settings(max_examples=60, deadline=None)
+def test_task_order_lists_every_task_once_and_balances_the_runs(counts: list[int], heads: int,
+                                                               threads: int) -> None:
+    """Each (head, q tile) appears once; the heaviest of TVM's contiguous runs is no heavier
+    than in row-major order."""
+    from attncc.passes.sparsify import tables_from_classes
+
+    nq = len(counts)
+    classes = torch.zeros(1, heads, nq, 41, dtype=torch.int8)
+    for qt, c in enumerate(counts):
+        classes[0, :, qt, :c] = 2  # c FULL tiles
+    tables = tables_from_classes(classes)
+    order = launcher.task_order(tables, 1, heads, threads)
+    assert sorted(order[order >= 0].tolist()) == list(range(heads * nq))
+    work = (tables.partial_count + tables.full_count).float().reshape(-1) + launcher.TASK_OVERHEAD_TILES
+    step = -(-order.numel() // threads)
+    runs = [float(work[o[o >= 0].long()].sum()) for o in order.split(step)]
+    assert max(runs) <= launcher._heaviest_run(work, -(-heads * nq // threads)) + 1e-3
+
+
+def test_one_head_causal_balances_and_matches_reference() -> None:
+    """One causal head: row-major runs would give the last thread most of the triangle."""
+    from attncc.passes.sparsify import block_tables_for
+
+    tables = block_tables_for(variant("causal").plan.regions[0], 1, 1, 512, 512, (64, 64), 0, {})
+    order = launcher.task_order(tables, 1, 1, 2)
+    assert order.tolist() != list(range(8))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        check_against_reference(variant("causal"), *qkv(B=1, Hq=1, Hkv=1, Lq=300, Lkv=300), backend="tvm")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_new_length_reuses_the_module() -> None:

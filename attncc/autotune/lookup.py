@@ -10,13 +10,14 @@ reach a kernel. The answer is memoized per process until the cache is written to
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import torch
 
 from attncc.autotune import device as devices
-from attncc.autotune.cache import TuningCache
+from attncc.autotune.cache import TuningCache, default_db_path
 from attncc.autotune.keys import ShapeKey, TuningKey, dtype_name
 from attncc.autotune.records import warn_once
 from attncc.autotune.space import Config, SearchSpace
@@ -35,8 +36,10 @@ def tuning_enabled() -> bool:
 
 def default_cache() -> TuningCache:
     """The process-wide cache at the current default path (``ATTNCC_CACHE_DIR`` is re-read)."""
-    cache = TuningCache()
-    return _CACHES.setdefault(str(cache.path), cache)
+    path = str(default_db_path())
+    if path not in _CACHES:
+        _CACHES[path] = TuningCache(path)
+    return _CACHES[path]
 
 
 def device_for(backend: str, device: str | torch.device | None) -> str:
@@ -66,7 +69,7 @@ def select_config(
         raise TypeError(f"space must be an attncc.autotune.SearchSpace, got {type(space).__name__}")
     if not isinstance(shape, ShapeKey):
         raise TypeError(f"shape must be an attncc.autotune.ShapeKey (ShapeKey.of(...)), got {type(shape).__name__}")
-    shape = ShapeKey(**{**shape.as_dict(), "dtype": dtype_name(dtype)})
+    shape = dataclasses.replace(shape, dtype=dtype_name(dtype))
     cache = cache if cache is not None else default_cache()
     key = TuningKey(plan_fingerprint, backend, device_for(backend, device), shape)
     enabled = tuning_enabled()

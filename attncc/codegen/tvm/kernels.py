@@ -3,9 +3,11 @@
 Notation (FlexAttention's template, on a CPU):
 
 - one task per (batch ``b``, query head ``h``, query tile ``qt`` of ``BM`` rows), run by
-  ``T.parallel``; the kv head is ``hk = h // (HQ // HKV)`` (GQA / MQA);
+  ``T.parallel`` in the order of the task table ``TO`` (balanced work per thread); the kv head
+  is ``hk = h // (HQ // HKV)`` (GQA / MQA);
 - a task walks kv tiles of ``BN`` keys listed in the block tables: PARTIAL tiles evaluate
-  the mask, FULL tiles do not, EMPTY tiles are never listed (two loops);
+  the mask and the ``kv < LKV`` bound, FULL tiles neither (a ragged last tile is listed as
+  PARTIAL, ``launcher.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
 - per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
   elementwise (masked -> ``-inf``), then the normalizer's update, then ``Acc += P V_tile`` in
@@ -140,11 +142,11 @@ class _Forward:
         w("@T.prim_func")
         extra = "".join(f", x{i}: T.handle" for i in range(len(self.specs)))
         w(f"def attn(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, "
-          f"pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle{extra}, "
+          f"pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle, to_h: T.handle{extra}, "
           f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF"):
+            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF", "NT"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
             w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{dt}")')
@@ -155,11 +157,15 @@ class _Forward:
             w('PI = T.match_buffer(pi_h, (TB, TH, NQ, MP), "int32")')
             w('FC = T.match_buffer(fc_h, (TB, TH, NQ), "int32")')
             w('FI = T.match_buffer(fi_h, (TB, TH, NQ, MF), "int32")')
+            w('TO = T.match_buffer(to_h, (NT,), "int32")')
             for i, spec in enumerate(self.specs):
                 w(buffer_declaration(i, spec))
-            heads = "HQ" if s.group == 1 else "HKV"
-            with w.block(f"for task in T.parallel(B * {heads} * NQ):"):
-                self._task()
+            # the threads take equal runs of slots; TO lists the tasks so that the runs carry
+            # equal work (launcher.task_order), -1 pads to a whole run per thread
+            with w.block("for slot in T.parallel(NT):"):
+                w("task = TO[slot]")
+                with w.block("if task >= 0:"):
+                    self._task()
         return w.text()
 
     def _task(self) -> None:
@@ -359,8 +365,10 @@ class _Forward:
         env = {**self._index_env(i, j), "score": raw}
         render = Renderer(env, self.specs)
         score = raw if self.region.score is None else render(self.region.score)
+        if masked == "False":  # a FULL tile: every pair kept, every key in range (launcher.launch)
+            return score
         keep = f"(kv0 + {j} < LKV)"
-        if self.region.mask is not None and masked != "False":
+        if self.region.mask is not None:
             mask = render(self.region.mask)
             keep = f"T.And({keep}, {mask})" if masked == "True" else f"T.And({keep}, T.Or(T.Not({masked}), {mask}))"
         return f"T.if_then_else({keep}, {score}, {NEG_INF})"

@@ -16,6 +16,8 @@ import os
 import tempfile
 import threading
 import warnings
+import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 
 from attncc.codegen.tvm.kernels import KernelShape, captured_specs, render_forward
 from attncc.passes.plan import AttentionRegion
+from attncc.passes.sparsify import BlockTables
 
 _MODULES: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -72,10 +75,20 @@ def set_threads() -> None:
 
 
 def module_key(source: str, target: dict[str, str]) -> str:
-    import tvm
+    """Memoized: hashing a kernel's source (kilobytes) cost about a tenth of a millisecond per
+    launch (a str caches its own hash, so the memo lookup is cheap)."""
+    memo = (source, tuple(sorted(target.items())))
+    try:
+        return _KEYS[memo]
+    except KeyError:
+        import tvm
 
-    text = repr((source, sorted(target.items()), tvm.__version__))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+        text = repr((source, sorted(target.items()), tvm.__version__))
+        key = _KEYS[memo] = hashlib.sha256(text.encode()).hexdigest()[:32]
+        return key
+
+
+_KEYS: dict[tuple[str, tuple], str] = {}
 
 
 def compile_source(source: str, target: dict[str, str]) -> Any:
@@ -136,7 +149,7 @@ def _save(module: Any, path: Path) -> None:
 
 def launch(
     region: AttentionRegion, shape: KernelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    tensors: dict[str, torch.Tensor], tables: Any, *, scale: float, q_offset: int, bias: float,
+    tensors: dict[str, torch.Tensor], tables: BlockTables, *, scale: float, q_offset: int, bias: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (o in q's dtype, lse float32)."""
     module = get_module(render_forward(region, shape))
@@ -146,13 +159,99 @@ def launch(
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     kp, vp = stage_kv(k, v, q.dtype)
+    tables = ragged_tile_partial(tables, k.shape[2], shape.block_n)
+    order = task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
     module["attn"](
         q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-        tables.full_count.contiguous(), tables.full_index.contiguous(),
+        tables.full_count.contiguous(), tables.full_index.contiguous(), order,
         *extra, float(scale), int(q_offset), float(bias), int(k.shape[2]),
     )
     return out, lse
+
+
+def ragged_tile_partial(tables: BlockTables, Lkv: int, block_n: int) -> BlockTables:
+    """``tables`` with a FULL last kv tile that runs past ``Lkv`` listed as PARTIAL instead.
+
+    Why: the kernel's FULL tiles evaluate nothing per score, not even the ``kv < LKV`` bound;
+    only the last tile of a ragged length needs it. It has the largest index, so appending it
+    keeps the PARTIAL lists ascending (stick-breaking merges them from the back).
+    """
+    if Lkv % block_n == 0:
+        return tables
+    # NOTE: tables are cached per geometry by sparsify; so is this (a few torch ops, ~0.1 ms).
+    # None stands for "unchanged": a value holding its own key would keep it alive.
+    known = _RAGGED.setdefault(tables, {})
+    if (Lkv, block_n) not in known:
+        known[Lkv, block_n] = _move_last_tile(tables, (Lkv - 1) // block_n)
+    return known[Lkv, block_n] or tables
+
+
+_RAGGED: weakref.WeakKeyDictionary[BlockTables, dict[tuple[int, int], BlockTables | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _move_last_tile(tables: BlockTables, last: int) -> BlockTables | None:
+    fc, fi = tables.full_count.long(), tables.full_index
+    lists_last = fi.gather(-1, (fc - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1) == last
+    moved = lists_last & (fc > 0)
+    if not bool(moved.any()):
+        return None
+    pc, pi = tables.partial_count, tables.partial_index
+    width = int((pc + moved).max())
+    if width > pi.shape[-1]:
+        pi = torch.cat([pi, pi.new_zeros(*pi.shape[:-1], width - pi.shape[-1])], dim=-1)
+    pi = pi.clone()
+    rows = moved.nonzero(as_tuple=True)
+    pi[(*rows, pc.long()[rows])] = last
+    return replace(tables, partial_count=(pc + moved).to(torch.int32), partial_index=pi,
+                   full_count=(fc - moved.long()).to(torch.int32))
+
+
+def task_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
+    """The kernel's task table: every (b, head, q tile) once, laid out so that the ``threads``
+    equal runs of slots that TVM's ``T.parallel`` hands out carry about equal work.
+
+    Why: TVM splits a parallel loop into contiguous runs, one per thread, with no stealing.
+    In row-major order a causal mask on one head gives the second thread three times the
+    first's tiles; a document mask can be worse. Tasks are dealt largest first, boustrophedon,
+    to the runs (``-1`` pads to whole runs), each run in row-major order so that neighbouring
+    tasks share K and V. Row-major order is kept when it is already balanced within 2%.
+    """
+    key = (B, heads, threads)
+    known = _ORDERS.setdefault(tables, {})
+    if key not in known:
+        known[key] = _balanced_order(tables, B, heads, threads)
+    return known[key]
+
+
+_ORDERS: weakref.WeakKeyDictionary[BlockTables, dict[tuple[int, int, int], torch.Tensor]] = (
+    weakref.WeakKeyDictionary())
+BALANCE_SLACK = 1.02
+TASK_OVERHEAD_TILES = 0.5  # a task's fixed cost (loading Q, writing O) in tiles
+
+
+def _balanced_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
+    nq = tables.partial_count.shape[2]
+    tiles = (tables.partial_count + tables.full_count).float()
+    work = tiles.expand(B, heads, nq).reshape(-1) + TASK_OVERHEAD_TILES
+    n = work.numel()
+    runs = max(1, min(threads, n))
+    step = -(-n // runs)
+    if runs == 1 or _heaviest_run(work, step) <= BALANCE_SLACK * float(work.sum()) / runs:
+        return torch.arange(n, dtype=torch.int32)
+    padded = torch.cat([work, work.new_zeros(step * runs - n)])  # padding: work 0, dealt last
+    by_work = torch.argsort(padded, descending=True, stable=True)
+    position = torch.arange(padded.numel())
+    lap, seat = position // runs, position % runs
+    run = torch.where(lap % 2 == 0, seat, runs - 1 - seat)
+    slots = by_work[torch.argsort(run * padded.numel() + by_work)]  # per run, row-major
+    return torch.where(slots < n, slots, -1).to(torch.int32)
+
+
+def _heaviest_run(work: torch.Tensor, step: int) -> float:
+    pad = -work.numel() % step
+    return float(torch.cat([work, work.new_zeros(pad)]).view(-1, step).sum(1).max())
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
