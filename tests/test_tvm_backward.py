@@ -220,6 +220,22 @@ def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
         check_grads(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
+    """The two kernels' task tables (launcher.balanced_order) on a mask whose tiles differ per
+    query head, GQA 2:1: dkdv weighs a kv head by its group's query heads; every task runs once."""
+    program = attncc.variant(mask=lambda b, h, q, kv: (q >= kv) & (q - kv < 16 + 24 * h))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fused_kernel(False):
+            check_grads(program, *qkv(B=1, Hq=4, Hkv=2, Lq=150, Lkv=150, seed=3))
+    finally:
+        torch.set_num_threads(before)
+    tiles = torch.tensor([[[1, 2, 3], [4, 5, 6], [0, 0, 1], [1, 1, 1]]])
+    assert backward_launch._per_kv_head(tiles, 2).tolist() == [[[5, 7, 9], [1, 1, 2]]]
+
+
 def test_fused_kernel_choice() -> None:
     """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map."""
     threads = torch.get_num_threads()

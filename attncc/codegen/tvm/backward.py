@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attncc.codegen.tvm.kernels import NEG_INF, TORCH_TO_TIR, Lines, captured_specs, tree
+from attncc.codegen.tvm.kernels import NEG_INF, TASK_TABLE, TORCH_TO_TIR, Lines, captured_specs, task_loop, tree
 from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
@@ -102,10 +102,11 @@ class _Backward:
                 "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
+          f"{'' if kind == 'fused' else ', to_h: T.handle'}"
           f"{extra}, scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LQP", "LKP", "NKT", "TB", "TH", "NT", "MP", "MF"):
+            for name in ("B", "HQ", "HKV", "LQ", "LQP", "LKP", "NKT", "TB", "TH", "NT", "MP", "MF", "NS"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
             w(f'KT = T.match_buffer(kt_h, (B, HKV, NKT, {s.D}, {s.block_n}), "float32")')
@@ -124,16 +125,18 @@ class _Backward:
             w('PI = T.match_buffer(pi_h, (TB, TH, NT, MP), "int32")')
             w('FC = T.match_buffer(fc_h, (TB, TH, NT), "int32")')
             w('FI = T.match_buffer(fi_h, (TB, TH, NT, MF), "int32")')
+            if kind != "fused":  # its tasks are whole (b, hk): balanced already
+                w(TASK_TABLE)
             for i, spec in enumerate(self.specs):
                 w(buffer_declaration(i, spec))
             for i, name in enumerate(self.learn):
                 size = math.prod(learned_loads(self.region.score, name)[0].src[0].arg.shape)
                 w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float32")')
             if kind == "dq":
-                with w.block(f"for task in T.parallel(B * HQ * ((LQ + {s.block_m - 1}) // {s.block_m})):"):
+                with task_loop(w):
                     self._dq_task()
             elif kind == "dkdv":
-                with w.block("for task in T.parallel(B * HKV * NKT):"):
+                with task_loop(w):
                     self._dkdv_task(fused=False)
             else:
                 with w.block("for task in T.parallel(B * HKV):"):

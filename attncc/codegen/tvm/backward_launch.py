@@ -116,6 +116,15 @@ def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tupl
     return counts.to(torch.int32).view(Bp, Hp, nkv), out.view(Bp, Hp, nkv, width)
 
 
+def _per_kv_head(tiles: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """Per-query-head tile counts ``[B', H', n]`` -> a dkdv task's, which walks every query
+    head of its kv head's group: ``[B', Hkv, n]`` (or ``H' = 1`` kept)."""
+    Bp, Hp, n = tiles.shape
+    if Hp == 1:
+        return tiles
+    return tiles.view(Bp, Hkv, Hp // Hkv, n).sum(2)
+
+
 # NOTE: the fused kernel runs B * HKV tasks; below this many per thread, two kernels balance better.
 FUSED_MIN_TASKS_PER_THREAD = 4
 
@@ -173,14 +182,17 @@ def launch_backward(
         dq = dq[:, :, :Lq] * scale
         return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
+    threads = torch.get_num_threads()
     launcher.get_module(render_backward(region, shape, "dq"))["attn"](
         qc, kt, vt, doc, lse, delta, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
+        launcher.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
         qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
+        launcher.balanced_order(_per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)

@@ -19,13 +19,16 @@ suffix sum is a vertical vector operation over keys (no horizontal reductions), 
 product reads K in its own row-major layout (one broadcast per key and feature).
 
 Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
-Inputs of any float dtype are converted to float32 on load; accumulation is float32.
+Inputs of any float dtype are converted to float32 on load (K and V a tile at a time into
+compact buffers, ``_staged``); accumulation is float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.render import (
@@ -107,6 +110,25 @@ class Lines:
         return "\n".join(self.lines) + "\n"
 
 
+STAGED_MIN_ROWS = 16
+TASK_TABLE = 'TO = T.match_buffer(to_h, (NS,), "int32")'
+
+
+@contextlib.contextmanager
+def task_loop(w: Lines) -> Iterator[None]:
+    """``T.parallel`` over the slots of the task table ``TO``; the body sees ``task``.
+
+    Why a table: TVM hands each thread one contiguous run of a parallel loop, with no
+    stealing, so row-major tasks leave a causal or document mask's threads unequally loaded.
+    ``launcher.balanced_order`` lays the tasks out so that the runs carry equal work; -1 pads
+    to whole runs.
+    """
+    with w.block("for slot in T.parallel(NS):"):
+        w("task = TO[slot]")
+        with w.block("if task >= 0:"):
+            yield
+
+
 _RENDERED: dict[tuple[AttentionRegion, KernelShape], str] = {}
 
 
@@ -146,7 +168,7 @@ class _Forward:
           f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
-            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF", "NT"):
+            for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF", "NS"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
             w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{dt}")')
@@ -157,15 +179,11 @@ class _Forward:
             w('PI = T.match_buffer(pi_h, (TB, TH, NQ, MP), "int32")')
             w('FC = T.match_buffer(fc_h, (TB, TH, NQ), "int32")')
             w('FI = T.match_buffer(fi_h, (TB, TH, NQ, MF), "int32")')
-            w('TO = T.match_buffer(to_h, (NT,), "int32")')
+            w(TASK_TABLE)
             for i, spec in enumerate(self.specs):
                 w(buffer_declaration(i, spec))
-            # the threads take equal runs of slots; TO lists the tasks so that the runs carry
-            # equal work (launcher.task_order), -1 pads to a whole run per thread
-            with w.block("for slot in T.parallel(NT):"):
-                w("task = TO[slot]")
-                with w.block("if task >= 0:"):
-                    self._task()
+            with task_loop(w):
+                self._task()
         return w.text()
 
     def _task(self) -> None:
@@ -246,10 +264,12 @@ class _Forward:
 
     @property
     def _staged(self) -> bool:
-        """float16 / bfloat16 K and V are converted a tile at a time into float32 buffers (the
-        products read each element BM / R times; converting all of K and V up front cost a copy
-        of both per call)."""
-        return self.s.dtype != "float32"
+        """K and V are copied a tile at a time into compact float32 buffers: float16 / bfloat16
+        always (the products read each element BM / R times; converting all of K and V up front
+        cost a copy of both per call), float32 for tiles of 16 rows or more, where reading the
+        copy without the clamp of the last key beats the copy's cost (2-7% at L = 2048..8192);
+        a decoding tile of 8 rows reads the inputs directly (the copy costs it 25%)."""
+        return self.s.dtype != "float32" or self.s.block_m >= STAGED_MIN_ROWS
 
     def _kv(self, buf: str, j: str, d: str) -> str:
         """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
@@ -262,7 +282,7 @@ class _Forward:
         with w.block(f"for j in range({s.block_n}):"):
             for buf, width in (("K", s.D), ("V", s.Dv)):
                 with w.block(f"for d in T.vectorized({width}):"):
-                    w(f'{buf}f[j, d] = T.Cast("float32", {buf}[b, hk, T.min(kv0 + j, LKP - 1), d])')
+                    w(f"{buf}f[j, d] = {self._f32(f'{buf}[b, hk, T.min(kv0 + j, LKP - 1), d]')}")
 
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w

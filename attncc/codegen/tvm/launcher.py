@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import os
 import tempfile
 import threading
@@ -209,44 +210,70 @@ def _move_last_tile(tables: BlockTables, last: int) -> BlockTables | None:
 
 
 def task_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
-    """The kernel's task table: every (b, head, q tile) once, laid out so that the ``threads``
-    equal runs of slots that TVM's ``T.parallel`` hands out carry about equal work.
-
-    Why: TVM splits a parallel loop into contiguous runs, one per thread, with no stealing.
-    In row-major order a causal mask on one head gives the second thread three times the
-    first's tiles; a document mask can be worse. Tasks are dealt largest first, boustrophedon,
-    to the runs (``-1`` pads to whole runs), each run in row-major order so that neighbouring
-    tasks share K and V. Row-major order is kept when it is already balanced within 2%.
-    """
+    """The forward kernel's task table for ``tables`` (memoized per tables: ``balanced_order``)."""
     key = (B, heads, threads)
     known = _ORDERS.setdefault(tables, {})
     if key not in known:
-        known[key] = _balanced_order(tables, B, heads, threads)
+        known[key] = balanced_order(tables.partial_count + tables.full_count, B, heads, threads)
     return known[key]
 
 
 _ORDERS: weakref.WeakKeyDictionary[BlockTables, dict[tuple[int, int, int], torch.Tensor]] = (
     weakref.WeakKeyDictionary())
 BALANCE_SLACK = 1.02
-TASK_OVERHEAD_TILES = 0.5  # a task's fixed cost (loading Q, writing O) in tiles
+TASK_OVERHEAD_TILES = 0.5  # a task's fixed cost (loading its rows, writing them) in tiles
 
 
-def _balanced_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
-    nq = tables.partial_count.shape[2]
-    tiles = (tables.partial_count + tables.full_count).float()
-    work = tiles.expand(B, heads, nq).reshape(-1) + TASK_OVERHEAD_TILES
+def balanced_order(tiles: torch.Tensor, B: int, heads: int, threads: int) -> torch.Tensor:
+    """A kernel's task table (``kernels.task_loop``): every task ``(b, head, tile)`` once, laid
+    out so that the ``threads`` equal runs of slots that TVM's ``T.parallel`` hands out carry
+    about equal work. ``tiles [B' or 1, heads or 1, n]``: the tiles each task visits.
+
+    Why: TVM splits a parallel loop into contiguous runs, one per thread, with no stealing.
+    In row-major order a causal mask on one head gives the second thread three times the
+    first's tiles; a document mask can be worse. Tasks go largest first to the lightest run
+    with room left (``-1`` pads to whole runs); each run keeps row-major order so that
+    neighbouring tasks share K and V. Row-major order is kept when it is balanced within 2%,
+    or when the dealt runs are no lighter.
+    """
+    n_tiles = tiles.shape[2]
+    work = tiles.float().expand(B, heads, n_tiles).reshape(-1) + TASK_OVERHEAD_TILES
     n = work.numel()
     runs = max(1, min(threads, n))
     step = -(-n // runs)
-    if runs == 1 or _heaviest_run(work, step) <= BALANCE_SLACK * float(work.sum()) / runs:
-        return torch.arange(n, dtype=torch.int32)
-    padded = torch.cat([work, work.new_zeros(step * runs - n)])  # padding: work 0, dealt last
-    by_work = torch.argsort(padded, descending=True, stable=True)
-    position = torch.arange(padded.numel())
+    row_major = torch.arange(n, dtype=torch.int32)
+    heaviest = _heaviest_run(work, step)
+    if runs == 1 or heaviest <= BALANCE_SLACK * float(work.sum()) / runs:
+        return row_major
+    weights = work.tolist()
+    members = _deal(weights, runs, step) if n <= DEAL_MAX_TASKS else _snake(work, runs, step)
+    order = torch.tensor([t for run in members for t in sorted(run) + [-1] * (step - len(run))], dtype=torch.int32)
+    dealt = max(sum(weights[t] for t in run) for run in members)
+    return order if dealt < heaviest else row_major
+
+
+DEAL_MAX_TASKS = 1 << 14  # beyond this many tasks, one vectorized boustrophedon pass
+
+
+def _deal(work: list[float], runs: int, capacity: int) -> list[list[int]]:
+    """Largest task first to the lightest run that has room (LPT with equal run lengths)."""
+    members: list[list[int]] = [[] for _ in range(runs)]
+    heap = [(0.0, r) for r in range(runs)]
+    for task in sorted(range(len(work)), key=lambda t: -work[t]):
+        load, r = heapq.heappop(heap)
+        members[r].append(task)
+        if len(members[r]) < capacity:
+            heapq.heappush(heap, (load + work[task], r))
+    return members
+
+
+def _snake(work: torch.Tensor, runs: int, capacity: int) -> list[list[int]]:
+    """Largest first, dealt 0..runs-1, runs-1..0, ...: equal run lengths in one vectorized pass."""
+    by_work = torch.argsort(work, descending=True, stable=True)
+    position = torch.arange(work.numel())
     lap, seat = position // runs, position % runs
     run = torch.where(lap % 2 == 0, seat, runs - 1 - seat)
-    slots = by_work[torch.argsort(run * padded.numel() + by_work)]  # per run, row-major
-    return torch.where(slots < n, slots, -1).to(torch.int32)
+    return [by_work[run == r].tolist() for r in range(runs)]
 
 
 def _heaviest_run(work: torch.Tensor, step: int) -> float:
