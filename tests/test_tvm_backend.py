@@ -26,6 +26,7 @@ from attncc import masks
 from attncc.codegen.tvm import (
     BACKEND,
     launcher,
+    schedule,
 )
 from attncc.testing import assert_close_to_reference, check_against_reference, random_qkv
 
@@ -156,15 +157,15 @@ def test_ragged_last_tile_is_listed_partial() -> None:
 
     region = variant("dense").plan.regions[0]
     tables = block_tables_for(region, 1, 2, 37, 150, (16, 64), 0, {})
-    moved = launcher.ragged_tile_partial(tables, 150, 64)
+    moved = schedule.ragged_tile_partial(tables, 150, 64)
     assert moved.full_count.flatten().tolist() == [2] * 3
     assert moved.partial_count.flatten().tolist() == [1] * 3
     assert moved.partial_index[..., 0].flatten().tolist() == [2] * 3
-    assert launcher.ragged_tile_partial(tables, 150, 64) is moved  # computed once per tables
+    assert schedule.ragged_tile_partial(tables, 150, 64) is moved  # computed once per tables
     whole = block_tables_for(region, 1, 2, 37, 128, (16, 64), 0, {})
-    assert launcher.ragged_tile_partial(whole, 128, 64) is whole
+    assert schedule.ragged_tile_partial(whole, 128, 64) is whole
     causal = block_tables_for(variant("causal").plan.regions[0], 1, 2, 150, 150, (64, 64), 0, {})
-    assert launcher.ragged_tile_partial(causal, 150, 64) is causal  # its last tile is PARTIAL already
+    assert schedule.ragged_tile_partial(causal, 150, 64) is causal  # its last tile is PARTIAL already
 
 
 @given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=60), heads=st.integers(1, 4),
@@ -181,12 +182,12 @@ def test_task_order_lists_every_task_once_and_balances_the_runs(counts: list[int
     for qt, c in enumerate(counts):
         classes[0, :, qt, :c] = 2  # c FULL tiles
     tables = tables_from_classes(classes)
-    order = launcher.task_order(tables, 1, heads, threads)
+    order = schedule.task_order(tables, 1, heads, threads)
     assert sorted(order[order >= 0].tolist()) == list(range(heads * nq))
-    work = (tables.partial_count + tables.full_count).float().reshape(-1) + launcher.TASK_OVERHEAD_TILES
+    work = (tables.partial_count + tables.full_count).float().reshape(-1) + schedule.TASK_OVERHEAD_TILES
     step = -(-order.numel() // threads)
     runs = [float(work[o[o >= 0].long()].sum()) for o in order.split(step)]
-    assert max(runs) <= launcher._heaviest_run(work, -(-heads * nq // threads)) + 1e-3
+    assert max(runs) <= schedule._heaviest_run(work, -(-heads * nq // threads)) + 1e-3
 
 
 def test_one_head_causal_balances_and_matches_reference() -> None:
@@ -194,7 +195,7 @@ def test_one_head_causal_balances_and_matches_reference() -> None:
     from attncc.passes.sparsify import block_tables_for
 
     tables = block_tables_for(variant("causal").plan.regions[0], 1, 1, 512, 512, (64, 64), 0, {})
-    order = launcher.task_order(tables, 1, 1, 2)
+    order = schedule.task_order(tables, 1, 1, 2)
     assert order.tolist() != list(range(8))
     threads = torch.get_num_threads()
     try:

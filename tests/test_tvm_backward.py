@@ -222,7 +222,7 @@ def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
-    """The two kernels' task tables (launcher.balanced_order) on a mask whose tiles differ per
+    """The two kernels' task tables (schedule.balanced_order) on a mask whose tiles differ per
     query head, GQA 2:1: dkdv weighs a kv head by its group's query heads; every task runs once."""
     program = attncc.variant(mask=lambda b, h, q, kv: (q >= kv) & (q - kv < 16 + 24 * h))
     before = torch.get_num_threads()

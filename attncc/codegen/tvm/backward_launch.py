@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm import launcher, schedule
 from attncc.codegen.tvm.backward import BackwardShape, learned_loads, render_backward
 from attncc.codegen.tvm.kernels import captured_specs
 from attncc.codegen.tvm.render import unsupported
@@ -187,12 +187,12 @@ def launch_backward(
         qc, kt, vt, doc, lse, delta, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
-        launcher.task_order(tables, B, Hq, threads),
+        schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
         qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
-        launcher.balanced_order(_per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
+        schedule.balanced_order(_per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)

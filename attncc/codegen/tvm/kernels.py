@@ -7,7 +7,7 @@ Notation (FlexAttention's template, on a CPU):
   is ``hk = h // (HQ // HKV)`` (GQA / MQA);
 - a task walks kv tiles of ``BN`` keys listed in the block tables: PARTIAL tiles evaluate
   the mask and the ``kv < LKV`` bound, FULL tiles neither (a ragged last tile is listed as
-  PARTIAL, ``launcher.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
+  PARTIAL, ``schedule.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
 - per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
   elementwise (masked -> ``-inf``), then the normalizer's update, then ``Acc += P V_tile`` in
@@ -120,7 +120,7 @@ def task_loop(w: Lines) -> Iterator[None]:
 
     Why a table: TVM hands each thread one contiguous run of a parallel loop, with no
     stealing, so row-major tasks leave a causal or document mask's threads unequally loaded.
-    ``launcher.balanced_order`` lays the tasks out so that the runs carry equal work; -1 pads
+    ``schedule.balanced_order`` lays the tasks out so that the runs carry equal work; -1 pads
     to whole runs.
     """
     with w.block("for slot in T.parallel(NS):"):
