@@ -45,6 +45,7 @@ class Case:
     # "causal" (attncc on the same inputs, causal mask), "float32" (attncc on float32 copies), "mm"
     baselines: tuple[str, ...] = ()
     results: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0  # interleaved timed rounds run (run_case)
 
     @property
     def label(self) -> str:
@@ -204,20 +205,32 @@ def mm_gflops(repeats: int) -> float:
     return MM_FLOPS / best / 1e9
 
 
-def run_case(case: Case, repeats: int, echo: Callable[[str], None]) -> None:
+MAX_ROUNDS = 40
+
+
+def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds: float = 0.0) -> None:
+    """Interleaved rounds of every contender, at least ``repeats`` of them and more, up to
+    ``MAX_ROUNDS``, until the rounds after the first took ``min_seconds``: a fast case gets
+    many rounds, so that its minimum for every contender comes from the machine's quiet
+    moments (its slow phases last minutes)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, case.L, D, generator=gen).to(case.dtype) for _ in range(3))
     fns = contenders(case, q, k, v)
     for name, fn in fns.items():  # warm-up: compiles (timed once, reported separately)
         case.results[f"{name}:first"] = _time(fn)
     best = dict.fromkeys(fns, math.inf)
-    for i in range(repeats):
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < min_seconds and rounds < MAX_ROUNDS):
         for name, fn in fns.items():
-            if name == "reference" and i >= REFERENCE_REPEATS:
+            if name == "reference" and rounds >= REFERENCE_REPEATS:
                 continue  # the reference takes the first REFERENCE_REPEATS rounds only (see there)
-            best[name] = min(best[name], _time(fn))
+            elapsed = _time(fn)
+            best[name] = min(best[name], elapsed)
+            spent += elapsed if name != "reference" else 0.0
+        rounds += 1
     case.results.update(best)
-    echo(f"  {case.label}: "
+    case.rounds = rounds
+    echo(f"  {case.label} ({rounds} rounds): "
          + ", ".join(f"{n} {t * 1e3:.1f} ms" for n, t in best.items()))
 
 
@@ -373,13 +386,14 @@ def plot(cases: list[Case], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: str | None = None) -> str:
+def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: str | None = None,
+        min_seconds: float = 0.0) -> str:
     cases = [c for c in build_cases(quick) if only is None or c.name == only]
     echo(f"machine: {machine()}")
     mm = mm_gflops(repeats)
     echo(f"torch.mm 2048^3: {mm:.1f} GFLOP/s")
     for case in cases:
-        run_case(case, repeats, echo)
+        run_case(case, repeats, echo, min_seconds)
     times = compile_times()
     echo(f"  compile of a new variant: cold {times.cold:.2f} s, warm from the disk cache {times.warm * 1e3:.0f} ms "
          f"(a process's first call: {times.setup * 1e3:.0f} ms)")
@@ -399,12 +413,15 @@ def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: st
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="A small set at L=1024 (about a minute, FlexAttention compiles included).")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per contender (minimum kept).")
+@click.option("--min-seconds", default=4.0, show_default=True,
+              help="More interleaved rounds (up to 40) until a case's timed runs took this long.")
 @click.option("--only", default=None, help="Run only the cases of this name (causal, window256, document, ...).")
 @click.option("--plot", "plot_path", default=None, help="Write a bar chart of effective GFLOP/s to this PNG.")
 @click.option("--output", default=None, help="Also write the markdown table to this file.")
-def bench(quick: bool, repeats: int, only: str | None, plot_path: str | None, output: str | None) -> None:
+def bench(quick: bool, repeats: int, min_seconds: float, only: str | None, plot_path: str | None,
+          output: str | None) -> None:
     """Time attncc's TVM kernels against SDPA, compiled FlexAttention, torch.mm and the reference."""
-    text = run(quick, repeats, click.echo, only)
+    text = run(quick, repeats, click.echo, only, min_seconds)
     click.echo(text)
     if output:
         with open(output, "w") as f:
