@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import heapq
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -26,16 +28,21 @@ def ragged_tile_partial(tables: BlockTables, Lkv: int, block_n: int) -> BlockTab
     """
     if Lkv % block_n == 0:
         return tables
-    # NOTE: tables are cached per geometry by sparsify; so is this (a few torch ops, ~0.1 ms).
-    # None stands for "unchanged": a value holding its own key would keep it alive.
-    known = _RAGGED.setdefault(tables, {})
-    if (Lkv, block_n) not in known:
-        known[Lkv, block_n] = _move_last_tile(tables, (Lkv - 1) // block_n)
-    return known[Lkv, block_n] or tables
+    # NOTE: None stands for "unchanged": a memo value holding its own key would keep it alive
+    moved = _derived(tables, ("ragged", Lkv, block_n), lambda: _move_last_tile(tables, (Lkv - 1) // block_n))
+    return moved or tables
 
 
-_RAGGED: weakref.WeakKeyDictionary[BlockTables, dict[tuple[int, int], BlockTables | None]] = (
-    weakref.WeakKeyDictionary())
+_DERIVED: weakref.WeakKeyDictionary[BlockTables, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def _derived(tables: BlockTables, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per tables object and key: sparsify caches tables per geometry, so a
+    derived layout (a few torch ops, up to a millisecond) is paid once per geometry too."""
+    known = _DERIVED.setdefault(tables, {})
+    if key not in known:
+        known[key] = compute()
+    return known[key]
 
 
 def _move_last_tile(tables: BlockTables, last: int) -> BlockTables | None:
@@ -56,16 +63,11 @@ def _move_last_tile(tables: BlockTables, last: int) -> BlockTables | None:
 
 
 def task_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
-    """The forward kernel's task table for ``tables`` (memoized per tables: ``balanced_order``)."""
-    key = (B, heads, threads)
-    known = _ORDERS.setdefault(tables, {})
-    if key not in known:
-        known[key] = balanced_order(tables.partial_count + tables.full_count, B, heads, threads)
-    return known[key]
+    """The forward kernel's task table for ``tables`` (``balanced_order``, memoized per tables)."""
+    return _derived(tables, ("order", B, heads, threads),
+                    lambda: balanced_order(tables.partial_count + tables.full_count, B, heads, threads))
 
 
-_ORDERS: weakref.WeakKeyDictionary[BlockTables, dict[tuple[int, int, int], torch.Tensor]] = (
-    weakref.WeakKeyDictionary())
 BALANCE_SLACK = 1.02
 TASK_OVERHEAD_TILES = 0.5  # a task's fixed cost (loading its rows, writing them) in tiles
 
