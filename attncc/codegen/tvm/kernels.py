@@ -154,6 +154,7 @@ class _Forward:
         self.norm = region.normalizer
         self.specs = captured_specs(region)
         self.w = Lines()
+        self._masked = "True"
 
     # ---- the pieces of the kernel, in source order ----------------------------------
 
@@ -271,11 +272,19 @@ class _Forward:
         a decoding tile of 8 rows reads the inputs directly (the copy costs it 25%)."""
         return self.s.dtype != "float32" or self.s.block_m >= STAGED_MIN_ROWS
 
+    def _stages(self, masked: str) -> bool:
+        """Whether a tile of this kind reads K and V through ``Kf`` / ``Vf``. A float32 FULL tile
+        lies inside ``[0, Lkv)`` (``schedule.ragged_tile_partial``): it reads the inputs
+        directly, without the clamp, and skips the copy."""
+        return self._staged and (self.s.dtype != "float32" or masked != "False")
+
     def _kv(self, buf: str, j: str, d: str) -> str:
         """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
-        if self._staged:
+        if self._stages(self._masked):
             return f"{buf}f[{j}, {d}]"
-        return f"{buf}[b, hk, T.min(kv0 + {j}, LKP - 1), {d}]"
+        if self._masked == "False":
+            return self._f32(f"{buf}[b, hk, kv0 + {j}, {d}]")
+        return self._f32(f"{buf}[b, hk, T.min(kv0 + {j}, LKP - 1), {d}]")
 
     def _stage_tile(self) -> None:
         s, w = self.s, self.w
@@ -286,7 +295,8 @@ class _Forward:
 
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
-        if self._staged:
+        self._masked = masked  # the kind of tile being rendered (read by _kv)
+        if self._stages(masked):
             self._stage_tile()
         BM, BN, Dv, R, V = s.block_m, s.block_n, s.Dv, s.rows, s.vector
         VD = math.gcd(Dv, V)
