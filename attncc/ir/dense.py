@@ -82,8 +82,12 @@ def _softmax(norm: nodes.SoftmaxNorm, s: Tensor, keep: Tensor, ctx: dict[str, Te
     """Softmax over the kept entries, plus ``exp(sink_h)`` in the denominator when present.
 
     A row with nothing kept (and no sink) has ``lse = -inf`` and zero weights. Its scores are
-    replaced by zeros before ``logsumexp`` so that autograd never forms ``exp(-inf - -inf)``:
+    replaced by zeros before the row max so that autograd never forms ``exp(-inf - -inf)``:
     fully masked rows get zero gradients, not NaN.
+
+    Weights are ``exp(s - m) / sum``, not ``exp(s - lse)``: where scores are huge (``1e23``), an
+    ulp of ``lse`` exceeds ``log(n)`` and the latter gave every one of ``n`` equal scores the
+    weight 1. The max is detached: weights and ``lse`` do not depend on it.
     """
     masked = torch.where(keep, s, float("-inf"))
     if norm.sink is not None:
@@ -91,9 +95,12 @@ def _softmax(norm: nodes.SoftmaxNorm, s: Tensor, keep: Tensor, ctx: dict[str, Te
         masked = torch.cat([masked, sink], dim=-1)
         keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
     alive = keep.any(dim=-1, keepdim=True)
-    lse_alive = torch.logsumexp(torch.where(alive, masked, 0.0), dim=-1, keepdim=True)
-    weights = torch.where(keep & alive, torch.exp(masked - lse_alive), 0.0)
-    lse = torch.where(alive, lse_alive, float("-inf")).squeeze(-1)
+    safe = torch.where(alive, masked, 0.0)
+    m = safe.amax(dim=-1, keepdim=True).detach() if safe.shape[-1] else safe.new_zeros((*safe.shape[:-1], 1))
+    e = torch.where(keep & alive, torch.exp(safe - m), 0.0)
+    total = e.sum(dim=-1, keepdim=True)
+    weights = e / torch.where(alive, total, 1.0)
+    lse = torch.where(alive, m + torch.log(torch.where(alive, total, 1.0)), float("-inf")).squeeze(-1)
     if norm.sink is not None:
         weights = weights[..., :-1]
     return weights, lse
