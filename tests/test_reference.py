@@ -737,6 +737,16 @@ def test_random_variants_match_direct_formula(score_term: tuple, mask_term: tupl
                                msg=lambda m: f"score {score_src}\nmask {mask_src}\n{normalizer}\n{m}")
 
 
+def test_softmax_of_huge_equal_scores_is_uniform() -> None:
+    """Scores near 1e23 and 1e64, equal along a row: every weight is 1/n (an ulp of the lse
+    there exceeds log n, so exp(s - lse) once gave each weight 1). CI's hypothesis example."""
+    var = attncc.variant(lambda score, b, h, q_idx, kv_idx: torch.exp(torch.exp(torch.maximum(q_idx, score))))
+    q, k, v = _qkv(B=1, Hq=1, Hkv=1, Lq=5, Lkv=6, D=4, Dv=3)
+    q = q * 0.1  # raw scores below q_idx >= 1: each row's scores are equal
+    out = _run(var, q, k, v, q_offset=1)
+    torch.testing.assert_close(out[0, 0, 3:], v[0, 0].mean(0).expand(2, 3), rtol=1e-12, atol=1e-12)
+
+
 def test_out_of_bounds_read_names_the_captured_tensor() -> None:
     short = torch.zeros(4)
     var = attncc.variant(lambda s, b, h, qi, ki: s + short[qi])
