@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attncc.ir import expr as ex
-from attncc.passes.halfplanes import halfplane_conjuncts, is_halfplane
+from attncc.passes.halfplanes import halfplane_conjuncts, is_halfplane, only_halfplanes
 
 Q, KV, B, H = ex.var("q_idx"), ex.var("kv_idx"), ex.var("b"), ex.var("h")
 
@@ -22,6 +22,13 @@ def test_window_and_causal_terms_are_halfplanes() -> None:
     causal = ex.binary("ge", Q, KV)
     near = ex.binary("lt", ex.binary("sub", Q, KV), ex.const(256))
     assert halfplane_conjuncts(ex.binary("and", causal, near)) == (causal, near)
+
+
+def test_only_halfplanes_needs_every_conjunct() -> None:
+    causal = ex.binary("ge", Q, KV)
+    assert only_halfplanes(ex.binary("and", causal, ex.binary("lt", ex.binary("sub", Q, KV), ex.const(256))))
+    assert not only_halfplanes(ex.binary("and", causal, ex.binary("eq", B, ex.const(0))))
+    assert not only_halfplanes(None)
 
 
 def test_non_convex_or_run_time_terms_are_not() -> None:

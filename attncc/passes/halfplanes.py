@@ -10,6 +10,8 @@ tensor are left out: their sets are not convex, or not known at code-generation 
 
 from __future__ import annotations
 
+import functools
+
 from attncc.ir.expr import Expr
 from attncc.passes.causality import conjuncts
 
@@ -43,3 +45,12 @@ def halfplane_conjuncts(mask: Expr | None) -> tuple[Expr, ...]:
     if mask is None:
         return ()
     return tuple(t for t in conjuncts(mask) if is_halfplane(t))
+
+
+@functools.lru_cache(maxsize=512)
+def only_halfplanes(mask: Expr | None) -> bool:
+    """Every conjunct of ``mask`` is a half-plane (causal, sliding windows): a kernel that skips
+    register blocks by ``halfplane_conjuncts`` loses little at a band's edges at any tile size.
+    Memoized: launches ask it per call, and an ``Expr`` carries its hash."""
+    return mask is not None and len(halfplane_conjuncts(mask)) == len(conjuncts(mask))
+

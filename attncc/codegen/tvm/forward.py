@@ -24,8 +24,7 @@ from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
 from attncc.codegen.tvm.space import SPACE, fits
 from attncc.ir import nodes
-from attncc.passes.causality import conjuncts
-from attncc.passes.halfplanes import halfplane_conjuncts
+from attncc.passes.halfplanes import only_halfplanes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 from attncc.passes.sparsify import BlockTables, block_tables_for
 
@@ -65,7 +64,7 @@ def _geometry(
         return config, group, packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
     tables = block_tables_for(region, B, Hq, Lq, Lkv, (config["block_m"], config["block_n"]), q_offset, tensors)
     half = {**config, "block_m": config["block_m"] // 2, "block_n": config["block_n"] // 2}
-    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half) or _skips_inside(region):
+    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half) or only_halfplanes(region.mask):
         return config, 1, tables
     # halving saves work only inside PARTIAL tiles (a FULL tile splits into FULL tiles)
     partial = int(tables.partial_count.sum()) * config["block_m"] * config["block_n"]
@@ -76,12 +75,6 @@ def _geometry(
             tables, config["block_m"], config["block_n"]):
         return half, 1, smaller
     return config, 1, tables
-
-
-def _skips_inside(region: AttentionRegion) -> bool:
-    """Every conjunct of the mask is a half-plane: the kernel skips the masked register blocks
-    of a PARTIAL tile itself (``kernels._live_box``), so a band's edges cost little at any tile."""
-    return len(halfplane_conjuncts(region.mask)) == len(conjuncts(region.mask))
 
 
 def run_forward(
