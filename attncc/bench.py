@@ -210,7 +210,7 @@ MAX_ROUNDS = 40
 
 def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds: float = 0.0) -> None:
     """Interleaved rounds of every contender, at least ``repeats`` of them and more, up to
-    ``MAX_ROUNDS``, until the rounds after the first took ``min_seconds``: a fast case gets
+    ``MAX_ROUNDS``, until the timed runs (the reference's aside) took ``min_seconds``: a fast case gets
     many rounds, so that its minimum for every contender comes from the machine's quiet
     moments (its slow phases last minutes)."""
     gen = torch.Generator().manual_seed(0)
