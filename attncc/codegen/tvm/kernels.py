@@ -395,7 +395,7 @@ class _Forward:
         env = {**self._index_env(i, j), "score": raw}
         render = Renderer(env, self.specs)
         score = raw if self.region.score is None else render(self.region.score)
-        if masked == "False":  # a FULL tile: every pair kept, every key in range (launcher.launch)
+        if masked == "False":  # a FULL tile: every pair kept, every key in range (schedule.ragged_tile_partial)
             return score
         keep = f"(kv0 + {j} < LKV)"
         if self.region.mask is not None:
