@@ -340,3 +340,12 @@ def test_captured_tensor_of_a_new_size_reuses_the_module() -> None:
         if L == 150:
             assert launcher.STATS["compiled"] == before["compiled"]
             assert launcher.STATS["memory_hits"] > before["memory_hits"]
+
+
+def test_softmax_exp_polynomial_is_float32_accurate() -> None:
+    """The coefficient table of ``fast_exp_nonpositive``: 2**f within 1e-7 relative on [-1/2, 1/2]."""
+    from attncc.codegen.tvm.render import _EXP2_MINIMAX5
+
+    points = [i / 4000 - 0.5 for i in range(4001)]
+    worst = max(abs(sum(c * f**k for k, c in enumerate(_EXP2_MINIMAX5)) / 2**f - 1) for f in points)
+    assert worst < 1e-7

@@ -111,6 +111,7 @@ class Lines:
 
 
 STAGED_MIN_ROWS = 16
+EXP_KEYS = 4
 TASK_TABLE = 'TO = T.match_buffer(to_h, (NS,), "int32")'
 
 
@@ -443,10 +444,15 @@ class _Forward:
                 w(f"Mu[i1] = T.if_then_else(Mv[i1] == {NEG_INF}, T.float32(0.0), Mv[i1])")
                 w(f"Alpha[{i}] = {fast_exp_nonpositive(f'(M[{i}] - Mu[i1])')}")
                 w(f"M[{i}] = Mv[i1]")
-            with w.block(f"for j in range({BN}):"):
-                with w.block(f"for i1 in T.vectorized({V}):"):
-                    w(f"St[j, {i}] = {fast_exp_nonpositive(f'(St[j, {i}] - Mu[i1])')}")
-                    w(f"Lv[i1] = Lv[i1] + St[j, {i}]")
+            # EXP_KEYS keys' exponentials per step: independent polynomial chains interleave (one
+            # key at a time the loop waits on each chain's latency; 4 measured about 4% faster)
+            U = math.gcd(BN, EXP_KEYS)
+            with w.block(f"for j0 in range({BN // U}):"):
+                with w.block(f"for j1 in T.unroll({U}):"):
+                    with w.block(f"for i1 in T.vectorized({V}):"):
+                        j = f"(j0 * {U} + j1)"
+                        w(f"St[{j}, {i}] = {fast_exp_nonpositive(f'(St[{j}, {i}] - Mu[i1])')}")
+                        w(f"Lv[i1] = Lv[i1] + St[{j}, {i}]")
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
 

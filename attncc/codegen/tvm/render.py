@@ -90,19 +90,25 @@ def fast_exp(x: str) -> str:
     return f"T.if_then_else({x} < T.float32(-87.0), T.float32(0.0), {big})"
 
 
+# 2**f on [-1/2, 1/2] by a degree-5 polynomial fitted for relative error (near-minimax, found by
+# reweighted least squares on Chebyshev nodes): at most 7.5e-8, below float32's half ulp, with one
+# multiply-add fewer than the Taylor polynomial of the same accuracy (degree 6).
+_EXP2_MINIMAX5 = (1.000000071654532, 0.6931469670600188, 0.2402211972433566, 0.05550713281242219,
+                  0.009675541314537878, 0.0013276469489187336)
+
+
 def fast_exp_nonpositive(x: str) -> str:
     """``exp(x)`` for float32 ``x <= 0`` or ``-inf`` (softmax's ``s - m``), cheaper than ``fast_exp``.
 
     ``x`` is clamped at -88: ``n = round(x log2 e)`` is then at least -127, whose exponent
     field ``n + 127 = 0`` makes ``2**n`` exactly 0, so ``-inf`` (a masked score) and anything
-    below about -87.3 give exactly 0 without a select; a degree-6 polynomial suffices for
-    float32 (relative error about 1e-7).
+    below about -87.3 give exactly 0 without a select; ``2**f`` by ``_EXP2_MINIMAX5``.
     """
     xc = f"T.max({x}, T.float32(-88.0))"
     tn = f"T.floor({xc} * T.float32(1.4426950408889634) + T.float32(0.5))"
     tf = f"({xc} * T.float32(1.4426950408889634) - {tn})"
-    poly = f"T.float32({_EXP2_COEFFS[6]!r})"
-    for c in reversed(_EXP2_COEFFS[:6]):
+    poly = f"T.float32({_EXP2_MINIMAX5[-1]!r})"
+    for c in reversed(_EXP2_MINIMAX5[:-1]):
         poly = f"({poly} * {tf} + T.float32({c!r}))"
     scale = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {tn}) + 127, 23))'
     return f"({scale} * {poly})"
