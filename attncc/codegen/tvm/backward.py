@@ -277,7 +277,7 @@ class _Backward:
                 with w.block(f"for j0 in range(1, {BN // VJ}):"):
                     with w.block(f"for j1 in T.vectorized({VJ}):"):
                         w(f"Lv[j1] = Lv[j1] + P[i, j0 * {VJ} + j1]")
-                w(f"Ls[i] = Ls[i] + {tree('', 'Lv', VJ)}")
+                w(f"Ls[i] = Ls[i] + {tree('', [f'Lv[{n}]' for n in range(VJ)])}")
         with w.block(f"for i in range({BM}):"):
             w("Lr[i] = T.if_then_else(Ls[i] != T.float32(0.0), T.float32(1.0) / Ls[i], T.float32(0.0))")
             with w.block("if q0 + i < LQ:"):

@@ -75,10 +75,9 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     return tuple(found)
 
 
-def tree(fn: str, buf: str, n: int) -> str:
-    """A balanced reduction of ``buf[0..n)`` by ``fn`` (``""``: +) as one expression, so that
-    a row reduction does not round-trip through memory once per lane."""
-    terms = [f"{buf}[{i}]" for i in range(n)]
+def tree(fn: str, terms: list[str]) -> str:
+    """A balanced reduction of ``terms`` by ``fn`` (``""``: +) as one expression, so that a row
+    reduction does not round-trip through memory once per lane."""
     while len(terms) > 1:
         pairs = [terms[i : i + 2] for i in range(0, len(terms), 2)]
         terms = [(f"{fn}({p[0]}, {p[1]})" if fn else f"({p[0]} + {p[1]})") if len(p) == 2 else p[0] for p in pairs]
@@ -220,6 +219,8 @@ class _Forward:
         w(f'M = T.decl_buffer(({BM},), "float32")')
         w(f'L = T.decl_buffer(({BM},), "float32")')
         w(f'Alpha = T.decl_buffer(({BM},), "float32")')
+        if self._folds_max:
+            w(f'Mn = T.decl_buffer(({BM},), "float32")')
         with w.block(f"for d in range({D}):"):
             with w.block(f"for i in range({BM}):"):
                 head, row = self._row("i")
@@ -299,6 +300,9 @@ class _Forward:
         self._masked = masked  # the kind of tile being rendered (read by _kv)
         if self._stages(masked):
             self._stage_tile()
+        if self._folds_max:
+            with w.block(f"for i in T.vectorized({s.block_m}):"):
+                w("Mn[i] = M[i]")
         BM, BN, Dv, R, V = s.block_m, s.block_n, s.Dv, s.rows, s.vector
         VD = math.gcd(Dv, V)
         # St = score_mask(K_tile QT), register blocked: R keys (broadcast) x V query rows (vector)
@@ -372,6 +376,11 @@ class _Forward:
             with w.block(f"for i1 in T.vectorized({V}):"):
                 i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
                 w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
+        if self._folds_max:  # the block's scores are still in registers: no pass over St for the max
+            i = f"i0 * {V} + i1"
+            keys = [f"St[j0 * {R} + {j1}, {i}]" for j1 in range(R)]
+            with w.block(f"for i1 in T.vectorized({V}):"):
+                w(f"Mn[{i}] = T.max(Mn[{i}], {tree('T.max', keys)})")
 
     def _value_step(self) -> None:
         """``Or += P[rows, j] V[j]`` for key ``j``: R rows (broadcast from St) x VD value columns."""
@@ -391,6 +400,11 @@ class _Forward:
             corners = [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
             tests.append(functools.reduce(lambda a, b: f"T.Or({a}, {b})", corners))
         return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests) if tests else None
+
+    @property
+    def _folds_max(self) -> bool:
+        """Softmax keeps the tile's new row maxima ``Mn`` as the score blocks are written."""
+        return isinstance(self.norm, nodes.SoftmaxNorm)
 
     def _row(self, i: str) -> tuple[str, str]:
         """(query head, query row) of tile row ``i``: ``h`` and ``q0 + i``, or the packed ones."""
@@ -447,11 +461,8 @@ class _Forward:
             w(f'Mu = T.decl_buffer(({V},), "float32", scope="local")')
             w(f'Lv = T.decl_buffer(({V},), "float32", scope="local")')
             with w.block(f"for i1 in T.vectorized({V}):"):
-                w(f"Mv[i1] = M[{i}]")
+                w(f"Mv[i1] = Mn[{i}]")  # the new row max, folded into the score blocks
                 w("Lv[i1] = T.float32(0.0)")
-            with w.block(f"for j in range({BN}):"):
-                with w.block(f"for i1 in T.vectorized({V}):"):
-                    w(f"Mv[i1] = T.max(Mv[i1], St[j, {i}])")
             with w.block(f"for i1 in T.vectorized({V}):"):
                 # a row with no live score yet keeps m = -inf; subtract 0 there (exp(-inf) = 0)
                 w(f"Mu[i1] = T.if_then_else(Mv[i1] == {NEG_INF}, T.float32(0.0), Mv[i1])")

@@ -323,7 +323,7 @@ class _Linear:
             with w.block(f"for j0 in range({C // VJ}):"):
                 with w.block(f"for j1 in T.vectorized({VJ}):"):
                     w(f"Zv[j1] = Zv[j1] + {keys}[d, j0 * {VJ} + j1]")
-            w(f"{self._Z('d')} = {self._Z('d')}{keep} + {tree('', 'Zv', VJ)}")
+            w(f"{self._Z('d')} = {self._Z('d')}{keep} + {tree('', [f'Zv[{n}]' for n in range(VJ)])}")
 
     def _intra(self) -> None:
         """``A = (Fq FkT) * mask * decay`` in ``RI x VJ`` register blocks; tiles entirely above
@@ -375,7 +375,7 @@ class _Linear:
             with w.block(f"for d0 in range({s.D // VK}):"):
                 with w.block(f"for d1 in T.vectorized({VK}):"):
                     w(f"Zl[d1] = Zl[d1] + {self._carried()}[i, d0 * {VK} + d1] * {self._Z(f'd0 * {VK} + d1')}")
-            w(f"den = {tree('', 'Dl', VJ)} + {tree('', 'Zl', VK)}")
+            w(f"den = {tree('', [f'Dl[{n}]' for n in range(VJ)])} + {tree('', [f'Zl[{n}]' for n in range(VK)])}")
             w(
                 f"Inv[i] = T.if_then_else(den != {ZERO}, T.float32(1.0) / T.if_then_else(den != {ZERO}, den, "
                 f"T.float32(1.0)), {ZERO})"
