@@ -206,22 +206,22 @@ def mm_gflops(repeats: int) -> float:
 
 
 MAX_ROUNDS = 40
-# NOTE: every timed call starts after a pause, so that no contender pays for the previous one's thread
-# pool: after a parallel region, torch's libgomp workers spin-wait (GOMP_SPINCOUNT, 300000 by default)
-# and TVM's workers likewise (TVM_THREAD_POOL_SPIN_COUNT), each holding a core for a few
-# milliseconds. Measured with 2 threads, causal L=2048: attncc right after torch.mm 32.6-33.8 ms,
-# after torch.mm and a 50 ms pause 29.0-29.1 ms, after itself 27.9-28.0 ms. The baselines all run on
-# torch's pool, whose spinning workers take the next region's work, so only attncc (and whatever
-# follows it) paid that tax in an interleaved round. A user's model pays it too where attncc follows a
-# torch op within a few ms (README, the paragraph on threads).
-SETTLE_SECONDS = 0.05
+# NOTE: every timed call follows an untimed call of the same contender (its primer), so that no
+# contender pays for the previous one's thread pool: after a parallel region, torch's libgomp workers
+# spin-wait on a core for a few milliseconds (GOMP_SPINCOUNT) and TVM's likewise. Measured with 2
+# threads, causal L=2048: attncc right after torch.mm 32.6-33.8 ms, after torch.mm and a 50 ms pause
+# 29.0-29.1 ms, after itself 27.9-28.0 ms. The baselines all run on torch's pool, whose spinning
+# workers take the next region's work, so in an interleaved round only attncc (and whatever followed
+# it) paid that tax. A pause instead of the primer (run cpu_2026-11-30f) costs every short call: the
+# window L=2048 kernel read 9.1-9.3 ms back to back, 9.9-10.4 ms after 50 ms idle. A user's model pays
+# the tax where attncc follows a torch op within a few ms (README, the paragraph on threads).
 
 
 def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds: float = 0.0) -> None:
     """Interleaved rounds of every contender, at least ``repeats`` of them and more, up to
     ``MAX_ROUNDS``, until the timed runs (the reference's aside) took ``min_seconds``: a fast case gets
     many rounds, so that its minimum for every contender comes from the machine's quiet
-    moments (its slow phases last minutes). Each timed call follows a pause of ``SETTLE_SECONDS``."""
+    moments (its slow phases last minutes). Each timed call but the reference's follows an untimed primer call."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, case.L, D, generator=gen).to(case.dtype) for _ in range(3))
     fns = contenders(case, q, k, v)
@@ -233,7 +233,8 @@ def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds:
         for name, fn in fns.items():
             if name == "reference" and rounds >= REFERENCE_REPEATS:
                 continue  # the reference takes the first REFERENCE_REPEATS rounds only (see there)
-            time.sleep(SETTLE_SECONDS)
+            if name != "reference":  # the primer (see the NOTE above); the reference takes seconds
+                fn()
             elapsed = _time(fn)
             best[name] = min(best[name], elapsed)
             spent += elapsed if name != "reference" else 0.0
