@@ -346,10 +346,11 @@ class _Forward:
 
     def _live_keys(self, live: str) -> None:
         """``Jl``: the first and one past the last chunk of ``R`` keys that ``live`` keeps for these
-        rows. Chunks outside carry weight exactly 0 and are skipped; one plain loop over the
-        keys between runs as fast as a FULL tile's (a test per chunk inside the product made a
-        diagonal tile cost as much as a FULL one). The chunks between may hold dead ones too:
-        their weights are 0, so the bounds need not be tight (half-planes keep an interval)."""
+        rows. Chunks outside carry weight exactly 0 and are skipped; the keys between run in one
+        plain loop, as in a FULL tile, instead of a test per chunk inside the product (measured
+        0-2% faster on causal L=1024-2048; a diagonal tile still costs about a FULL one). The
+        chunks between may hold dead ones too: their weights are 0, so the bounds need not be
+        tight (half-planes keep an interval)."""
         w, chunks = self.w, self.s.block_n // self.s.rows
         w('Jl = T.decl_buffer((2,), "int32", scope="local")')
         w(f"Jl[0] = {chunks}")
