@@ -42,7 +42,7 @@ from attncc.codegen.tvm.render import (
 )
 from attncc.ir import nodes
 from attncc.ir.expr import TensorSpec
-from attncc.passes.halfplanes import halfplane_conjuncts
+from attncc.passes.halfplanes import halfplane_conjuncts, only_halfplanes
 from attncc.passes.plan import AttentionRegion
 
 NEG_INF = 'T.float32("-inf")'
@@ -234,14 +234,14 @@ class _Forward:
         if isinstance(self.norm, nodes.StickBreakingNorm):
             self._descending_tiles()
         else:
-            with w.block("for n in range(PC[tb, th, qt]):"):
-                w("kt = PI[tb, th, qt, n]")
-                w(f"kv0 = kt * {BN}")
-                self._tile(masked="True")
             with w.block("for n in range(FC[tb, th, qt]):"):
                 w("kt = FI[tb, th, qt, n]")
                 w(f"kv0 = kt * {BN}")
                 self._tile(masked="False")
+            with w.block("for n in range(PC[tb, th, qt]):"):
+                w("kt = PI[tb, th, qt, n]")
+                w(f"kv0 = kt * {BN}")
+                self._tile(masked="True")
         self._finish()
 
     def _descending_tiles(self) -> None:
@@ -308,17 +308,22 @@ class _Forward:
         # St = score_mask(K_tile QT), register blocked: R keys (broadcast) x V query rows (vector)
         with w.block(f"for j0 in range({BN // R}):"):
             with w.block(f"for i0 in range({BM // V}):"):
-                live = self._live_box(masked, (f"i0 * {V}", f"i0 * {V} + {V - 1}"),
-                                      (f"j0 * {R}", f"j0 * {R} + {R - 1}"))
+                box = (f"i0 * {V}", f"i0 * {V} + {V - 1}"), (f"j0 * {R}", f"j0 * {R} + {R - 1}")
+                live, whole = self._live_box(masked, *box), self._whole_box(masked, *box)
                 if live is None:
                     self._score_block(masked)
                 else:
-                    with w.block(f"if {live}:"):
-                        self._score_block(masked)
-                    with w.block("else:"):
-                        with w.block(f"for j1 in T.unroll({R}):"):
-                            with w.block(f"for i1 in T.vectorized({V}):"):
-                                w(f"St[j0 * {R} + j1, i0 * {V} + i1] = {NEG_INF}")
+                    with contextlib.ExitStack() as inside:
+                        if whole is not None:  # every pair kept: the block evaluates no mask
+                            with w.block(f"if {whole}:"):
+                                self._score_block("False")
+                            inside.enter_context(w.block("else:"))
+                        with w.block(f"if {live}:"):
+                            self._score_block(masked)
+                        with w.block("else:"):
+                            with w.block(f"for j1 in T.unroll({R}):"):
+                                with w.block(f"for i1 in T.vectorized({V}):"):
+                                    w(f"St[j0 * {R} + j1, i0 * {V} + i1] = {NEG_INF}")
         self._normalizer_update()
         # Acc = Alpha * Acc + P @ V, register blocked: R rows (broadcast from St) x VD value columns
         # NOTE: key rows past the end are clamped to the last one (their weight is exactly 0), so
@@ -401,6 +406,17 @@ class _Forward:
             corners = [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
             tests.append(functools.reduce(lambda a, b: f"T.Or({a}, {b})", corners))
         return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests) if tests else None
+
+    def _whole_box(self, masked: str, rows: tuple[str, str], keys: tuple[str, str]) -> str | None:
+        """In a PARTIAL tile of a mask made of half-planes only, a scalar test that the box keeps
+        every pair: each conjunct holds at all four corners (a half-plane is convex) and the last
+        key is in range. None where the mask has other conjuncts (their values are per pair)."""
+        if masked != "True" or not only_halfplanes(self.region.mask):
+            return None
+        tests = [f"(kv0 + {keys[1]} < LKV)"]
+        for term in halfplane_conjuncts(self.region.mask):
+            tests += [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
+        return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests)
 
     @property
     def _folds_max(self) -> bool:
