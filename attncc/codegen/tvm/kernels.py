@@ -221,10 +221,7 @@ class _Forward:
         w(f'Alpha = T.decl_buffer(({BM},), "float32")')
         if self._folds_max:
             w(f'Mn = T.decl_buffer(({BM},), "float32")')
-        with w.block(f"for d in range({D}):"):
-            with w.block(f"for i in range({BM}):"):
-                head, row = self._row("i")
-                w(f"QT[d, i] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * scale")
+        self._transpose_q()
         with w.block(f"for i in T.vectorized({BM}):"):
             w(f"M[i] = {NEG_INF}")
             w("L[i] = T.float32(0.0)")
@@ -243,6 +240,24 @@ class _Forward:
                 w(f"kv0 = kt * {BN}")
                 self._tile(masked="True")
         self._finish()
+
+    def _transpose_q(self) -> None:
+        """``QT = scale * Q_tile^T`` in two steps: the rows copied (contiguous, vectorized) into
+        ``Qs``, then transposed between two buffers of fixed strides. Read straight from ``Q``
+        (symbolic strides, a clamped row per element), the transposition took 2.8 us of a
+        task's 4 us outside its tiles (window L=2048, 8 heads, 1 thread: 2-3% of the call)."""
+        s, w = self.s, self.w
+        BM, D = s.block_m, s.D
+        w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
+        with w.block(f"for i in range({BM}):"):
+            head, row = self._row("i")
+            with w.block(f"for d in T.vectorized({D}):"):
+                w(f"Qs[i, d] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * scale")
+        U = math.gcd(BM, 8)  # vectors of U rows: a strided read of U floats, one vector store
+        with w.block(f"for i0 in range({BM // U}):"):
+            with w.block(f"for d in range({D}):"):
+                with w.block(f"for i1 in T.vectorized({U}):"):
+                    w(f"QT[d, i0 * {U} + i1] = Qs[i0 * {U} + i1, d]")
 
     def _descending_tiles(self) -> None:
         """Stick-breaking walks tiles by descending kv index: merge both lists from the back."""
