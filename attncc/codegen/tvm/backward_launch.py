@@ -192,7 +192,7 @@ def launch_backward(
     )
     launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
         qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
-        schedule.balanced_order(_per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
+        schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)

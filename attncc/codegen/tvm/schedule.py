@@ -68,6 +68,14 @@ def task_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.T
                     lambda: balanced_order(tables.partial_count + tables.full_count, B, heads, threads))
 
 
+def kv_task_order(tables: BlockTables, kv_tiles: Callable[[], torch.Tensor], B: int, Hkv: int,
+                  threads: int) -> torch.Tensor:
+    """The backward dkdv kernel's task table, memoized per tables like ``task_order`` (dealing
+    costs up to a millisecond): tasks ``(b, kv head, kv tile)`` weighted by ``kv_tiles()``,
+    the query tiles each walks, ``[B' or 1, Hkv or 1, kv tiles]``."""
+    return _derived(tables, ("kv order", B, Hkv, threads), lambda: balanced_order(kv_tiles(), B, Hkv, threads))
+
+
 BALANCE_SLACK = 1.02
 TASK_OVERHEAD_TILES = 0.5  # a task's fixed cost (loading its rows, writing them) in tiles
 
