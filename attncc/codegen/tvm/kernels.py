@@ -41,7 +41,7 @@ from attncc.codegen.tvm.render import (
     fast_log1p,
 )
 from attncc.ir import nodes
-from attncc.ir.expr import TensorSpec
+from attncc.ir.expr import Expr, TensorSpec
 from attncc.passes.halfplanes import halfplane_conjuncts, only_halfplanes
 from attncc.passes.plan import AttentionRegion
 
@@ -418,8 +418,7 @@ class _Forward:
         terms = halfplane_conjuncts(self.region.mask) if masked == "True" else ()
         tests = []
         for term in terms:
-            corners = [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
-            tests.append(functools.reduce(lambda a, b: f"T.Or({a}, {b})", corners))
+            tests.append(functools.reduce(lambda a, b: f"T.Or({a}, {b})", self._corners(term, rows, keys)))
         return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests) if tests else None
 
     def _whole_box(self, masked: str, rows: tuple[str, str], keys: tuple[str, str]) -> str | None:
@@ -430,8 +429,12 @@ class _Forward:
             return None
         tests = [f"(kv0 + {keys[1]} < LKV)"]
         for term in halfplane_conjuncts(self.region.mask):
-            tests += [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
+            tests += self._corners(term, rows, keys)
         return functools.reduce(lambda a, b: f"T.And({a}, {b})", tests)
+
+    def _corners(self, term: Expr, rows: tuple[str, str], keys: tuple[str, str]) -> list[str]:
+        """A mask conjunct rendered at the four corners of the box ``rows`` x ``keys``."""
+        return [Renderer(self._index_env(i, j), self.specs)(term) for i in rows for j in keys]
 
     @property
     def _folds_max(self) -> bool:
