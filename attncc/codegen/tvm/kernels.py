@@ -368,9 +368,8 @@ class _Forward:
         """``Jl``: the first and one past the last chunk of ``R`` keys that ``live`` keeps for these
         rows. Chunks outside carry weight exactly 0 and are skipped; the keys between run in one
         plain loop, as in a FULL tile, instead of a test per chunk inside the product (measured
-        0-2% faster on causal L=1024-2048). The
-        chunks between may hold dead ones too: their weights are 0, so the bounds need not be
-        tight (half-planes keep an interval)."""
+        0-2% faster on causal L=1024-2048). The chunks between may hold dead ones too: their
+        weights are 0, so the bounds need not be tight (half-planes keep an interval)."""
         w, chunks = self.w, self.s.block_n // self.s.rows
         w('Jl = T.decl_buffer((2,), "int32", scope="local")')
         w(f"Jl[0] = {chunks}")
