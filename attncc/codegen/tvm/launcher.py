@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from attncc.codegen.tvm import schedule
+from attncc.codegen.tvm import openmp, schedule
 from attncc.codegen.tvm.kernels import KernelShape, captured_specs, render_forward
 from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import BlockTables
@@ -129,10 +129,11 @@ def _load(path: Path) -> Any:
     try:
         module = tvm.runtime.load_module(str(path))
         module["attn"]
-        return module
     except Exception as err:
         warnings.warn(f"attncc: TVM module cache file {path} is unreadable ({err}); recompiling", stacklevel=3)
         return None
+    openmp.adopt(path)
+    return module
 
 
 def _save(module: Any, path: Path) -> None:
