@@ -41,8 +41,11 @@ class Case:
     # scores do not depend on the head (no ``h`` in score or mask, no per-head captured tensors)
     reference_by_head: bool = False
     flops: Callable[[int], int] | None = None  # work when it is not 4 B H D per kept pair (linear)
+    # time a layer's attention: the input projection, attention, the output projection (block_call)
+    block: bool = False
     # in-case baselines, interleaved with the contenders so a ratio never spans the machine's drift:
-    # "causal" (attncc on the same inputs, causal mask), "float32" (attncc on float32 copies), "mm"
+    # "causal" (attncc on the same inputs, causal mask), "float32" (attncc on float32 copies), "mm",
+    # "tvm-pool" (attncc with its kernels on TVM's thread pool instead of torch's OpenMP team)
     baselines: tuple[str, ...] = ()
     results: dict[str, float] = field(default_factory=dict)
     rounds: int = 0  # interleaved timed rounds run (run_case)
@@ -121,6 +124,10 @@ def build_cases(quick: bool) -> list[Case]:
     for norm in ("sigmoid", "softplus", "stick_breaking"):
         cases.append(Case(norm, L, program=lambda norm=norm: attncc.variant(mask=masks.causal, normalizer=norm),
                           keep=_causal, reference=True, reference_by_head=reference_by_head(L)))
+    L = 1024 if quick else 2048
+    cases.append(Case("causal block", L, program=lambda: attncc.variant(mask=masks.causal), keep=_causal,
+                      sdpa={"is_causal": True}, flops=lambda L: causal_work(L) + block_projection_work(L),
+                      block=True, baselines=("tvm-pool",)))
     L = 2048 if quick else 16384
     cases.append(Case("linear", L, program=lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
                       keep=_causal, flops=lambda L: 4 * B * H * D * D * L, baselines=("causal",)))
@@ -169,7 +176,46 @@ def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callabl
     if "mm" in case.baselines:
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         found["torch.mm"] = lambda: torch.mm(a, b)
+    if "tvm-pool" in case.baselines:
+        found["attncc-tvm tvm-pool"] = lambda: on_tvm_pool(lambda: program(q, k, v, backend="tvm"))
+    if case.block:
+        found = {name: block_call(case.L, fn) for name, fn in found.items()}
     return found
+
+
+def on_tvm_pool(fn: Callable[[], Tensor]) -> Tensor:
+    """``fn()`` with attncc's kernels on TVM's own thread pool (``codegen/tvm/openmp.py``)."""
+    from attncc.codegen.tvm import openmp
+
+    openmp.select_pool("tvm")
+    try:
+        return fn()
+    finally:
+        openmp.select_pool(None)
+
+
+def block_projection_work(L: int) -> int:
+    """The projections' work in ``block_call``: q, k, v in, o out (width ``H * D``)."""
+    return 2 * B * L * (H * D) * (4 * H * D)
+
+
+def block_call(L: int, attend: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """A layer's attention as a model runs it: the input projection (``torch.mm``), ``attend``,
+    then the output projection on its result. Attention then starts right after a torch parallel
+    op, as in a model, which the per-case primer otherwise hides (see ``run_case``). The
+    projection's output is not attention's input, so every contender sees the same q, k, v."""
+    gen = torch.Generator().manual_seed(1)
+    width = H * D
+    x = torch.randn(B * L, width, generator=gen)
+    w_in = torch.randn(width, 3 * width, generator=gen) / math.sqrt(width)
+    w_out = torch.randn(width, width, generator=gen) / math.sqrt(width)
+
+    def layer() -> Tensor:
+        torch.mm(x, w_in)
+        o = attend()
+        return torch.mm(o.transpose(1, 2).reshape(B * L, width), w_out)
+
+    return layer
 
 
 def reference_heads(program: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -194,7 +240,7 @@ def contender_work(case: Case, name: str) -> int:
     if name == "torch.mm":
         return MM_FLOPS
     if name == "attncc-tvm causal":
-        return causal_work(case.L)
+        return causal_work(case.L) + (block_projection_work(case.L) if case.block else 0)
     return case.work()
 
 
@@ -207,14 +253,14 @@ def mm_gflops(repeats: int) -> float:
 
 MAX_ROUNDS = 40
 # NOTE: every timed call follows an untimed call of the same contender (its primer), so that no
-# contender pays for the previous one's thread pool: after a parallel region, torch's libgomp workers
-# spin-wait on a core for a few milliseconds (GOMP_SPINCOUNT) and TVM's likewise. Measured with 2
-# threads, causal L=2048: attncc right after torch.mm 32.6-33.8 ms, after torch.mm and a 50 ms pause
-# 29.0-29.1 ms, after itself 27.9-28.0 ms. The baselines all run on torch's pool, whose spinning
-# workers take the next region's work, so in an interleaved round only attncc (and whatever followed
-# it) paid that tax. A pause instead of the primer (run cpu_2026-11-30f) costs every short call: the
-# window L=2048 kernel read 9.1-9.3 ms back to back, 9.9-10.4 ms after 50 ms idle. A user's model pays
-# the tax where attncc follows a torch op within a few ms (README, the paragraph on threads).
+# contender pays for the previous one's threads: after a parallel region, torch's libgomp workers
+# spin-wait on a core for a few milliseconds (GOMP_SPINCOUNT), and so does TVM's pool. Measured with 2
+# threads, causal L=2048, kernels on TVM's pool: attncc right after torch.mm 32.6-33.8 ms, after
+# torch.mm and a 50 ms pause 29.0-29.1 ms, after itself 27.9-28.0 ms. attncc's kernels now run on
+# torch's OpenMP team (codegen/tvm/openmp.py), whose spinning workers take the next region's work;
+# the primer stays so that every contender is timed the same way. A pause instead of the primer (run
+# cpu_2026-11-30f) costs every short call: the window L=2048 kernel read 9.1-9.3 ms back to back,
+# 9.9-10.4 ms after 50 ms idle. The "causal block" case times attention right after a projection.
 
 
 def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds: float = 0.0) -> None:
@@ -358,6 +404,11 @@ def targets(cases: list[Case], mm: float) -> list[str]:
         if t is None:
             continue
         r = c.results
+        if c.block:
+            check(f"{c.label} (projection, attention, projection) speed vs SDPA", r["sdpa"] / t, 1.0)
+            lines.append(f"- {c.label}: the same with attncc's kernels on TVM's thread pool: "
+                         f"{r['attncc-tvm tvm-pool'] / t:.2f}x the time")
+            continue
         if c.name == "causal" and c.dtype == torch.float32 and "sdpa" in r:
             check(f"{c.label} speed vs SDPA", r["sdpa"] / t, 1.0)
             mm_here = MM_FLOPS / r["torch.mm"] / 1e9 if "torch.mm" in r else mm
