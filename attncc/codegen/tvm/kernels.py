@@ -10,7 +10,8 @@ Notation (FlexAttention's template, on a CPU):
   PARTIAL, ``schedule.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
 - per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
-  elementwise (masked -> ``-inf``), then the normalizer's update, then ``Acc += P V_tile`` in
+  elementwise (masked -> ``-inf``; softmax keeps scores in base 2, ``_base2``), then the
+  normalizer's update, then ``Acc += P V_tile`` in
   register blocks of ``R`` rows x ``VD`` value columns;
 - sequence lengths, batch and head counts are symbolic: one module serves every length.
 
@@ -32,12 +33,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.render import (
+    LN2,
+    LOG2E,
     Renderer,
     _sigmoid,
     buffer_declaration,
     buffer_name,
     fast_exp,
-    fast_exp_nonpositive,
+    fast_exp2_nonpositive,
     fast_log1p,
 )
 from attncc.ir import nodes
@@ -252,12 +255,25 @@ class _Forward:
         with w.block(f"for i in range({BM}):"):
             head, row = self._row("i")
             with w.block(f"for d in T.vectorized({D}):"):
-                w(f"Qs[i, d] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * scale")
+                w(f"Qs[i, d] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * {self._q_scale}")
         U = math.gcd(BM, 8)  # vectors of U rows: a strided read of U floats, one vector store
         with w.block(f"for i0 in range({BM // U}):"):
             with w.block(f"for d in range({D}):"):
                 with w.block(f"for i1 in T.vectorized({U}):"):
                     w(f"QT[d, i0 * {U} + i1] = Qs[i0 * {U} + i1, d]")
+
+    @property
+    def _base2(self) -> bool:
+        """Softmax keeps its scores, maxima and ``exp`` in base 2: ``St = s log2(e)``, so that
+        ``exp(s - m) = 2**(St - M)`` needs no multiply per score (``fast_exp2_nonpositive``); the
+        factor rides on Q's scale where there is no score function, else on the score."""
+        return isinstance(self.norm, nodes.SoftmaxNorm)
+
+    @property
+    def _q_scale(self) -> str:
+        if self._base2 and self.region.score is None:
+            return f"(scale * T.float32({LOG2E!r}))"
+        return "scale"
 
     def _descending_tiles(self) -> None:
         """Stick-breaking walks tiles by descending kv index: merge both lists from the back."""
@@ -457,6 +473,8 @@ class _Forward:
         env = {**self._index_env(i, j), "score": raw}
         render = Renderer(env, self.specs)
         score = raw if self.region.score is None else render(self.region.score)
+        if self._base2 and self.region.score is not None:
+            score = f"({score} * T.float32({LOG2E!r}))"
         if masked == "False":  # a FULL tile: every pair kept, every key in range (schedule.ragged_tile_partial)
             return score
         keep = f"(kv0 + {j} < LKV)"
@@ -500,7 +518,7 @@ class _Forward:
             with w.block(f"for i1 in T.vectorized({V}):"):
                 # a row with no live score yet keeps m = -inf; subtract 0 there (exp(-inf) = 0)
                 w(f"Mu[i1] = T.if_then_else(Mv[i1] == {NEG_INF}, T.float32(0.0), Mv[i1])")
-                w(f"Alpha[{i}] = {fast_exp_nonpositive(f'(M[{i}] - Mu[i1])')}")
+                w(f"Alpha[{i}] = {fast_exp2_nonpositive(f'(M[{i}] - Mu[i1])')}")
                 w(f"M[{i}] = Mv[i1]")
             # EXP_KEYS keys' exponentials per step: independent polynomial chains interleave (one
             # key at a time the loop waits on each chain's latency; 4 measured about 4% faster)
@@ -509,7 +527,7 @@ class _Forward:
                 with w.block(f"for j1 in T.unroll({U}):"):
                     with w.block(f"for i1 in T.vectorized({V}):"):
                         j = f"(j0 * {U} + j1)"
-                        w(f"St[{j}, {i}] = {fast_exp_nonpositive(f'(St[{j}, {i}] - Mu[i1])')}")
+                        w(f"St[{j}, {i}] = {fast_exp2_nonpositive(f'(St[{j}, {i}] - Mu[i1])')}")
                         w(f"Lv[i1] = Lv[i1] + St[{j}, {i}]")
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
@@ -577,50 +595,64 @@ class _Forward:
                 w(f"L[{i}] = Sum[i1]")
 
     def _finish(self) -> None:
+        """Per row, ``O = Acc * Inv`` and ``LSE = Lse``. ``Inv`` and ``Lse`` are computed first for
+        the whole tile in vectorized loops (a scalar ``log`` and division per row took about a
+        microsecond of each task, 3-8% of a call whose tasks walk a few tiles: windows, documents)."""
         s, w, norm = self.s, self.w, self.norm
         BM, Dv = s.block_m, s.Dv
         out_dt = TORCH_TO_TIR[s.dtype]
         head, row = self._row("i")
         rows = "LQ" if s.group == 1 else f"{s.group} * LQ"
+        w(f'Inv = T.decl_buffer(({BM},), "float32")')
+        w(f'Lse = T.decl_buffer(({BM},), "float32")')
+        if isinstance(norm, nodes.SoftmaxNorm):
+            self._softmax_finish()
+        else:
+            normalize = isinstance(norm, nodes.PointwiseNorm) and norm.normalize
+            inv = "T.if_then_else(L[i] != T.float32(0.0), T.float32(1.0) / L[i], T.float32(0.0))"
+            with w.block(f"for i in T.vectorized({BM}):"):
+                w(f"Inv[i] = {inv if normalize else 'T.float32(1.0)'}")
+                w("Lse[i] = T.float32(0.0)")
         with w.block(f"for i in range({BM}):"):
             with w.block(f"if q0 + i < {rows}:"):
-                if isinstance(norm, nodes.SoftmaxNorm):
-                    self._softmax_finish()
-                elif isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
-                    w("inv = T.if_then_else(L[i] != T.float32(0.0), T.float32(1.0) / L[i], T.float32(0.0))")
-                    w("lse_i = T.float32(0.0)")
-                else:
-                    w("inv = T.float32(1.0)")
-                    w("lse_i = T.float32(0.0)")
                 with w.block(f"for d in T.vectorized({Dv}):"):
-                    value = "Acc[i, d] * inv"
+                    value = "Acc[i, d] * Inv[i]"
                     w(f"O[b, {head}, {row}, d] = {value if out_dt == 'float32' else f'T.Cast({out_dt!r}, {value})'}")
-                w(f"LSE[b, {head}, {row}] = lse_i")
+                w(f"LSE[b, {head}, {row}] = Lse[i]")
 
     def _softmax_finish(self) -> None:
-        w, norm = self.w, self.norm
-        w("m = M[i]")
-        w("l = L[i]")
-        if norm.sink is not None:
-            name = buffer_name(norm.sink, self.specs)
-            sink = f"{name}[{self._row('i')[0]}]"
-            sink_value = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
-            w(f"sk = {sink_value}")
-            w("mt = T.max(m, sk)")
-            w("lt = l * T.exp(m - mt) + T.exp(sk - mt)")
-            w("inv0 = T.exp(m - mt) / lt")
-            w("lse0 = mt + T.log(lt)")
-        else:
-            w("alive = l > T.float32(0.0)")
-            w("inv0 = T.if_then_else(alive, T.float32(1.0) / T.if_then_else(alive, l, T.float32(1.0)), T.float32(0.0))")
-            w(f"lse0 = T.if_then_else(alive, m + T.log(T.if_then_else(alive, l, T.float32(1.0))), {NEG_INF})")
-        if self.region.row_shift is not None:
-            env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
-            shift = Renderer(env, self.specs)(self.region.row_shift)
-            w(f"rs = {shift}")
-            w(f"dead = rs == {NEG_INF}")
-            w("inv = T.if_then_else(dead, T.float32(0.0), inv0)")
-            w(f"lse_i = T.if_then_else(dead, {NEG_INF}, lse0 + rs)")
-        else:
-            w("inv = inv0")
-            w("lse_i = lse0")
+        """``Inv = 1 / l`` and ``Lse = m + log l`` per row, with the sink and the row shift when the
+        region has them. One value per statement through buffers (TVM vectorizes a let-bound value
+        wrongly, see ``render.fast_exp``); ``l >= 1`` for a live row (its max's own term is
+        ``exp(0)``), so ``log l = log1p(l - 1)`` takes the fast polynomial."""
+        w, norm, BM = self.w, self.norm, self.s.block_m
+        w(f'Lt = T.decl_buffer(({BM},), "float32")')
+        w(f'Mt = T.decl_buffer(({BM},), "float32")')
+        w(f'Et = T.decl_buffer(({BM},), "float32")')
+        with w.block(f"for i in T.vectorized({BM}):"):
+            if norm.sink is not None:
+                name = buffer_name(norm.sink, self.specs)
+                sink = f"{name}[{self._row('i')[0]}]"
+                sink = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
+                sink = f"({sink} * T.float32({LOG2E!r}))"  # base 2, as M
+                # a dead row (m = -inf): Et = 0, Lt = 1, so o = 0 and lse = sink
+                w(f"Mt[i] = T.max(M[i], {sink})")
+                w(f"Et[i] = {fast_exp2_nonpositive('(M[i] - Mt[i])')}")
+                w(f"Lt[i] = L[i] * Et[i] + {fast_exp2_nonpositive(f'({sink} - Mt[i])')}")
+                w("Inv[i] = Et[i] / Lt[i]")
+            else:
+                w("Mt[i] = M[i]")
+                w("Lt[i] = T.if_then_else(L[i] > T.float32(0.0), L[i], T.float32(1.0))")
+                w("Inv[i] = T.if_then_else(L[i] > T.float32(0.0), T.float32(1.0) / Lt[i], T.float32(0.0))")
+            w("Et[i] = Lt[i] - T.float32(1.0)")
+            log_l = fast_log1p("Et[i]")
+            lse = f"Mt[i] * T.float32({LN2!r}) + {log_l}"  # M is in base 2
+            if norm.sink is None:
+                lse = f"T.if_then_else(L[i] > T.float32(0.0), {lse}, {NEG_INF})"
+            w(f"Lse[i] = {lse}")
+            if self.region.row_shift is not None:
+                env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
+                shift = Renderer(env, self.specs)(self.region.row_shift)
+                w(f"Mt[i] = {shift}")  # the row shift; -inf: a dead row
+                w(f"Inv[i] = T.if_then_else(Mt[i] == {NEG_INF}, T.float32(0.0), Inv[i])")
+                w(f"Lse[i] = T.if_then_else(Mt[i] == {NEG_INF}, {NEG_INF}, Lse[i] + Mt[i])")

@@ -97,21 +97,31 @@ _EXP2_MINIMAX5 = (1.000000071654532, 0.6931469670600188, 0.2402211972433566, 0.0
                   0.009675541314537878, 0.0013276469489187336)
 
 
-def fast_exp_nonpositive(x: str) -> str:
-    """``exp(x)`` for float32 ``x <= 0`` or ``-inf`` (softmax's ``s - m``), cheaper than ``fast_exp``.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
-    ``x`` is clamped at -88: ``n = round(x log2 e)`` is then at least -127, whose exponent
-    field ``n + 127 = 0`` makes ``2**n`` exactly 0, so ``-inf`` (a masked score) and anything
-    below about -87.3 give exactly 0 without a select; ``2**f`` by ``_EXP2_MINIMAX5``.
+
+def fast_exp2_nonpositive(x: str) -> str:
+    """``2**x`` for float32 ``x <= 0`` or ``-inf`` (softmax in base 2: ``s log2(e) - m``).
+
+    ``x`` is clamped at -127: ``n = round(x)`` is then at least -127, whose exponent field
+    ``n + 127 = 0`` makes ``2**n`` exactly 0, so ``-inf`` (a masked score) and anything below
+    about -126.5 give exactly 0 without a select; ``2**f`` by ``_EXP2_MINIMAX5``, ``f = x - n``
+    in ``[-1/2, 1/2]``. ``nearbyint`` is one rounding instruction (``floor(x + 1/2)`` is two).
     """
-    xc = f"T.max({x}, T.float32(-88.0))"
-    tn = f"T.floor({xc} * T.float32(1.4426950408889634) + T.float32(0.5))"
-    tf = f"({xc} * T.float32(1.4426950408889634) - {tn})"
+    xc = f"T.max({x}, T.float32(-127.0))"
+    tn = f"T.nearbyint({xc})"
+    tf = f"({xc} - {tn})"
     poly = f"T.float32({_EXP2_MINIMAX5[-1]!r})"
     for c in reversed(_EXP2_MINIMAX5[:-1]):
         poly = f"({poly} * {tf} + T.float32({c!r}))"
     scale = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {tn}) + 127, 23))'
     return f"({scale} * {poly})"
+
+
+def fast_exp_nonpositive(x: str) -> str:
+    """``exp(x)`` for float32 ``x <= 0`` or ``-inf``: ``2**(x log2(e))`` (``fast_exp2_nonpositive``)."""
+    return fast_exp2_nonpositive(f"({x} * T.float32({LOG2E!r}))")
 
 
 def fast_log1p(y: str) -> str:
