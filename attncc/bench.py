@@ -43,6 +43,8 @@ class Case:
     flops: Callable[[int], int] | None = None  # work when it is not 4 B H D per kept pair (linear)
     # time a layer's attention: the input projection, attention, the output projection (block_call)
     block: bool = False
+    # one decoding step: (query heads, kv heads, head dim), one query at the end of an L-key cache
+    decode: tuple[int, int, int] | None = None
     # in-case baselines, interleaved with the contenders so a ratio never spans the machine's drift:
     # "causal" (attncc on the same inputs, causal mask), "float32" (attncc on float32 copies), "mm",
     # "tvm-pool" (attncc with its kernels on TVM's thread pool instead of torch's OpenMP team)
@@ -128,10 +130,16 @@ def build_cases(quick: bool) -> list[Case]:
     cases.append(Case("causal block", L, program=lambda: attncc.variant(mask=masks.causal), keep=_causal,
                       sdpa={"is_causal": True}, flops=lambda L: causal_work(L) + block_projection_work(L),
                       block=True, baselines=("tvm-pool",)))
+    for L in (2048,) if quick else (4096, 16384):
+        cases.append(Case("decode", L, program=lambda: attncc.variant(mask=masks.causal), sdpa={"enable_gqa": True},
+                          decode=DECODE_HEADS, flops=lambda L: 4 * B * DECODE_HEADS[0] * DECODE_HEADS[2] * L))
     L = 2048 if quick else 16384
     cases.append(Case("linear", L, program=lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
                       keep=_causal, flops=lambda L: 4 * B * H * D * D * L, baselines=("causal",)))
     return cases
+
+
+DECODE_HEADS = (32, 8, 128)  # a decoding step of a GQA model (query heads, kv heads, head dim)
 
 
 def kept_pairs(case: Case) -> int:
@@ -150,7 +158,8 @@ def _time(fn: Callable[[], object]) -> float:
 
 def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callable[[], object]]:
     program = case.program()
-    found: dict[str, Callable[[], object]] = {"attncc-tvm": lambda: program(q, k, v, backend="tvm")}
+    offset = case.L - 1 if case.decode else 0  # a decoding step's query is the cache's last position
+    found: dict[str, Callable[[], object]] = {"attncc-tvm": lambda: program(q, k, v, backend="tvm", q_offset=offset)}
     if case.sdpa is not None:
         found["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **case.sdpa)
     if case.flex is not None:
@@ -269,7 +278,12 @@ def run_case(case: Case, repeats: int, echo: Callable[[str], None], min_seconds:
     many rounds, so that its minimum for every contender comes from the machine's quiet
     moments (its slow phases last minutes). Each timed call but the reference's follows an untimed primer call."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, case.L, D, generator=gen).to(case.dtype) for _ in range(3))
+    if case.decode:
+        Hq, Hkv, Dd = case.decode
+        q, k, v = (torch.randn(B, heads, n, Dd, generator=gen).to(case.dtype)
+                   for heads, n in ((Hq, 1), (Hkv, case.L), (Hkv, case.L)))
+    else:
+        q, k, v = (torch.randn(B, H, case.L, D, generator=gen).to(case.dtype) for _ in range(3))
     fns = contenders(case, q, k, v)
     for name, fn in fns.items():  # warm-up: compiles (timed once, reported separately)
         case.results[f"{name}:first"] = _time(fn)
@@ -408,6 +422,11 @@ def targets(cases: list[Case], mm: float) -> list[str]:
             check(f"{c.label} (projection, attention, projection) speed vs SDPA", r["sdpa"] / t, 1.0)
             lines.append(f"- {c.label}: the same with attncc's kernels on TVM's thread pool: "
                          f"{r['attncc-tvm tvm-pool'] / t:.2f}x the time")
+            continue
+        if c.decode:
+            Hq, Hkv, Dd = c.decode
+            lines.append(f"- {c.label} (one query, {Hq} query heads over {Hkv} kv heads of {Dd}): "
+                         f"{r['sdpa'] / t:.2f}x SDPA's speed (no target in the issue)")
             continue
         if c.name == "causal" and c.dtype == torch.float32 and "sdpa" in r:
             check(f"{c.label} speed vs SDPA", r["sdpa"] / t, 1.0)
