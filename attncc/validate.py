@@ -1,6 +1,13 @@
-"""Argument checks for ``var(q, k, v)``: run before any backend, each error names its argument."""
+"""Argument checks for ``var(q, k, v)``: run before any backend, each error names its argument.
+
+The checks read only the tensors' types, shapes, dtypes and devices, and run on every call, so
+the shape/dtype/device part is memoized on exactly those values (a failed check is never
+memoized: it raises again on the next call).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -10,35 +17,52 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must have rank 4 ([B, H, L, D]), got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    _check_layout(name, t.shape, t.dtype)
     return t
 
 
+def _check_layout(name: str, shape: torch.Size, dtype: torch.dtype) -> None:
+    if len(shape) != 4:
+        raise ValueError(f"{name} must have rank 4 ([B, H, L, D]), got shape {tuple(shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {dtype}")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        name, t = next((n, t) for n, t in zip(names, (q, k, v), strict=True) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_qkv_layout(names, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_qkv_layout(
+    names: tuple[str, str, str], q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Size,
+    q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype,
+    q_device: torch.device, k_device: torch.device, v_device: torch.device,
+) -> None:
+    """``check_qkv`` past the type checks: a pure function of these values, memoized."""
     qn, kn, vn = names
-    for name, t in zip(names, (q, k, v), strict=True):
-        check_tensor(name, t)
-    for name, t in ((kn, k), (vn, v)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}; {qn}, {kn}, {vn} must share a device")
-        if t.dtype != q.dtype:
+    for name, shape, dtype in zip(names, (q_shape, k_shape, v_shape), (q_dtype, k_dtype, v_dtype), strict=True):
+        _check_layout(name, shape, dtype)
+    for name, device, dtype in ((kn, k_device, k_dtype), (vn, v_device, v_dtype)):
+        if device != q_device:
+            raise ValueError(f"{name} is on {device} but {qn} is on {q_device}; {qn}, {kn}, {vn} must share a device")
+        if dtype != q_dtype:
             raise TypeError(
-                f"{name} has dtype {t.dtype} but {qn} has dtype {q.dtype}; {qn}, {kn}, {vn} must share a dtype"
+                f"{name} has dtype {dtype} but {qn} has dtype {q_dtype}; {qn}, {kn}, {vn} must share a dtype"
             )
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: {qn} has {B}, {kn} {k.shape[0]}, {vn} {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{kn} and {vn} must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
-        raise ValueError(f"{qn} heads ({Hq}) must be a multiple of {kn} heads ({k.shape[1]}) for GQA/MQA")
-    if k.shape[3] != D:
-        raise ValueError(f"{kn} head dim {k.shape[3]} must equal {qn} head dim {D}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{kn} and {vn} must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    B, Hq, _, D = q_shape
+    if k_shape[0] != B or v_shape[0] != B:
+        raise ValueError(f"batch sizes differ: {qn} has {B}, {kn} {k_shape[0]}, {vn} {v_shape[0]}")
+    if k_shape[1] != v_shape[1]:
+        raise ValueError(f"{kn} and {vn} must have the same number of heads, got {k_shape[1]} and {v_shape[1]}")
+    if k_shape[1] == 0 or Hq % k_shape[1] != 0:
+        raise ValueError(f"{qn} heads ({Hq}) must be a multiple of {kn} heads ({k_shape[1]}) for GQA/MQA")
+    if k_shape[3] != D:
+        raise ValueError(f"{kn} head dim {k_shape[3]} must equal {qn} head dim {D}")
+    if k_shape[2] != v_shape[2]:
+        raise ValueError(f"{kn} and {vn} must have the same length, got {k_shape[2]} and {v_shape[2]}")
 
 
 def check_options(scale: object, q_offset: object) -> None:

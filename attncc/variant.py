@@ -121,13 +121,17 @@ class Program:
     ) -> Any:
         check_options(scale, q_offset)
         plan = self.plan
+        empty = False
         for region in plan.regions:
-            check_qkv(operands[region.q], operands[region.k], operands[region.v], (region.q, region.k, region.v))
+            q, k = operands[region.q], operands[region.k]
+            check_qkv(q, k, operands[region.v], (region.q, region.k, region.v))
+            empty = empty or q.shape[2] == 0 or k.shape[2] == 0
         first = operands[plan.regions[0].q]
-        check_captured(self.tensors, first.device)
+        if self.tensors:
+            check_captured(self.tensors, first.device)
         if return_lse:
             self._check_lse(plan)
-        if any(operands[r.q].shape[2] == 0 or operands[r.k].shape[2] == 0 for r in plan.regions):
+        if empty:
             self.last_choice = registry.Choice(registry.load("reference"), "empty sequence: nothing to compute")
             return _empty_result(plan, operands, self.tensors, return_lse)
         choice = registry.choose(backend, plan, first)

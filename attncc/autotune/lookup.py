@@ -5,12 +5,16 @@ device, the search space's heuristic default. ``ATTNCC_TUNING=off`` skips the tu
 but still honours pins: pins exist so that runs are bit-for-bit reproducible, and turning
 tuning off must not silently change a pinned kernel. Every stored config is checked against
 the backend's current search space before use, so a stale or hand-edited entry can never
-reach a kernel. The answer is memoized per process until the cache is written to.
+reach a kernel. The answer is memoized per process until this process writes to the cache (a
+write by another process, e.g. ``attncc tune``, is seen by processes started after it), keyed on
+everything it reads: the environment variables, the thread count (in the device fingerprint).
+Every kernel call asks, so the key is built from small values and memoized normalizations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -24,18 +28,32 @@ from attncc.autotune.space import Config, SearchSpace
 
 GPU_BACKENDS = frozenset({"triton"})
 _CACHES: dict[str, TuningCache] = {}
-_MEMO: dict[tuple, tuple[Config, str, SearchSpace]] = {}
+_MEMO: dict[tuple, tuple[Config, str, SearchSpace, str]] = {}
 # NOTE: the latest selection per plan fingerprint, for explain(): {fingerprint: [(backend, shape, config, source)]}
 LAST_SELECTIONS: dict[str, dict[tuple[str, str], tuple[Config, str]]] = {}
 
 
 def tuning_enabled() -> bool:
     """False when ``ATTNCC_TUNING`` is ``off``/``0``/``false``/``no`` (defaults and pins only)."""
-    return os.environ.get("ATTNCC_TUNING", "on").strip().lower() not in {"off", "0", "false", "no"}
+    return _enabled(os.environ.get("ATTNCC_TUNING", "on"))
+
+
+@functools.lru_cache(maxsize=16)
+def _enabled(value: str) -> bool:
+    return value.strip().lower() not in {"off", "0", "false", "no"}
 
 
 def default_cache() -> TuningCache:
     """The process-wide cache at the current default path (``ATTNCC_CACHE_DIR`` is re-read)."""
+    override = os.environ.get("ATTNCC_CACHE_DIR")
+    home = os.environ.get("HOME") if override and override.startswith("~") else None
+    return _default_cache(override, home)
+
+
+@functools.lru_cache(maxsize=16)
+def _default_cache(override: str | None, home: str | None) -> TuningCache:
+    """Memoized on what ``default_db_path`` reads (the arguments are only the memo's key):
+    building the path costs more than a whole memoized lookup."""
     path = str(default_db_path())
     if path not in _CACHES:
         _CACHES[path] = TuningCache(path)
@@ -44,11 +62,20 @@ def default_cache() -> TuningCache:
 
 def device_for(backend: str, device: str | torch.device | None) -> str:
     """The device fingerprint for a backend: the current GPU for GPU backends, else the CPU."""
+    if device is None and backend not in GPU_BACKENDS:
+        return _cpu_fingerprint(torch.get_num_threads())
     if isinstance(device, str) and "-" in device and device.split("-")[0] in ("cpu", "cuda"):
         return device  # already a fingerprint
     if device is None:
         device = "cuda" if backend in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
     return devices.fingerprint(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_fingerprint(threads: int) -> str:
+    """``devices.fingerprint("cpu")`` at ``threads``, memoized: a CPU backend asks on every kernel
+    call, and the thread count is the one thing in it that can change."""
+    return devices.fingerprint_of(devices.cpu_description(threads))
 
 
 def select_config(
@@ -69,16 +96,21 @@ def select_config(
         raise TypeError(f"space must be an attncc.autotune.SearchSpace, got {type(space).__name__}")
     if not isinstance(shape, ShapeKey):
         raise TypeError(f"shape must be an attncc.autotune.ShapeKey (ShapeKey.of(...)), got {type(shape).__name__}")
-    shape = dataclasses.replace(shape, dtype=dtype_name(dtype))
     cache = cache if cache is not None else default_cache()
-    key = TuningKey(plan_fingerprint, backend, device_for(backend, device), shape)
+    device_key = device_for(backend, device)
     enabled = tuning_enabled()
-    memo_key = (key, id(space), str(cache.path), cache.generation, enabled, os.environ.get("ATTNCC_CACHE_PATH"))
-    if memo_key not in _MEMO:
+    # NOTE: the memo keys on the shape and dtype as given; they are merged and validated on a miss
+    memo_key = (plan_fingerprint, backend, device_key, shape, dtype, id(space), str(cache.path), cache.generation,
+                enabled, os.environ.get("ATTNCC_CACHE_PATH"))
+    found = _MEMO.get(memo_key)
+    if found is None:
+        shape = dataclasses.replace(shape, dtype=dtype_name(dtype))
+        key = TuningKey(plan_fingerprint, backend, device_key, shape)
         config, source = _select(key, space, cache, enabled)
-        _MEMO[memo_key] = (config, source, space)  # NOTE: holding space keeps id(space) from being reused
-    config, source, _ = _MEMO[memo_key]
-    LAST_SELECTIONS.setdefault(plan_fingerprint, {})[(backend, shape.tag)] = (dict(config), source)
+        # NOTE: holding space keeps id(space) from being reused
+        found = _MEMO[memo_key] = (config, source, space, shape.tag)
+    config, source, _, tag = found
+    LAST_SELECTIONS.setdefault(plan_fingerprint, {})[(backend, tag)] = (dict(config), source)
     return dict(config), source
 
 

@@ -7,8 +7,10 @@ Each backend subpackage exposes a module-level ``BACKEND`` object with ``name``,
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -42,9 +44,10 @@ class Choice:
 
 
 def load(name: str) -> Backend | str:
-    """The backend object, or the reason it cannot be loaded."""
+    """The backend object, or the reason it cannot be loaded (asked again on every call: whether
+    a backend can run may change, e.g. with ``TRITON_INTERPRET``)."""
     try:
-        module = importlib.import_module(BACKEND_MODULES[name])
+        module = _module(name)
     except ImportError as err:
         return f"{name} backend not importable: {err}"
     backend = getattr(module, "BACKEND", None)
@@ -52,6 +55,12 @@ def load(name: str) -> Backend | str:
         return f"{name} backend not implemented yet"
     reason = backend.unavailable()
     return reason if reason else backend
+
+
+@functools.cache
+def _module(name: str) -> ModuleType:
+    """The backend's module, imported once (a failed import raises and is tried again next time)."""
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
 def choose(requested: str | None, plan: KernelPlan, q: torch.Tensor) -> Choice:
@@ -65,11 +74,12 @@ def choose(requested: str | None, plan: KernelPlan, q: torch.Tensor) -> Choice:
         if why_not:
             raise NotImplementedError(f"backend={requested!r} cannot run this variant: {why_not}")
         return Choice(backend, f"requested backend={requested!r}")
-    preferred = "triton" if q.device.type == "cuda" else "tvm"
+    device = q.device.type
+    preferred = "triton" if device == "cuda" else "tvm"
     backend = load(preferred)
     if isinstance(backend, str):
-        return Choice(load("reference"), f"automatic: {q.device.type} tensors; {backend}; fell back to reference")
+        return Choice(load("reference"), f"automatic: {device} tensors; {backend}; fell back to reference")
     why_not = backend.checker(plan, q)
     if why_not:
         return Choice(load("reference"), f"automatic: {preferred} declined ({why_not}); fell back to reference")
-    return Choice(backend, f"automatic: {preferred} for {q.device.type} tensors")
+    return Choice(backend, f"automatic: {preferred} for {device} tensors")

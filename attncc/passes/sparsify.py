@@ -356,10 +356,10 @@ class MaskSparsity:
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
         tensors: dict[str, Tensor] | None = None,
     ) -> BlockTables:
-        geo = _geometry(self, B, H, Lq, Lkv, tile, q_offset)
         if not self.cacheable:
-            return _tables_of_tensors(self, geo, tensors or {})
-        return _cached_tables(self, geo)  # NOTE: shared like _cached_classes: callers never write to them
+            return _tables_of_tensors(self, _geometry(self, B, H, Lq, Lkv, tile, q_offset), tensors or {})
+        tile = tuple(tile) if isinstance(tile, list) else tile
+        return _static_tables(self, B, H, Lq, Lkv, tile, q_offset)  # NOTE: shared: callers never write to them
 
     def kv_range(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
@@ -628,6 +628,14 @@ def _cached_tables(sp: MaskSparsity, geo: Geometry) -> BlockTables:
     return tables_from_classes(*_cached_classes(sp, geo))
 
 
+@functools.lru_cache(maxsize=64, typed=True)
+def _static_tables(sp: MaskSparsity, B: int, H: int, Lq: int, Lkv: int, tile: Any, q_offset: int) -> BlockTables:
+    """``_cached_tables`` memoized on the call's own arguments: every kernel call asks, and
+    checking the sizes and building the geometry cost more than the lookup. ``typed``: a bool or
+    a float never hits an int's entry, so what ``_check_sizes`` refuses is still refused."""
+    return _cached_tables(sp, _geometry(sp, B, H, Lq, Lkv, tile, q_offset))
+
+
 def _bound_interval(e: Expr | None, env: TileEnv, shape: tuple[int, ...], fallback: float) -> tuple[Tensor, Tensor]:
     if e is None:
         t = torch.full(shape, fallback, dtype=torch.float64)
@@ -681,13 +689,16 @@ def _kv_range(
 
 
 def _compact(selected: Tensor, kv_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Counts and ascending kv tile ids of the selected entries per row, padded with 0 (width >= 1)."""
+    """Counts and ascending kv tile ids of the selected entries per row, padded with 0 (width >= 1).
+
+    The ids are contiguous: kernels take compact buffers, and tables are cached, so a copy here is
+    made once instead of by every launch."""
     count = selected.sum(-1, dtype=torch.int32)
     width = max(1, int(count.max()) if count.numel() else 0)
     slot = torch.where(selected, selected.cumsum(-1, dtype=torch.int32) - 1, width).long()
     out = torch.zeros((*selected.shape[:-1], width + 1), dtype=torch.int32)
     out.scatter_(-1, slot, kv_ids.to(torch.int32).expand_as(selected))  # unselected land in the last slot
-    return count, out[..., :width]
+    return count, out[..., :width].contiguous()
 
 
 def tables_from_classes(classes: Tensor, band: Tensor | None = None) -> BlockTables:

@@ -15,6 +15,9 @@ decoding), ``rows.py`` (the forward kernel on re-indexed rows and keys, shared b
 
 from __future__ import annotations
 
+import functools
+import importlib
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,9 +36,7 @@ class TVMBackend:
         return None
 
     def checker(self, plan: KernelPlan, q: torch.Tensor) -> str | None:
-        from attncc.codegen.tvm.checker import tvm_checker
-
-        return tvm_checker(plan, q)
+        return _submodule("checker").tvm_checker(plan, q)
 
     def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
             scale: float | None, q_offset: int, return_lse: bool, config: dict | None = None,
@@ -46,10 +47,9 @@ class TVMBackend:
             from attncc.codegen.tvm.linear_launch import run_linear
 
             return run_linear(plan, region, q, k, v, tensors, q_offset=q_offset)
-        from attncc.codegen.tvm.plans import run_plan  # routing, split-KV decoding, combine
-
-        return run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse,
-                        config=config)
+        plans = _submodule("plans")  # routing, split-KV decoding, combine
+        return plans.run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse,
+                              config=config)
 
     def source(self, plan: KernelPlan) -> str:
         from attncc.codegen.tvm.kernels import KernelShape, render_forward
@@ -62,6 +62,13 @@ class TVMBackend:
             return render_linear(region, LinearShape(64, 64, "float32", chunk=kernel_chunk(region.linear.chunk)))
         config = {name: values[0] for name, values in PARAMS.items()}
         return render_forward(plan.regions[0], KernelShape(64, 64, "float32", **config))
+
+
+@functools.cache
+def _submodule(name: str) -> ModuleType:
+    """``attncc.codegen.tvm.<name>``, imported on first use: the kernel modules load only when a
+    call needs them, and an import statement in a method costs about a microsecond per call."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 BACKEND = TVMBackend()

@@ -42,7 +42,9 @@ def learned_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or bool(learned_names(tensors)))
+    if not torch.is_grad_enabled():
+        return False
+    return q.requires_grad or k.requires_grad or v.requires_grad or bool(tensors and learned_names(tensors))
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -65,10 +67,14 @@ def reference_backward(
 def run_region(
     plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, config: dict | None = None,
+    grad: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(o, lse or None): lse only for the softmax family, as SEMANTICS.md defines it."""
+    """(o, lse or None): lse only for the softmax family, as SEMANTICS.md defines it. ``grad``:
+    ``needs_grad`` when the caller has just asked it (None: ask here)."""
     has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
-    if not needs_grad(q, k, v, tensors):
+    if grad is None:
+        grad = needs_grad(q, k, v, tensors)
+    if not grad:
         out, lse = run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
     grad_names = learned_names(tensors)

@@ -15,10 +15,30 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def tvm_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
     """Why the TVM backend cannot run ``plan`` on tensors like ``q``, or None."""
-    if q.device.type != "cpu":
-        return f"{q.device.type} tensors (TVM kernels here are built for the CPU)"
+    device = q.device.type
+    if device != "cpu":
+        return f"{device} tensors (TVM kernels here are built for the CPU)"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (TVM kernels take float32, float16, bfloat16)"
+    found = _CHECKED.get(id(plan))
+    if found is not None and found[0] is plan:
+        return found[1]
+    if len(_CHECKED) >= _CHECKED_SIZE:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    why = plan_checker(plan)
+    _CHECKED[id(plan)] = (plan, why)
+    return why
+
+
+# NOTE: every call asks, and a plan is immutable: its answer is memoized per plan object, since
+# hashing a plan (every region and expression) costs more than the lookup. An entry holds its
+# plan, so an id is never reused while it lives (as sparsify's _TENSOR_TABLES).
+_CHECKED: dict[int, tuple[KernelPlan, str | None]] = {}
+_CHECKED_SIZE = 256
+
+
+def plan_checker(plan: KernelPlan) -> str | None:
+    """Why the TVM backend cannot run ``plan`` at all, or None (the plan alone decides)."""
     if plan.combine is not None or len(plan.regions) != 1:
         linear = [r.node for r in plan.regions if isinstance(r.normalizer, nodes.LinearNorm)]
         if linear:

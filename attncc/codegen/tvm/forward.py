@@ -14,11 +14,14 @@ from the shape bucket alone:
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
 
+from attncc.autotune.keys import ShapeKey
 from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
@@ -33,16 +36,28 @@ SMALLER_TILE_GAIN = 0.9  # halve a default tile when it visits at most this shar
 
 def select_config(plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict, str]:
     """(config, source): the tuned config when ``attncc.autotune`` has one, else the default."""
-    from attncc.autotune import ShapeKey
-
     B, Hq, Lq, D = q.shape
-    shape = ShapeKey.of(B, Hq, Lq, D, Hkv=k.shape[1], Lkv=k.shape[2], Dv=v.shape[3], dtype=q.dtype)
+    shape = _shape_key(B, Hq, Lq, D, k.shape[1], k.shape[2], v.shape[3], q.dtype)
     try:
-        from attncc.autotune import select_config as autotune_select
-
-        return autotune_select("tvm", SPACE, plan.fingerprint, q.dtype, shape)
+        return _lookup().select_config("tvm", SPACE, plan.fingerprint, q.dtype, shape)
     except Exception:
         return SPACE.default_for(shape), "default"
+
+
+@functools.cache
+def _lookup() -> ModuleType:
+    """``attncc.autotune.lookup``, imported on first use (an import statement costs about a
+    microsecond on every call; a failed import raises and is tried again)."""
+    import attncc.autotune.lookup
+
+    return attncc.autotune.lookup
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_key(B: int, Hq: int, Lq: int, D: int, Hkv: int, Lkv: int, Dv: int, dtype: torch.dtype) -> ShapeKey:
+    """The ``ShapeKey`` bucket of a call, memoized: building and validating one costs more than
+    the memoized lookup that reads it, on every call."""
+    return ShapeKey.of(B, Hq, Lq, D, Hkv=Hkv, Lkv=Lkv, Dv=Dv, dtype=dtype)
 
 
 def visited_work(tables: BlockTables, block_m: int, block_n: int) -> int:
@@ -61,20 +76,58 @@ def _geometry(
     if group > 1:
         config = packed_config(config, group, Lq)
         tile = (config["block_m"], config["block_n"])
-        return config, group, packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
-    tables = block_tables_for(region, B, Hq, Lq, Lkv, (config["block_m"], config["block_n"]), q_offset, tensors)
-    half = {**config, "block_m": config["block_m"] // 2, "block_n": config["block_n"] // 2}
-    if tuned or region.mask is None or Lq < 4 * config["block_m"] or not fits(half) or only_halfplanes(region.mask):
+        return config, group, _packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
+    tile = (config["block_m"], config["block_n"])
+    tables = block_tables_for(region, B, Hq, Lq, Lkv, tile, q_offset, tensors)
+    if tuned or region.mask is None or Lq < 4 * tile[0] or only_halfplanes(region.mask):
         return config, 1, tables
-    # halving saves work only inside PARTIAL tiles (a FULL tile splits into FULL tiles)
-    partial = int(tables.partial_count.sum()) * config["block_m"] * config["block_n"]
-    if partial <= (1 - SMALLER_TILE_GAIN) * visited_work(tables, config["block_m"], config["block_n"]):
+    half = {**config, "block_m": tile[0] // 2, "block_n": tile[1] // 2}
+    if not fits(half) or not _halving_may_pay(tables, *tile):
         return config, 1, tables
     smaller = block_tables_for(region, B, Hq, Lq, Lkv, (half["block_m"], half["block_n"]), q_offset, tensors)
-    if visited_work(smaller, half["block_m"], half["block_n"]) <= SMALLER_TILE_GAIN * visited_work(
-            tables, config["block_m"], config["block_n"]):
+    if _visits_less(smaller, tables, *tile):
         return half, 1, smaller
     return config, 1, tables
+
+
+# NOTE: the two memos below key on tables objects (BlockTables hash by identity; an entry holds its
+# tables, so an id is never reused while it lives). sparsify returns the same object per geometry,
+# and per captured tensors' versions, so a decision is made once per geometry, not per call.
+@functools.lru_cache(maxsize=16)
+def _halving_may_pay(tables: BlockTables, block_m: int, block_n: int) -> bool:
+    """Halving saves work only inside PARTIAL tiles (a FULL tile splits into FULL tiles): False when
+    they are at most ``1 - SMALLER_TILE_GAIN`` of the work visited."""
+    partial = int(tables.partial_count.sum()) * block_m * block_n
+    return partial > (1 - SMALLER_TILE_GAIN) * visited_work(tables, block_m, block_n)
+
+
+@functools.lru_cache(maxsize=16)
+def _visits_less(smaller: BlockTables, tables: BlockTables, block_m: int, block_n: int) -> bool:
+    """Half-size tiles (``smaller``) visit at most ``SMALLER_TILE_GAIN`` of the work of ``tables``."""
+    return visited_work(smaller, block_m // 2, block_n // 2) <= SMALLER_TILE_GAIN * visited_work(
+        tables, block_m, block_n)
+
+
+def _packed_tables(
+    region: AttentionRegion, B: int, Hq: int, Hkv: int, Lq: int, Lkv: int, tile: tuple[int, int], q_offset: int,
+    tensors: dict[str, torch.Tensor],
+) -> BlockTables:
+    """``packed_tables``, memoized per geometry unless the mask reads captured tensors (their
+    contents can change between calls)."""
+    sparsity = region.sparsity
+    if sparsity is not None and not sparsity.cacheable:
+        return packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
+    try:
+        return _static_packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset)
+    except TypeError:  # NOTE: a payload that does not hash: build every time, as render_forward does
+        return packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, tensors)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_packed_tables(
+    region: AttentionRegion, B: int, Hq: int, Hkv: int, Lq: int, Lkv: int, tile: tuple[int, int], q_offset: int,
+) -> BlockTables:
+    return packed_tables(region, B, Hq, Hkv, Lq, Lkv, tile, q_offset, {})
 
 
 def run_forward(
@@ -97,12 +150,18 @@ def launch_tiles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One kernel call with a chosen config and tables: the region's folded score scale and the
     sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path."""
-    shape = KernelShape(D=q.shape[3], Dv=v.shape[3], dtype=str(q.dtype).removeprefix("torch."), group=group,
-                        **config)
+    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()))
     if region.score_scale is not None:
         scale = scale * region.score_scale
     bias = sigmoid_bias(region.normalizer, total_lkv)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...]) -> KernelShape:
+    """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
+    memo's lookup an identity check."""
+    return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, **dict(config))
 
 
 def sigmoid_bias(norm: Any, Lkv: int) -> float:

@@ -69,7 +69,7 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
     if splits > 1:
         chosen = config or select_config(plan, q, k, v)[0]
         return decode.run_split_kv(region, q, k, v, tensors, chosen, splits, scale=scale, q_offset=q_offset)
-    return run_region(plan, region, q, k, v, tensors, scale=scale, q_offset=q_offset, config=config)
+    return run_region(plan, region, q, k, v, tensors, scale=scale, q_offset=q_offset, config=config, grad=grad)
 
 
 def _reference(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor,

@@ -1,0 +1,220 @@
+"""Per-call memoization on the TVM path: a repeated call reuses what cannot have changed and still
+honours everything that can (a new tuning-cache entry, environment variables, the thread count,
+captured tensors' contents, gradients, lse). Nothing here measures time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import attncc
+from attncc import masks
+from attncc.autotune import lookup
+from attncc.autotune.cache import TuningCache
+from attncc.autotune.keys import ShapeKey, TuningKey
+from attncc.autotune.records import Entry
+from attncc.codegen.tvm import BACKEND, forward, launcher
+from attncc.codegen.tvm.kernels import KernelShape
+from attncc.codegen.tvm.space import SPACE
+from attncc.passes.sparsify import block_tables_for
+from attncc.testing import check_against_reference, random_qkv
+from attncc.validate import check_qkv
+
+pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[KernelShape]:
+    """The ``KernelShape`` of every forward launch (the config a call really ran with)."""
+    seen: list[KernelShape] = []
+    real = launcher.launch
+
+    def spy(region, shape, *args, **kwargs):
+        seen.append(shape)
+        return real(region, shape, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "launch", spy)
+    return seen
+
+
+@pytest.fixture
+def tuning_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A fresh, empty default tuning cache (compiled kernels stay in memory)."""
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATTNCC_TUNING", raising=False)
+    monkeypatch.delenv("ATTNCC_CACHE_PATH", raising=False)
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def ran_with(shape: KernelShape) -> dict:
+    return {knob: getattr(shape, knob) for knob in SPACE.params}
+
+
+def record_other_config(var: attncc.Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """Record (as ``attncc tune`` does, through a cache object of its own) a config for this call's
+    key that differs from the default, and return it."""
+    shape = ShapeKey.from_tensors(q, k, v)
+    default = SPACE.default_for(shape)
+    tuned = next(c for c in SPACE.configs(shape) if c != default)
+    key = TuningKey(var.plan.fingerprint, "tvm", lookup.device_for("tvm", None), shape)
+    assert TuningCache().record(Entry(key, tuned, 0.001, trials=1))
+    return tuned
+
+
+def test_a_tuned_entry_written_between_calls_is_used_by_the_next_call(tuning_dir, launches):
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    var(q, k, v)
+    default = ran_with(launches[-1])
+    assert default == SPACE.default_for(ShapeKey.from_tensors(q, k, v))
+    tuned = record_other_config(var, q, k, v)
+    check_against_reference(var, q, k, v, backend=None)
+    assert ran_with(launches[-1]) == tuned
+    assert "tuned: exact key" in forward.select_config(var.plan, q, k, v)[1]
+
+
+def test_environment_variables_are_read_on_every_call(tuning_dir, launches, monkeypatch, tmp_path):
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    tuned = record_other_config(var, q, k, v)
+    default = SPACE.default_for(ShapeKey.from_tensors(q, k, v))
+    var(q, k, v)
+    assert ran_with(launches[-1]) == tuned
+    monkeypatch.setenv("ATTNCC_TUNING", "off")
+    var(q, k, v)
+    assert ran_with(launches[-1]) == default, "ATTNCC_TUNING=off set between two calls"
+    monkeypatch.delenv("ATTNCC_TUNING")
+    var(q, k, v)
+    assert ran_with(launches[-1]) == tuned
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "elsewhere"))
+    var(q, k, v)
+    assert ran_with(launches[-1]) == default, "ATTNCC_CACHE_DIR moved to an empty cache between two calls"
+
+
+@pytest.mark.filterwarnings("ignore:.*was tuned only on other devices")
+def test_the_thread_count_is_part_of_the_device(tuning_dir, launches, threads):
+    """A config tuned at one thread count is not used at another (the device fingerprint holds it)."""
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    torch.set_num_threads(1)
+    one = lookup.device_for("tvm", None)
+    tuned = record_other_config(var, q, k, v)
+    var(q, k, v)
+    assert ran_with(launches[-1]) == tuned
+    torch.set_num_threads(2)
+    assert lookup.device_for("tvm", None) != one
+    check_against_reference(var, q, k, v, backend=None)
+    assert ran_with(launches[-1]) == SPACE.default_for(ShapeKey.from_tensors(q, k, v))
+    torch.set_num_threads(1)
+    var(q, k, v)
+    assert ran_with(launches[-1]) == tuned
+
+
+def test_changed_document_ids_change_the_block_tables_and_the_result():
+    """Tables of a mask over a captured tensor are reused only while its contents are unchanged."""
+    ids = torch.tensor([0] * 40 + [1] * 60 + [2] * 28)
+    var = attncc.variant(mask=masks.document(ids))
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=128, Lkv=128)
+    region = var.plan.regions[0]
+
+    def tables():
+        return block_tables_for(region, 1, 2, 128, 128, (32, 32), 0, var.tensors)
+
+    before = var(q, k, v)
+    first = tables()
+    assert tables() is first, "unchanged contents: the same tables"
+    ids[:] = torch.arange(128) // 32  # in place: the variant captured ids by reference
+    changed = tables()
+    assert changed is not first
+    assert not torch.equal(changed.full_count, first.full_count)
+    after = var(q, k, v)
+    assert not torch.allclose(before, after)
+    check_against_reference(var, q, k, v, backend=None)
+
+
+def test_changed_document_ids_are_honoured_on_the_packed_decode_path(launches):
+    """GQA decoding packs a group's heads into a tile; its tables follow the captured ids too."""
+    ids = torch.tensor([0] * 20 + [1] * 20 + [2] * 24)
+    var = attncc.variant(mask=masks.document(ids))
+    q, k, v = random_qkv(B=1, Hq=4, Hkv=2, Lq=4, Lkv=64)
+    check_against_reference(var, q, k, v, backend=None, q_offset=60)
+    assert launches[-1].group == 2
+    ids[:] = 0
+    check_against_reference(var, q, k, v, backend=None, q_offset=60)
+    static = attncc.variant(mask=masks.causal)
+    for _ in range(2):
+        check_against_reference(static, q, k, v, backend=None, q_offset=60)
+    assert launches[-1].group == 2
+
+
+def test_a_smaller_tile_is_chosen_per_geometry_and_reused(launches):
+    """A banded mask that is not half-planes (chunks) halves the default tile when that visits less
+    work; the decision is memoized per tables, so repeated calls agree and stay correct."""
+    var = attncc.variant(mask=masks.chunked(48))
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=512, Lkv=512)
+    for _ in range(2):
+        check_against_reference(var, q, k, v, backend=None)
+    assert launches[-1] == launches[-2]
+
+
+def test_gradients_and_lse_are_honoured_on_repeated_calls():
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    assert var(q, k, v).grad_fn is None
+    qg = q.clone().requires_grad_(True)
+    out = var(qg, k, v)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    with torch.no_grad():
+        assert var(qg, k, v).grad_fn is None
+    assert var(q, k, v).grad_fn is None
+    check_against_reference(var, q, k, v, backend=None, return_lse=True)
+    assert isinstance(var(q, k, v), torch.Tensor)
+
+
+def test_the_checker_answer_is_per_plan_and_device_and_dtype_are_read_every_call():
+    var = attncc.variant(mask=masks.causal)
+    q = torch.zeros(1, 2, 16, 32)
+    assert BACKEND.checker(var.plan, q) is None
+    assert "dtype" in BACKEND.checker(var.plan, q.double())
+    assert BACKEND.checker(var.plan, q) is None
+    unknown = dataclasses.replace(var.plan.regions[0], normalizer="not a normalizer")
+    declined = dataclasses.replace(var.plan, regions=(unknown,))
+    assert "has no TVM kernel" in BACKEND.checker(declined, q)
+    assert BACKEND.checker(dataclasses.replace(var.plan), q) is None
+    assert BACKEND.checker(var.plan, q) is None
+
+
+def test_a_memoized_argument_check_still_refuses_what_it_refused():
+    q = torch.zeros(1, 2, 8, 16)
+    check_qkv(q, q, q)
+    bad_k = torch.zeros(1, 2, 8, 8)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="head dim"):
+            check_qkv(q, bad_k, q)
+    with pytest.raises(TypeError, match=r"k must be a torch\.Tensor"):
+        check_qkv(q, [0], q)
+    check_qkv(q, q, q)
+
+
+def test_memoized_static_tables_still_refuse_bad_sizes():
+    var = attncc.variant(mask=masks.causal)
+    region = var.plan.regions[0]
+    tables = block_tables_for(region, 1, 2, 64, 64, (32, 32))
+    assert block_tables_for(region, 1, 2, 64, 64, [32, 32]) is tables
+    with pytest.raises(ValueError, match="B must be an int"):
+        block_tables_for(region, True, 2, 64, 64, (32, 32))
+    with pytest.raises(ValueError, match="Lq must be an int"):
+        block_tables_for(region, 1, 2, 64.0, 64, (32, 32))
+    assert tables.partial_index.is_contiguous() and tables.full_index.is_contiguous()
