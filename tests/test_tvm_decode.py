@@ -30,12 +30,14 @@ pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 @pytest.fixture
 def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The key length of every kernel call (a split call sees one chunk, not the cache)."""
+    """The keys a task of every kernel call walks (a split call's tasks walk one chunk of the cache,
+    which the kernel reads in place: ``kv_chunk``)."""
     seen: list[int] = []
     real = launcher.launch
 
     def spy(region, shape, q, k, v, *args, **kwargs):
-        seen.append(k.shape[2])
+        assert shape.kv_chunks == bool(kwargs.get("kv_chunk"))
+        seen.append(kwargs.get("kv_chunk") or k.shape[2])
         return real(region, shape, q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(launcher, "launch", spy)
@@ -90,6 +92,22 @@ def test_split_kv_gqa_batches_and_ragged_chunks(Hkv: int, kernel_keys: list[int]
     q, k, v = qkv(B=2, Hkv=Hkv, Lq=4, Lkv=2333, seed=2)
     check_against_reference(variant("sinks"), q, k, v, backend="tvm", q_offset=2329, return_lse=True)
     assert kernel_keys and max(kernel_keys) < 2333
+
+
+def test_split_kv_reads_the_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 cache reaches the kernel as the caller's tensors (no chunked copy of it)."""
+    q, k, v = qkv(B=2, Hkv=2, Lq=1, Lkv=2333, seed=4)
+    pointers: list[tuple[int, int]] = []
+    real = launcher.stage_kv
+
+    def spy(k_, v_, dtype):
+        staged = real(k_, v_, dtype)
+        pointers.append((staged[0].data_ptr(), staged[1].data_ptr()))
+        return staged
+
+    monkeypatch.setattr(launcher, "stage_kv", spy)
+    check_against_reference(variant("causal"), q, k, v, backend="tvm", q_offset=2332)
+    assert pointers == [(k.data_ptr(), v.data_ptr())]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

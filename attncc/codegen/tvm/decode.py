@@ -4,9 +4,11 @@ With few queries (``Lq <= 16``) over a long cache the tiled kernel has only ``B 
 each walking the whole cache with mostly empty query rows. Here (SEMANTICS.md, softmax sinks;
 ``attncc.passes.decode.split_kv_attention`` is the algorithm):
 
-- the keys are cut into ``S`` chunks of ``C`` keys (``C`` a multiple of ``block_n``) and folded
-  into the batch, ``K -> [B * S, Hkv, C, D]``, so the one kernel call runs every chunk in
-  parallel;
+- the keys are cut into ``S`` chunks of ``C`` keys (``C`` a multiple of ``block_n``) and the
+  chunks are folded into the batch of the queries, so the one kernel call runs every chunk in
+  parallel; the kernel reads chunk ``b % S`` of sequence ``b // S`` from K and V in place
+  (``KernelShape.kv_chunks``): a copy of the cache into ``[B * S, Hkv, C, D]`` cost more than
+  the kernel itself (a decode step over 4096 keys, 8 kv heads of 128: 14 of 23 ms);
 - the query heads that share a kv head are folded into the rows, ``Q -> [B * S, Hkv, G * Lq, D]``
   (GQA with ``G = Hq / Hkv``), so a decode step fills a query tile instead of one row of it;
 - the region's expressions see the real indices: ``b -> b // S``, ``h -> h * G + r // Lq``,
@@ -21,6 +23,7 @@ each walking the whole cache with mostly empty query rows. Here (SEMANTICS.md, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -50,12 +53,25 @@ def num_splits(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor) 
 
 
 def split_config(config: dict, rows: int) -> dict:
-    """The smallest query tile (of 16, 32, 64) that holds the folded rows."""
-    block_m = next((m for m in (16, 32, 64) if rows <= m), 64)
+    """The smallest query tile (of 8, 16, 32, 64) that holds the folded rows."""
+    block_m = next((m for m in (8, 16, 32, 64) if rows <= m), 64)
     return rw.fit_config(config, block_m=block_m)
 
 
 def _kernel_region(region: AttentionRegion) -> AttentionRegion:
+    """``_reindexed`` memoized per region (rebuilding its expressions took about 0.4 ms a step)."""
+    try:
+        return _memo_reindexed(region)
+    except TypeError:  # a payload that does not hash
+        return _reindexed(region)
+
+
+@functools.lru_cache(maxsize=64)
+def _memo_reindexed(region: AttentionRegion) -> AttentionRegion:
+    return _reindexed(region)
+
+
+def _reindexed(region: AttentionRegion) -> AttentionRegion:
     """Real indices from the kernel's (META: S, C, G, Lq, q_offset, Lkv); the sink is left out."""
     S, C, G, Lq, q_offset, Lkv = (rw.meta_at(i) for i in range(6))
     b, h, r, kv = ex.var("b"), ex.var("h"), ex.var("q_idx"), ex.var("kv_idx")
@@ -88,7 +104,6 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     tiles_per_chunk = C // block_n
 
     qf = q.float().reshape(B, 1, Hkv, R, D).expand(B, S, Hkv, R, D).reshape(B * S, Hkv, R, D)
-    kf, vf = (_fold(t, S, C) for t in (k, v))
 
     classes = rw.row_classes(region, B, Hq, Lq, Lkv, block_n, q_offset, tensors).clone()
     if Lkv % block_n:  # the kernel masks keys past the chunk, not past the cache: the mask must
@@ -100,8 +115,8 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     tables = rw.tile_tables(folded, block_m)
 
     side = {**tensors, rw.META.name: rw.meta(S, C, G, Lq, q_offset, Lkv)}
-    o, lse = rw.launch_region(_kernel_region(region), qf, kf, vf, side, tables, config, scale=scale, q_offset=0,
-                              total_lkv=Lkv)
+    o, lse = rw.launch_region(_kernel_region(region), qf, k, v, side, tables, config, scale=scale, q_offset=0,
+                              total_lkv=Lkv, kv_chunk=C)
     o = o.view(B, S, Hq, Lq, Dv)
     lse = lse.view(B, S, Hq, Lq)
     norm = region.normalizer
@@ -110,19 +125,6 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     sink = None if norm.sink is None else tensors[norm.sink.name].float().view(1, Hq, 1)
     out, merged = merge_partials(o, lse, sink)
     return out.to(q.dtype), merged
-
-
-def _fold(t: Tensor, S: int, C: int) -> Tensor:
-    """``[B, H, L, D]`` -> float32 ``[B * S, H, C, D]``, chunk ``s`` of batch ``b`` at ``b * S + s``."""
-    B, H, L, D = t.shape
-    out = torch.empty(B, S, H, C, D, dtype=torch.float32)
-    whole = L // C
-    if whole:
-        out[:, :whole] = t[:, :, : whole * C].reshape(B, H, whole, C, D).transpose(1, 2)
-    if L > whole * C:
-        out[:, whole, :, : L - whole * C] = t[:, :, whole * C :]
-        out[:, whole, :, L - whole * C :] = 0.0  # masked keys, but 0 * garbage could be NaN
-    return out.view(B * S, H, C, D)
 
 
 def merge_partials(o: Tensor, lse: Tensor, sink: Tensor | None, dim: int = 1) -> tuple[Tensor, Tensor]:

@@ -147,21 +147,26 @@ def run_forward(
 def launch_tiles(
     region: AttentionRegion, config: dict, tables: BlockTables, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, total_lkv: int, group: int = 1,
+    kv_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One kernel call with a chosen config and tables: the region's folded score scale and the
-    sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path."""
-    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()))
+    sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path.
+    ``kv_chunk``: the keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py)."""
+    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0)
     if region.score_scale is not None:
         scale = scale * region.score_scale
     bias = sigmoid_bias(region.normalizer, total_lkv)
-    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias)
+    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
+                           kv_chunk=kv_chunk)
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...]) -> KernelShape:
+def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...],
+                  kv_chunks: bool = False) -> KernelShape:
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
     memo's lookup an identity check."""
-    return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, **dict(config))
+    return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
+                       **dict(config))
 
 
 def sigmoid_bias(norm: Any, Lkv: int) -> float:

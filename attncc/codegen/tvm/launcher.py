@@ -150,8 +150,10 @@ def _save(module: Any, path: Path) -> None:
 def launch(
     region: AttentionRegion, shape: KernelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], tables: BlockTables, *, scale: float, q_offset: int, bias: float,
+    kv_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel; returns (o in q's dtype, lse float32)."""
+    """Run the forward kernel; returns (o in q's dtype, lse float32). ``kv_chunk``: with
+    ``shape.kv_chunks``, the keys per chunk (q's batch is K's times the chunks per sequence)."""
     module = get_module(render_forward(region, shape))
     set_threads()
     B, Hq, Lq, _ = q.shape
@@ -159,13 +161,14 @@ def launch(
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     kp, vp = stage_kv(k, v, q.dtype)
-    tables = schedule.ragged_tile_partial(tables, k.shape[2], shape.block_n)
+    chunks = (q.shape[0] // k.shape[0], kv_chunk) if shape.kv_chunks else ()
+    tables = schedule.ragged_tile_partial(tables, kv_chunk or k.shape[2], shape.block_n)
     order = schedule.task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
     module["attn"](
         q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(), order,
-        *extra, float(scale), int(q_offset), float(bias), int(k.shape[2]),
+        *extra, float(scale), int(q_offset), float(bias), int(k.shape[2]), *chunks,
     )
     return out, lse
 

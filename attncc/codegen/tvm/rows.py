@@ -139,12 +139,13 @@ def fit_config(config: dict, *, block_m: int | None = None, block_n: int | None 
 
 def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
                   tables: BlockTables, config: dict, *, scale: float, q_offset: int,
-                  total_lkv: int) -> tuple[Tensor, Tensor]:
-    """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it)."""
+                  total_lkv: int, kv_chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it);
+    ``kv_chunk``: keys come in chunks of this many (``KernelShape.kv_chunks``)."""
     from attncc.codegen.tvm.forward import launch_tiles
 
     return launch_tiles(region, config, tables, q, k, v, tensors, scale=scale, q_offset=q_offset,
-                        total_lkv=total_lkv)
+                        total_lkv=total_lkv, kv_chunk=kv_chunk)
 
 
 QUERY_INDEX = "__attncc_query_index"

@@ -40,9 +40,11 @@ def keep(c: Config, s: ShapeKey) -> bool:
 
 def default(s: ShapeKey) -> Config:
     """64 x 64 tiles; a few query rows (decoding) get a tile of one SIMD vector of rows, since
-    every row of a tile costs the same work whether it exists or not."""
+    every row of a tile costs the same work whether it exists or not, and register blocks of 8
+    rows (one vector of rows times 4 keys keeps too few sums in flight to hide the multiply-add
+    latency: 10-15% slower on GQA decoding steps over 4096-16384 keys)."""
     if s.q_len <= 8:
-        return {"block_m": 8, "block_n": 64, "rows": 4, "vector": 8}
+        return {"block_m": 8, "block_n": 64, "rows": 8, "vector": 8}
     block_m = 16 if s.q_len <= 16 else 64
     return {"block_m": block_m, "block_n": 64, "rows": 4, "vector": 16}
 
