@@ -10,7 +10,7 @@ Notation (FlexAttention's template, on a CPU):
   PARTIAL, ``schedule.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
 - per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
-  elementwise (masked -> ``-inf``; softmax keeps scores in base 2, ``_base2``), then the
+  elementwise (masked -> ``-inf``; plain softmax keeps scores in base 2, ``_base2``), then the
   normalizer's update, then ``Acc += P V_tile`` in
   register blocks of ``R`` rows x ``VD`` value columns;
 - sequence lengths, batch and head counts are symbolic: one module serves every length.
@@ -41,6 +41,7 @@ from attncc.codegen.tvm.render import (
     buffer_name,
     fast_exp,
     fast_exp2_nonpositive,
+    fast_exp_nonpositive,
     fast_log1p,
 )
 from attncc.ir import nodes
@@ -286,16 +287,20 @@ class _Forward:
 
     @property
     def _base2(self) -> bool:
-        """Softmax keeps its scores, maxima and ``exp`` in base 2: ``St = s log2(e)``, so that
-        ``exp(s - m) = 2**(St - M)`` needs no multiply per score (``fast_exp2_nonpositive``); the
-        factor rides on Q's scale where there is no score function, else on the score."""
-        return isinstance(self.norm, nodes.SoftmaxNorm)
+        """Softmax without a score function keeps its scores, maxima and ``exp`` in base 2:
+        ``St = s log2(e)``, the factor riding on Q's scale, so that ``exp(s - m) = 2**(St - M)``
+        needs no multiply per score (``fast_exp2_nonpositive``). With a score function the factor
+        would be one more multiply per score, and on the ALiBi score it made LLVM's code for the
+        score blocks twice as slow (causal L=2048: 14.5 -> 26.5 ms): such kernels stay in base e."""
+        return isinstance(self.norm, nodes.SoftmaxNorm) and self.region.score is None
+
+    def _exp(self, x: str) -> str:
+        """``exp`` of a softmax exponent (``<= 0`` or ``-inf``) in the kernel's base."""
+        return fast_exp2_nonpositive(x) if self._base2 else fast_exp_nonpositive(x)
 
     @property
     def _q_scale(self) -> str:
-        if self._base2 and self.region.score is None:
-            return f"(scale * T.float32({LOG2E!r}))"
-        return "scale"
+        return f"(scale * T.float32({LOG2E!r}))" if self._base2 else "scale"
 
     def _descending_tiles(self) -> None:
         """Stick-breaking walks tiles by descending kv index: merge both lists from the back."""
@@ -502,8 +507,6 @@ class _Forward:
         env = {**self._index_env(i, j), "score": raw}
         render = Renderer(env, self.specs)
         score = raw if self.region.score is None else render(self.region.score)
-        if self._base2 and self.region.score is not None:
-            score = f"({score} * T.float32({LOG2E!r}))"
         if masked == "False":  # a FULL tile: every pair kept, every key in range (schedule.ragged_tile_partial)
             return score
         keep = f"(kv0 + {j} < LKV)"
@@ -547,7 +550,7 @@ class _Forward:
             with w.block(f"for i1 in T.vectorized({V}):"):
                 # a row with no live score yet keeps m = -inf; subtract 0 there (exp(-inf) = 0)
                 w(f"Mu[i1] = T.if_then_else(Mv[i1] == {NEG_INF}, T.float32(0.0), Mv[i1])")
-                w(f"Alpha[{i}] = {fast_exp2_nonpositive(f'(M[{i}] - Mu[i1])')}")
+                w(f"Alpha[{i}] = {self._exp(f'(M[{i}] - Mu[i1])')}")
                 w(f"M[{i}] = Mv[i1]")
             # EXP_KEYS keys' exponentials per step: independent polynomial chains interleave (one
             # key at a time the loop waits on each chain's latency; 4 measured about 4% faster)
@@ -556,7 +559,7 @@ class _Forward:
                 with w.block(f"for j1 in T.unroll({U}):"):
                     with w.block(f"for i1 in T.vectorized({V}):"):
                         j = f"(j0 * {U} + j1)"
-                        w(f"St[{j}, {i}] = {fast_exp2_nonpositive(f'(St[{j}, {i}] - Mu[i1])')}")
+                        w(f"St[{j}, {i}] = {self._exp(f'(St[{j}, {i}] - Mu[i1])')}")
                         w(f"Lv[i1] = Lv[i1] + St[{j}, {i}]")
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
@@ -663,11 +666,11 @@ class _Forward:
                 name = buffer_name(norm.sink, self.specs)
                 sink = f"{name}[{self._row('i')[0]}]"
                 sink = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
-                sink = f"({sink} * T.float32({LOG2E!r}))"  # base 2, as M
+                sink = f"({sink} * T.float32({LOG2E!r}))" if self._base2 else sink  # in M's base
                 # a dead row (m = -inf): Et = 0, Lt = 1, so o = 0 and lse = sink
                 w(f"Mt[i] = T.max(M[i], {sink})")
-                w(f"Et[i] = {fast_exp2_nonpositive('(M[i] - Mt[i])')}")
-                w(f"Lt[i] = L[i] * Et[i] + {fast_exp2_nonpositive(f'({sink} - Mt[i])')}")
+                w(f"Et[i] = {self._exp('(M[i] - Mt[i])')}")
+                w(f"Lt[i] = L[i] * Et[i] + {self._exp(f'({sink} - Mt[i])')}")
                 w("Inv[i] = Et[i] / Lt[i]")
             else:
                 w("Mt[i] = M[i]")
@@ -675,7 +678,7 @@ class _Forward:
                 w("Inv[i] = T.if_then_else(L[i] > T.float32(0.0), T.float32(1.0) / Lt[i], T.float32(0.0))")
             w("Et[i] = Lt[i] - T.float32(1.0)")
             log_l = fast_log1p("Et[i]")
-            lse = f"Mt[i] * T.float32({LN2!r}) + {log_l}"  # M is in base 2
+            lse = f"Mt[i] * T.float32({LN2!r}) + {log_l}" if self._base2 else f"Mt[i] + {log_l}"
             if norm.sink is None:
                 lse = f"T.if_then_else(L[i] > T.float32(0.0), {lse}, {NEG_INF})"
             w(f"Lse[i] = {lse}")
