@@ -100,14 +100,33 @@ def test_split_kv_reads_the_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> N
     pointers: list[tuple[int, int]] = []
     real = launcher.stage_kv
 
-    def spy(k_, v_, dtype):
-        staged = real(k_, v_, dtype)
+    def spy(k_, v_, dtype, **kwargs):
+        staged = real(k_, v_, dtype, **kwargs)
         pointers.append((staged[0].data_ptr(), staged[1].data_ptr()))
         return staged
 
     monkeypatch.setattr(launcher, "stage_kv", spy)
     check_against_reference(variant("causal"), q, k, v, backend="tvm", q_offset=2332)
     assert pointers == [(k.data_ptr(), v.data_ptr())]
+
+
+def test_split_kv_reads_a_slice_of_a_preallocated_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding from ``cache[:, :, :L]`` (strided: the cache is longer) reads it as it is."""
+    q, k, v = qkv(B=2, Hkv=2, Lq=1, Lkv=3000, seed=5)
+    pointers: list[tuple[int, int]] = []
+    real = launcher.stage_kv
+
+    def spy(k_, v_, dtype, **kwargs):
+        staged = real(k_, v_, dtype, **kwargs)
+        pointers.append((staged[0].data_ptr(), staged[1].data_ptr()))
+        return staged
+
+    monkeypatch.setattr(launcher, "stage_kv", spy)
+    for length in (2333, 2334):
+        ks, vs = k[:, :, :length], v[:, :, :length]
+        assert not ks.is_contiguous()
+        check_against_reference(variant("sinks"), q, ks, vs, backend="tvm", q_offset=length - 1, return_lse=True)
+    assert pointers == [(k.data_ptr(), v.data_ptr())] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -186,7 +186,6 @@ class _Forward:
         w("@T.prim_func")
         extra = "".join(f", x{i}: T.handle" for i in range(len(self.specs)))
         chunks = ", KS: T.int32, KC: T.int32" if s.kv_chunks else ""
-        kv_batch = "BK" if s.kv_chunks else "B"
         w(f"def attn(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, "
           f"pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle, to_h: T.handle{extra}, "
           f"scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32{chunks}):")
@@ -195,8 +194,13 @@ class _Forward:
             for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF", "NS", *(["BK"] * s.kv_chunks)):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
-            w(f'K = T.match_buffer(k_h, ({kv_batch}, HKV, LKP, {s.D}), "{dt}")')
-            w(f'V = T.match_buffer(v_h, ({kv_batch}, HKV, LKP, {s.Dv}), "{dt}")')
+            if s.kv_chunks:  # a decoding step reads a slice of a preallocated cache as it is (strided)
+                w("KS0, KS1, KS2, VS0, VS1, VS2 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()")
+                w(f'K = T.match_buffer(k_h, (BK, HKV, LKP, {s.D}), "{dt}", strides=(KS0, KS1, KS2, 1))')
+                w(f'V = T.match_buffer(v_h, (BK, HKV, LKP, {s.Dv}), "{dt}", strides=(VS0, VS1, VS2, 1))')
+            else:
+                w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{dt}")')
+                w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "{dt}")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('PC = T.match_buffer(pc_h, (TB, TH, NQ), "int32")')

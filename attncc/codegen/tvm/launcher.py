@@ -160,7 +160,7 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    kp, vp = stage_kv(k, v, q.dtype)
+    kp, vp = stage_kv(k, v, q.dtype, strided=shape.kv_chunks)
     chunks = (q.shape[0] // k.shape[0], kv_chunk) if shape.kv_chunks else ()
     tables = schedule.ragged_tile_partial(tables, kv_chunk or k.shape[2], shape.block_n)
     order = schedule.task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
@@ -173,11 +173,17 @@ def launch(
     return out, lse
 
 
-def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V as contiguous ``[B, Hkv, Lkv, D]`` in the kernel's input dtype (q's): contiguous
-    inputs pass through without a copy; the kernel clamps reads past the last key instead of
-    padding, and converts float16 / bfloat16 a tile at a time."""
-    return k.to(dtype).contiguous(), v.to(dtype).contiguous()
+def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as ``[B, Hkv, Lkv, D]`` in the kernel's input dtype (q's): contiguous inputs pass
+    through without a copy; the kernel clamps reads past the last key instead of padding, and
+    converts float16 / bfloat16 a tile at a time. ``strided``: the kernel takes any strides with
+    contiguous features (a decoding step's slice of a preallocated cache, read in place)."""
+    def staged(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t if strided and t.stride(-1) == 1 else t.contiguous()
+
+    return staged(k), staged(v)
 
 
 def as_buffer(t: torch.Tensor) -> torch.Tensor:
