@@ -94,39 +94,36 @@ def test_split_kv_gqa_batches_and_ragged_chunks(Hkv: int, kernel_keys: list[int]
     assert kernel_keys and max(kernel_keys) < 2333
 
 
-def test_split_kv_reads_the_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def staged_pointers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The data pointers of the K and V every kernel call reads (after ``launcher.stage_kv``)."""
+    seen: list[tuple[int, int]] = []
+    real = launcher.stage_kv
+
+    def spy(k_, v_, dtype, **kwargs):
+        staged = real(k_, v_, dtype, **kwargs)
+        seen.append((staged[0].data_ptr(), staged[1].data_ptr()))
+        return staged
+
+    monkeypatch.setattr(launcher, "stage_kv", spy)
+    return seen
+
+
+def test_split_kv_reads_the_cache_in_place(staged_pointers: list[tuple[int, int]]) -> None:
     """A float32 cache reaches the kernel as the caller's tensors (no chunked copy of it)."""
     q, k, v = qkv(B=2, Hkv=2, Lq=1, Lkv=2333, seed=4)
-    pointers: list[tuple[int, int]] = []
-    real = launcher.stage_kv
-
-    def spy(k_, v_, dtype, **kwargs):
-        staged = real(k_, v_, dtype, **kwargs)
-        pointers.append((staged[0].data_ptr(), staged[1].data_ptr()))
-        return staged
-
-    monkeypatch.setattr(launcher, "stage_kv", spy)
     check_against_reference(variant("causal"), q, k, v, backend="tvm", q_offset=2332)
-    assert pointers == [(k.data_ptr(), v.data_ptr())]
+    assert staged_pointers == [(k.data_ptr(), v.data_ptr())]
 
 
-def test_split_kv_reads_a_slice_of_a_preallocated_cache_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_kv_reads_a_slice_of_a_preallocated_cache_in_place(staged_pointers: list[tuple[int, int]]) -> None:
     """Decoding from ``cache[:, :, :L]`` (strided: the cache is longer) reads it as it is."""
     q, k, v = qkv(B=2, Hkv=2, Lq=1, Lkv=3000, seed=5)
-    pointers: list[tuple[int, int]] = []
-    real = launcher.stage_kv
-
-    def spy(k_, v_, dtype, **kwargs):
-        staged = real(k_, v_, dtype, **kwargs)
-        pointers.append((staged[0].data_ptr(), staged[1].data_ptr()))
-        return staged
-
-    monkeypatch.setattr(launcher, "stage_kv", spy)
     for length in (2333, 2334):
         ks, vs = k[:, :, :length], v[:, :, :length]
         assert not ks.is_contiguous()
         check_against_reference(variant("sinks"), q, ks, vs, backend="tvm", q_offset=length - 1, return_lse=True)
-    assert pointers == [(k.data_ptr(), v.data_ptr())] * 2
+    assert staged_pointers == [(k.data_ptr(), v.data_ptr())] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

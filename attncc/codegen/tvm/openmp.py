@@ -34,6 +34,7 @@ OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")  # each exports the GOMP_* e
 
 _POINTERS: dict[str, tuple[ctypes.c_void_p, int]] = {}  # module path -> (its pointer, TVM's value)
 _POOL: list[str] = []  # the pool chosen by select_pool, overriding the environment
+_SHIMS: list[ctypes.CDLL] = []  # keeps the loaded launcher library alive
 
 
 def pool() -> str:
@@ -78,8 +79,6 @@ def launcher_address() -> int | None:
     _SHIMS.append(shim)
     return ctypes.cast(shim.attncc_parallel_launch, ctypes.c_void_p).value
 
-
-_SHIMS: list[ctypes.CDLL] = []  # keeps the shim loaded
 
 
 def _built_shim() -> Path:
