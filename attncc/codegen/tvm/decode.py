@@ -23,12 +23,12 @@ each walking the whole cache with mostly empty query rows. Here (SEMANTICS.md, s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
 
 from attncc.codegen.tvm import rows as rw
+from attncc.codegen.tvm.memo import by_value
 from attncc.ir import expr as ex
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
@@ -58,21 +58,10 @@ def split_config(config: dict, rows: int) -> dict:
     return rw.fit_config(config, block_m=block_m)
 
 
+@by_value(maxsize=64)
 def _kernel_region(region: AttentionRegion) -> AttentionRegion:
-    """``_reindexed`` memoized per region (rebuilding its expressions took about 0.4 ms a step)."""
-    try:
-        return _memo_reindexed(region)
-    except TypeError:  # a payload that does not hash
-        return _reindexed(region)
-
-
-@functools.lru_cache(maxsize=64)
-def _memo_reindexed(region: AttentionRegion) -> AttentionRegion:
-    return _reindexed(region)
-
-
-def _reindexed(region: AttentionRegion) -> AttentionRegion:
-    """Real indices from the kernel's (META: S, C, G, Lq, q_offset, Lkv); the sink is left out."""
+    """Real indices from the kernel's (META: S, C, G, Lq, q_offset, Lkv); the sink is left out.
+    Memoized per region (rebuilding its expressions took about 0.4 ms a step)."""
     S, C, G, Lq, q_offset, Lkv = (rw.meta_at(i) for i in range(6))
     b, h, r, kv = ex.var("b"), ex.var("h"), ex.var("q_idx"), ex.var("kv_idx")
     # NOTE: padding rows (r >= G * Lq) are clamped to the last real row: loads indexed by h stay in bounds.

@@ -32,6 +32,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.render import (
     LN2,
     LOG2E,
@@ -71,21 +72,10 @@ class KernelShape:
     kv_chunks: bool = False
 
 
+@by_value(maxsize=256)
 def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     """Captured tensors the kernel reads through loads, in a fixed order (its extra arguments).
     Memoized per region: walking its expressions cost about 9 us of every launch."""
-    try:
-        return _memo_captured_specs(region)
-    except TypeError:  # a payload that does not hash
-        return _captured_specs(region)
-
-
-@functools.lru_cache(maxsize=256)
-def _memo_captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
-    return _captured_specs(region)
-
-
-def _captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     found: dict[TensorSpec, None] = {}
     for expr in (region.score, region.mask, region.row_shift, getattr(region.normalizer, "phi", None)):
         if expr is not None:
