@@ -127,22 +127,30 @@ def fast_exp_nonpositive(x: str) -> str:
 def fast_log1p(y: str) -> str:
     """``log1p(y)`` for float32 ``y >= 0`` given as a cheap expression (a buffer read).
 
-    ``1 + y = 2**e * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))``; ``log m = 2 atanh(r)``,
-    ``r = (m - 1) / (m + 1)``, ``|r| < 0.172``, by its odd series to ``r**9`` (error < 1e-9);
-    below ``1e-4``, ``y - y**2 / 2`` keeps the digits that ``1 + y`` would round away.
+    ``log z = 2 atanh(r)`` with ``r = (z - 1) / (z + 1)``, by its odd series to ``r**9`` (error
+    < 1e-9 for ``|r| < 0.172``). Below ``sqrt(2) - 1``, ``z = 1 + y`` is never formed:
+    ``r = y / (2 + y)`` (rounding ``1 + y`` loses up to half an ulp of 1, a relative error of
+    ``6e-8 / y`` in ``log1p(y) ~ y``: 6e-4 for softplus at ``s = -9.2``). Above it,
+    ``1 + y = 2**e * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` and ``r = (m - 1) / (m + 1)``.
     """
     bits = f'T.reinterpret("int32", (T.float32(1.0) + {y}))'
     mant = f'T.reinterpret("float32", T.bitwise_or(T.bitwise_and({bits}, 8388607), 1065353216))'
     big = f"({mant} > T.float32(1.4142135623730951))"
     m = f"T.if_then_else({big}, {mant} * T.float32(0.5), {mant})"
     e = f'(T.Cast("float32", T.shift_right({bits}, 23) - 127) + T.if_then_else({big}, T.float32(1.0), T.float32(0.0)))'
-    r = f"(({m} - T.float32(1.0)) / ({m} + T.float32(1.0)))"
+    r_mant = f"(({m} - T.float32(1.0)) / ({m} + T.float32(1.0)))"
+    log_z = f"({e} * T.float32(0.6931471805599453) + {_two_atanh(r_mant)})"
+    log_small = _two_atanh(f"({y} / (T.float32(2.0) + {y}))")
+    return f"T.if_then_else({y} < T.float32(0.41421356237309503), {log_small}, {log_z})"
+
+
+def _two_atanh(r: str) -> str:
+    """``2 atanh(r) = log((1 + r) / (1 - r))`` for ``|r| < 0.172``: the odd series to ``r**9``."""
     r2 = f"({r} * {r})"
     series = "T.float32(0.1111111111111111)"
     for c in (1 / 7, 1 / 5, 1 / 3, 1.0):
         series = f"({series} * {r2} + T.float32({c!r}))"
-    log_z = f"({e} * T.float32(0.6931471805599453) + T.float32(2.0) * {r} * {series})"
-    return f"T.if_then_else({y} < T.float32(1e-4), {y} - T.float32(0.5) * {y} * {y}, {log_z})"
+    return f"(T.float32(2.0) * {r} * {series})"
 
 
 def _float_unary(fn: str) -> Callable[[str], str]:
