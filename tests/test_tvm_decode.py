@@ -28,16 +28,27 @@ DOCS = torch.arange(4096) // 700  # documents of 700 tokens
 pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch):
+    """Chunks of 256 keys and two threads: the split path's decisions on this file's small shapes
+    are the ones a long cache gets (``decode.cpu_splits``)."""
+    monkeypatch.setattr(decode, "CPU_MIN_CHUNK", 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The keys a task of every kernel call walks (a split call's tasks walk one chunk of the cache,
-    which the kernel reads in place: ``kv_chunk``)."""
+    which the kernel reads in place: ``kv_chunk``); negative for the plain kernel."""
     seen: list[int] = []
     real = launcher.launch
 
     def spy(region, shape, q, k, v, *args, **kwargs):
         assert shape.kv_chunks == bool(kwargs.get("kv_chunk"))
-        seen.append(kwargs.get("kv_chunk") or k.shape[2])
+        seen.append(kwargs["kv_chunk"] if shape.kv_chunks else -k.shape[2])
         return real(region, shape, q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(launcher, "launch", spy)
@@ -74,7 +85,7 @@ def test_split_kv_softmax(name: str, Lq: int, kernel_keys: list[int]) -> None:
     """Softmax with and without sinks, a window reading kv_idx; the lse merges too."""
     q, k, v = qkv(Lq=Lq, Lkv=2048)
     check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=2048 - Lq, return_lse=True)
-    assert kernel_keys and max(kernel_keys) < 2048
+    assert kernel_keys and 0 < max(kernel_keys) < 2048
 
 
 @pytest.mark.parametrize("name", ["alibi_documents", "sigmoid", "relu_sum"])
@@ -83,15 +94,17 @@ def test_split_kv_scores_and_normalizers(name: str, kernel_keys: list[int]) -> N
     uses the whole cache length; an unnormalised pointwise map sums its partials."""
     q, k, v = qkv(Lq=4, Lkv=3000, seed=1)
     check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=2996)
-    assert kernel_keys and max(kernel_keys) < 3000
+    assert kernel_keys and 0 < max(kernel_keys) < 3000
 
 
 @pytest.mark.parametrize("Hkv", [1, 2, 4])
 def test_split_kv_gqa_batches_and_ragged_chunks(Hkv: int, kernel_keys: list[int]) -> None:
-    """GQA 4:1, 2:1 and MHA, two batches, a cache length that no chunk size divides."""
+    """GQA 4:1, 2:1 and MHA, two batches, a cache length that no chunk size divides; three threads,
+    which 2, 4 and 8 tasks do not fill evenly (so each is split in 3)."""
+    torch.set_num_threads(3)
     q, k, v = qkv(B=2, Hkv=Hkv, Lq=4, Lkv=2333, seed=2)
     check_against_reference(variant("sinks"), q, k, v, backend="tvm", q_offset=2329, return_lse=True)
-    assert kernel_keys and max(kernel_keys) < 2333
+    assert kernel_keys and 0 < max(kernel_keys) < 2333 / 2
 
 
 @pytest.fixture
@@ -141,7 +154,7 @@ def test_short_cache_and_long_queries_stay_tiled(kernel_keys: list[int]) -> None
     program(q, k, v, backend="tvm", q_offset=508)
     q, k, v = qkv(Lq=17, Lkv=2048)
     program(q, k, v, backend="tvm", q_offset=2031)
-    assert kernel_keys == [512, 2048]
+    assert kernel_keys == [-512, -2048]
 
 
 def test_normalized_pointwise_is_not_split() -> None:
@@ -149,7 +162,7 @@ def test_normalized_pointwise_is_not_split() -> None:
     program = attncc.variant(mask=masks.causal, normalizer="relu")
     region = program.plan.regions[0]
     q, k, _ = qkv(Lq=1, Lkv=4096)
-    assert decode.num_splits(program.plan, region, q, k) == 1
+    assert decode.num_splits(program.plan, region, q, k) == 0
     assert decode.num_splits(variant("relu_sum").plan, variant("relu_sum").plan.regions[0], q, k) > 1
 
 
@@ -176,8 +189,44 @@ def test_split_kv_with_grad_uses_the_plain_path(kernel_keys: list[int]) -> None:
     program = variant("sinks")
     q, k, v = (t.requires_grad_() for t in qkv(Lq=4, Lkv=2048, seed=4))
     program(q, k, v, backend="tvm", q_offset=2044).square().sum().backward()
-    assert kernel_keys == [2048]
+    assert kernel_keys == [-2048]
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     program(q2, k2, v2, backend="reference", q_offset=2044).square().sum().backward()
     for got, want in zip((q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("tasks", "most", "threads", "want"), [
+    (8, 8, 2, 1),  # the tasks fill the threads: no split
+    (1, 8, 2, 2),
+    (3, 8, 2, 2),  # 3 tasks on 2 threads: 6 fill them
+    (5, 8, 16, 3),  # 15 of 16 threads
+    (1, 1, 2, 1),  # a cache too short to split
+    (1, 0, 2, 1),
+])
+def test_cpu_splits_fill_the_threads_evenly(tasks: int, most: int, threads: int, want: int) -> None:
+    assert decode.cpu_splits(tasks, most, threads) == want
+
+
+@pytest.mark.parametrize("name", ["causal", "sinks", "sigmoid"])
+def test_one_chunk_decoding_step(name: str, kernel_keys: list[int]) -> None:
+    """Two kv heads on two threads: one chunk, the whole cache in place; the sink still enters."""
+    q, k, v = qkv(Hkv=2, Lq=1, Lkv=2100, seed=6)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=2099)
+    assert kernel_keys == [2112]  # the cache rounded up to whole tiles of 64
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "sinks"])
+def test_decoding_steps_share_tables_within_a_bucket(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step by step over a preallocated cache across a bucket's and a tile's edge (q_offset 2047,
+    2048): every step matches the reference, and the tables are built once per bucket, tile count
+    and chunking, not per step."""
+    folds: list[int] = []
+    real = decode._fold_tables
+    monkeypatch.setattr(decode, "_fold_tables", lambda *a: folds.append(1) or real(*a))
+    q, k, v = qkv(Lq=1, Lkv=2112, seed=7)
+    steps = range(2036, 2112, 5)
+    for length in steps:
+        ks, vs = k[:, :, :length], v[:, :, :length]
+        check_against_reference(variant(name), q, ks, vs, backend="tvm", q_offset=length - 1)
+    assert 1 < len(folds) <= 4 < len(steps)

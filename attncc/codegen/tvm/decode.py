@@ -1,7 +1,8 @@
 """Split-KV decoding on the TVM kernel: key chunks folded into the batch, one call, then a merge.
 
-With few queries (``Lq <= 16``) over a long cache the tiled kernel has only ``B * Hq`` tasks,
-each walking the whole cache with mostly empty query rows. Here (SEMANTICS.md, softmax sinks;
+With few queries (``Lq <= 16``) over a long cache the tiled kernel has only ``B * Hkv`` tasks
+; when they are too few to fill the threads evenly, the keys are split (``cpu_splits``); a
+decoding step takes this path even unsplit, for what it does besides splitting. Here (SEMANTICS.md, softmax sinks;
 ``attncc.passes.decode.split_kv_attention`` is the algorithm):
 
 - the keys are cut into ``S`` chunks of ``C`` keys (``C`` a multiple of ``block_n``) and the
@@ -23,7 +24,6 @@ each walking the whole cache with mostly empty query rows. Here (SEMANTICS.md, s
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -32,24 +32,50 @@ from attncc.codegen.tvm.memo import by_value
 from attncc.ir import expr as ex
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
-from attncc.passes.sparsify import FULL, PARTIAL
+from attncc.passes.sparsify import FULL, PARTIAL, BlockTables
 
 Tensor = torch.Tensor
 
 
 def num_splits(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor) -> int:
-    """How many key chunks this call is split into; 1 when the plan's rule or the normalizer says no."""
+    """How many key chunks this call is split into; 0 when the plan's rule or the normalizer says
+    the split path does not apply (the plain kernel runs)."""
     rule = plan.decode_split
-    B, Hq, Lq, _ = q.shape
+    B, _, Lq, _ = q.shape
     Lkv = k.shape[2]
     if rule is None or plan.strategy != "tiled" or not rule.applies(Lq, Lkv):
-        return 1
+        return 0
     if region.gate is not None or region.head_select is not None or region.routing is not None:
-        return 1
+        return 0
     norm = region.normalizer
     mergeable = isinstance(norm, nodes.SoftmaxNorm | nodes.SigmoidNorm) or (
         isinstance(norm, nodes.PointwiseNorm) and not norm.normalize)
-    return rule.num_splits(B, Hq, Lkv) if mergeable else 1
+    if not mergeable:
+        return 0
+    return cpu_splits(B * k.shape[1], Lkv // CPU_MIN_CHUNK, torch.get_num_threads())
+
+
+# NOTE: keys per chunk at least: a chunk's task must outweigh what a split adds (the merge's torch
+# ops, another task's query load and finish: about 0.1 ms a step with 2 threads). Measured, 2
+# threads, one kv head of 128: 2048 keys in 2 chunks 0.37 ms against 0.29 whole; 8192 keys in 4
+# chunks 0.78 against 1.0.
+CPU_MIN_CHUNK = 2048
+BALANCED = 0.9
+
+
+def cpu_splits(tasks: int, most: int, threads: int) -> int:
+    """Chunks per sequence for ``tasks`` (batch times kv heads) on ``threads`` CPU threads.
+
+    Why not the plan's rule (``DecodeSplit.num_splits``, sized for a GPU's hundreds of programs):
+    a CPU thread runs tasks one after another, so chunks beyond what the threads need only add
+    merge work and query loads. One chunk when the tasks already fill the threads evenly
+    (``BALANCED``), else the fewest (at most ``most``) that do, else one.
+    """
+    def balance(s: int) -> float:
+        n = tasks * s
+        return n / (threads * -(-n // threads))
+
+    return next((s for s in range(1, most + 1) if balance(s) >= BALANCED), 1)
 
 
 def split_config(config: dict, rows: int) -> dict:
@@ -93,22 +119,16 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     tiles_per_chunk = C // block_n
 
     qf = q.float().reshape(B, 1, Hkv, R, D).expand(B, S, Hkv, R, D).reshape(B * S, Hkv, R, D)
-
-    classes = rw.row_classes(region, B, Hq, Lq, Lkv, block_n, q_offset, tensors).clone()
-    if Lkv % block_n:  # the kernel masks keys past the chunk, not past the cache: the mask must
-        last = classes[..., Lkv // block_n]
-        classes[..., Lkv // block_n] = torch.where(last == FULL, PARTIAL, last)
-    folded = torch.zeros(B, Hkv, R, S * tiles_per_chunk, dtype=torch.int8)
-    folded[..., : classes.shape[-1]] = classes.reshape(B, Hkv, R, -1)
-    folded = folded.view(B, Hkv, R, S, tiles_per_chunk).permute(0, 3, 1, 2, 4).reshape(B * S, Hkv, R, -1)
-    tables = rw.tile_tables(folded, block_m)
+    tables = step_tables(region, (B, Hq, Hkv, Lq, Lkv), q_offset, (block_m, block_n), (S, tiles_per_chunk), tensors)
 
     side = {**tensors, rw.META.name: rw.meta(S, C, G, Lq, q_offset, Lkv)}
     o, lse = rw.launch_region(_kernel_region(region), qf, k, v, side, tables, config, scale=scale, q_offset=0,
                               total_lkv=Lkv, kv_chunk=C)
+    norm = region.normalizer
+    if S == 1 and not (isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None):
+        return o.view(B, Hq, Lq, Dv).to(q.dtype), lse.view(B, Hq, Lq) if isinstance(norm, nodes.SoftmaxNorm) else None
     o = o.view(B, S, Hq, Lq, Dv)
     lse = lse.view(B, S, Hq, Lq)
-    norm = region.normalizer
     if not isinstance(norm, nodes.SoftmaxNorm):
         return o.sum(1).to(q.dtype), None
     sink = None if norm.sink is None else tensors[norm.sink.name].float().view(1, Hq, 1)
@@ -116,20 +136,75 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     return out.to(q.dtype), merged
 
 
+# NOTE: query positions whose decoding steps share one set of tables (a step's tables are memoized
+# per bucket of this many positions: building them took about 1.5 ms, more than the kernel).
+STEP_BUCKET = 64
+
+
+def step_tables(region: AttentionRegion, sizes: tuple[int, int, int, int, int], q_offset: int,
+                tile: tuple[int, int], chunks: tuple[int, int], tensors: dict[str, Tensor]) -> BlockTables:
+    """The split kernel's tables for queries ``q_offset .. q_offset + Lq - 1`` over ``Lkv`` keys
+    in ``chunks = (S, tiles per chunk)``.
+
+    Why buckets: a decoding step moves ``q_offset`` and ``Lkv`` by one, so tables memoized on the
+    exact step never hit. A mask that reads no captured tensor is classified instead for every
+    query position of the step's bucket at once (``STEP_BUCKET`` positions, keys up to the last
+    whole tile): a tile FULL or EMPTY for all of them is so for this step, the rest are PARTIAL and
+    the kernel evaluates the mask there (with ``kv < Lkv``). One set of tables then serves the
+    bucket's steps, and so do the task order and layouts memoized per tables object.
+    """
+    B, Hq, Hkv, Lq, Lkv = sizes
+    sp = region.sparsity
+    if sp is not None and not sp.cacheable:
+        classes = rw.row_classes(region, B, Hq, Lq, Lkv, tile[1], q_offset, tensors)
+        return _fold_tables(classes, Hkv, Lkv % tile[1] != 0, tile, chunks)
+    # NOTE: Lkv matters only through the number of key tiles and whether the last one is ragged
+    nkv, ragged = -(-Lkv // tile[1]), Lkv % tile[1] != 0
+    return _bucket_tables(region, B, Hq, Hkv, Lq, nkv, ragged, q_offset - q_offset % STEP_BUCKET, tile, chunks)
+
+
+@by_value(maxsize=64)
+def _bucket_tables(region: AttentionRegion, B: int, Hq: int, Hkv: int, Lq: int, nkv: int, ragged: bool,
+                   base: int, tile: tuple[int, int], chunks: tuple[int, int]) -> BlockTables:
+    """``step_tables`` of a static mask for every step whose queries start in ``base ..
+    base + STEP_BUCKET - 1``."""
+    block_n = tile[1]
+    span = Lq + STEP_BUCKET - 1  # every query row of every step in the bucket, as one query tile
+    sp = region.sparsity
+    if sp is not None:
+        union = sp.block_map(B, Hq, span, nkv * block_n, (span, block_n), base, {})
+    else:
+        union = rw.row_classes(region, 1, 1, 1, nkv * block_n, block_n, 0, {})
+    classes = union.expand(B, Hq, Lq, nkv)
+    return _fold_tables(classes, Hkv, ragged, tile, chunks)
+
+
+def _fold_tables(classes: Tensor, Hkv: int, ragged: bool, tile: tuple[int, int], chunks: tuple[int, int],
+                 ) -> BlockTables:
+    """Tables of the split kernel from row classes ``[B, Hq, Lq, nkv]``: chunks into the batch,
+    a group's heads into the rows, then reduced per query tile."""
+    B, Hq, Lq, _ = classes.shape
+    block_m = tile[0]
+    S, tiles_per_chunk = chunks
+    R = (Hq // Hkv) * Lq
+    classes = classes.clone()
+    if ragged:  # the kernel masks keys past the chunk, not past the cache: the mask must
+        classes[..., -1] = torch.where(classes[..., -1] == FULL, PARTIAL, classes[..., -1])
+    folded = torch.zeros(B, Hkv, R, S * tiles_per_chunk, dtype=torch.int8)
+    folded[..., : classes.shape[-1]] = classes.reshape(B, Hkv, R, -1)
+    folded = folded.view(B, Hkv, R, S, tiles_per_chunk).permute(0, 3, 1, 2, 4).reshape(B * S, Hkv, R, -1)
+    return rw.tile_tables(folded, block_m)
+
+
 def merge_partials(o: Tensor, lse: Tensor, sink: Tensor | None, dim: int = 1) -> tuple[Tensor, Tensor]:
     """Merge partials over ``dim``: ``o [..., Dv]`` and ``lse`` (``o`` without its last axis), e.g.
-    ``[B, S, H, Lq]``; ``sink`` broadcasts against ``lse`` without ``dim`` and enters once."""
-    top = lse.amax(dim=dim)
+    ``[B, S, H, Lq]``; ``sink`` broadcasts against ``lse`` without ``dim`` and enters once.
+
+    A partial's weight is ``exp(lse_s - lse)`` with ``lse`` the merged one; a row with no live
+    partial (and no sink) has ``lse = -inf`` and weights ``exp(-inf) = 0``. Few torch ops: a
+    decoding step runs this on a few hundred floats, where each op costs its fixed ~5 us."""
+    merged = torch.logsumexp(lse, dim=dim)
     if sink is not None:
-        top = torch.maximum(top, sink)
-    safe = torch.where(top > -math.inf, top, 0.0)
-    weight = torch.exp(lse - safe.unsqueeze(dim))  # exp(-inf) = 0: empty partials weigh nothing
-    total = weight.sum(dim=dim)
-    if sink is not None:
-        total = total + torch.exp(sink - safe)
-    alive = total > 0
-    denom = torch.where(alive, total, 1.0)
-    summed = (weight.unsqueeze(-1) * o).sum(dim=dim)
-    out = torch.where(alive.unsqueeze(-1), summed / denom.unsqueeze(-1), 0.0)
-    merged = torch.where(alive, safe + torch.log(denom), -math.inf)
-    return out, merged
+        merged = torch.logaddexp(merged, sink)
+    weight = torch.exp(lse - merged.nan_to_num(neginf=0.0).unsqueeze(dim))
+    return (weight.unsqueeze(-1) * o).sum(dim=dim), merged

@@ -65,8 +65,8 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
         run = routing.run_topk_blocks if region.gate is not None else heads.run_topk_heads
         out, lse = run(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
         return out, (lse if has_lse else None)
-    splits = 1 if grad else decode.num_splits(plan, region, q, k)
-    if splits > 1:
+    splits = 0 if grad else decode.num_splits(plan, region, q, k)
+    if splits:
         chosen = config or select_config(plan, q, k, v)[0]
         return decode.run_split_kv(region, q, k, v, tensors, chosen, splits, scale=scale, q_offset=q_offset)
     return run_region(plan, region, q, k, v, tensors, scale=scale, q_offset=q_offset, config=config, grad=grad)

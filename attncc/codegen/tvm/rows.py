@@ -16,6 +16,8 @@ tiles of one row), gathered into the kernel's row order and reduced per query ti
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import torch
 
@@ -37,9 +39,7 @@ MIN_FLAT = 1 << 12
 
 def meta(*values: int) -> Tensor:
     """The ``META`` tensor holding ``values`` (the rest zero)."""
-    out = torch.zeros(META_SLOTS, dtype=torch.int64)
-    out[: len(values)] = torch.tensor(values, dtype=torch.int64)
-    return out
+    return torch.tensor((*values, *(0,) * (META_SLOTS - len(values))), dtype=torch.int64)
 
 
 def meta_at(slot: int) -> Expr:
@@ -121,7 +121,14 @@ def tile_tables(rows: Tensor, block_m: int) -> BlockTables:
 def fit_config(config: dict, *, block_m: int | None = None, block_n: int | None = None) -> dict:
     """``config`` with the given tile sizes and a register block and vector width that the search
     space accepts with them (its ``keep``; the config's own values are preferred)."""
-    out = dict(config)
+    return dict(_fit_config(tuple(config.items()), block_m, block_n))
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_config(items: tuple[tuple[str, Any], ...], block_m: int | None, block_n: int | None,
+                ) -> tuple[tuple[str, Any], ...]:
+    """``fit_config`` memoized (a decoding step asks on every call)."""
+    out = dict(items)
     if block_m is not None:
         out["block_m"] = block_m
     if block_n is not None:
@@ -133,7 +140,7 @@ def fit_config(config: dict, *, block_m: int | None = None, block_n: int | None 
         for vector in dict.fromkeys((out["vector"], *PARAMS["vector"])):
             candidate = {**out, "rows": rows, "vector": vector}
             if SPACE.keep(candidate, tiny):
-                return candidate
+                return tuple(candidate.items())
     raise ValueError(f"no register block fits tiles {out['block_m']} x {out['block_n']} in the TVM space")
 
 
