@@ -156,8 +156,9 @@ def launch_backward(
     BN = shape.block_n
     nkv = -(-Lkv // BN)
     tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, BN), q_offset, tensors)
-    tcount, tindex = transpose_tables(tables.partial_count, tables.partial_index, nkv)
-    fcount, findex = transpose_tables(tables.full_count, tables.full_index, nkv)
+    tcount, tindex, fcount, findex = schedule.derived(tables, ("by kv tile", nkv), lambda: (
+        *transpose_tables(tables.partial_count, tables.partial_index, nkv),
+        *transpose_tables(tables.full_count, tables.full_index, nkv)))
     kp, kt = _tiles(k, BN)
     _, vt = _tiles(v, BN)
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]

@@ -29,16 +29,17 @@ def ragged_tile_partial(tables: BlockTables, Lkv: int, block_n: int) -> BlockTab
     if Lkv % block_n == 0:
         return tables
     # NOTE: None stands for "unchanged": a memo value holding its own key would keep it alive
-    moved = _derived(tables, ("ragged", Lkv, block_n), lambda: _move_last_tile(tables, (Lkv - 1) // block_n))
+    moved = derived(tables, ("ragged", Lkv, block_n), lambda: _move_last_tile(tables, (Lkv - 1) // block_n))
     return moved or tables
 
 
 _DERIVED: weakref.WeakKeyDictionary[BlockTables, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 
 
-def _derived(tables: BlockTables, key: tuple, compute: Callable[[], Any]) -> Any:
+def derived(tables: BlockTables, key: tuple, compute: Callable[[], Any]) -> Any:
     """``compute()`` once per tables object and key: sparsify caches tables per geometry, so a
-    derived layout (a few torch ops, up to a millisecond) is paid once per geometry too."""
+    derived layout (a few torch ops, up to a millisecond; the backward's per-kv-tile lists) is
+    paid once per geometry too."""
     known = _DERIVED.setdefault(tables, {})
     if key not in known:
         known[key] = compute()
@@ -64,7 +65,7 @@ def _move_last_tile(tables: BlockTables, last: int) -> BlockTables | None:
 
 def task_order(tables: BlockTables, B: int, heads: int, threads: int) -> torch.Tensor:
     """The forward kernel's task table for ``tables`` (``balanced_order``, memoized per tables)."""
-    return _derived(tables, ("order", B, heads, threads),
+    return derived(tables, ("order", B, heads, threads),
                     lambda: balanced_order(tables.partial_count + tables.full_count, B, heads, threads))
 
 
@@ -73,7 +74,7 @@ def kv_task_order(tables: BlockTables, kv_tiles: Callable[[], torch.Tensor], B: 
     """The backward dkdv kernel's task table, memoized per tables like ``task_order`` (dealing
     costs up to a millisecond): tasks ``(b, kv head, kv tile)`` weighted by ``kv_tiles()``,
     the query tiles each walks, ``[B' or 1, Hkv or 1, kv tiles]``."""
-    return _derived(tables, ("kv order", B, Hkv, threads), lambda: balanced_order(kv_tiles(), B, Hkv, threads))
+    return derived(tables, ("kv order", B, Hkv, threads), lambda: balanced_order(kv_tiles(), B, Hkv, threads))
 
 
 BALANCE_SLACK = 1.02
