@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attncc.autotune import cache as cache_module
 from attncc.autotune.cache import TuningCache, merge_json, read_json
 from attncc.autotune.keys import ShapeKey, TuningKey
 from attncc.autotune.lookup import select_config
@@ -265,6 +266,37 @@ def test_lookup_order_pin_then_exact_then_nearest_then_default(tmp_path, monkeyp
     cache.unpin(FP, "tvm", DEVICE, SHAPE.tag)
     cache.unpin(FP, "tvm")
     assert select(cache) == (SPACE.default_for(SHAPE), "default (ATTNCC_TUNING=off)")
+
+
+_RECORD_CHILD = """
+import sys
+from attncc.autotune.cache import TuningCache
+from attncc.autotune.keys import ShapeKey, TuningKey
+from attncc.autotune.records import Entry
+from attncc.autotune.space import tvm_space
+shape = ShapeKey.of(1, 4, 128, 64)
+config = tvm_space().configs(shape)[int(sys.argv[2])]
+TuningCache(sys.argv[1]).record(Entry(TuningKey("a" * 64, "tvm", "cpu-00000000000000aa", shape), config, 1.0))
+"""
+
+
+def test_a_running_process_sees_another_process_s_writes(tmp_path, monkeypatch):
+    """A lookup memoized in this process goes stale when another process tunes (``PRAGMA
+    data_version``), at most ``EXTERNAL_CHECK_SECONDS`` later: a server picks up a fleet's cache."""
+    cache = TuningCache(tmp_path / "t.sqlite")
+    assert select(cache)[1].startswith("default")
+
+    def child_records(i: int) -> None:
+        subprocess.run([sys.executable, "-c", _RECORD_CHILD, str(cache.path), str(i)], check=True, cwd=REPO)
+
+    monkeypatch.setattr(cache_module, "EXTERNAL_CHECK_SECONDS", 3600.0)
+    select(cache)  # the check's clock starts
+    child_records(6)
+    assert select(cache)[1].startswith("default"), "within the interval the memo stands"
+    monkeypatch.setattr(cache_module, "EXTERNAL_CHECK_SECONDS", 0.0)
+    chosen, source = select(cache)
+    assert chosen == config(6) and source.startswith("tuned: exact key")
+    assert select(cache)[0] == config(6)
 
 
 def test_nearest_bucket_never_crosses_head_dim_or_dtype(tmp_path):

@@ -125,6 +125,10 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+# NOTE: how stale a running process's view of another process's tuning writes may get, in seconds
+EXTERNAL_CHECK_SECONDS = 1.0
+
+
 class TuningCache:
     """One SQLite tuning database plus, for lookups, the shipped JSON caches."""
 
@@ -138,9 +142,29 @@ class TuningCache:
         return f"<TuningCache {self.path}>"
 
     @property
-    def generation(self) -> int:
-        """Bumped by every write in this process to this path: lookups memoized on it go stale."""
-        return _GENERATIONS.get(str(self.path), 0)
+    def generation(self) -> tuple[int, int]:
+        """Changes with every write to this database: lookups memoized on it go stale. Writes by
+        this process bump a counter; another process's commits (``attncc tune``, an import) show
+        in SQLite's ``PRAGMA data_version``, read at most every ``EXTERNAL_CHECK_SECONDS`` (a
+        lookup is memoized to cost about a microsecond; the pragma costs a few)."""
+        return _GENERATIONS.get(str(self.path), 0), self._external_version()
+
+    def _external_version(self) -> int:
+        """This thread's connection's ``data_version`` as last read (values of different
+        connections are not comparable, and connections are per thread)."""
+        seen = getattr(self._local, "seen", None)
+        now = time.monotonic()
+        if seen is not None and now - seen[0] < EXTERNAL_CHECK_SECONDS:
+            return seen[1]
+        version = seen[1] if seen is not None else 0
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            try:
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.DatabaseError:
+                pass
+        self._local.seen = (now, version)
+        return version
 
     # ------------------------------------------------------------ connection and recovery
     def _db(self) -> sqlite3.Connection | None:
@@ -223,7 +247,7 @@ class TuningCache:
         with _transaction(conn):
             for sql, args in statements:
                 changed += conn.execute(sql, args).rowcount
-        _GENERATIONS[str(self.path)] = self.generation + 1
+        _GENERATIONS[str(self.path)] = _GENERATIONS.get(str(self.path), 0) + 1
         return changed
 
     def close(self) -> None:

@@ -5,8 +5,8 @@ device, the search space's heuristic default. ``ATTNCC_TUNING=off`` skips the tu
 but still honours pins: pins exist so that runs are bit-for-bit reproducible, and turning
 tuning off must not silently change a pinned kernel. Every stored config is checked against
 the backend's current search space before use, so a stale or hand-edited entry can never
-reach a kernel. The answer is memoized per process until this process writes to the cache (a
-write by another process, e.g. ``attncc tune``, is seen by processes started after it), keyed on
+reach a kernel. The answer is memoized per process until the cache is written (by this process at
+once; by another, e.g. ``attncc tune``, within ``cache.EXTERNAL_CHECK_SECONDS``), keyed on
 everything it reads: the environment variables, the thread count (in the device fingerprint).
 Every kernel call asks, so the key is built from small values and memoized normalizations.
 """
