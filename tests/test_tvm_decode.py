@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("tvm")
 
@@ -69,7 +71,11 @@ VARIANTS = {
     "alibi_documents": lambda: attncc.variant(_alibi, mask=lambda b, h, q, kv: (DOCS[q] == DOCS[kv]) & (q >= kv)),
     "sigmoid": lambda: attncc.variant(mask=masks.causal, normalizer="sigmoid"),
     "relu_sum": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Pointwise("relu", normalize=False)),
+    "softcap_softplus_sum": lambda: attncc.variant(
+        lambda s, b, h, q, kv: 10.0 * torch.tanh(s / 10.0), mask=masks.sliding_window(700),
+        normalizer=attncc.Pointwise("softplus", normalize=False)),
 }
+SOFTMAX = ("causal", "window", "sinks", "alibi_documents")
 _BUILT: dict[str, attncc.Variant] = {}
 
 
@@ -230,3 +236,28 @@ def test_decoding_steps_share_tables_within_a_bucket(name: str, monkeypatch: pyt
         ks, vs = k[:, :, :length], v[:, :, :length]
         check_against_reference(variant(name), q, ks, vs, backend="tvm", q_offset=length - 1)
     assert 1 < len(folds) <= 4 < len(steps)
+
+
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(VARIANTS)), Hkv=st.sampled_from([4, 2, 1]), Lq=st.integers(1, 7),
+       Lkv=st.integers(1024, 1400), D=st.sampled_from([8, 16, 40]), Dv=st.sampled_from([8, 24, 40]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_row_major_kernel_matches_reference(name: str, Hkv: int, Lq: int, Lkv: int, D: int, Dv: int,
+                                            dtype: torch.dtype) -> None:
+    """Fewer than 8 query rows per kv head (GQA group times Lq) take the row-major kernel
+    (``decode_kernel.py``): every variant, ragged caches, features not a multiple of its vectors
+    of values, bfloat16; lse too for softmax."""
+    assume((4 // Hkv) * Lq < 8)
+    layouts: list[str] = []
+    real = launcher.launch
+
+    def spy(region, shape, *args, **kwargs):
+        layouts.append(shape.layout)
+        return real(region, shape, *args, **kwargs)
+
+    q, k, v = qkv(Hkv=Hkv, Lq=Lq, Lkv=Lkv, D=D, Dv=Dv, dtype=dtype, seed=Lkv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher, "launch", spy)
+        check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=Lkv - Lq,
+                                return_lse=name in SOFTMAX)
+    assert layouts == ["row_major"]

@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from attncc.codegen.tvm import decode_kernel
 from attncc.codegen.tvm import rows as rw
 from attncc.codegen.tvm.memo import by_value
 from attncc.ir import expr as ex
@@ -111,7 +112,12 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G, R = Hq // Hkv, (Hq // Hkv) * Lq
-    config = split_config(config, R)
+    kernel_region = _kernel_region(region)
+    if decode_kernel.supports(kernel_region, R, D, Dv):
+        config = {"block_m": R, "block_n": config["block_n"], "rows": 1, "vector": decode_kernel.LANES,
+                  "layout": "row_major"}
+    else:
+        config = split_config(config, R)
     block_m, block_n = config["block_m"], config["block_n"]
     per_split = -(-Lkv // splits)
     C = -(-per_split // block_n) * block_n
@@ -122,7 +128,7 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     tables = step_tables(region, (B, Hq, Hkv, Lq, Lkv), q_offset, (block_m, block_n), (S, tiles_per_chunk), tensors)
 
     side = {**tensors, rw.META.name: rw.meta(S, C, G, Lq, q_offset, Lkv)}
-    o, lse = rw.launch_region(_kernel_region(region), qf, k, v, side, tables, config, scale=scale, q_offset=0,
+    o, lse = rw.launch_region(kernel_region, qf, k, v, side, tables, config, scale=scale, q_offset=0,
                               total_lkv=Lkv, kv_chunk=C)
     norm = region.normalizer
     if S == 1 and not (isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None):

@@ -70,6 +70,8 @@ class KernelShape:
     # at batch ``b // KS``, keys from ``(b % KS) * KC`` (two more int arguments, KS and KC), so the
     # chunks need no copy of the cache folded into the batch
     kv_chunks: bool = False
+    # "key_major": this module's kernel; "row_major": few query rows (decoding, decode_kernel.py)
+    layout: str = "key_major"
 
 
 @by_value(maxsize=256)
@@ -152,10 +154,18 @@ def render_forward(region: AttentionRegion, shape: KernelShape) -> str:
     try:
         return _RENDERED[region, shape]
     except TypeError:  # a payload that does not hash: render every time
-        return _Forward(region, shape).render()
+        return _renderer(shape)(region, shape).render()
     except KeyError:
-        source = _RENDERED[region, shape] = _Forward(region, shape).render()
+        source = _RENDERED[region, shape] = _renderer(shape)(region, shape).render()
         return source
+
+
+def _renderer(shape: KernelShape) -> type[_Forward]:
+    if shape.layout == "row_major":
+        from attncc.codegen.tvm.decode_kernel import DecodeForward
+
+        return DecodeForward
+    return _Forward
 
 
 class _Forward:
