@@ -154,13 +154,15 @@ def test_split_kv_low_precision(dtype: torch.dtype) -> None:
 
 
 def test_short_cache_and_long_queries_stay_tiled(kernel_keys: list[int]) -> None:
-    """The plan's rule decides: Lkv below min_lkv or Lq above max_lq runs the plain tiled kernel."""
+    """Lkv below ``CPU_MIN_KEYS`` or Lq above the plan's max_lq runs the plain tiled kernel."""
     program = variant("causal")
-    q, k, v = qkv(Lq=4, Lkv=512)
-    program(q, k, v, backend="tvm", q_offset=508)
+    q, k, v = qkv(Lq=4, Lkv=255)
+    program(q, k, v, backend="tvm", q_offset=251)
     q, k, v = qkv(Lq=17, Lkv=2048)
     program(q, k, v, backend="tvm", q_offset=2031)
-    assert kernel_keys == [-512, -2048]
+    q, k, v = qkv(Lq=4, Lkv=256)
+    program(q, k, v, backend="tvm", q_offset=252)
+    assert kernel_keys == [-255, -2048, 256]
 
 
 def test_normalized_pointwise_is_not_split() -> None:
