@@ -20,8 +20,8 @@ sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shap
 
 from __future__ import annotations
 
-from attncc.codegen.tvm.kernels import NEG_INF, _Forward, tree
-from attncc.codegen.tvm.render import Renderer, _sigmoid
+from attncc.codegen.tvm.kernels import NEG_INF, _Forward, is_plain_softplus, tree
+from attncc.codegen.tvm.render import Renderer, _sigmoid, softplus_steps
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
 
@@ -143,14 +143,19 @@ class DecodeForward(_Forward):
 
     def _row_weights(self) -> None:
         """Sigmoid or an unnormalised pointwise map: ``St <- weight(St)``, masked scores weigh 0."""
-        norm = self.norm
+        norm, w, BN = self.norm, self.w, self.s.block_n
+        fills: tuple[str, ...] = ()
         if isinstance(norm, nodes.SigmoidNorm):
             weight = _sigmoid("(St[i, j] + bias)")
+        elif is_plain_softplus(norm):
+            w(f'E = T.decl_buffer(({BN},), "float32")')
+            fills, weight = softplus_steps("St[i, j]", "E[j]")
         else:
             weight = Renderer({"score": "St[i, j]"}, self.specs)(norm.phi)
-        with self.w.block(f"for i in range({self.s.block_m}):"):
-            with self.w.block(f"for j in T.vectorized({self.s.block_n}):"):
-                self.w(f"St[i, j] = T.if_then_else(St[i, j] == {NEG_INF}, T.float32(0.0), {weight})")
+        with w.block(f"for i in range({self.s.block_m}):"):
+            for statement in (*fills, f"St[i, j] = T.if_then_else(St[i, j] == {NEG_INF}, T.float32(0.0), {weight})"):
+                with w.block(f"for j in T.vectorized({BN}):"):
+                    w(statement)
 
     def _weighted_values(self, masked: str) -> None:
         """``Acc[i] = Alpha[i] Acc[i] + sum_j St[i, j] V[j]``: ``VC`` vectors of value features x

@@ -44,6 +44,7 @@ from attncc.codegen.tvm.render import (
     fast_exp2_nonpositive,
     fast_exp_nonpositive,
     fast_log1p,
+    softplus_steps,
 )
 from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
@@ -86,6 +87,11 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     if sink is not None:
         found[sink] = None
     return tuple(found)
+
+
+def is_plain_softplus(norm: object) -> bool:
+    """A pointwise normalizer that is softplus of the score itself (``render.softplus_steps``)."""
+    return isinstance(norm, nodes.PointwiseNorm) and norm.phi.op == "softplus" and norm.phi.src[0].op == "var"
 
 
 def tree(fn: str, terms: list[str]) -> str:
@@ -568,9 +574,9 @@ class _Forward:
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
 
-    def _pointwise_update(self, weight: str, before: str | None = None) -> None:
-        """``St[j, i] <- weight`` elementwise (``before``: a buffer fill the weight reads), and the
-        row sums ``L`` when the normalizer divides by them."""
+    def _pointwise_update(self, weight: str, before: tuple[str, ...] = ()) -> None:
+        """``St[j, i] <- weight`` elementwise (``before``: buffer fills the weight reads, each a
+        vectorized statement of its own), and the row sums ``L`` when the normalizer divides by them."""
         w, BN, BM = self.w, self.s.block_n, self.s.block_m
         normalize = getattr(self.norm, "normalize", False)
         if normalize:
@@ -578,9 +584,9 @@ class _Forward:
             with w.block(f"for i in T.vectorized({BM}):"):
                 w("Lv[i] = L[i]")
         with w.block(f"for j in range({BN}):"):
-            if before is not None:
+            for fill in before:
                 with w.block(f"for i in T.vectorized({BM}):"):
-                    w(before)
+                    w(fill)
             with w.block(f"for i in T.vectorized({BM}):"):
                 w(f"St[j, i] = {weight}")
                 if normalize:
@@ -591,12 +597,10 @@ class _Forward:
 
     def _phi_update(self, norm: nodes.PointwiseNorm) -> None:
         dead = f"St[j, i] == {NEG_INF}"
-        if norm.phi.op == "softplus" and norm.phi.src[0].op == "var":
-            # log1p(exp(s)) through a buffer: the fast log1p reads its argument often
+        if is_plain_softplus(norm):
             self.w(f'E = T.decl_buffer(({self.s.block_m},), "float32")')
-            phi = f"T.if_then_else(St[j, i] > T.float32(20.0), St[j, i], {fast_log1p('E[i]')})"
-            fill = f"E[i] = {fast_exp('T.min(St[j, i], T.float32(20.0))')}"
-            self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})", before=fill)
+            fills, phi = softplus_steps("St[j, i]", "E[i]")
+            self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})", before=fills)
             return
         phi = Renderer({"score": "St[j, i]"}, self.specs)(norm.phi)
         self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})")
