@@ -20,7 +20,7 @@ sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shap
 
 from __future__ import annotations
 
-from attncc.codegen.tvm.kernels import NEG_INF, _Forward, is_plain_softplus, tree
+from attncc.codegen.tvm.kernels import NEG_INF, _Forward, is_plain_softplus, nest, tree
 from attncc.codegen.tvm.render import Renderer, _sigmoid, softplus_steps
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
@@ -99,20 +99,15 @@ class DecodeForward(_Forward):
         BM, BN = s.block_m, s.block_n
         KB = _largest_divisor(BN, ACCUMULATORS // BM)
         w(f'Part = T.decl_buffer(({KB}, {BM}, {LANES}), "float32", scope="local")')
+        block = (("jk", "T.unroll", KB), ("i", "T.unroll", BM), ("l", "T.vectorized", LANES))
         with w.block(f"for j0 in range({BN // KB}):"):
-            with w.block(f"for jk in T.unroll({KB}):"):
-                with w.block(f"for i in T.unroll({BM}):"):
-                    with w.block(f"for l in T.vectorized({LANES}):"):
-                        w("Part[jk, i, l] = T.float32(0.0)")
-            with w.block(f"for d0 in range({s.D // LANES}):"):
-                with w.block(f"for jk in T.unroll({KB}):"):
-                    with w.block(f"for i in T.unroll({BM}):"):
-                        with w.block(f"for l in T.vectorized({LANES}):"):
-                            key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]")
-                            w(f"Part[jk, i, l] = Part[jk, i, l] + Qs[i, d0 * {LANES} + l] * {key}")
-            with w.block(f"for jk in T.unroll({KB}):"):
-                with w.block(f"for i in T.unroll({BM}):"):
-                    w(f"St[i, j0 * {KB} + jk] = {tree('', [f'Part[jk, i, {lane}]' for lane in range(LANES)])}")
+            with nest(w, *block):
+                w("Part[jk, i, l] = T.float32(0.0)")
+            with nest(w, ("d0", "range", s.D // LANES), *block):
+                key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]")
+                w(f"Part[jk, i, l] = Part[jk, i, l] + Qs[i, d0 * {LANES} + l] * {key}")
+            with nest(w, *block[:2]):
+                w(f"St[i, j0 * {KB} + jk] = {tree('', [f'Part[jk, i, {lane}]' for lane in range(LANES)])}")
 
     def _row_softmax(self) -> None:
         """Online softmax per row: the new max (a vector max over keys, then over lanes), ``Alpha``,
@@ -165,19 +160,16 @@ class DecodeForward(_Forward):
         VC = _largest_divisor(Dv // LANES, ACCUMULATORS // BM)
         width = VC * LANES
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
+        block = (("i", "T.unroll", BM), ("c", "T.vectorized", width))
         with w.block(f"for d0 in range({Dv // width}):"):
             w(f'Or = T.decl_buffer(({BM}, {width}), "float32", scope="local")')
-            with w.block(f"for i in T.unroll({BM}):"):
-                with w.block(f"for c in T.vectorized({width}):"):
-                    w(f"Or[i, c] = Acc[i, d0 * {width} + c]{' * Alpha[i]' if rescale else ''}")
-            with w.block(f"for j in range({s.block_n}):"):
-                with w.block(f"for i in T.unroll({BM}):"):
-                    with w.block(f"for c in T.vectorized({width}):"):
-                        value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]")
-                        w(f"Or[i, c] = Or[i, c] + St[i, j] * {value}")
-            with w.block(f"for i in T.unroll({BM}):"):
-                with w.block(f"for c in T.vectorized({width}):"):
-                    w(f"Acc[i, d0 * {width} + c] = Or[i, c]")
+            with nest(w, *block):
+                w(f"Or[i, c] = Acc[i, d0 * {width} + c]{' * Alpha[i]' if rescale else ''}")
+            with nest(w, ("j", "range", s.block_n), *block):
+                value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]")
+                w(f"Or[i, c] = Or[i, c] + St[i, j] * {value}")
+            with nest(w, *block):
+                w(f"Acc[i, d0 * {width} + c] = Or[i, c]")
 
 
 def _largest_divisor(n: int, most: int) -> int:

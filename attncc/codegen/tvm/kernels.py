@@ -128,6 +128,16 @@ class Lines:
         return "\n".join(self.lines) + "\n"
 
 
+@contextlib.contextmanager
+def nest(w: Lines, *loops: tuple[str, str, int]) -> Iterator[None]:
+    """Nested ``for`` loops, outermost first, each ``(variable, kind, extent)`` with ``kind`` one
+    of ``range``, ``T.unroll``, ``T.vectorized`` (a register block's loops, written once)."""
+    with contextlib.ExitStack() as stack:
+        for var, kind, extent in loops:
+            stack.enter_context(w.block(f"for {var} in {kind}({extent}):"))
+        yield
+
+
 STAGED_MIN_ROWS = 16
 EXP_KEYS = 4
 TASK_TABLE = 'TO = T.match_buffer(to_h, (NS,), "int32")'
