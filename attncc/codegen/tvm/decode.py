@@ -1,8 +1,9 @@
 """Split-KV decoding on the TVM kernel: key chunks folded into the batch, one call, then a merge.
 
-With few queries (``Lq <= 16``) over a long cache the tiled kernel has only ``B * Hkv`` tasks
-; when they are too few to fill the threads evenly, the keys are split (``cpu_splits``); a
-decoding step takes this path even unsplit, for what it does besides splitting. Here (SEMANTICS.md, softmax sinks;
+A decoding step (``Lq <= 16`` queries over a cache of ``CPU_MIN_KEYS`` or more) takes this path
+even unsplit, for its row-major kernel (``decode_kernel.py``), its tables built once per bucket
+of steps and its in-place reads of the cache; the keys are split only when the ``B * Hkv`` tasks
+are too few to fill the threads evenly (``cpu_splits``). Here (SEMANTICS.md, softmax sinks;
 ``attncc.passes.decode.split_kv_attention`` is the algorithm):
 
 - the keys are cut into ``S`` chunks of ``C`` keys (``C`` a multiple of ``block_n``) and the
@@ -15,8 +16,8 @@ decoding step takes this path even unsplit, for what it does besides splitting. 
 - the region's expressions see the real indices: ``b -> b // S``, ``h -> h * G + r // Lq``,
   ``q_idx -> r % Lq + q_offset``, ``kv_idx -> kv_idx + C * (b % S)`` with ``r`` the kernel's row,
   and keys past the cache end (the last chunk's padding) are masked;
-- partials: softmax without its sink returns ``(o_s, lse_s)``; the merge rescales them to the
-  largest lse and adds ``exp(sink_h)`` once. Sigmoid and unnormalised pointwise maps sum. A
+- partials: softmax without its sink returns ``(o_s, lse_s)``; the merge weighs each by
+  ``exp(lse_s - lse)``, ``lse`` their log-sum-exp with the sink's logit added once. Sigmoid and unnormalised pointwise maps sum. A
   normalised pointwise map would need the kernel's row sums, which it does not return, so
   those regions keep the plain kernel.
 """
