@@ -130,9 +130,10 @@ def build_cases(quick: bool) -> list[Case]:
     cases.append(Case("causal block", L, program=lambda: attncc.variant(mask=masks.causal), keep=_causal,
                       sdpa={"is_causal": True}, flops=lambda L: causal_work(L) + block_projection_work(L),
                       block=True, baselines=("tvm-pool",)))
-    for L in (2048,) if quick else (4096, 16384):
-        cases.append(Case("decode", L, program=lambda: attncc.variant(mask=masks.causal), sdpa={"enable_gqa": True},
-                          decode=DECODE_HEADS, flops=lambda L: 4 * B * DECODE_HEADS[0] * DECODE_HEADS[2] * L))
+    for name, heads, L in (("decode", DECODE_HEADS, 2048), ("decode mha", MHA_DECODE_HEADS, 2048)) if quick else (
+            ("decode", DECODE_HEADS, 4096), ("decode", DECODE_HEADS, 16384), ("decode mha", MHA_DECODE_HEADS, 4096)):
+        cases.append(Case(name, L, program=lambda: attncc.variant(mask=masks.causal), sdpa={"enable_gqa": True},
+                          decode=heads, flops=lambda L, heads=heads: 4 * B * heads[0] * heads[2] * L))
     L = 2048 if quick else 16384
     cases.append(Case("linear", L, program=lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
                       keep=_causal, flops=lambda L: 4 * B * H * D * D * L, baselines=("causal",)))
@@ -140,6 +141,7 @@ def build_cases(quick: bool) -> list[Case]:
 
 
 DECODE_HEADS = (32, 8, 128)  # a decoding step of a GQA model (query heads, kv heads, head dim)
+MHA_DECODE_HEADS = (8, 8, 64)  # and of a model without GQA: one query row per kv head
 
 
 def kept_pairs(case: Case) -> int:

@@ -17,9 +17,9 @@ are too few to fill the threads evenly (``cpu_splits``). Here (SEMANTICS.md, sof
   ``q_idx -> r % Lq + q_offset``, ``kv_idx -> kv_idx + C * (b % S)`` with ``r`` the kernel's row,
   and keys past the cache end (the last chunk's padding) are masked;
 - partials: softmax without its sink returns ``(o_s, lse_s)``; the merge weighs each by
-  ``exp(lse_s - lse)``, ``lse`` their log-sum-exp with the sink's logit added once. Sigmoid and unnormalised pointwise maps sum. A
-  normalised pointwise map would need the kernel's row sums, which it does not return, so
-  those regions keep the plain kernel.
+  ``exp(lse_s - lse)``, ``lse`` their log-sum-exp with the sink's logit added once. Sigmoid and
+  unnormalised pointwise maps sum. A normalised pointwise map would need the kernel's row sums,
+  which it does not return, so those regions keep the plain kernel.
 """
 
 from __future__ import annotations
