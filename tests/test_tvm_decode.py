@@ -216,6 +216,15 @@ def test_cpu_splits_fill_the_threads_evenly(tasks: int, most: int, threads: int,
     assert decode.cpu_splits(tasks, most, threads) == want
 
 
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_one_row_per_kv_head(name: str, kernel_keys: list[int]) -> None:
+    """Without GQA a step has one query row per kv head: the row-major kernel's 8-key blocks
+    (its widest), every variant, a cache that is not a whole number of tiles; lse too for softmax."""
+    q, k, v = qkv(Hkv=4, Lq=1, Lkv=1300, D=32, seed=8)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=1299, return_lse=name in SOFTMAX)
+    assert kernel_keys == [1344]
+
+
 @pytest.mark.parametrize("name", ["causal", "sinks", "sigmoid"])
 def test_one_chunk_decoding_step(name: str, kernel_keys: list[int]) -> None:
     """Two kv heads on two threads: one chunk, the whole cache in place; the sink still enters."""
