@@ -20,7 +20,7 @@ sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shap
 
 from __future__ import annotations
 
-from attncc.codegen.tvm.kernels import NEG_INF, _Forward, is_plain_softplus, nest, tree
+from attncc.codegen.tvm.kernels import NEG_INF, KeyMajorForward, is_plain_softplus, nest, tree
 from attncc.codegen.tvm.render import Renderer, _sigmoid, softplus_steps
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
@@ -39,8 +39,8 @@ def supports(region: AttentionRegion, rows: int, D: int, Dv: int) -> bool:
     return merged and rows < LANES and D % LANES == 0 and Dv % LANES == 0
 
 
-class DecodeForward(_Forward):
-    """``_Forward`` with the row-major task body; the header, index environment, score, mask
+class RowMajorForward(KeyMajorForward):
+    """``KeyMajorForward`` with the row-major task body; the header, index environment, score, mask
     and base-2 rules are the key-major kernel's."""
 
     def _task(self) -> None:
@@ -177,4 +177,4 @@ def _largest_divisor(n: int, most: int) -> int:
     return max(d for d in range(1, max(1, most) + 1) if n % d == 0)
 
 
-__all__ = ["ACCUMULATORS", "LANES", "DecodeForward", "supports"]
+__all__ = ["ACCUMULATORS", "LANES", "RowMajorForward", "supports"]

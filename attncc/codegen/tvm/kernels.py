@@ -176,15 +176,15 @@ def render_forward(region: AttentionRegion, shape: KernelShape) -> str:
         return source
 
 
-def _renderer(shape: KernelShape) -> type[_Forward]:
+def _renderer(shape: KernelShape) -> type[KeyMajorForward]:
     if shape.layout == "row_major":
-        from attncc.codegen.tvm.decode_kernel import DecodeForward
+        from attncc.codegen.tvm.decode_kernel import RowMajorForward
 
-        return DecodeForward
-    return _Forward
+        return RowMajorForward
+    return KeyMajorForward
 
 
-class _Forward:
+class KeyMajorForward:
     def __init__(self, region: AttentionRegion, shape: KernelShape) -> None:
         self.region = region
         self.s = shape
