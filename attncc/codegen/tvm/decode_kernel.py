@@ -20,8 +20,7 @@ sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shap
 
 from __future__ import annotations
 
-from attncc.codegen.tvm.kernels import NEG_INF, KeyMajorForward, is_plain_softplus, nest, tree
-from attncc.codegen.tvm.render import Renderer, _sigmoid, softplus_steps
+from attncc.codegen.tvm.kernels import NEG_INF, KeyMajorForward, nest, tree
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
 
@@ -46,16 +45,7 @@ class RowMajorForward(KeyMajorForward):
     def _task(self) -> None:
         s, w = self.s, self.w
         BM, D, Dv = s.block_m, s.D, s.Dv
-        w("b = task // (HQ * NQ)")
-        w("h = task // NQ % HQ")
-        w("qt = task % NQ")
-        w("hk = h // (HQ // HKV)")
-        w("th = T.min(h, TH - 1)")
-        w("tb = T.min(b, TB - 1)")
-        if s.kv_chunks:
-            w("kb = b // KS")
-            w("ko = b % KS * KC")
-        w(f"q0 = qt * {BM}")
+        self._task_indices()
         w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
         w(f'St = T.decl_buffer(({BM}, {s.block_n}), "float32")')
         w(f'Acc = T.decl_buffer(({BM}, {Dv}), "float32")')
@@ -138,17 +128,10 @@ class RowMajorForward(KeyMajorForward):
 
     def _row_weights(self) -> None:
         """Sigmoid or an unnormalised pointwise map: ``St <- weight(St)``, masked scores weigh 0."""
-        norm, w, BN = self.norm, self.w, self.s.block_n
-        fills: tuple[str, ...] = ()
-        if isinstance(norm, nodes.SigmoidNorm):
-            weight = _sigmoid("(St[i, j] + bias)")
-        elif is_plain_softplus(norm):
-            w(f'E = T.decl_buffer(({BN},), "float32")')
-            fills, weight = softplus_steps("St[i, j]", "E[j]")
-        else:
-            weight = Renderer({"score": "St[i, j]"}, self.specs)(norm.phi)
+        w, BN = self.w, self.s.block_n
+        fills, weight = self._pointwise_weight("St[i, j]", "E[j]", BN)
         with w.block(f"for i in range({self.s.block_m}):"):
-            for statement in (*fills, f"St[i, j] = T.if_then_else(St[i, j] == {NEG_INF}, T.float32(0.0), {weight})"):
+            for statement in (*fills, f"St[i, j] = {weight}"):
                 with w.block(f"for j in T.vectorized({BN}):"):
                     w(statement)
 

@@ -234,22 +234,7 @@ class KeyMajorForward:
         s, w = self.s, self.w
         BM, BN, D, Dv = s.block_m, s.block_n, s.D, s.Dv
         G = s.group
-        if G == 1:
-            w("b = task // (HQ * NQ)")
-            w("h = task // NQ % HQ")
-            w("qt = task % NQ")
-            w("hk = h // (HQ // HKV)")
-            w("th = T.min(h, TH - 1)")
-        else:
-            w("b = task // (HKV * NQ)")
-            w("hk = task // NQ % HKV")
-            w("qt = task % NQ")
-            w("th = T.min(hk, TH - 1)")
-        w("tb = T.min(b, TB - 1)")
-        if s.kv_chunks:
-            w("kb = b // KS")
-            w("ko = b % KS * KC")
-        w(f"q0 = qt * {BM}")
+        self._task_indices()
         if G > 1:  # row r of the packed rows is query r // G of head hk * G + r % G
             w(f'HI = T.decl_buffer(({BM},), "int32")')
             w(f'QI = T.decl_buffer(({BM},), "int32")')
@@ -286,6 +271,27 @@ class KeyMajorForward:
                 w(f"kv0 = kt * {BN}")
                 self._tile(masked="True")
         self._finish()
+
+    def _task_indices(self) -> None:
+        """The task's batch, heads, query tile and first row (``q0``), the tables' broadcast
+        indices, and with chunked keys the batch and first key its K and V are read at."""
+        s, w = self.s, self.w
+        if s.group == 1:
+            w("b = task // (HQ * NQ)")
+            w("h = task // NQ % HQ")
+            w("qt = task % NQ")
+            w("hk = h // (HQ // HKV)")
+            w("th = T.min(h, TH - 1)")
+        else:
+            w("b = task // (HKV * NQ)")
+            w("hk = task // NQ % HKV")
+            w("qt = task % NQ")
+            w("th = T.min(hk, TH - 1)")
+        w("tb = T.min(b, TB - 1)")
+        if s.kv_chunks:
+            w("kb = b // KS")
+            w("ko = b % KS * KC")
+        w(f"q0 = qt * {s.block_m}")
 
     def _transpose_q(self) -> None:
         """``QT = scale * Q_tile^T`` in two steps: the rows copied (contiguous, vectorized) into
@@ -541,11 +547,9 @@ class KeyMajorForward:
         norm = self.norm
         if isinstance(norm, nodes.SoftmaxNorm):
             self._softmax_update()
-        elif isinstance(norm, nodes.SigmoidNorm):
-            weight = _sigmoid("(St[j, i] + bias)")
-            self._pointwise_update(f"T.if_then_else(St[j, i] == {NEG_INF}, T.float32(0.0), {weight})")
-        elif isinstance(norm, nodes.PointwiseNorm):
-            self._phi_update(norm)
+        elif isinstance(norm, nodes.SigmoidNorm | nodes.PointwiseNorm):
+            fills, weight = self._pointwise_weight("St[j, i]", "E[i]", self.s.block_m)
+            self._pointwise_update(weight, before=fills)
         elif isinstance(norm, nodes.StickBreakingNorm):
             self._stick_breaking_update()
         else:
@@ -605,15 +609,19 @@ class KeyMajorForward:
             with w.block(f"for i in T.vectorized({BM}):"):
                 w("L[i] = Lv[i]")
 
-    def _phi_update(self, norm: nodes.PointwiseNorm) -> None:
-        dead = f"St[j, i] == {NEG_INF}"
-        if is_plain_softplus(norm):
-            self.w(f'E = T.decl_buffer(({self.s.block_m},), "float32")')
-            fills, phi = softplus_steps("St[j, i]", "E[i]")
-            self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})", before=fills)
-            return
-        phi = Renderer({"score": "St[j, i]"}, self.specs)(norm.phi)
-        self._pointwise_update(f"T.if_then_else({dead}, T.float32(0.0), {phi})")
+    def _pointwise_weight(self, score: str, buf: str, extent: int) -> tuple[tuple[str, ...], str]:
+        """(fills, weight) of a sigmoid or pointwise normalizer at ``score``, masked scores weighing
+        0; a plain softplus declares ``E`` (``extent`` floats) and fills its element ``buf`` first
+        (``render.softplus_steps``). Shared by both layouts (``decode_kernel.py``)."""
+        norm, fills = self.norm, ()
+        if isinstance(norm, nodes.SigmoidNorm):
+            value = _sigmoid(f"({score} + bias)")
+        elif is_plain_softplus(norm):
+            self.w(f'E = T.decl_buffer(({extent},), "float32")')
+            fills, value = softplus_steps(score, buf)
+        else:
+            value = Renderer({"score": score}, self.specs)(norm.phi)
+        return fills, f"T.if_then_else({score} == {NEG_INF}, T.float32(0.0), {value})"
 
     def _stick_breaking_update(self) -> None:
         """log p_ij = logsigmoid(s_ij) + R_i + sum_{t in tile, t > j} logsigmoid(-s_it), R_i the
