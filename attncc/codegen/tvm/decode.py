@@ -120,8 +120,7 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     G, R = Hq // Hkv, (Hq // Hkv) * Lq
     kernel_region = _kernel_region(region)
     if decode_kernel.supports(kernel_region, R, D, Dv):
-        config = {"block_m": R, "block_n": config["block_n"], "rows": 1, "vector": decode_kernel.LANES,
-                  "layout": "row_major"}
+        config = decode_kernel.config(R, config["block_n"])
     else:
         config = split_config(config, R)
     block_m, block_n = config["block_m"], config["block_n"]

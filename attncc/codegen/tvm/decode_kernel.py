@@ -38,6 +38,11 @@ def supports(region: AttentionRegion, rows: int, D: int, Dv: int) -> bool:
     return merged and rows < LANES and D % LANES == 0 and Dv % LANES == 0
 
 
+def config(rows: int, block_n: int) -> dict:
+    """The launch config of this kernel: tiles of exactly ``rows`` query rows by ``block_n`` keys."""
+    return {"block_m": rows, "block_n": block_n, "rows": 1, "vector": LANES, "layout": "row_major"}
+
+
 class RowMajorForward(KeyMajorForward):
     """``KeyMajorForward`` with the row-major task body; the header, index environment, score, mask
     and base-2 rules are the key-major kernel's."""
@@ -160,4 +165,4 @@ def _largest_divisor(n: int, most: int) -> int:
     return max(d for d in range(1, max(1, most) + 1) if n % d == 0)
 
 
-__all__ = ["ACCUMULATORS", "LANES", "RowMajorForward", "supports"]
+__all__ = ["ACCUMULATORS", "LANES", "RowMajorForward", "config", "supports"]

@@ -16,12 +16,12 @@ tiles of one row), gathered into the kernel's row order and reduced per query ti
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
 
 from attncc.autotune.keys import ShapeKey
+from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.space import PARAMS, SPACE
 from attncc.ir import expr as ex
 from attncc.ir.expr import Expr, TensorSpec
@@ -124,7 +124,7 @@ def fit_config(config: dict, *, block_m: int | None = None, block_n: int | None 
     return dict(_fit_config(tuple(config.items()), block_m, block_n))
 
 
-@functools.lru_cache(maxsize=64)
+@by_value(maxsize=64)
 def _fit_config(items: tuple[tuple[str, Any], ...], block_m: int | None, block_n: int | None,
                 ) -> tuple[tuple[str, Any], ...]:
     """``fit_config`` memoized (a decoding step asks on every call)."""
