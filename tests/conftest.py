@@ -23,7 +23,7 @@ def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     old = os.environ.get("ATTNCC_CACHE_DIR")
     path = tmp_path_factory.mktemp("attncc-cache")
     os.environ["ATTNCC_CACHE_DIR"] = str(path)
-    launcher._MODULES.clear()
+    launcher.clear_memory_cache()
     yield path
     if old is None:
         os.environ.pop("ATTNCC_CACHE_DIR", None)

@@ -218,3 +218,31 @@ def test_memoized_static_tables_still_refuse_bad_sizes():
     with pytest.raises(ValueError, match="Lq must be an int"):
         block_tables_for(region, 1, 2, 64.0, 64, (32, 32))
     assert tables.partial_index.is_contiguous() and tables.full_index.is_contiguous()
+
+
+def test_kernel_functions_are_forgotten_with_the_modules():
+    """``launcher.kernel_function`` memoizes a module's ``attn`` by source: clearing the modules
+    must clear it too, so the next call loads the module (from disk) rather than reusing it."""
+    var = attncc.variant(mask=masks.sliding_window(24))
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=48, Lkv=48)
+    first = var(q, k, v, backend="tvm")
+    hits = launcher.STATS["memory_hits"]
+    var(q, k, v, backend="tvm")
+    assert launcher.STATS["memory_hits"] > hits
+    loaded = launcher.STATS["loaded"]
+    launcher.clear_memory_cache()
+    again = var(q, k, v, backend="tvm")
+    assert launcher.STATS["loaded"] > loaded
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_a_region_hashes_by_value_and_its_copies_do_not_inherit_the_hash():
+    """Regions key every per-call memo; their hash is computed once and kept on the object."""
+    region = attncc.variant(mask=masks.causal).plan.regions[0]
+    same = attncc.variant(mask=masks.causal).plan.regions[0]
+    assert region is not same and region == same and hash(region) == hash(same)
+    changed = dataclasses.replace(region, fused=not region.fused)
+    assert changed != region and hash(changed) != hash(region)
+    assert hash(dataclasses.replace(changed, fused=region.fused)) == hash(region)
+    memo = {region: "causal"}
+    assert memo[same] == "causal" and changed not in memo

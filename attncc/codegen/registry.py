@@ -82,4 +82,11 @@ def choose(requested: str | None, plan: KernelPlan, q: torch.Tensor) -> Choice:
     why_not = backend.checker(plan, q)
     if why_not:
         return Choice(load("reference"), f"automatic: {preferred} declined ({why_not}); fell back to reference")
-    return Choice(backend, f"automatic: {preferred} for {device} tensors")
+    return _automatic(backend, preferred, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _automatic(backend: Backend, name: str, device: str) -> Choice:
+    """The automatic choice of a backend that accepted the call, one object per backend and
+    device: every call makes it, and building it cost as much as the checks before it."""
+    return Choice(backend, f"automatic: {name} for {device} tensors")

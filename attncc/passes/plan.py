@@ -7,7 +7,7 @@ that no backend re-derives it from the mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from attncc.ir.expr import Expr, TensorSpec
@@ -122,6 +122,17 @@ class AttentionRegion:
     gate: RoutingGate | None = None  # lower_routing: TopKBlocks gate step
     head_select: HeadSelection | None = None  # lower_routing: TopKHeads per-token selection
     linear: LinearLowering | None = None  # lower_linear: chunked or global schedule
+
+    def __hash__(self) -> int:
+        """Computed once: a kernel call keys about a dozen memos on its region, and the generated
+        hash walks every field (payloads, sparsity facts) each time. A value like ``Expr._hash``:
+        regions are never pickled, so it never crosses processes."""
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", value)
+            return value
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def launch_backward(
         dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
         partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
-        launcher.get_module(render_backward(region, shape, "fused", scattered))["attn"](
+        launcher.kernel_function(render_backward(region, shape, "fused", scattered))(
             qc, kt, vt, doc, lse, delta, dq, kp, dk, dv, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
@@ -184,14 +184,14 @@ def launch_backward(
         return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    launcher.get_module(render_backward(region, shape, "dq"))["attn"](
+    launcher.kernel_function(render_backward(region, shape, "dq"))(
         qc, kt, vt, doc, lse, delta, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    launcher.get_module(render_backward(region, shape, "dkdv"))["attn"](
+    launcher.kernel_function(render_backward(region, shape, "dkdv"))(
         qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),

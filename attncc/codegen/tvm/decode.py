@@ -129,7 +129,9 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     S = -(-Lkv // C)
     tiles_per_chunk = C // block_n
 
-    qf = q.float().reshape(B, 1, Hkv, R, D).expand(B, S, Hkv, R, D).reshape(B * S, Hkv, R, D)
+    qf = q.float().reshape(B, Hkv, R, D)
+    if S > 1:
+        qf = qf.unsqueeze(1).expand(B, S, Hkv, R, D).reshape(B * S, Hkv, R, D)
     tables = step_tables(region, (B, Hq, Hkv, Lq, Lkv), q_offset, (block_m, block_n), (S, tiles_per_chunk), tensors)
 
     side = {**tensors, rw.META.name: rw.meta(S, C, G, Lq, q_offset, Lkv)}
@@ -137,7 +139,9 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
                               total_lkv=Lkv, kv_chunk=C)
     norm = region.normalizer
     if S == 1 and not (isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None):
-        return o.view(B, Hq, Lq, Dv).to(q.dtype), lse.view(B, Hq, Lq) if isinstance(norm, nodes.SoftmaxNorm) else None
+        o = o.view(B, Hq, Lq, Dv)
+        o = o if o.dtype == q.dtype else o.to(q.dtype)
+        return o, lse.view(B, Hq, Lq) if isinstance(norm, nodes.SoftmaxNorm) else None
     o = o.view(B, S, Hq, Lq, Dv)
     lse = lse.view(B, S, Hq, Lq)
     if not isinstance(norm, nodes.SoftmaxNorm):

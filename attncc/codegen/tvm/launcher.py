@@ -27,6 +27,7 @@ from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import BlockTables
 
 _MODULES: dict[str, Any] = {}
+_FUNCTIONS: dict[str, Any] = {}  # source -> its module's ``attn`` (see kernel_function)
 _LOCK = threading.Lock()
 _THREADS: list[int] = []
 STATS = {"compiled": 0, "loaded": 0, "memory_hits": 0}
@@ -121,6 +122,24 @@ def get_module(source: str) -> Any:
         return module
 
 
+def kernel_function(source: str) -> Any:
+    """The compiled ``attn`` of ``source`` (``get_module``), memoized by source: looking the
+    function up in its module costs about 5 us, a tenth of a small call (a decoding step)."""
+    function = _FUNCTIONS.get(source)
+    if function is None:
+        function = _FUNCTIONS[source] = get_module(source)["attn"]
+    else:
+        STATS["memory_hits"] += 1
+    return function
+
+
+def clear_memory_cache() -> None:
+    """Forget the modules loaded in this process (the next call loads them from disk again)."""
+    with _LOCK:
+        _MODULES.clear()
+        _FUNCTIONS.clear()
+
+
 def _load(path: Path) -> Any:
     import tvm
 
@@ -154,7 +173,7 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel; returns (o in q's dtype, lse float32). ``kv_chunk``: with
     ``shape.kv_chunks``, the keys per chunk (q's batch is K's times the chunks per sequence)."""
-    module = get_module(render_forward(region, shape))
+    attn = kernel_function(render_forward(region, shape))
     set_threads()
     B, Hq, Lq, _ = q.shape
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
@@ -164,7 +183,7 @@ def launch(
     chunks = (q.shape[0] // k.shape[0], kv_chunk) if shape.kv_chunks else ()
     tables = schedule.ragged_tile_partial(tables, kv_chunk or k.shape[2], shape.block_n)
     order = schedule.task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
-    module["attn"](
+    attn(
         q.contiguous(), kp, vp, out, lse,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(), order,
@@ -180,7 +199,7 @@ def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool
     converts float16 / bfloat16 a tile at a time. ``strided``: the kernel takes any strides with
     contiguous features (a decoding step's slice of a preallocated cache, read in place)."""
     def staged(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dtype)
+        t = t if t.dtype == dtype else t.to(dtype)  # NOTE: .to costs a microsecond even as a no-op
         return t if strided and t.stride(-1) == 1 else t.contiguous()
 
     return staged(k), staged(v)

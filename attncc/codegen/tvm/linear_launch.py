@@ -1,7 +1,7 @@
 """Run the linear attention kernel (``linear.py``) on torch tensors, with autograd.
 
 Inputs pass in their own dtype (the kernel converts on load); the module comes from
-``launcher.get_module`` (cached by source in memory and on disk). There is no generated
+``launcher.kernel_function`` (cached by source in memory and on disk). There is no generated
 backward: when q, k, v or a captured float tensor (the decay, a feature map's table) requires
 grad, the forward still runs the kernel and the backward recomputes the region with the
 reference backend's differentiable path, after the backend's one-time warning.
@@ -40,13 +40,13 @@ def _forward(
     if Lq == 0 or Lkv == 0:  # no keys: every weight is 0, so is the output
         return out.zero_()
     shape = linear_shape(region, q, v)
-    module = launcher.get_module(render_linear(region, shape))
+    attn = launcher.kernel_function(render_linear(region, shape))
     launcher.set_threads()
     workspace = []
     if region.linear.strategy == "linear_global":
         workspace = [torch.empty(B, Hkv, shape.D, Dv), torch.empty(B, Hkv, shape.D)]
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in linear_specs(region)]
-    module["attn"](q.contiguous(), k.contiguous(), v.contiguous(), out, *workspace, *extra, int(q_offset))
+    attn(q.contiguous(), k.contiguous(), v.contiguous(), out, *workspace, *extra, int(q_offset))
     return out
 
 
