@@ -3,6 +3,7 @@
 Pieces: ``render.py`` (Expr -> TVMScript expression text), ``kernels.py`` (the forward
 kernel skeleton filled from a region), ``forward.py`` (config and tile geometry of one call:
 tuned or default, GQA packing via ``packing.py``, smaller tiles for band masks),
+``register_block.py`` (the register-blocked products every kernel is written with),
 ``launcher.py`` (compile with llvm, module cache in memory and on disk, DLPack calls),
 ``space.py`` (tuning knobs), ``checker.py`` (what runs here and why not), ``autograd.py``
 (generated backward kernels from ``backward.py`` / ``backward_launch.py``, else the

@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.kernels import NEG_INF, TASK_TABLE, TORCH_TO_TIR, Lines, captured_specs, task_loop, tree
+from attncc.codegen.tvm.register_block import Loop, RegisterBlock
 from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
@@ -327,33 +328,30 @@ class _Backward:
         s, w = self.s, self.w
         BM, BN, RI, VJ = s.block_m, s.block_n, s.rows, s.vector
         i, j = f"(i0 * {RI} + i1)", f"(j0 * {VJ} + j1)"
+        scores = RegisterBlock.of("Sr", ("i1", RI), ("j1", VJ))
         with w.block(f"for i0 in range({BM // RI}):"):
             with w.block(f"for j0 in range({BN // VJ}):"):
-                w(f'Sr = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
+                scores.declare(w)
                 self._product("Sr", "Qs", "KT", s.D)
                 if self.learn and not weights_only:
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"So[{i}, {j}] = Sr[i1, j1]")
+                    scores.store(w, f"So[{i}, {j}]")
                 cases = (True, False) if self.region.mask is not None else (False,)
                 for masked in cases:
                     score, grad = self._score("Sr[i1, j1]", masked, i, j)
                     if len(cases) > 1:
                         w("if partial:" if masked else "else:")
                         w.depth += 1
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            self._weights(score, grad, f"[{i}, {j}]", i)
+                    with scores.each(w):
+                        self._weights(score, grad, f"[{i}, {j}]", i)
                     if len(cases) > 1:
                         w.depth -= 1
                 if weights_only:
                     return
                 self._product("Sr", "dOs", "VT", s.Dv)
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        if self.learn:
-                            w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', 'Sr[i1, j1]', '', i, None)}")
-                        w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', 'Sr[i1, j1]', f'dS[{i}, {j}]', i, grad)}")
+                with scores.each(w):
+                    if self.learn:
+                        w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, '', i, None)}")
+                    w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, f'dS[{i}, {j}]', i, grad)}")
 
     def _learned_gradients(self) -> None:
         """G[task, index of each load] += dSo * d score_fn / d load, element by element (loads
@@ -413,53 +411,38 @@ class _Backward:
 
     def _product(self, acc: str, rows: str, tiles: str, depth: int) -> None:
         """acc[RI, VJ] = rows[i block, :depth] @ tiles[b, hk, kt, :depth, j block]."""
-        s, w = self.s, self.w
-        RI, VJ = s.rows, s.vector
-        with w.block(f"for i1 in T.unroll({RI}):"):
-            with w.block(f"for j1 in T.vectorized({VJ}):"):
-                w(f"{acc}[i1, j1] = T.float32(0.0)")
-        with w.block(f"for d in range({depth}):"):
-            with w.block(f"for i1 in T.unroll({RI}):"):
-                with w.block(f"for j1 in T.vectorized({VJ}):"):
-                    w(f"{acc}[i1, j1] = {acc}[i1, j1] + {rows}[i0 * {RI} + i1, d] * "
-                      f"{tiles}[b, hk, kt, d, j0 * {VJ} + j1]")
+        s = self.s
+        block = RegisterBlock.of(acc, ("i1", s.rows), ("j1", s.vector))
+        block.fill(self.w, "T.float32(0.0)")
+        term = f"{rows}[i0 * {s.rows} + i1, d] * {tiles}[b, hk, kt, d, j0 * {s.vector} + j1]"
+        block.accumulate(self.w, term, ("d", "range", depth))
 
     def _accumulate(self, acc: str, weights: str, rows: str, width: int) -> None:
         """acc[BN, width] += weights[BM, BN]^T @ rows[BM, width], register blocked over keys."""
-        s, w = self.s, self.w
-        RJ, VD = s.rows, math.gcd(width, s.vector)
-        with w.block(f"for j0 in range({s.block_n // RJ}):"):
-            with w.block(f"for d0 in range({width // VD}):"):
-                w(f'Ar = T.decl_buffer(({RJ}, {VD}), "float32", scope="local")')
-                with w.block(f"for j1 in T.unroll({RJ}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"Ar[j1, d1] = {acc}[j0 * {RJ} + j1, d0 * {VD} + d1]")
-                with w.block(f"for i in range({s.block_m}):"):
-                    with w.block(f"for j1 in T.unroll({RJ}):"):
-                        with w.block(f"for d1 in T.vectorized({VD}):"):
-                            w(f"Ar[j1, d1] = Ar[j1, d1] + {weights}[i, j0 * {RJ} + j1] * {rows}[i, d0 * {VD} + d1]")
-                with w.block(f"for j1 in T.unroll({RJ}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"{acc}[j0 * {RJ} + j1, d0 * {VD} + d1] = Ar[j1, d1]")
+        self._add_products(("j0", "j1", self.s.block_n), width, f"{acc}[{{r}}, {{c}}]",
+                           f"{weights}[i, {{r}}] * {rows}[i, {{c}}]", ("i", "range", self.s.block_m))
 
     def _dq_update(self, row: str) -> None:
         """dQ[BM, D] += dS[BM, BN] @ K[kv tile], register blocked over query rows; ``row`` opens
         the accumulator's access up to the tile row (task-local ``dQa[`` or global ``DQ[...``)."""
+        self._add_products(("i0", "i1", self.s.block_m), self.s.D, f"{row}{{r}}, {{c}}]",
+                           "dS[{r}, j] * KP[b, hk, kv0 + j, {c}]", ("j", "range", self.s.block_n))
+
+    def _add_products(self, rows: tuple[str, str, int], width: int, target: str, term: str, over: Loop) -> None:
+        """``target += term`` summed over the loop ``over``, for ``rows = (outer, inner, extent)``
+        rows x ``width`` columns in register blocks of ``self.s.rows`` rows x ``VD`` columns;
+        ``target`` and ``term`` are formats of the row ``{r}`` and the column ``{c}``."""
         s, w = self.s, self.w
-        RI, VD = s.rows, math.gcd(s.D, s.vector)
-        with w.block(f"for i0 in range({s.block_m // RI}):"):
-            with w.block(f"for d0 in range({s.D // VD}):"):
-                w(f'Ar = T.decl_buffer(({RI}, {VD}), "float32", scope="local")')
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"Ar[i1, d1] = {row}i0 * {RI} + i1, d0 * {VD} + d1]")
-                with w.block(f"for j in range({s.block_n}):"):
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for d1 in T.vectorized({VD}):"):
-                            w(f"Ar[i1, d1] = Ar[i1, d1] + dS[i0 * {RI} + i1, j] * KP[b, hk, kv0 + j, d0 * {VD} + d1]")
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"{row}i0 * {RI} + i1, d0 * {VD} + d1] = Ar[i1, d1]")
+        outer, inner, extent = rows
+        R, VD = s.rows, math.gcd(width, s.vector)
+        at = {"r": f"{outer} * {R} + {inner}", "c": f"d0 * {VD} + d1"}
+        block = RegisterBlock.of("Ar", (inner, R), ("d1", VD))
+        with w.block(f"for {outer} in range({extent // R}):"):
+            with w.block(f"for d0 in range({width // VD}):"):
+                block.declare(w)
+                block.fill(w, target.format(**at))
+                block.accumulate(w, term.format(**at), over)
+                block.store(w, target.format(**at))
 
 
 __all__ = ["BackwardShape", "learned_loads", "render_backward"]

@@ -20,7 +20,8 @@ sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shap
 
 from __future__ import annotations
 
-from attncc.codegen.tvm.kernels import NEG_INF, KeyMajorForward, nest, tree
+from attncc.codegen.tvm.kernels import NEG_INF, KeyMajorForward, tree
+from attncc.codegen.tvm.register_block import RegisterBlock, nest
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion
 
@@ -93,15 +94,13 @@ class RowMajorForward(KeyMajorForward):
         s, w = self.s, self.w
         BM, BN = s.block_m, s.block_n
         KB = _largest_divisor(BN, ACCUMULATORS // BM)
-        w(f'Part = T.decl_buffer(({KB}, {BM}, {LANES}), "float32", scope="local")')
-        block = (("jk", "T.unroll", KB), ("i", "T.unroll", BM), ("l", "T.vectorized", LANES))
+        parts = RegisterBlock("Part", (("jk", "T.unroll", KB), ("i", "T.unroll", BM), ("l", "T.vectorized", LANES)))
+        parts.declare(w)
         with w.block(f"for j0 in range({BN // KB}):"):
-            with nest(w, *block):
-                w("Part[jk, i, l] = T.float32(0.0)")
-            with nest(w, ("d0", "range", s.D // LANES), *block):
-                key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]")
-                w(f"Part[jk, i, l] = Part[jk, i, l] + Qs[i, d0 * {LANES} + l] * {key}")
-            with nest(w, *block[:2]):
+            parts.fill(w, "T.float32(0.0)")
+            key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]")
+            parts.accumulate(w, f"Qs[i, d0 * {LANES} + l] * {key}", ("d0", "range", s.D // LANES))
+            with nest(w, *parts.loops[:2]):
                 w(f"St[i, j0 * {KB} + jk] = {tree('', [f'Part[jk, i, {lane}]' for lane in range(LANES)])}")
 
     def _row_softmax(self) -> None:
@@ -148,16 +147,14 @@ class RowMajorForward(KeyMajorForward):
         VC = _largest_divisor(Dv // LANES, ACCUMULATORS // BM)
         width = VC * LANES
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
-        block = (("i", "T.unroll", BM), ("c", "T.vectorized", width))
+        values = RegisterBlock.of("Or", ("i", BM), ("c", width))
+        acc = f"Acc[i, d0 * {width} + c]"
         with w.block(f"for d0 in range({Dv // width}):"):
-            w(f'Or = T.decl_buffer(({BM}, {width}), "float32", scope="local")')
-            with nest(w, *block):
-                w(f"Or[i, c] = Acc[i, d0 * {width} + c]{' * Alpha[i]' if rescale else ''}")
-            with nest(w, ("j", "range", s.block_n), *block):
-                value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]")
-                w(f"Or[i, c] = Or[i, c] + St[i, j] * {value}")
-            with nest(w, *block):
-                w(f"Acc[i, d0 * {width} + c] = Or[i, c]")
+            values.declare(w)
+            values.fill(w, f"{acc} * Alpha[i]" if rescale else acc)
+            value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]")
+            values.accumulate(w, f"St[i, j] * {value}", ("j", "range", s.block_n))
+            values.store(w, acc)
 
 
 def _largest_divisor(n: int, most: int) -> int:

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.memo import by_value
+from attncc.codegen.tvm.register_block import RegisterBlock
 from attncc.codegen.tvm.render import (
     LN2,
     LOG2E,
@@ -126,16 +127,6 @@ class Lines:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
-
-
-@contextlib.contextmanager
-def nest(w: Lines, *loops: tuple[str, str, int]) -> Iterator[None]:
-    """Nested ``for`` loops, outermost first, each ``(variable, kind, extent)`` with ``kind`` one
-    of ``range``, ``T.unroll``, ``T.vectorized`` (a register block's loops, written once)."""
-    with contextlib.ExitStack() as stack:
-        for var, kind, extent in loops:
-            stack.enter_context(w.block(f"for {var} in {kind}({extent}):"))
-        yield
 
 
 STAGED_MIN_ROWS = 16
@@ -420,25 +411,21 @@ class KeyMajorForward:
         # NOTE: key rows past the end are clamped to the last one (their weight is exactly 0), so
         # K and V need no padding copy
         rescale = isinstance(self.norm, nodes.SoftmaxNorm)
+        acc = f"Acc[i0 * {R} + i1, d0 * {VD} + d1]"
+        values = RegisterBlock.of("Or", ("i1", R), ("d1", VD))
         with w.block(f"for i0 in range({BM // R}):"):
             with w.block(f"for d0 in range({Dv // VD}):"):
-                w(f'Or = T.decl_buffer(({R}, {VD}), "float32", scope="local")')
-                with w.block(f"for i1 in T.unroll({R}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        scaled = f" * Alpha[i0 * {R} + i1]" if rescale else ""
-                        w(f"Or[i1, d1] = Acc[i0 * {R} + i1, d0 * {VD} + d1]{scaled}")
+                values.declare(w)
+                values.fill(w, f"{acc} * Alpha[i0 * {R} + i1]" if rescale else acc)
                 live = self._live_box(masked, (f"i0 * {R}", f"i0 * {R} + {R - 1}"),
                                       (f"jc * {R}", f"jc * {R} + {R - 1}"))
-                if live is None:
-                    with w.block(f"for j in range({BN}):"):
-                        self._value_step()
-                else:
+                keys = BN
+                if live is not None:
                     self._live_keys(live)
-                    with w.block(f"for j in range(Jl[0] * {R}, T.max(Jl[0], Jl[1]) * {R}):"):
-                        self._value_step()
-                with w.block(f"for i1 in T.unroll({R}):"):
-                    with w.block(f"for d1 in T.vectorized({VD}):"):
-                        w(f"Acc[i0 * {R} + i1, d0 * {VD} + d1] = Or[i1, d1]")
+                    keys = f"Jl[0] * {R}, T.max(Jl[0], Jl[1]) * {R}"
+                term = f"St[j, i0 * {R} + i1] * {self._kv('V', 'j', f'd0 * {VD} + d1')}"
+                values.accumulate(w, term, ("j", "range", keys))
+                values.store(w, acc)
 
     def _live_keys(self, live: str) -> None:
         """``Jl``: the first and one past the last chunk of ``R`` keys that ``live`` keeps for these
@@ -459,32 +446,18 @@ class KeyMajorForward:
         """One register block of ``St``: R keys x V query rows, through the score and the mask."""
         s, w = self.s, self.w
         R, V = s.rows, s.vector
-        w(f'Sr = T.decl_buffer(({R}, {V}), "float32", scope="local")')
-        with w.block(f"for j1 in T.unroll({R}):"):
-            with w.block(f"for i1 in T.vectorized({V}):"):
-                w("Sr[j1, i1] = T.float32(0.0)")
-        with w.block(f"for d in range({s.D}):"):
-            with w.block(f"for j1 in T.unroll({R}):"):
-                with w.block(f"for i1 in T.vectorized({V}):"):
-                    key = f"j0 * {R} + j1"
-                    w(f"Sr[j1, i1] = Sr[j1, i1] + {self._kv('K', key, 'd')} * QT[d, i0 * {V} + i1]")
-        with w.block(f"for j1 in T.unroll({R}):"):
-            with w.block(f"for i1 in T.vectorized({V}):"):
-                i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
-                w(f"St[{j}, {i}] = {self._score_and_mask('Sr[j1, i1]', masked, i, j)}")
+        scores = RegisterBlock.of("Sr", ("j1", R), ("i1", V))
+        scores.declare(w)
+        scores.fill(w, "T.float32(0.0)")
+        scores.accumulate(w, f"{self._kv('K', f'j0 * {R} + j1', 'd')} * QT[d, i0 * {V} + i1]", ("d", "range", s.D))
+        with scores.each(w):
+            i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
+            w(f"St[{j}, {i}] = {self._score_and_mask(scores.at, masked, i, j)}")
         if self._folds_max:  # the block's scores are still in registers: no pass over St for the max
             i = f"i0 * {V} + i1"
             keys = [f"St[j0 * {R} + {j1}, {i}]" for j1 in range(R)]
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"Mn[{i}] = T.max(Mn[{i}], {tree('T.max', keys)})")
-
-    def _value_step(self) -> None:
-        """``Or += P[rows, j] V[j]`` for key ``j``: R rows (broadcast from St) x VD value columns."""
-        R, VD = self.s.rows, math.gcd(self.s.Dv, self.s.vector)
-        with self.w.block(f"for i1 in T.unroll({R}):"):
-            with self.w.block(f"for d1 in T.vectorized({VD}):"):
-                value = self._kv("V", "j", f"d0 * {VD} + d1")
-                self.w(f"Or[i1, d1] = Or[i1, d1] + St[j, i0 * {R} + i1] * {value}")
 
     def _live_box(self, masked: str, rows: tuple[str, str], keys: tuple[str, str]) -> str | None:
         """In a PARTIAL tile, a scalar test that the box of tile rows ``rows`` x keys ``keys``

@@ -2,7 +2,8 @@
 
 Why a module of its own: linear attention has no score tile, no block tables and no online
 normalizer; its loop nest carries a ``D x Dv`` state across chunks. It shares with
-``kernels.py`` only the text builder and with ``render.py`` the expression renderer.
+``kernels.py`` the text builder, with ``register_block.py`` its products' register blocks and
+with ``render.py`` the expression renderer.
 
 Notation (``attncc.passes.lower_linear``, SEMANTICS.md ``Linear``; Lightning Attention-2,
 Qin et al. 2024):
@@ -30,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from attncc.codegen.tvm.kernels import TORCH_TO_TIR, Lines, tree
+from attncc.codegen.tvm.register_block import RegisterBlock
 from attncc.codegen.tvm.render import Renderer, buffer_declaration, buffer_name, fast_exp, unsupported
 from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
@@ -300,20 +302,14 @@ class _Linear:
         s, w, C, RD, VE, VJ = self.s, self.w, self.s.chunk, self.RD, self.VE, self.s.vector
         keys = "FkW" if self.decay else "FkT"
         keep = f" * Pw[{n}]" if self.decay else ""
+        state = RegisterBlock.of("Sr", ("d1", RD), ("e1", VE))
+        d, e = f"d0 * {RD} + d1", f"e0 * {VE} + e1"
         with w.block(f"for d0 in range({s.D // RD}):"):
             with w.block(f"for e0 in range({s.Dv // VE}):"):
-                w(f'Sr = T.decl_buffer(({RD}, {VE}), "float32", scope="local")')
-                d, e = f"d0 * {RD} + d1", f"e0 * {VE} + e1"
-                with w.block(f"for d1 in T.unroll({RD}):"):
-                    with w.block(f"for e1 in T.vectorized({VE}):"):
-                        w(f"Sr[d1, e1] = {self._S(d, e)}{keep}")
-                with w.block(f"for j in range({C}):"):
-                    with w.block(f"for d1 in T.unroll({RD}):"):
-                        with w.block(f"for e1 in T.vectorized({VE}):"):
-                            w(f"Sr[d1, e1] = Sr[d1, e1] + {keys}[{d}, j] * Vc[j, {e}]")
-                with w.block(f"for d1 in T.unroll({RD}):"):
-                    with w.block(f"for e1 in T.vectorized({VE}):"):
-                        w(f"{self._S(d, e)} = Sr[d1, e1]")
+                state.declare(w)
+                state.fill(w, f"{self._S(d, e)}{keep}")
+                state.accumulate(w, f"{keys}[{d}, j] * Vc[j, {e}]", ("j", "range", C))
+                state.store(w, self._S(d, e))
         if not self.norm.normalize:
             return
         with w.block(f"for d in range({s.D}):"):
@@ -335,24 +331,18 @@ class _Linear:
             if self.decay
             else (f"T.if_then_else({self._visible(i, j)}, Ar[i1, j1], {ZERO})")
         )
+        scores = RegisterBlock.of("Ar", ("i1", RI), ("j1", VJ))
         with w.block(f"for i0 in range({C // RI}):"):
             with w.block(f"for j0 in range({C // VJ}):"):
                 with w.block(f"if j0 * {VJ} < i0 * {RI} + {RI}:"):
-                    w(f'Ar = T.decl_buffer(({RI}, {VJ}), "float32", scope="local")')
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"Ar[i1, j1] = {ZERO}")
-                    with w.block(f"for d in range({s.D}):"):
-                        with w.block(f"for i1 in T.unroll({RI}):"):
-                            with w.block(f"for j1 in T.vectorized({VJ}):"):
-                                w(f"Ar[i1, j1] = Ar[i1, j1] + Fq[{i}, d] * FkT[d, {j}]")
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"A[{i}, {j}] = {weighted}")
+                    scores.declare(w)
+                    scores.fill(w, ZERO)
+                    scores.accumulate(w, f"Fq[{i}, d] * FkT[d, {j}]", ("d", "range", s.D))
+                    with scores.each(w):
+                        w(f"A[{i}, {j}] = {weighted}")
                 with w.block("else:"):
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for j1 in T.vectorized({VJ}):"):
-                            w(f"A[{i}, {j}] = {ZERO}")
+                    with scores.each(w):
+                        w(f"A[{i}, {j}] = {ZERO}")
 
     def _carried(self) -> str:
         return "FqC" if self.decay else "Fq"
@@ -387,21 +377,14 @@ class _Linear:
         chunked = self.region.linear.strategy == "linear_chunked"
         out_dt = TORCH_TO_TIR[s.dtype]
         i, e = f"i0 * {RI} + i1", f"e0 * {VE} + e1"
+        outputs = RegisterBlock.of("Or", ("i1", RI), ("e1", VE))
         with w.block(f"for i0 in range({C // RI}):"):
             with w.block(f"for e0 in range({s.Dv // VE}):"):
-                w(f'Or = T.decl_buffer(({RI}, {VE}), "float32", scope="local")')
-                with w.block(f"for i1 in T.unroll({RI}):"):
-                    with w.block(f"for e1 in T.vectorized({VE}):"):
-                        w(f"Or[i1, e1] = {ZERO}")
+                outputs.declare(w)
+                outputs.fill(w, ZERO)
                 if chunked:  # A is zero right of the diagonal block
-                    with w.block(f"for j in range(i0 * {RI} + {RI}):"):
-                        with w.block(f"for i1 in T.unroll({RI}):"):
-                            with w.block(f"for e1 in T.vectorized({VE}):"):
-                                w(f"Or[i1, e1] = Or[i1, e1] + A[{i}, j] * Vc[j, {e}]")
-                with w.block(f"for d in range({s.D}):"):
-                    with w.block(f"for i1 in T.unroll({RI}):"):
-                        with w.block(f"for e1 in T.vectorized({VE}):"):
-                            w(f"Or[i1, e1] = Or[i1, e1] + {self._carried()}[{i}, d] * {self._S('d', e)}")
+                    outputs.accumulate(w, f"A[{i}, j] * Vc[j, {e}]", ("j", "range", f"i0 * {RI} + {RI}"))
+                outputs.accumulate(w, f"{self._carried()}[{i}, d] * {self._S('d', e)}", ("d", "range", s.D))
                 with w.block(f"for i1 in T.unroll({RI}):"):
                     with w.block(f"if r0 + {i} < LQ:"):
                         with w.block(f"for e1 in T.vectorized({VE}):"):
