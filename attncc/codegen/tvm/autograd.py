@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from attncc.codegen.tvm.backward import BackwardShape
 from attncc.codegen.tvm.backward_launch import (
     backward_unsupported,
     launch_backward,
@@ -28,6 +29,7 @@ from attncc.codegen.tvm.backward_launch import (
 from attncc.codegen.tvm.forward import run_forward, sigmoid_bias
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
+from attncc.passes.sparsify import BlockTables
 
 _WARNED: set[str] = set()
 BACKWARD_WARNING = (
@@ -77,30 +79,42 @@ def run_region(
     if not grad:
         out, lse = run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
-    grad_names = learned_names(tensors)
-    reason = backward_unsupported(region, tuple(grad_names), tasks=k.shape[0] * k.shape[1], tensors=tensors)
-    if reason is None:
-        context = (plan, region, tensors, grad_names, scale, q_offset, config)
-        out, lse = _GeneratedBackward.apply(context, q, k, v, *(tensors[n] for n in grad_names))
-    else:
-        def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
 
+    reason = backward_unsupported(region, tuple(learned_names(tensors)), tasks=k.shape[0] * k.shape[1],
+                                  tensors=tensors)
+    if reason is None:
+        out, lse = generated_backward(region, forward, q, k, v, tensors, scale=scale, q_offset=q_offset)
+    else:
         out, lse = reference_backward(plan, region, forward, q, k, v, tensors, scale=scale, q_offset=q_offset,
                                       reason=reason)
     return out, (lse if has_lse else None)
 
 
+def generated_backward(
+    region: AttentionRegion, forward: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int,
+    tiles: tuple[BlockTables, BackwardShape] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): ``forward`` (a generated kernel of ``region``) now, the generated backward kernels
+    later (the caller has checked ``backward_unsupported``). ``tiles``: the tables the forward
+    visited and the backward's tile shape, when the mask alone does not say which (routing)."""
+    names = learned_names(tensors)
+    context = (region, tensors, names, scale, q_offset, forward, tiles)
+    return _GeneratedBackward.apply(context, q, k, v, *(tensors[n] for n in names))
+
+
 class _GeneratedBackward(torch.autograd.Function):
-    """Forward: the TVM kernel. Backward: the generated kernels; the sink's and the row_shift's
+    """Forward: a TVM kernel (the context's callable). Backward: the generated kernels; the sink's and the row_shift's
     shares of captured tensors' gradients in torch (O(B * Hq * Lq))."""
 
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        plan, region, tensors, _grad_names, scale, q_offset, config = context
+        region, *_, forward, _tiles = context
         ctx.context = context
-        out, lse = run_forward(plan, region, q.detach(), k.detach(), v.detach(), tensors, scale, q_offset, config)
+        out, lse = forward(q.detach(), k.detach(), v.detach())
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
@@ -109,7 +123,8 @@ class _GeneratedBackward(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-        _plan, region, tensors, grad_names, scale, q_offset, _ = ctx.context
+        region, tensors, grad_names, scale, q_offset, _forward, tiles = ctx.context
+        tables, shape = tiles or (None, None)
         q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
         norm = region.normalizer
         rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())
@@ -123,7 +138,7 @@ class _GeneratedBackward(torch.autograd.Function):
         learn = tuple(n for n in grad_names if sink is None or n != sink.name)
         dq, dk, dv, *learned = launch_backward(
             region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse, tensors, scale=scale,
-            q_offset=q_offset, bias=sigmoid_bias(norm, k.shape[2]), learn=learn)
+            q_offset=q_offset, bias=sigmoid_bias(norm, k.shape[2]), learn=learn, shape=shape, tables=tables)
         by_name = {}
         for name, grad in zip(learn, learned):
             shifted = row_shift_gradient(region, name, tensors, dlse, q_offset)

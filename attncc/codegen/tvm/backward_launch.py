@@ -21,6 +21,7 @@ from attncc.codegen.tvm.render import unsupported
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative_problem
 from attncc.passes.plan import AttentionRegion
+from attncc.passes.sparsify import BlockTables, block_tables_for
 
 NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
 
@@ -143,19 +144,20 @@ def launch_backward(
     region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, delta: torch.Tensor, tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int,
     bias: float = 0.0, learn: tuple[str, ...] = (), shape: BackwardShape | None = None,
+    tables: BlockTables | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, *gradients of the ``learn`` tensors) in the inputs' dtypes. ``scale``
     includes ``score_scale``; ``delta`` is ``rowsum(dO * O) - dlse`` for softmax,
     ``rowsum(dO * O)`` for a normalised pointwise map, unused otherwise (float32
-    ``[B, Hq, Lq]``); ``lse`` is the forward's (softmax only)."""
-    from attncc.passes.sparsify import block_tables_for
-
+    ``[B, Hq, Lq]``); ``lse`` is the forward's (softmax only). ``tables``: the tiles to visit
+    at ``shape``'s tile size when the mask alone does not say (routing), else the mask's."""
     B, Hq, Lq, D = q.shape
     Lkv, Dv = k.shape[2], v.shape[3]
     shape = shape or BackwardShape(D=D, Dv=Dv, dtype=str(q.dtype).removeprefix("torch."))
     BN = shape.block_n
     nkv = -(-Lkv // BN)
-    tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, BN), q_offset, tensors)
+    if tables is None:
+        tables = block_tables_for(region, B, Hq, Lq, Lkv, (shape.block_m, BN), q_offset, tensors)
     tcount, tindex, fcount, findex = schedule.derived(tables, ("by kv tile", nkv), lambda: (
         *transpose_tables(tables.partial_count, tables.partial_index, nkv),
         *transpose_tables(tables.full_count, tables.full_index, nkv)))

@@ -6,9 +6,11 @@ selected; a decode-shaped call of a plan with a ``decode_split`` rule splits the
 ``combine`` evaluates it in torch over the region outputs, as the reference backend does
 (float64, then the first output's dtype); ``return_lse`` is defined for one attention only.
 
-Gradients: the plain path has its own (reference-recomputed) backward. The routed paths have
-none, so when anything requires grad a routed region runs on the reference backend (with a
-one-time warning) and split-KV falls back to the plain path: never a silent wrong gradient.
+Gradients: the plain path has generated backward kernels (``autograd.py``); so has TopKBlocks,
+on its tile path with the forward's tables (``routing.run_topk_blocks_with_grad``). TopKHeads
+has none: when anything requires grad such a region runs on the reference backend (with a
+one-time warning that says why), and split-KV falls back to the plain path: never a silent
+wrong gradient.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from attncc.passes.plan import AttentionRegion, KernelPlan
 Tensor = torch.Tensor
 _WARNED: set[str] = set()
 ROUTED_GRAD_WARNING = (
-    "attncc: the TVM backend has no gradient for routed attention (TopKBlocks / TopKHeads); this call "
+    "attncc: the TVM backend has no gradient for this routed attention ({reason}); this call "
     "runs the region on the reference backend (dense, O(Lq*Lkv) memory)"
 )
 
@@ -59,7 +61,15 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
     grad = needs_grad(q, k, v, tensors)
     routed = region.gate is not None or region.head_select is not None
     if routed and grad:
-        return _reference(plan, region, q, k, v, tensors, scale, q_offset)
+        why = "TopKHeads routing has no generated backward"
+        if region.gate is not None:
+            chosen = config or select_config(plan, q, k, v)[0]
+            got = routing.run_topk_blocks_with_grad(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
+            if not isinstance(got, str):
+                out, lse = got
+                return out, (lse if has_lse else None)
+            why = got
+        return _reference(plan, region, q, k, v, tensors, scale, q_offset, why)
     if routed:
         chosen = config or select_config(plan, q, k, v)[0]
         run = routing.run_topk_blocks if region.gate is not None else heads.run_topk_heads
@@ -73,10 +83,10 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
 
 
 def _reference(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor,
-               tensors: dict[str, Tensor], scale: float, q_offset: int) -> tuple[Tensor, Tensor | None]:
+               tensors: dict[str, Tensor], scale: float, q_offset: int, why: str) -> tuple[Tensor, Tensor | None]:
     from attncc.codegen.reference.attention import attention
 
     if plan.fingerprint not in _WARNED:
         _WARNED.add(plan.fingerprint)
-        warnings.warn(ROUTED_GRAD_WARNING, stacklevel=5)
+        warnings.warn(ROUTED_GRAD_WARNING.format(reason=why), stacklevel=5)
     return attention(region, q, k, v, tensors, scale=scale, q_offset=q_offset)

@@ -136,12 +136,50 @@ def run_topk_blocks(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, te
     if routing_tokens.applies(region, config["block_n"]):
         return routing_tokens.run_topk_blocks_by_token(region, q, k, v, tensors, config, scale=scale,
                                                        q_offset=q_offset)
+    kernel_region, live, tables = tile_routing(region, q, k, tensors, config, q_offset)
+    return rw.launch_region(kernel_region, q, k, v, live, tables, config, scale=scale, q_offset=q_offset,
+                            total_lkv=k.shape[2])
+
+
+def tile_routing(region: AttentionRegion, q: Tensor, k: Tensor, tensors: dict[str, Tensor], config: dict,
+                 q_offset: int) -> tuple[AttentionRegion, dict[str, Tensor], BlockTables]:
+    """The tile path's plain region (the selection in its mask when a tile mixes selected rows and
+    not), the tensors it reads and its tables, at ``config``'s tiles (``routing_config``)."""
     block_m, block_n = config["block_m"], config["block_n"]
-    Lq, Lkv = q.shape[2], k.shape[2]
     routing = route_blocks(region, q, k, tensors, q_offset, block_m, block_n)
     if routing.selection is None:
-        kernel_region, side = rw.reindex(region, {}), {}
-    else:
-        kernel_region, side = selection_region(region, routing, Lq, Lkv, block_m, block_n, q_offset)
-    return rw.launch_region(kernel_region, q, k, v, {**tensors, **side}, routing.tables, config, scale=scale,
-                            q_offset=q_offset, total_lkv=Lkv)
+        return rw.reindex(region, {}), tensors, routing.tables
+    kernel_region, side = selection_region(region, routing, q.shape[2], k.shape[2], block_m, block_n, q_offset)
+    return kernel_region, {**tensors, **side}, routing.tables
+
+
+def run_topk_blocks_with_grad(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
+                              config: dict, *, scale: float, q_offset: int) -> tuple[Tensor, Tensor] | str:
+    """(o, lse) of a TopKBlocks region whose gradients come from the generated backward kernels,
+    or why they cannot (the caller falls back to the reference).
+
+    The selection is a discrete choice with no gradient (the reference's mask of selected
+    blocks is a constant of the call): gradients are attention's under that mask. Forward and
+    backward visit the same tiles: the tile path's, here for ``per="token"`` too (the grouped
+    path of ``routing_tokens.py`` has no backward), at tiles the backward kernels accept."""
+    from attncc.codegen.tvm.autograd import generated_backward, learned_names
+    from attncc.codegen.tvm.backward import BackwardShape
+    from attncc.codegen.tvm.backward_launch import backward_unsupported
+
+    config = routing_config(config, region.gate.block, region.gate.per)
+    shape = BackwardShape(q.shape[3], v.shape[3], str(q.dtype).removeprefix("torch."), config["block_m"],
+                          config["block_n"])
+    if config["block_m"] % shape.rows or config["block_n"] % shape.vector:
+        return f"routing tiles {config['block_m']} x {config['block_n']} do not fit the backward's register blocks"
+    kernel_region, live, tables = tile_routing(region, q.detach(), k.detach(), tensors, config, q_offset)
+    why = backward_unsupported(kernel_region, tuple(learned_names(tensors)), tasks=k.shape[0] * k.shape[1],
+                               tensors=live)
+    if why:
+        return why
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return rw.launch_region(kernel_region, q, k, v, live, tables, config, scale=scale, q_offset=q_offset,
+                                total_lkv=k.shape[2])
+
+    return generated_backward(kernel_region, forward, q, k, v, live, scale=scale, q_offset=q_offset,
+                              tiles=(tables, shape))
