@@ -227,12 +227,12 @@ def test_topk_blocks_learned_tensors_get_gradients() -> None:
         check_routed_grads(program, *qkv(Lq=70, Lkv=70), learn=(sink, slopes))
 
 
-def test_topk_heads_grad_falls_back_to_reference_with_its_reason() -> None:
-    """TopKHeads has no generated backward: the reference computes the gradients, after a warning
-    that says so."""
-    program = moh(2, 40)
+def test_routed_grad_without_a_generated_backward_falls_back_with_its_reason() -> None:
+    """Stick-breaking has no generated backward: under routing too the reference computes the
+    gradients, after a warning that says why."""
+    program = attncc.variant(mask=masks.causal, normalizer="stick_breaking", routing=attncc.TopKBlocks(16, 2))
     q, k, v = qkv(Lq=40, Lkv=40)
-    with pytest.warns(UserWarning, match="TopKHeads routing has no generated backward"):
+    with pytest.warns(UserWarning, match="no gradient for this routed attention .*StickBreakingNorm"):
         got = routed_grads(program, q, k, v, "tvm")
     want = routed_grads(program, q, k, v, "reference", dtype=torch.float64)
     for g, w in zip(got, want):
@@ -272,6 +272,18 @@ def test_topk_heads_matches_reference(k_top: int) -> None:
     assert BACKEND.checker(program.plan, torch.empty(1, 1, 1, 1)) is None
     q, k, v = qkv(Lq=70, Lkv=70)
     check_against_reference(program, q, k, v, backend="tvm")
+
+
+@pytest.mark.parametrize("k_top", [1, 2, 4])
+def test_topk_heads_gradients_come_from_the_generated_backward(k_top: int) -> None:
+    """TopKHeads under autograd: the kernel on the kept rows under the generated backward (an ALiBi
+    score), q, k, v and the learned router (through the weights' softmax). A learned table the
+    score reads goes through the same ``generated_backward`` as TopKBlocks' (tested above)."""
+    router = torch.randn(2, 70, 4, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    program = attncc.variant(_alibi, mask=masks.causal, routing=attncc.TopKHeads(k_top, router))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_routed_grads(program, *qkv(Lq=70, Lkv=70), learn=(router,))
 
 
 def test_topk_heads_score_reads_real_rows() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from attncc.codegen.tvm import rows as rw
+from attncc.codegen.tvm.kernels import captured_specs
 from attncc.passes.lower_routing import head_selection
 from attncc.passes.plan import AttentionRegion
 
@@ -51,8 +52,13 @@ def compact_heads(router: Tensor, k: int, Hq: int) -> HeadCompaction:
 
 
 def run_topk_heads(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
-                   config: dict, *, scale: float, q_offset: int) -> tuple[Tensor, Tensor]:
-    """(o, lse) of a TopKHeads region; the kernel sees only kept (token, head) pairs."""
+                   config: dict, *, scale: float, q_offset: int, grad: bool = False) -> tuple[Tensor, Tensor] | str:
+    """(o, lse) of a TopKHeads region; the kernel sees only kept (token, head) pairs.
+
+    ``grad``: the kernel runs under the generated backward kernels, on the compacted rows and the
+    tables it visited, and everything around it (the gather of the kept rows, the routing weights'
+    softmax, the scatter back) is torch ops that autograd differentiates, the router's gradient
+    included; a str says why the backward cannot be generated (the caller falls back)."""
     select = region.head_select
     B, Hq, Lq, D = q.shape
     Lkv = k.shape[2]
@@ -72,8 +78,29 @@ def run_topk_heads(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, ten
     gathered = torch.gather(classes, 2, compact.tokens.unsqueeze(-1).expand(B, Hq, P, classes.shape[-1]))
     gathered = torch.where(valid.unsqueeze(-1), gathered, torch.tensor(-1, dtype=torch.int8))
     tables = rw.tile_tables(gathered, block_m)
-    oc, lse_c = rw.launch_region(kernel_region, qc, k, v, {**tensors, **side}, tables, config, scale=scale,
-                                 q_offset=0, total_lkv=Lkv)
+    live = {**tensors, **side}
+
+    def forward(qc: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return rw.launch_region(kernel_region, qc, k, v, live, tables, config, scale=scale, q_offset=0,
+                                total_lkv=Lkv)
+
+    if grad:
+        from attncc.codegen.tvm.autograd import generated_backward, learned_names
+        from attncc.codegen.tvm.backward import BackwardShape
+        from attncc.codegen.tvm.backward_launch import backward_unsupported
+
+        # NOTE: the router's gradient flows through the torch ops here, not the kernel: the kernel is
+        # given only the tensors it reads
+        read = {spec.name for spec in captured_specs(kernel_region)}
+        live = {name: t for name, t in live.items() if name in read}
+        why = backward_unsupported(kernel_region, tuple(learned_names(live)), tasks=B * k.shape[1], tensors=live)
+        if why:
+            return why
+        shape = BackwardShape(D, v.shape[3], "float32", block_m, block_n)
+        oc, lse_c = generated_backward(kernel_region, forward, qc, k, v, live, scale=scale, q_offset=0,
+                                       tiles=(tables, shape))
+    else:
+        oc, lse_c = forward(qc, k, v)
     weighted = torch.where(valid.unsqueeze(-1), oc * compact.weights.unsqueeze(-1), 0.0)
     out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=torch.float32)
     out.scatter_(2, compact.tokens.unsqueeze(-1).expand_as(weighted), weighted)

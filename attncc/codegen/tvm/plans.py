@@ -6,11 +6,12 @@ selected; a decode-shaped call of a plan with a ``decode_split`` rule splits the
 ``combine`` evaluates it in torch over the region outputs, as the reference backend does
 (float64, then the first output's dtype); ``return_lse`` is defined for one attention only.
 
-Gradients: the plain path has generated backward kernels (``autograd.py``); so has TopKBlocks,
-on its tile path with the forward's tables (``routing.run_topk_blocks_with_grad``). TopKHeads
-has none: when anything requires grad such a region runs on the reference backend (with a
-one-time warning that says why), and split-KV falls back to the plain path: never a silent
-wrong gradient.
+Gradients: the plain path has generated backward kernels (``autograd.py``); so have the routed
+paths, on the tables their forward visited: TopKBlocks on its tile path
+(``routing.run_topk_blocks_with_grad``), TopKHeads on its compacted rows (the router's gradient
+through torch ops). Where the generated backward does not cover a routed region, it runs on the
+reference backend (with a one-time warning that says why); split-KV falls back to the plain
+path: never a silent wrong gradient.
 """
 
 from __future__ import annotations
@@ -60,20 +61,16 @@ def run_one(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, v: 
     has_lse = isinstance(region.normalizer, nodes.SoftmaxNorm)
     grad = needs_grad(q, k, v, tensors)
     routed = region.gate is not None or region.head_select is not None
-    if routed and grad:
-        why = "TopKHeads routing has no generated backward"
-        if region.gate is not None:
-            chosen = config or select_config(plan, q, k, v)[0]
-            got = routing.run_topk_blocks_with_grad(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
-            if not isinstance(got, str):
-                out, lse = got
-                return out, (lse if has_lse else None)
-            why = got
-        return _reference(plan, region, q, k, v, tensors, scale, q_offset, why)
     if routed:
         chosen = config or select_config(plan, q, k, v)[0]
-        run = routing.run_topk_blocks if region.gate is not None else heads.run_topk_heads
-        out, lse = run(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
+        if region.gate is not None:
+            run = routing.run_topk_blocks_with_grad if grad else routing.run_topk_blocks
+            got = run(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset)
+        else:
+            got = heads.run_topk_heads(region, q, k, v, tensors, chosen, scale=scale, q_offset=q_offset, grad=grad)
+        if isinstance(got, str):  # no generated backward for this one
+            return _reference(plan, region, q, k, v, tensors, scale, q_offset, got)
+        out, lse = got
         return out, (lse if has_lse else None)
     splits = 0 if grad else decode.num_splits(plan, region, q, k)
     if splits:
