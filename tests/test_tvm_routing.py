@@ -258,6 +258,30 @@ def test_topk_blocks_random_cases(k_top: int, per: str, causal: bool, Lq: int, e
     check_against_reference(program, q, k, v, backend="tvm", q_offset=Lkv - Lq)
 
 
+@settings(max_examples=6, deadline=None)
+@given(
+    k_top=st.integers(1, 3),
+    per=st.sampled_from(["token", "query_block"]),
+    causal=st.booleans(),
+    normalizer=st.sampled_from(["softmax", "sigmoid"]),
+    Lq=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    seed=st.integers(0, 1000),
+)
+def test_topk_blocks_random_gradients(k_top: int, per: str, causal: bool, normalizer: str, Lq: int, extra: int,
+                                      seed: int) -> None:
+    """Random lengths, offsets (decoding rows included) and selections under autograd: generated
+    gradients, no fallback, as the reference's."""
+    block = 16
+    Lkv = max(Lq + extra, block * k_top)
+    program = attncc.variant(mask=masks.causal if causal else None, normalizer=normalizer,
+                             routing=attncc.TopKBlocks(block, k_top, per=per))
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Lq=Lq, Lkv=Lkv, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_routed_grads(program, q, k, v, q_offset=Lkv - Lq)
+
+
 # ---- TopKHeads (MoH) -----------------------------------------------------------------------
 
 
