@@ -27,6 +27,7 @@ from attncc.codegen.tvm.backward_launch import (
     sink_gradient,
 )
 from attncc.codegen.tvm.forward import run_forward, sigmoid_bias
+from attncc.codegen.tvm.kernels import captured_specs
 from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 from attncc.passes.sparsify import BlockTables
@@ -103,6 +104,26 @@ def generated_backward(
     names = learned_names(tensors)
     context = (region, tensors, names, scale, q_offset, forward, tiles)
     return _GeneratedBackward.apply(context, q, k, v, *(tensors[n] for n in names))
+
+
+def routed_backward(
+    region: AttentionRegion, forward: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], tables: BlockTables, config: dict, *, scale: float, q_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``generated_backward`` for a routed path's kernel (``region`` re-indexed or with the selection
+    in its mask), on the ``tables`` at ``config``'s tiles its forward visits; or why it cannot be.
+    The kernel is given only the tensors it reads: anything else (a router) gets its gradient
+    through the torch ops around the kernel."""
+    block_m, block_n = config["block_m"], config["block_n"]
+    shape = BackwardShape(q.shape[3], v.shape[3], str(q.dtype).removeprefix("torch."), block_m, block_n)
+    if block_m % shape.rows or block_n % shape.vector:
+        return f"routing tiles {block_m} x {block_n} do not fit the backward's register blocks"
+    read = {spec.name for spec in captured_specs(region)}
+    live = {name: t for name, t in tensors.items() if name in read}
+    why = backward_unsupported(region, tuple(learned_names(live)), tasks=k.shape[0] * k.shape[1], tensors=live)
+    if why:
+        return why
+    return generated_backward(region, forward, q, k, v, live, scale=scale, q_offset=q_offset, tiles=(tables, shape))
 
 
 class _GeneratedBackward(torch.autograd.Function):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from attncc.codegen.tvm import rows as rw
-from attncc.codegen.tvm.kernels import captured_specs
+from attncc.codegen.tvm.autograd import routed_backward
 from attncc.passes.lower_routing import head_selection
 from attncc.passes.plan import AttentionRegion
 
@@ -85,20 +85,10 @@ def run_topk_heads(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, ten
                                 total_lkv=Lkv)
 
     if grad:
-        from attncc.codegen.tvm.autograd import generated_backward, learned_names
-        from attncc.codegen.tvm.backward import BackwardShape
-        from attncc.codegen.tvm.backward_launch import backward_unsupported
-
-        # NOTE: the router's gradient flows through the torch ops here, not the kernel: the kernel is
-        # given only the tensors it reads
-        read = {spec.name for spec in captured_specs(kernel_region)}
-        live = {name: t for name, t in live.items() if name in read}
-        why = backward_unsupported(kernel_region, tuple(learned_names(live)), tasks=B * k.shape[1], tensors=live)
-        if why:
-            return why
-        shape = BackwardShape(D, v.shape[3], "float32", block_m, block_n)
-        oc, lse_c = generated_backward(kernel_region, forward, qc, k, v, live, scale=scale, q_offset=0,
-                                       tiles=(tables, shape))
+        got = routed_backward(kernel_region, forward, qc, k, v, live, tables, config, scale=scale, q_offset=0)
+        if isinstance(got, str):
+            return got
+        oc, lse_c = got
     else:
         oc, lse_c = forward(qc, k, v)
     weighted = torch.where(valid.unsqueeze(-1), oc * compact.weights.unsqueeze(-1), 0.0)

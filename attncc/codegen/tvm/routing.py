@@ -22,6 +22,7 @@ import torch
 
 from attncc.codegen.tvm import routing_tokens
 from attncc.codegen.tvm import rows as rw
+from attncc.codegen.tvm.autograd import routed_backward
 from attncc.codegen.tvm.space import PARAMS
 from attncc.ir import expr as ex
 from attncc.passes.lower_routing import block_index_table
@@ -162,24 +163,11 @@ def run_topk_blocks_with_grad(region: AttentionRegion, q: Tensor, k: Tensor, v: 
     blocks is a constant of the call): gradients are attention's under that mask. Forward and
     backward visit the same tiles: the tile path's, here for ``per="token"`` too (the grouped
     path of ``routing_tokens.py`` has no backward), at tiles the backward kernels accept."""
-    from attncc.codegen.tvm.autograd import generated_backward, learned_names
-    from attncc.codegen.tvm.backward import BackwardShape
-    from attncc.codegen.tvm.backward_launch import backward_unsupported
-
     config = routing_config(config, region.gate.block, region.gate.per)
-    shape = BackwardShape(q.shape[3], v.shape[3], str(q.dtype).removeprefix("torch."), config["block_m"],
-                          config["block_n"])
-    if config["block_m"] % shape.rows or config["block_n"] % shape.vector:
-        return f"routing tiles {config['block_m']} x {config['block_n']} do not fit the backward's register blocks"
     kernel_region, live, tables = tile_routing(region, q.detach(), k.detach(), tensors, config, q_offset)
-    why = backward_unsupported(kernel_region, tuple(learned_names(tensors)), tasks=k.shape[0] * k.shape[1],
-                               tensors=live)
-    if why:
-        return why
 
     def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return rw.launch_region(kernel_region, q, k, v, live, tables, config, scale=scale, q_offset=q_offset,
                                 total_lkv=k.shape[2])
 
-    return generated_backward(kernel_region, forward, q, k, v, live, scale=scale, q_offset=q_offset,
-                              tiles=(tables, shape))
+    return routed_backward(kernel_region, forward, q, k, v, live, tables, config, scale=scale, q_offset=q_offset)
