@@ -127,6 +127,25 @@ def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     check_against_reference(variant(name), q, k, v, backend="tvm")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal", "alibi", "stick_breaking"])
+def test_low_precision_kv_converted_up_front(name: str, dtype: torch.dtype, monkeypatch) -> None:
+    """Enough query tiles (``forward.UP_FRONT_QUERY_TILES``) and float16 / bfloat16 K and V reach
+    the kernel as float32 copies: the same results, GQA and a ragged last tile included."""
+    from attncc.codegen.tvm import forward
+
+    staged: list[torch.dtype] = []
+    stage_kv = launcher.stage_kv
+    monkeypatch.setattr(launcher, "stage_kv", lambda k, v, dt, **kw: staged.append(dt) or stage_kv(k, v, dt, **kw))
+    Lq = forward.UP_FRONT_QUERY_TILES * 64 + 13
+    q, k, v = qkv(B=1, Hq=4, Hkv=2, Lq=Lq, Lkv=Lq + 5, D=16, Dv=16, dtype=dtype)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=5, return_lse=name != "stick_breaking")
+    assert staged == [torch.float32]
+    q, k, v = qkv(Lq=33, Lkv=70, dtype=dtype)  # one query tile: converted a tile at a time in the kernel
+    check_against_reference(variant(name), q, k, v, backend="tvm")
+    assert staged == [torch.float32, dtype]
+
+
 @pytest.mark.parametrize("name", ["causal", "sinks", "document"])
 def test_return_lse(name: str) -> None:
     q, k, v = qkv(Lq=29, Lkv=61)

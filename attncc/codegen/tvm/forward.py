@@ -152,7 +152,8 @@ def launch_tiles(
     """One kernel call with a chosen config and tables: the region's folded score scale and the
     sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path.
     ``kv_chunk``: the keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py)."""
-    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0)
+    up_front = converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
+    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front)
     if region.score_scale is not None:
         scale = scale * region.score_scale
     bias = sigmoid_bias(region.normalizer, total_lkv)
@@ -162,11 +163,28 @@ def launch_tiles(
 
 @functools.lru_cache(maxsize=256)
 def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...],
-                  kv_chunks: bool = False) -> KernelShape:
+                  kv_chunks: bool = False, kv_up_front: bool = False) -> KernelShape:
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
-    memo's lookup an identity check."""
+    memo's lookup an identity check. ``kv_up_front``: K and V arrive as float32 copies."""
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
-                       **dict(config))
+                       kv_dtype="float32" if kv_up_front else "", **dict(config))
+
+
+# NOTE: query tiles from which float16 / bfloat16 K and V are converted up front (below), the
+# measured crossover: causal, 8 heads of 64, 2 threads, bfloat16 against float32 (median of 30-60
+# paired rounds): L=1024 (16 query tiles) staged 1.03x, up front 0.98x; L=2048 (32) staged 0.98x,
+# up front 1.01x; L=4096 both 1.01x
+UP_FRONT_QUERY_TILES = 24
+
+
+def converts_kv_up_front(dtype: torch.dtype, config: dict, kv_chunks: bool, rows: int) -> bool:
+    """Whether float16 / bfloat16 K and V are converted to float32 once per call rather than a
+    tile at a time in the kernel. Staged, a kv tile is converted once per query tile that visits
+    it (causal L=2048: 16 times on average); up front, once, for the price of a copy (0.2-0.4 ms
+    at L=2048, 8 heads of 64) and of reading float32 keys (twice the bytes in cache). So only
+    for many query tiles (``UP_FRONT_QUERY_TILES``), never for a decoding step's chunks."""
+    return (dtype in (torch.float16, torch.bfloat16) and not kv_chunks
+            and config.get("layout", "key_major") == "key_major" and rows >= UP_FRONT_QUERY_TILES * config["block_m"])
 
 
 def sigmoid_bias(norm: Any, Lkv: int) -> float:

@@ -21,7 +21,8 @@ product reads K in its own row-major layout (one broadcast per key and feature).
 
 Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
 Inputs of any float dtype are converted to float32 on load (K and V a tile at a time into
-compact buffers, ``_staged``); accumulation is float32.
+compact buffers, ``_staged``, or once per call by the launcher, ``KernelShape.kv_dtype``);
+accumulation is float32.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class KernelShape:
     kv_chunks: bool = False
     # "key_major": this module's kernel; "row_major": few query rows (decoding, decode_kernel.py)
     layout: str = "key_major"
+    # K and V's dtype where it is not ``dtype``: "float32" when the launcher converted float16 /
+    # bfloat16 keys and values up front (``forward.kv_dtype``)
+    kv_dtype: str = ""
+
+    @property
+    def kv_type(self) -> str:
+        """The torch dtype name K and V arrive in."""
+        return self.kv_dtype or self.dtype
 
 
 @by_value(maxsize=256)
@@ -206,8 +215,9 @@ class KeyMajorForward:
                 w(f'K = T.match_buffer(k_h, (BK, HKV, LKP, {s.D}), "{dt}", strides=(KS0, KS1, KS2, 1))')
                 w(f'V = T.match_buffer(v_h, (BK, HKV, LKP, {s.Dv}), "{dt}", strides=(VS0, VS1, VS2, 1))')
             else:
-                w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{dt}")')
-                w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "{dt}")')
+                kv = TORCH_TO_TIR[s.kv_type]
+                w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{kv}")')
+                w(f'V = T.match_buffer(v_h, (B, HKV, LKP, {s.Dv}), "{kv}")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('PC = T.match_buffer(pc_h, (TB, TH, NQ), "int32")')
@@ -337,31 +347,33 @@ class KeyMajorForward:
                 w("Ptr[0] = Ptr[0] - 1")
             self._tile(masked="T.Not(is_full)")
 
-    def _f32(self, access: str) -> str:
-        return access if self.s.dtype == "float32" else f'T.Cast("float32", {access})'
+    def _f32(self, access: str, dtype: str | None = None) -> str:
+        """``access`` (of q's dtype, or ``dtype``) as float32."""
+        return access if (dtype or self.s.dtype) == "float32" else f'T.Cast("float32", {access})'
 
     @property
     def _staged(self) -> bool:
         """K and V are copied a tile at a time into compact float32 buffers: float16 / bfloat16
-        always (the products read each element BM / R times; converting all of K and V up front
-        cost a copy of both per call), float32 for tiles of 16 rows or more, where reading the
-        copy without the clamp of the last key beats the copy's cost (2-7% at L = 2048..8192);
-        a decoding tile of 8 rows reads the inputs directly (the copy costs it 25%)."""
-        return self.s.dtype != "float32" or self.s.block_m >= STAGED_MIN_ROWS
+        always (the products read each element BM / R times) unless the launcher converted
+        them up front (``forward.converts_kv_up_front``), float32 for tiles of 16 rows or
+        more, where reading the copy without the clamp of the last key beats the copy's cost
+        (2-7% at L = 2048..8192); a decoding tile of 8 rows reads the inputs directly (the copy
+        costs it 25%)."""
+        return self.s.kv_type != "float32" or self.s.block_m >= STAGED_MIN_ROWS
 
     def _stages(self, masked: str) -> bool:
         """Whether a tile of this kind reads K and V through ``Kf`` / ``Vf``. A float32 FULL tile
         lies inside ``[0, Lkv)`` (``schedule.ragged_tile_partial``): it reads the inputs
         directly, without the clamp, and skips the copy."""
-        return self._staged and (self.s.dtype != "float32" or masked != "False")
+        return self._staged and (self.s.kv_type != "float32" or masked != "False")
 
     def _kv(self, buf: str, j: str, d: str) -> str:
         """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
         if self._stages(self._masked):
             return f"{buf}f[{j}, {d}]"
         if self._masked == "False":
-            return self._f32(f"{buf}[{self._key_row(j)}, {d}]")
-        return self._f32(f"{buf}[{self._key_row(j, clamp=True)}, {d}]")
+            return self._f32(f"{buf}[{self._key_row(j)}, {d}]", self.s.kv_type)
+        return self._f32(f"{buf}[{self._key_row(j, clamp=True)}, {d}]", self.s.kv_type)
 
     def _key_row(self, j: str, clamp: bool = False) -> str:
         """The K / V indices (batch, kv head, key) of the tile's key ``j``; ``clamp``: the last key
@@ -375,7 +387,7 @@ class KeyMajorForward:
         with w.block(f"for j in range({s.block_n}):"):
             for buf, width in (("K", s.D), ("V", s.Dv)):
                 with w.block(f"for d in T.vectorized({width}):"):
-                    w(f"{buf}f[j, d] = {self._f32(f'{buf}[{key}, d]')}")
+                    w(f"{buf}f[j, d] = {self._f32(f'{buf}[{key}, d]', self.s.kv_type)}")
 
     def _tile(self, masked: str) -> None:
         s, w = self.s, self.w

@@ -179,7 +179,7 @@ def launch(
     out = torch.empty(B, Hq, Lq, shape.Dv, dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
     extra = [as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    kp, vp = stage_kv(k, v, q.dtype, strided=shape.kv_chunks)
+    kp, vp = stage_kv(k, v, getattr(torch, shape.kv_type), strided=shape.kv_chunks)
     chunks = (q.shape[0] // k.shape[0], kv_chunk) if shape.kv_chunks else ()
     tables = schedule.ragged_tile_partial(tables, kv_chunk or k.shape[2], shape.block_n)
     order = schedule.task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
