@@ -2,7 +2,7 @@
 
 ``backward_unsupported`` says why a region's gradients cannot come from the generated kernels
 (the autograd Function then recomputes through the reference, after a one-time warning).
-``launch_backward`` stages K and V as float32 tiles, transposes the forward's block tables
+``launch_backward`` stages K and V as float32 tiles (Q and dO as float32 copies), transposes the forward's block tables
 (per kv tile, the query tiles that see it), picks the fused kernel or the two kernels
 (``use_fused``) and returns the gradients; the sink's and the ``row_shift``'s shares of the
 captured tensors' gradients are O(B * Hq * Lq) torch expressions.
@@ -10,6 +10,7 @@ captured tensors' gradients are O(B * Hq * Lq) torch expressions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -153,7 +154,12 @@ def launch_backward(
     at ``shape``'s tile size when the mask alone does not say (routing), else the mask's."""
     B, Hq, Lq, D = q.shape
     Lkv, Dv = k.shape[2], v.shape[3]
-    shape = shape or BackwardShape(D=D, Dv=Dv, dtype=str(q.dtype).removeprefix("torch."))
+    # NOTE: float16 / bfloat16 Q and dO as float32 copies, like K and V (``_tiles``): the dkdv
+    # kernel reads every query tile once per kv tile that sees it, and the kernels then are the
+    # float32 ones (one compile serves every input dtype)
+    shape = dataclasses.replace(shape or BackwardShape(D=D, Dv=Dv, dtype="float32"), dtype="float32")
+    out_dtypes = q.dtype, k.dtype, v.dtype
+    q, do = q.float(), do.float()
     BN = shape.block_n
     nkv = -(-Lkv // BN)
     if tables is None:
@@ -164,7 +170,7 @@ def launch_backward(
     kp, kt = _tiles(k, BN)
     _, vt = _tiles(v, BN)
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    qc, doc = q.contiguous(), do.to(q.dtype).contiguous()
+    qc, doc = q.contiguous(), do.contiguous()
     # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
     softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
     lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
@@ -183,7 +189,7 @@ def launch_backward(
         sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
         learned = [sums.get(n, torch.zeros(tensors[n].numel())).view(tensors[n].shape) for n in learn]
         dq = dq[:, :, :Lq] * scale
-        return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype), *learned
+        return dq.to(out_dtypes[0]), dk[:, :, :Lkv].to(out_dtypes[1]), dv[:, :, :Lkv].to(out_dtypes[2]), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     launcher.kernel_function(render_backward(region, shape, "dq"))(
@@ -198,7 +204,7 @@ def launch_backward(
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    return dq.to(q.dtype), dk[:, :, :Lkv].to(k.dtype), dv[:, :, :Lkv].to(v.dtype)
+    return dq.to(out_dtypes[0]), dk[:, :, :Lkv].to(out_dtypes[1]), dv[:, :, :Lkv].to(out_dtypes[2])
 
 
 def row_shift_gradient(
