@@ -182,7 +182,8 @@ def converts_kv_up_front(dtype: torch.dtype, config: dict, kv_chunks: bool, rows
     tile at a time in the kernel. Staged, a kv tile is converted once per query tile that visits
     it (causal L=2048: 16 times on average); up front, once, for the price of a copy (0.2-0.4 ms
     at L=2048, 8 heads of 64) and of reading float32 keys (twice the bytes in cache). So only
-    for many query tiles (``UP_FRONT_QUERY_TILES``), never for a decoding step's chunks."""
+    for many query tiles (``UP_FRONT_QUERY_TILES``), never for a decoding step's chunks. The two
+    ways are two modules of a float16 / bfloat16 variant (each compiled once, then from disk)."""
     return (dtype in (torch.float16, torch.bfloat16) and not kv_chunks
             and config.get("layout", "key_major") == "key_major" and rows >= UP_FRONT_QUERY_TILES * config["block_m"])
 
