@@ -115,7 +115,7 @@ def routed_backward(
     The kernel is given only the tensors it reads: anything else (a router) gets its gradient
     through the torch ops around the kernel."""
     block_m, block_n = config["block_m"], config["block_n"]
-    shape = BackwardShape(q.shape[3], v.shape[3], str(q.dtype).removeprefix("torch."), block_m, block_n)
+    shape = BackwardShape(q.shape[3], v.shape[3], block_m, block_n)
     if block_m % shape.rows or block_n % shape.vector:
         return f"routing tiles {block_m} x {block_n} do not fit the backward's register blocks"
     read = {spec.name for spec in captured_specs(region)}

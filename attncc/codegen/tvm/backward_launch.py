@@ -10,7 +10,6 @@ captured tensors' gradients are O(B * Hq * Lq) torch expressions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -155,9 +154,9 @@ def launch_backward(
     B, Hq, Lq, D = q.shape
     Lkv, Dv = k.shape[2], v.shape[3]
     # NOTE: float16 / bfloat16 Q and dO as float32 copies, like K and V (``_tiles``): the dkdv
-    # kernel reads every query tile once per kv tile that sees it, and the kernels then are the
-    # float32 ones (one compile serves every input dtype)
-    shape = dataclasses.replace(shape or BackwardShape(D=D, Dv=Dv, dtype="float32"), dtype="float32")
+    # kernel reads every query tile once per kv tile that sees it, and one compile of the
+    # kernels serves every input dtype
+    shape = shape or BackwardShape(D=D, Dv=Dv)
     out_dtypes = q.dtype, k.dtype, v.dtype
     q, do = q.float(), do.float()
     BN = shape.block_n
