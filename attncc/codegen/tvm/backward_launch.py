@@ -2,10 +2,10 @@
 
 ``backward_unsupported`` says why a region's gradients cannot come from the generated kernels
 (the autograd Function then recomputes through the reference, after a one-time warning).
-``launch_backward`` stages K and V as float32 tiles (Q and dO as float32 copies), transposes the forward's block tables
-(per kv tile, the query tiles that see it), picks the fused kernel or the two kernels
-(``use_fused``) and returns the gradients; the sink's and the ``row_shift``'s shares of the
-captured tensors' gradients are O(B * Hq * Lq) torch expressions.
+``launch_backward`` stages K and V as float32 tiles and Q and dO as float32 copies, transposes
+the forward's block tables (per kv tile, the query tiles that see it), picks the fused kernel
+or the two kernels (``use_fused``) and returns the gradients; the sink's and the
+``row_shift``'s shares of the captured tensors' gradients are O(B * Hq * Lq) torch expressions.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def launch_backward(
     # kernel reads every query tile once per kv tile that sees it, and one compile of the
     # kernels serves every input dtype
     shape = shape or BackwardShape(D=D, Dv=Dv)
-    out_dtypes = q.dtype, k.dtype, v.dtype
+    dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
     q, do = q.float(), do.float()
     BN = shape.block_n
     nkv = -(-Lkv // BN)
@@ -188,7 +188,7 @@ def launch_backward(
         sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
         learned = [sums.get(n, torch.zeros(tensors[n].numel())).view(tensors[n].shape) for n in learn]
         dq = dq[:, :, :Lq] * scale
-        return dq.to(out_dtypes[0]), dk[:, :, :Lkv].to(out_dtypes[1]), dv[:, :, :Lkv].to(out_dtypes[2]), *learned
+        return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     launcher.kernel_function(render_backward(region, shape, "dq"))(
@@ -203,7 +203,7 @@ def launch_backward(
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    return dq.to(out_dtypes[0]), dk[:, :, :Lkv].to(out_dtypes[1]), dv[:, :, :Lkv].to(out_dtypes[2])
+    return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype)
 
 
 def row_shift_gradient(

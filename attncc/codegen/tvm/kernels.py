@@ -76,7 +76,7 @@ class KernelShape:
     # "key_major": this module's kernel; "row_major": few query rows (decoding, decode_kernel.py)
     layout: str = "key_major"
     # K and V's dtype where it is not ``dtype``: "float32" when the launcher converted float16 /
-    # bfloat16 keys and values up front (``forward.kv_dtype``)
+    # bfloat16 keys and values up front (``forward.converts_kv_up_front``)
     kv_dtype: str = ""
 
     @property

@@ -194,10 +194,12 @@ def launch(
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V as ``[B, Hkv, Lkv, D]`` in the kernel's input dtype (q's): contiguous inputs pass
-    through without a copy; the kernel clamps reads past the last key instead of padding, and
-    converts float16 / bfloat16 a tile at a time. ``strided``: the kernel takes any strides with
-    contiguous features (a decoding step's slice of a preallocated cache, read in place)."""
+    """K and V as ``[B, Hkv, Lkv, D]`` in ``dtype``, the one the kernel reads them in
+    (``KernelShape.kv_type``: q's, or float32 copies of float16 / bfloat16 ones): contiguous
+    inputs of that dtype pass through without a copy; the kernel clamps reads past the last key
+    instead of padding, and otherwise converts float16 / bfloat16 a tile at a time. ``strided``:
+    the kernel takes any strides with contiguous features (a decoding step's slice of a
+    preallocated cache, read in place)."""
     def staged(t: torch.Tensor) -> torch.Tensor:
         t = t if t.dtype == dtype else t.to(dtype)  # NOTE: .to costs a microsecond even as a no-op
         return t if strided and t.stride(-1) == 1 else t.contiguous()
