@@ -29,15 +29,16 @@ pytestmark = pytest.mark.usefixtures("tvm_cache_dir")
 
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[KernelShape]:
-    """The ``KernelShape`` of every forward launch (the config a call really ran with)."""
+    """The ``KernelShape`` of every forward launch (the config a call really ran with), prepared
+    for this call or kept from an earlier one (``forward.run_forward``)."""
     seen: list[KernelShape] = []
-    real = launcher.launch
+    real = launcher.Launch.__call__
 
-    def spy(region, shape, *args, **kwargs):
-        seen.append(shape)
-        return real(region, shape, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        seen.append(self.shape)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(launcher, "launch", spy)
+    monkeypatch.setattr(launcher.Launch, "__call__", spy)
     return seen
 
 
@@ -246,3 +247,58 @@ def test_a_region_hashes_by_value_and_its_copies_do_not_inherit_the_hash():
     assert hash(dataclasses.replace(changed, fused=region.fused)) == hash(region)
     memo = {region: "causal"}
     assert memo[same] == "causal" and changed not in memo
+
+
+@pytest.fixture
+def prepared(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The call signature (``forward.call_key``) of every forward launch prepared anew."""
+    seen: list[tuple] = []
+    real = forward._prepare_forward
+
+    def spy(plan, region, q, k, v, tensors, scale, q_offset, config):
+        seen.append(forward.call_key(plan, region, q, k, v, tensors, scale, q_offset, config))
+        return real(plan, region, q, k, v, tensors, scale, q_offset, config)
+
+    monkeypatch.setattr(forward, "_prepare_forward", spy)
+    return seen
+
+
+def test_a_repeated_call_runs_the_launch_its_first_call_prepared(prepared):
+    """The same call signature decides nothing again; a new offset, scale or length is a new one."""
+    var = attncc.variant(mask=masks.sliding_window(40))
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=96, Lkv=96)
+    first = var(q, k, v)
+    assert len(prepared) == 1
+    torch.testing.assert_close(var(q.clone(), k.clone(), v.clone()), first, rtol=0, atol=0)
+    assert len(prepared) == 1
+    check_against_reference(var, q, k, v, backend=None, q_offset=8)
+    check_against_reference(var, q, k, v, backend=None, scale=0.3)
+    q2, k2, v2 = random_qkv(B=1, Hq=2, Hkv=2, Lq=80, Lkv=80, seed=1)
+    check_against_reference(var, q2, k2, v2, backend=None)
+    assert len(prepared) == 4 and len(set(prepared)) == 4
+    check_against_reference(var, q, k, v, backend=None, q_offset=8)
+    assert len(prepared) == 4
+
+
+def test_a_score_tensor_written_in_place_is_read_by_the_next_call(prepared):
+    """A captured tensor of the score (ALiBi slopes) may decide tiles (a score of -inf masks), so
+    an in-place write is a new signature; unchanged, the prepared launch is reused."""
+    slopes = torch.tensor([0.5, 0.25])
+    var = attncc.variant(lambda s, b, h, q, kv: s - slopes[h] * (q - kv), mask=masks.causal)
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    before = var(q, k, v)
+    slopes.mul_(4.0)
+    check_against_reference(var, q, k, v, backend=None)
+    assert not torch.allclose(var(q, k, v), before)
+    assert len(prepared) == 2
+
+
+def test_captured_inference_tensors_are_not_keyed(prepared):
+    """An inference tensor has no version to key on: every call prepares its launch, and is right."""
+    with torch.inference_mode():
+        ids = torch.tensor([0] * 30 + [1] * 34)
+    var = attncc.variant(mask=masks.document(ids))
+    q, k, v = random_qkv(B=1, Hq=2, Hkv=2, Lq=64, Lkv=64)
+    for _ in range(2):
+        check_against_reference(var, q, k, v, backend=None)
+    assert prepared == [None, None]

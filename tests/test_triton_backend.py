@@ -453,3 +453,15 @@ def test_gpu_realistic_shapes(name):
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, Lq=1000, Lkv=1000, D=128, dtype=torch.bfloat16)
     check_against_reference(VARIANTS[name](), q, k, v, backend="triton")
     assert math.isfinite(float(q.float().sum()))
+
+
+@in_process
+def test_captured_inference_tensors_work():
+    """Document ids made under ``torch.inference_mode`` have no version counter: their tables are
+    built on every call rather than keyed on one."""
+    with torch.inference_mode():
+        ids = torch.tensor([0] * 11 + [1] * 13, device=DEVICE)
+    var = attncc.variant(mask=masks.document(ids) & masks.causal)
+    q, k, v = _qkv(Lq=24, Lkv=24)
+    for _ in range(2):
+        check_against_reference(var, q, k, v, backend="triton")

@@ -46,14 +46,15 @@ def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The keys a task of every kernel call walks (a split call's tasks walk one chunk of the cache,
     which the kernel reads in place: ``kv_chunk``); negative for the plain kernel."""
     seen: list[int] = []
-    real = launcher.launch
+    real = launcher.Launch.__call__
 
-    def spy(region, shape, q, k, v, *args, **kwargs):
-        assert shape.kv_chunks == bool(kwargs.get("kv_chunk"))
-        seen.append(kwargs["kv_chunk"] if shape.kv_chunks else -k.shape[2])
-        return real(region, shape, q, k, v, *args, **kwargs)
+    def spy(self, q, k, v, tensors):
+        if self.shape.kv_chunks:  # the scalars end with the chunks per sequence and the keys per chunk
+            assert self.scalars[-2] == q.shape[0] // k.shape[0]
+        seen.append(self.scalars[-1] if self.shape.kv_chunks else -k.shape[2])
+        return real(self, q, k, v, tensors)
 
-    monkeypatch.setattr(launcher, "launch", spy)
+    monkeypatch.setattr(launcher.Launch, "__call__", spy)
     return seen
 
 
@@ -260,15 +261,15 @@ def test_row_major_kernel_matches_reference(name: str, Hkv: int, Lq: int, Lkv: i
     of values, bfloat16; lse too for softmax."""
     assume((4 // Hkv) * Lq < 8)
     layouts: list[str] = []
-    real = launcher.launch
+    real = launcher.Launch.__call__
 
-    def spy(region, shape, *args, **kwargs):
-        layouts.append(shape.layout)
-        return real(region, shape, *args, **kwargs)
+    def spy(self, *args):
+        layouts.append(self.shape.layout)
+        return real(self, *args)
 
     q, k, v = qkv(Hkv=Hkv, Lq=Lq, Lkv=Lkv, D=D, Dv=Dv, dtype=dtype, seed=Lkv)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(launcher, "launch", spy)
+        patch.setattr(launcher.Launch, "__call__", spy)
         check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=Lkv - Lq,
                                 return_lse=name in SOFTMAX)
     assert layouts == ["row_major"]

@@ -98,10 +98,10 @@ def select_config(
         raise TypeError(f"shape must be an attncc.autotune.ShapeKey (ShapeKey.of(...)), got {type(shape).__name__}")
     cache = cache if cache is not None else default_cache()
     device_key = device_for(backend, device)
-    enabled = tuning_enabled()
+    state = selection_state(cache)
+    enabled = state[2]
     # NOTE: the memo keys on the shape and dtype as given; they are merged and validated on a miss
-    memo_key = (plan_fingerprint, backend, device_key, shape, dtype, id(space), str(cache.path), cache.generation,
-                enabled, os.environ.get("ATTNCC_CACHE_PATH"))
+    memo_key = (plan_fingerprint, backend, device_key, shape, dtype, id(space), *state)
     found = _MEMO.get(memo_key)
     if found is None:
         shape = dataclasses.replace(shape, dtype=dtype_name(dtype))
@@ -112,6 +112,14 @@ def select_config(
     config, source, _, tag = found
     LAST_SELECTIONS.setdefault(plan_fingerprint, {})[(backend, tag)] = (dict(config), source)
     return dict(config), source
+
+
+def selection_state(cache: TuningCache | None = None) -> tuple[str, tuple[int, int], bool, str | None]:
+    """What a selection reads besides its key: the cache (path, and its generation, which every
+    write changes), whether tuning is on, ``ATTNCC_CACHE_PATH``. A memo of anything decided from
+    a selection keys on this as well (``codegen.tvm.forward``'s prepared launches)."""
+    cache = cache if cache is not None else default_cache()
+    return str(cache.path), cache.generation, tuning_enabled(), os.environ.get("ATTNCC_CACHE_PATH")
 
 
 def _select(key: TuningKey, space: SearchSpace, cache: TuningCache, enabled: bool) -> tuple[Config, str]:

@@ -608,10 +608,13 @@ def _tables_of_tensors(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tenso
     tensors are unmodified: FlexAttention users build a ``BlockMask`` once for this reason.
 
     An entry holds its tensors, so their ids stay unique while it lives; an in-place write
-    bumps a tensor's ``_version`` and misses.
+    bumps a tensor's ``_version`` and misses. An inference tensor has no version: built every time.
     """
     names = sorted(tensors)
-    key = (sp, geo, tuple((name, id(tensors[name]), tensors[name]._version) for name in names))
+    try:
+        key = (sp, geo, tuple((name, id(tensors[name]), tensors[name]._version) for name in names))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return tables_from_classes(*_classes(sp, geo, tensors))
     found = _TENSOR_TABLES.get(key)
     if found is not None and all(a is tensors[n] for a, n in zip(found[0], names, strict=True)):
         return found[1]

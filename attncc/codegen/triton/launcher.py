@@ -92,19 +92,24 @@ def block_tables(region: AttentionRegion, B: int, H: int, Lq: int, Lkv: int, til
     """Query-major tables [B', H', nq(, max)] from the sparsity pass (all PARTIAL when it has no facts)."""
     # NOTE: tables depend on the mask's captured tensors' values: the cache key carries their
     # storage and version counter, so an in-place update recomputes them.
+    # An inference tensor has no version counter: its tables are built on every call.
     reads = region.mask.inputs() if region.mask is not None else ()
-    versions = tuple((spec.name, tensors[spec.name].data_ptr(), tensors[spec.name]._version) for spec in reads)
+    try:
+        versions = tuple((spec.name, tensors[spec.name].data_ptr(), tensors[spec.name]._version) for spec in reads)
+    except RuntimeError:
+        versions = None
     key = (region_key(region), B, H, Lq, Lkv, tile, q_offset, str(device), versions)
-    if key in _TABLES:
+    if versions is not None and key in _TABLES:
         return _TABLES[key]
     from attncc.passes.sparsify import block_tables_for
 
     t = block_tables_for(region, B, H, Lq, Lkv, tile, q_offset, tensors)
     tables = tuple(x.to(device=device, dtype=torch.int32) for x in
                    (t.partial_count, t.partial_index, t.full_count, t.full_index))
-    if len(_TABLES) > 256:
-        _TABLES.clear()
-    _TABLES[key] = tables  # type: ignore[assignment]
+    if versions is not None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        _TABLES[key] = tables  # type: ignore[assignment]
     return tables  # type: ignore[return-value]
 
 

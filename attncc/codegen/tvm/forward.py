@@ -134,14 +134,50 @@ def run_forward(
     plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o in q's dtype, lse float32) of ``region`` on the forward kernel."""
+    """(o in q's dtype, lse float32) of ``region`` on the forward kernel: the ``launcher.Launch`` of
+    this call signature when an earlier call prepared it (``call_key``), else a new one."""
+    key = call_key(plan, region, q, k, v, tensors, scale, q_offset, config)
+    launch = launcher.kept(key, tensors) if key is not None else None
+    if launch is None:
+        launch = _prepare_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
+        if key is not None:
+            launcher.keep(key, launch, tensors)
+    return launch(q, k, v, tensors)
+
+
+def call_key(
+    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
+) -> tuple | None:
+    """Everything a forward ``Launch`` is decided from: the region, the shapes and dtypes, the
+    scalars, the thread count, the config or what selecting one reads (``lookup.selection_state``),
+    and, when the block tables read captured tensors, their identities and versions (an in-place
+    write changes a version). None where a call cannot be keyed: a payload that does not hash, an
+    inference tensor (it has no version)."""
+    try:
+        tuned = tuple(config.items()) if config is not None else _lookup().selection_state()
+        sparsity = region.sparsity
+        captured = () if not tensors or (sparsity is not None and sparsity.cacheable) else tuple(
+            (id(t), t._version) for t in tensors.values())
+        key = (region, plan.fingerprint, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, scale, q_offset,
+               tuned, torch.get_num_threads(), captured)
+        hash(key)
+    except (TypeError, RuntimeError):
+        return None
+    return key
+
+
+def _prepare_forward(
+    plan: KernelPlan, region: AttentionRegion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tensors: dict[str, torch.Tensor], scale: float, q_offset: int, config: dict | None,
+) -> launcher.Launch:
     tuned = config is not None
     if config is None:
         config, source = select_config(plan, q, k, v)
         tuned = not source.startswith("default")
     config, group, tables = _geometry(region, config, q, k, tensors, q_offset, tuned)
-    return launch_tiles(region, config, tables, q, k, v, tensors, scale=scale, q_offset=q_offset,
-                        total_lkv=k.shape[2], group=group)
+    shape, scale, bias = kernel_arguments(region, config, q, v, scale=scale, total_lkv=k.shape[2], group=group)
+    return launcher.prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias)
 
 
 def launch_tiles(
@@ -149,16 +185,26 @@ def launch_tiles(
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, total_lkv: int, group: int = 1,
     kv_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One kernel call with a chosen config and tables: the region's folded score scale and the
-    sigmoid's default bias (from ``total_lkv``, the real key length) applied here, for every path.
-    ``kv_chunk``: the keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py)."""
+    """One kernel call with a chosen config and tables (``kernel_arguments``). ``kv_chunk``: the
+    keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py)."""
+    shape, scale, bias = kernel_arguments(region, config, q, v, scale=scale, total_lkv=total_lkv, group=group,
+                                          kv_chunk=kv_chunk)
+    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
+                           kv_chunk=kv_chunk)
+
+
+def kernel_arguments(
+    region: AttentionRegion, config: dict, q: torch.Tensor, v: torch.Tensor, *, scale: float, total_lkv: int,
+    group: int = 1, kv_chunk: int = 0,
+) -> tuple[KernelShape, float, float]:
+    """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtype are
+    read): the region's folded score scale and the sigmoid's default bias (from ``total_lkv``, the
+    real key length) are applied here, for every path."""
     up_front = converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
     shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front)
     if region.score_scale is not None:
         scale = scale * region.score_scale
-    bias = sigmoid_bias(region.normalizer, total_lkv)
-    return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
-                           kv_chunk=kv_chunk)
+    return shape, scale, sigmoid_bias(region.normalizer, total_lkv)
 
 
 @functools.lru_cache(maxsize=256)
