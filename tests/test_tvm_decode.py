@@ -49,9 +49,9 @@ def kernel_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = launcher.Launch.__call__
 
     def spy(self, q, k, v, tensors):
-        if self.shape.kv_chunks:  # the scalars end with the chunks per sequence and the keys per chunk
-            assert self.scalars[-2] == q.shape[0] // k.shape[0]
-        seen.append(self.scalars[-1] if self.shape.kv_chunks else -k.shape[2])
+        if self.shape.kv_chunks:  # (chunks per sequence, keys per chunk)
+            assert self.chunks[0] == q.shape[0] // k.shape[0]
+        seen.append(self.chunks[1] if self.shape.kv_chunks else -k.shape[2])
         return real(self, q, k, v, tensors)
 
     monkeypatch.setattr(launcher.Launch, "__call__", spy)
@@ -273,3 +273,21 @@ def test_row_major_kernel_matches_reference(name: str, Hkv: int, Lq: int, Lkv: i
         check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=Lkv - Lq,
                                 return_lse=name in SOFTMAX)
     assert layouts == ["row_major"]
+
+
+def test_decoding_steps_in_one_bucket_reuse_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps whose positions share a bucket share their tables, so ``launcher.launch`` prepares the
+    kernel call once for them; the key length, which moves every step, is read off K each call."""
+    prepared: list[int] = []
+    real = launcher.prepare
+
+    def spy(*args, **kwargs):
+        prepared.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "prepare", spy)
+    program = variant("causal")
+    q, k, v = qkv(Lkv=640)
+    for L in (600, 601, 602, 605):
+        check_against_reference(program, q, k[:, :, :L], v[:, :, :L], backend="tvm", q_offset=L - 1)
+    assert len(prepared) == 1

@@ -141,6 +141,7 @@ def clear_memory_cache() -> None:
         _MODULES.clear()
         _FUNCTIONS.clear()
         _PREPARED.clear()
+        _LAUNCHES.clear()
 
 
 def _load(path: Path) -> Any:
@@ -183,7 +184,8 @@ class Launch:
     shape: KernelShape
     names: tuple[str, ...]  # the captured tensors the kernel reads, in argument order
     tables: tuple[torch.Tensor, ...]  # partial count, partial index, full count, full index, task order
-    scalars: tuple[float | int, ...]  # scale, q_offset, bias, Lkv and, with chunked keys, KS and KC
+    scalars: tuple[float | int, ...]  # scale, q_offset, bias (then Lkv, read off K at each call)
+    chunks: tuple[int, ...]  # with chunked keys, KS and KC
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: dict[str, torch.Tensor],
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +196,7 @@ class Launch:
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
         kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks)
         extra = [as_buffer(tensors[name]) for name in self.names]
-        self.attn(q.contiguous(), kp, vp, out, lse, *self.tables, *extra, *self.scalars)
+        self.attn(q.contiguous(), kp, vp, out, lse, *self.tables, *extra, *self.scalars, int(k.shape[2]), *self.chunks)
         return out, lse
 
 
@@ -213,8 +215,7 @@ def prepare(
     kernel_tables = (tables.partial_count.contiguous(), tables.partial_index.contiguous(),
                      tables.full_count.contiguous(), tables.full_index.contiguous(), order)
     names = tuple(spec.name for spec in captured_specs(region))
-    scalars = (float(scale), int(q_offset), float(bias), int(k.shape[2]), *chunks)
-    return Launch(attn, shape, names, kernel_tables, scalars)
+    return Launch(attn, shape, names, kernel_tables, (float(scale), int(q_offset), float(bias)), chunks)
 
 
 # NOTE: an entry holds the captured tensors it was prepared with, so that their ids, in its key,
@@ -245,10 +246,27 @@ def launch(
     tensors: dict[str, torch.Tensor], tables: BlockTables, *, scale: float, q_offset: int, bias: float,
     kv_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel once (``prepare``, then the ``Launch``); returns (o in q's dtype, lse
-    float32)."""
-    return prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias,
-                   kv_chunk=kv_chunk)(q, k, v, tensors)
+    """Run the forward kernel once; returns (o in q's dtype, lse float32). The ``Launch`` is kept
+    per everything ``prepare`` reads (the tables by identity: they are memoized per geometry, per
+    bucket of decoding steps), so that the steps of a decode reuse it; the key length matters only
+    where a ragged last tile moves between the lists, without chunked keys."""
+    key = (region, shape, tables, q.shape[:2], k.shape[:2], None if kv_chunk else k.shape[2], scale, q_offset, bias,
+           kv_chunk, torch.get_num_threads())
+    try:
+        found = _LAUNCHES.get(key)
+    except TypeError:  # a payload that does not hash
+        return prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias,
+                       kv_chunk=kv_chunk)(q, k, v, tensors)
+    if found is None:
+        found = prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias, kv_chunk=kv_chunk)
+        with _LOCK:
+            if len(_LAUNCHES) >= PREPARED_KEPT:
+                _LAUNCHES.pop(next(iter(_LAUNCHES)))
+            _LAUNCHES[key] = found
+    return found(q, k, v, tensors)
+
+
+_LAUNCHES: dict[tuple, Launch] = {}  # launch's: an entry holds its tables (in its key)
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
