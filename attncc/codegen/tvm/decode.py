@@ -135,8 +135,9 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     tables = step_tables(region, (B, Hq, Hkv, Lq, Lkv), q_offset, (block_m, block_n), (S, tiles_per_chunk), tensors)
 
     side = {**tensors, rw.META.name: rw.meta(S, C, G, Lq, q_offset, Lkv)}
+    static = region.sparsity is None or region.sparsity.cacheable  # step_tables: one set per bucket
     o, lse = rw.launch_region(kernel_region, qf, k, v, side, tables, config, scale=scale, q_offset=0,
-                              total_lkv=Lkv, kv_chunk=C)
+                              total_lkv=Lkv, kv_chunk=C, keep=static)
     norm = region.normalizer
     if S == 1 and not (isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None):
         o = o.view(B, Hq, Lq, Dv)

@@ -183,14 +183,15 @@ def _prepare_forward(
 def launch_tiles(
     region: AttentionRegion, config: dict, tables: BlockTables, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int, total_lkv: int, group: int = 1,
-    kv_chunk: int = 0,
+    kv_chunk: int = 0, keep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One kernel call with a chosen config and tables (``kernel_arguments``). ``kv_chunk``: the
-    keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py)."""
+    keys come in chunks of this many (``KernelShape.kv_chunks``, decode.py); ``keep``: the tables
+    are memoized, keep the prepared call too (``launcher.launch``)."""
     shape, scale, bias = kernel_arguments(region, config, q, v, scale=scale, total_lkv=total_lkv, group=group,
                                           kv_chunk=kv_chunk)
     return launcher.launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
-                           kv_chunk=kv_chunk)
+                           kv_chunk=kv_chunk, keep=keep)
 
 
 def kernel_arguments(

@@ -244,19 +244,23 @@ def keep(key: tuple, launch: Launch, tensors: dict[str, torch.Tensor]) -> None:
 def launch(
     region: AttentionRegion, shape: KernelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], tables: BlockTables, *, scale: float, q_offset: int, bias: float,
-    kv_chunk: int = 0,
+    kv_chunk: int = 0, keep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel once; returns (o in q's dtype, lse float32). The ``Launch`` is kept
-    per everything ``prepare`` reads (the tables by identity: they are memoized per geometry, per
-    bucket of decoding steps), so that the steps of a decode reuse it; the key length matters only
-    where a ragged last tile moves between the lists, without chunked keys."""
+    """Run the forward kernel once; returns (o in q's dtype, lse float32). ``keep``: the caller's
+    tables are memoized (per bucket of decoding steps), so the ``Launch`` is kept per tables object
+    and everything else ``prepare`` reads, and the steps of a decode reuse it; the key length
+    matters only where a ragged last tile moves between the lists, without chunked keys. Tables
+    built per call (routing) would only fill the memo."""
+    if not keep:
+        return prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias,
+                       kv_chunk=kv_chunk)(q, k, v, tensors)
     key = (region, shape, tables, q.shape[:2], k.shape[:2], None if kv_chunk else k.shape[2], scale, q_offset, bias,
            kv_chunk, torch.get_num_threads())
     try:
         found = _LAUNCHES.get(key)
     except TypeError:  # a payload that does not hash
-        return prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias,
-                       kv_chunk=kv_chunk)(q, k, v, tensors)
+        return launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
+                      kv_chunk=kv_chunk)
     if found is None:
         found = prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias, kv_chunk=kv_chunk)
         with _LOCK:

@@ -148,13 +148,14 @@ def _fit_config(items: tuple[tuple[str, Any], ...], block_m: int | None, block_n
 
 def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tensors: dict[str, Tensor],
                   tables: BlockTables, config: dict, *, scale: float, q_offset: int,
-                  total_lkv: int, kv_chunk: int = 0) -> tuple[Tensor, Tensor]:
+                  total_lkv: int, kv_chunk: int = 0, keep: bool = False) -> tuple[Tensor, Tensor]:
     """One kernel call; ``total_lkv`` is the real key length (the sigmoid's default bias uses it);
-    ``kv_chunk``: keys come in chunks of this many (``KernelShape.kv_chunks``)."""
+    ``kv_chunk``: keys come in chunks of this many (``KernelShape.kv_chunks``); ``keep``: the
+    tables are memoized, keep the prepared call too (``launcher.launch``)."""
     from attncc.codegen.tvm.forward import launch_tiles
 
     return launch_tiles(region, config, tables, q, k, v, tensors, scale=scale, q_offset=q_offset,
-                        total_lkv=total_lkv, kv_chunk=kv_chunk)
+                        total_lkv=total_lkv, kv_chunk=kv_chunk, keep=keep)
 
 
 QUERY_INDEX = "__attncc_query_index"
