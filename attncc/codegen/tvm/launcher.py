@@ -175,9 +175,10 @@ class Launch:
     """One forward kernel call with everything but its tensors decided: the compiled function, the
     tables in the kernel's layout, the task order and the scalar arguments (``prepare``).
 
-    Why an object: ``forward.run_forward`` keeps one per call signature, so that a repeated call
-    goes straight to the kernel. Right after a long kernel the host's caches are cold and deciding
-    all this again took 0.2-0.3 ms, 2% of a 15 ms call (document mask, L=2048, 8 heads of 64).
+    Why an object: ``forward.run_forward`` keeps one per call signature (``kept``) and ``launch``
+    one per bucket of decoding steps, so that a repeated call goes straight to the kernel. Right
+    after a long kernel the host's caches are cold and deciding all this again took 0.2-0.3 ms, 2%
+    of a 15 ms call (document mask, L=2048, 8 heads of 64).
     """
 
     attn: Any
@@ -227,18 +228,23 @@ PREPARED_KEPT = 64
 def kept(key: tuple, tensors: dict[str, torch.Tensor]) -> Launch | None:
     """The ``Launch`` kept under ``key`` (``forward.call_key``) with these very captured tensors."""
     found = _PREPARED.get(key)
-    if found is None or not all(a is b for a, b in zip(found[1], tensors.values(), strict=True)):
+    if found is None or len(found[1]) != len(tensors) or any(a is not b for a, b in zip(found[1], tensors.values())):
         return None
     STATS["memory_hits"] += 1
     return found[0]
 
 
 def keep(key: tuple, launch: Launch, tensors: dict[str, torch.Tensor]) -> None:
-    """Keep ``launch`` for later calls under ``key``; the oldest entry goes past ``PREPARED_KEPT``."""
+    """Keep ``launch`` for later calls under ``key`` (``kept``)."""
+    _remember(_PREPARED, key, (launch, tuple(tensors.values())))
+
+
+def _remember(memo: dict, key: tuple, value: Any) -> None:
+    """``memo[key] = value``; the oldest entry goes past ``PREPARED_KEPT``."""
     with _LOCK:
-        if len(_PREPARED) >= PREPARED_KEPT:
-            _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[key] = (launch, tuple(tensors.values()))
+        if len(memo) >= PREPARED_KEPT:
+            memo.pop(next(iter(memo)))
+        memo[key] = value
 
 
 def launch(
@@ -263,10 +269,7 @@ def launch(
                       kv_chunk=kv_chunk)
     if found is None:
         found = prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias, kv_chunk=kv_chunk)
-        with _LOCK:
-            if len(_LAUNCHES) >= PREPARED_KEPT:
-                _LAUNCHES.pop(next(iter(_LAUNCHES)))
-            _LAUNCHES[key] = found
+        _remember(_LAUNCHES, key, found)
     return found(q, k, v, tensors)
 
 
