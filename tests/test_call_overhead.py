@@ -302,3 +302,67 @@ def test_captured_inference_tensors_are_not_keyed(prepared):
     for _ in range(2):
         check_against_reference(var, q, k, v, backend=None)
     assert prepared == [None, None]
+
+
+def up_front_qkv(dtype: torch.dtype, seed: int = 0, Lkv: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs with enough query tiles that float16 / bfloat16 K and V are converted up front."""
+    Lq = forward.UP_FRONT_QUERY_TILES * 64 + 13
+    return random_qkv(B=1, Hq=2, Hkv=1, Lq=Lq, Lkv=Lkv or Lq + 5, D=16, dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_converted_keys_and_values_reuse_the_threads_workspace(dtype):
+    """The float32 copies of K and V go into buffers the thread keeps (no fresh pages per call): the
+    next call overwrites them, and neither call's output depends on them afterwards."""
+    launcher.clear_memory_cache()
+    seen: list[int] = []
+    real = launcher.converted
+
+    def spy(t, dt, slot):
+        out = real(t, dt, slot)
+        seen.append(out.untyped_storage().data_ptr())
+        return out
+
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = up_front_qkv(dtype)
+    q2, k2, v2 = up_front_qkv(dtype, seed=1, Lkv=q.shape[2] - 40)  # fewer keys: a view of the same buffers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher, "converted", spy)
+        first = var(q, k, v)
+        second = var(q2, k2.transpose(2, 3).contiguous().transpose(2, 3), v2)  # K strided: copied as well
+    assert len(seen) == 4 and seen[:2] == seen[2:] and seen[0] != seen[1]
+    check_against_reference(var, q, k, v, backend="tvm")
+    torch.testing.assert_close(var(q, k, v), first, rtol=0, atol=0)
+    check_against_reference(var, q2, k2, v2, backend="tvm")
+    torch.testing.assert_close(var(q2, k2, v2), second, rtol=0, atol=0)
+
+
+def test_converted_copies_past_the_cap_are_fresh(monkeypatch):
+    monkeypatch.setattr(launcher, "WORKSPACE_MAX_BYTES", 1024)
+    k = torch.randn(1, 1, 300, 16).bfloat16()
+    a, b = launcher.converted(k, torch.float32, 0), launcher.converted(k, torch.float32, 0)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, k.float()) and a.is_contiguous()
+
+
+def test_threads_convert_into_workspaces_of_their_own():
+    """Two threads running half-precision calls at once: each result is right."""
+    import threading
+
+    var = attncc.variant(mask=masks.causal)
+    inputs = [up_front_qkv(torch.bfloat16, seed=s) for s in range(2)]
+    expected = [var(*qkv) for qkv in inputs]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(4):
+            results[i].append(var(*inputs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(results[i]) == 4
+        for got in results[i]:
+            torch.testing.assert_close(got, expected[i], rtol=0, atol=0)
