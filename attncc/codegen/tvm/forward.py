@@ -137,11 +137,14 @@ def run_forward(
     """(o in q's dtype, lse float32) of ``region`` on the forward kernel: the ``launcher.Launch`` of
     this call signature when an earlier call prepared it (``call_key``), else a new one."""
     key = call_key(plan, region, q, k, v, tensors, scale, q_offset, config)
-    launch = launcher.kept(key, tensors) if key is not None else None
+    try:
+        launch = launcher.kept_launch(key, tensors) if key is not None else None
+    except TypeError:  # a payload that does not hash
+        key = launch = None
     if launch is None:
         launch = _prepare_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         if key is not None:
-            launcher.keep(key, launch, tensors)
+            launcher.keep_launch(key, launch, tensors)
     return launch(q, k, v, tensors)
 
 
@@ -152,19 +155,17 @@ def call_key(
     """Everything a forward ``Launch`` is decided from: the region, the shapes and dtypes, the
     scalars, the thread count, the config or what selecting one reads (``lookup.selection_state``),
     and, when the block tables read captured tensors, their identities and versions (an in-place
-    write changes a version). None where a call cannot be keyed: a payload that does not hash, an
-    inference tensor (it has no version)."""
+    write changes a version). None where a call cannot be keyed: an inference tensor (it has no
+    version); a payload that does not hash raises TypeError at the lookup."""
     try:
         tuned = tuple(config.items()) if config is not None else _lookup().selection_state()
         sparsity = region.sparsity
         captured = () if not tensors or (sparsity is not None and sparsity.cacheable) else tuple(
             (id(t), t._version) for t in tensors.values())
-        key = (region, plan.fingerprint, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, scale, q_offset,
-               tuned, torch.get_num_threads(), captured)
-        hash(key)
-    except (TypeError, RuntimeError):
+    except RuntimeError:  # "Inference tensors do not track version counter"
         return None
-    return key
+    return (region, plan.fingerprint, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, scale, q_offset, tuned,
+            torch.get_num_threads(), captured)
 
 
 def _prepare_forward(

@@ -141,7 +141,6 @@ def clear_memory_cache() -> None:
         _MODULES.clear()
         _FUNCTIONS.clear()
         _PREPARED.clear()
-        _LAUNCHES.clear()
         _WORKSPACE.__dict__.pop("buffers", None)
 
 
@@ -176,7 +175,7 @@ class Launch:
     """One forward kernel call with everything but its tensors decided: the compiled function, the
     tables in the kernel's layout, the task order and the scalar arguments (``prepare``).
 
-    Why an object: ``forward.run_forward`` keeps one per call signature (``kept``) and ``launch``
+    Why an object: ``forward.run_forward`` keeps one per call signature (``kept_launch``) and ``launch``
     one per bucket of decoding steps, so that a repeated call goes straight to the kernel. Right
     after a long kernel the host's caches are cold and deciding all this again took 0.2-0.3 ms, 2%
     of a 15 ms call (document mask, L=2048, 8 heads of 64).
@@ -226,8 +225,9 @@ _PREPARED: dict[tuple, tuple[Launch, tuple[torch.Tensor, ...]]] = {}
 PREPARED_KEPT = 64
 
 
-def kept(key: tuple, tensors: dict[str, torch.Tensor]) -> Launch | None:
-    """The ``Launch`` kept under ``key`` (``forward.call_key``) with these very captured tensors."""
+def kept_launch(key: tuple, tensors: dict[str, torch.Tensor]) -> Launch | None:
+    """The ``Launch`` kept under ``key`` (``forward.call_key``, or ``launch``'s) with these very
+    captured tensors. Raises TypeError when the key does not hash."""
     found = _PREPARED.get(key)
     if found is None or len(found[1]) != len(tensors) or any(a is not b for a, b in zip(found[1], tensors.values())):
         return None
@@ -235,17 +235,13 @@ def kept(key: tuple, tensors: dict[str, torch.Tensor]) -> Launch | None:
     return found[0]
 
 
-def keep(key: tuple, launch: Launch, tensors: dict[str, torch.Tensor]) -> None:
-    """Keep ``launch`` for later calls under ``key`` (``kept``)."""
-    _remember(_PREPARED, key, (launch, tuple(tensors.values())))
-
-
-def _remember(memo: dict, key: tuple, value: Any) -> None:
-    """``memo[key] = value``; the oldest entry goes past ``PREPARED_KEPT``."""
+def keep_launch(key: tuple, launch: Launch, tensors: dict[str, torch.Tensor]) -> None:
+    """Keep ``launch`` for later calls under ``key`` (``kept_launch``); the oldest entry goes past
+    ``PREPARED_KEPT``."""
     with _LOCK:
-        if len(memo) >= PREPARED_KEPT:
-            memo.pop(next(iter(memo)))
-        memo[key] = value
+        if len(_PREPARED) >= PREPARED_KEPT:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        _PREPARED[key] = (launch, tuple(tensors.values()))
 
 
 def launch(
@@ -261,20 +257,17 @@ def launch(
     if not keep:
         return prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias,
                        kv_chunk=kv_chunk)(q, k, v, tensors)
-    key = (region, shape, tables, q.shape[:2], k.shape[:2], None if kv_chunk else k.shape[2], scale, q_offset, bias,
-           kv_chunk, torch.get_num_threads())
+    key = ("launch", region, shape, tables, q.shape[:2], k.shape[:2], None if kv_chunk else k.shape[2], scale,
+           q_offset, bias, kv_chunk, torch.get_num_threads())
     try:
-        found = _LAUNCHES.get(key)
+        found = kept_launch(key, {})
     except TypeError:  # a payload that does not hash
         return launch(region, shape, q, k, v, tensors, tables, scale=scale, q_offset=q_offset, bias=bias,
                       kv_chunk=kv_chunk)
     if found is None:
         found = prepare(region, shape, q, k, tables, scale=scale, q_offset=q_offset, bias=bias, kv_chunk=kv_chunk)
-        _remember(_LAUNCHES, key, found)
+        keep_launch(key, found, {})
     return found(q, k, v, tensors)
-
-
-_LAUNCHES: dict[tuple, Launch] = {}  # launch's: an entry holds its tables (in its key)
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False, reuse: bool = False,
