@@ -599,6 +599,16 @@ def _cached_classes(sp: MaskSparsity, geo: Geometry) -> tuple[Tensor, Tensor | N
     return _classes(sp, geo, {})
 
 
+def tensors_key(tensors: dict[str, Tensor]) -> tuple | None:
+    """(name, id, version) of each captured tensor, by name: a memo keyed on it misses after an
+    in-place write (it bumps ``_version``) or for another tensor (while the entry holds the
+    tensors, their ids stay unique). None for an inference tensor: it has no version counter."""
+    try:
+        return tuple((name, id(tensors[name]), tensors[name]._version) for name in sorted(tensors))
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+
+
 _TENSOR_TABLES: dict[tuple, tuple[tuple[Tensor, ...], BlockTables]] = {}
 _TENSOR_TABLES_SIZE = 16
 
@@ -611,10 +621,10 @@ def _tables_of_tensors(sp: MaskSparsity, geo: Geometry, tensors: dict[str, Tenso
     bumps a tensor's ``_version`` and misses. An inference tensor has no version: built every time.
     """
     names = sorted(tensors)
-    try:
-        key = (sp, geo, tuple((name, id(tensors[name]), tensors[name]._version) for name in names))
-    except RuntimeError:  # "Inference tensors do not track version counter"
+    versions = tensors_key(tensors)
+    if versions is None:
         return tables_from_classes(*_classes(sp, geo, tensors))
+    key = (sp, geo, versions)
     found = _TENSOR_TABLES.get(key)
     if found is not None and all(a is tensors[n] for a, n in zip(found[0], names, strict=True)):
         return found[1]

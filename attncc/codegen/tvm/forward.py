@@ -29,7 +29,7 @@ from attncc.codegen.tvm.space import SPACE, fits
 from attncc.ir import nodes
 from attncc.passes.halfplanes import only_halfplanes
 from attncc.passes.plan import AttentionRegion, KernelPlan
-from attncc.passes.sparsify import BlockTables, block_tables_for
+from attncc.passes.sparsify import BlockTables, block_tables_for, tensors_key
 
 SMALLER_TILE_GAIN = 0.9  # halve a default tile when it visits at most this share of the work
 
@@ -154,15 +154,14 @@ def call_key(
 ) -> tuple | None:
     """Everything a forward ``Launch`` is decided from: the region, the shapes and dtypes, the
     scalars, the thread count, the config or what selecting one reads (``lookup.selection_state``),
-    and, when the block tables read captured tensors, their identities and versions (an in-place
-    write changes a version). None where a call cannot be keyed: an inference tensor (it has no
-    version); a payload that does not hash raises TypeError at the lookup."""
-    try:
-        tuned = tuple(config.items()) if config is not None else _lookup().selection_state()
-        sparsity = region.sparsity
-        captured = () if not tensors or (sparsity is not None and sparsity.cacheable) else tuple(
-            (id(t), t._version) for t in tensors.values())
-    except RuntimeError:  # "Inference tensors do not track version counter"
+    and, when the block tables read captured tensors, their identities and versions
+    (``sparsify.tensors_key``, as the tables' own memo). None where a call cannot be keyed: an
+    inference tensor (it has no version); a payload that does not hash raises TypeError at the
+    lookup."""
+    tuned = tuple(config.items()) if config is not None else _lookup().selection_state()
+    sparsity = region.sparsity
+    captured = () if not tensors or (sparsity is not None and sparsity.cacheable) else tensors_key(tensors)
+    if captured is None:
         return None
     return (region, plan.fingerprint, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, scale, q_offset, tuned,
             torch.get_num_threads(), captured)

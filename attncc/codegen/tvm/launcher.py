@@ -195,7 +195,7 @@ class Launch:
         B, Hq, Lq, _ = q.shape
         out = torch.empty(B, Hq, Lq, self.shape.Dv, dtype=q.dtype)
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
-        kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks, reuse=True)
+        kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks)
         extra = [as_buffer(tensors[name]) for name in self.names]
         self.attn(q.contiguous(), kp, vp, out, lse, *self.tables, *extra, *self.scalars, int(k.shape[2]), *self.chunks)
         return out, lse
@@ -270,19 +270,18 @@ def launch(
     return found(q, k, v, tensors)
 
 
-def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False, reuse: bool = False,
+def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[B, Hkv, Lkv, D]`` in ``dtype``, the one the kernel reads them in
     (``KernelShape.kv_type``: q's, or float32 copies of float16 / bfloat16 ones): contiguous
     inputs of that dtype pass through without a copy; the kernel clamps reads past the last key
     instead of padding, and otherwise converts float16 / bfloat16 a tile at a time. ``strided``:
     the kernel takes any strides with contiguous features (a decoding step's slice of a
-    preallocated cache, read in place). ``reuse``: converted copies go into this thread's
-    workspace (``converted``), valid until its next call: only for a kernel that is done with
-    them when it returns."""
+    preallocated cache, read in place). Converted copies go into this thread's workspace
+    (``converted``), valid until its next call: the kernel is done with them when it returns."""
     def staged(t: torch.Tensor, slot: int) -> torch.Tensor:
         if t.dtype != dtype:  # NOTE: .to costs a microsecond even as a no-op
-            t = converted(t, dtype, slot) if reuse else t.to(dtype)
+            t = converted(t, dtype, slot)
         return t if strided and t.stride(-1) == 1 else t.contiguous()
 
     return staged(k, 0), staged(v, 1)
