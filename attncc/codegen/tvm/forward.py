@@ -214,7 +214,8 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
     memo's lookup an identity check. ``kv_up_front``: K and V arrive as float32 copies."""
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
-                       kv_dtype="float32" if kv_up_front else "", **dict(config))
+                       kv_dtype="float32" if kv_up_front else "", transpose_lanes=launcher.transpose_lanes(),
+                       **dict(config))
 
 
 # NOTE: query tiles from which float16 / bfloat16 K and V are converted up front (below), the

@@ -78,6 +78,9 @@ class KernelShape:
     # K and V's dtype where it is not ``dtype``: "float32" when the launcher converted float16 /
     # bfloat16 keys and values up front (``forward.converts_kv_up_front``)
     kv_dtype: str = ""
+    # > 0: Q tiles are transposed in registers, blocks of this many rows and features at a time
+    # (``KeyMajorForward._transpose_q``); 0: by strided reads
+    transpose_lanes: int = 0
 
     @property
     def kv_type(self) -> str:
@@ -111,6 +114,30 @@ def tree(fn: str, terms: list[str]) -> str:
         pairs = [terms[i : i + 2] for i in range(0, len(terms), 2)]
         terms = [(f"{fn}({p[0]}, {p[1]})" if fn else f"({p[0]} + {p[1]})") if len(p) == 2 else p[0] for p in pairs]
     return terms[0]
+
+
+def shuffle_transpose(a: str, b: str, n: int) -> tuple[list[str], str]:
+    """Statements that transpose the ``n x n`` local buffer ``a`` (``n`` a power of two) with
+    two-vector shuffles, ping-ponging with ``b``, and the buffer left holding the result.
+
+    Stage ``h`` (``n/2, n/4, ..., 1``) swaps the off-diagonal ``h x h`` blocks of every
+    ``2h x 2h`` block: rows ``r`` and ``r + h`` exchange their halves, one shuffle each. After
+    ``log2 n`` stages every element sits transposed; LLVM turns each shuffle into one or two
+    permute instructions (a strided gather is a load per element)."""
+    lines, src, dst, h = [], a, b, n // 2
+
+    def row(buf: str, r: int) -> str:
+        return f"{buf}[{r}, T.Ramp(0, 1, {n})]"
+
+    while h >= 1:
+        for r in (r for r in range(n) if not r & h):
+            low = ", ".join(str(c if not c & h else n + c - h) for c in range(n))
+            high = ", ".join(str(c + h if not c & h else n + c) for c in range(n))
+            pair = f"[{row(src, r)}, {row(src, r + h)}]"
+            lines.append(f"{row(dst, r)} = T.Shuffle({pair}, [{low}])")
+            lines.append(f"{row(dst, r + h)} = T.Shuffle({pair}, [{high}])")
+        src, dst, h = dst, src, h // 2
+    return lines, src
 
 
 class Lines:
@@ -192,6 +219,7 @@ class KeyMajorForward:
         self.specs = captured_specs(region)
         self.w = Lines()
         self._masked = "True"
+        self._tile_reads = "staged"
 
     # ---- the pieces of the kernel, in source order ----------------------------------
 
@@ -270,8 +298,25 @@ class KeyMajorForward:
             with w.block("for n in range(PC[tb, th, qt]):"):
                 w("kt = PI[tb, th, qt, n]")
                 w(f"kv0 = kt * {BN}")
-                self._tile(masked="True")
+                with w.block("if n + 1 < PC[tb, th, qt]:"):
+                    self._prefetch_tile("PI[tb, th, qt, n + 1]")
+                self._partial_tile()
         self._finish()
+
+    def _prefetch_tile(self, tile: str) -> None:
+        """Ask for kv tile ``tile``'s K and V rows (into L2, one request per 64-byte line) while
+        the current tile computes. Given to PARTIAL tiles only, for the next one in the list: a
+        sliding window's diagonal tile is the one tile no earlier task has read, and fetched on
+        first touch it cost 0.3-0.5 us of 8.2 (window 256, L=8192); the FULL tiles before it are
+        in cache, and prefetching theirs made causal L=2048 1% slower."""
+        s, w = self.s, self.w
+        per_line = 64 // (2 if self.s.kv_type in ("float16", "bfloat16") else 4)
+        w(f"pk0 = {tile} * {s.block_n}")
+        with w.block(f"for j in range({s.block_n}):"):
+            for buf, width in (("K", s.D), ("V", s.Dv)):
+                for c in range(0, width, per_line):
+                    line = f"T.address_of({buf}[{self._key_row('j', clamp=True, start='pk0')}, {c}])"
+                    w(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", {line}, 0, 2, 1))')
 
     def _task_indices(self) -> None:
         """The task's batch, heads, query tile and first row (``q0``), the tables' broadcast
@@ -298,7 +343,8 @@ class KeyMajorForward:
         """``QT = scale * Q_tile^T`` in two steps: the rows copied (contiguous, vectorized) into
         ``Qs``, then transposed between two buffers of fixed strides. Read straight from ``Q``
         (symbolic strides, a clamped row per element), the transposition took 2.8 us of a
-        task's 4 us outside its tiles (window L=2048, 8 heads, 1 thread: 2-3% of the call)."""
+        task's 4 us outside its tiles (window L=2048, 8 heads, 1 thread: 2-3% of the call).
+        With ``transpose_lanes``, the second step goes through registers (``_shuffle_q``)."""
         s, w = self.s, self.w
         BM, D = s.block_m, s.D
         w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
@@ -306,11 +352,33 @@ class KeyMajorForward:
             head, row = self._row("i")
             with w.block(f"for d in T.vectorized({D}):"):
                 w(f"Qs[i, d] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * {self._q_scale}")
+        n = s.transpose_lanes
+        if n and BM % n == 0 and D % n == 0:
+            self._shuffle_q(n)
+            return
         U = math.gcd(BM, 8)  # vectors of U rows: a strided read of U floats, one vector store
         with w.block(f"for i0 in range({BM // U}):"):
             with w.block(f"for d in range({D}):"):
                 with w.block(f"for i1 in T.vectorized({U}):"):
                     w(f"QT[d, i0 * {U} + i1] = Qs[i0 * {U} + i1, d]")
+
+    def _shuffle_q(self, n: int) -> None:
+        """``QT = Qs^T`` a block of ``n`` rows x ``n`` features at a time: rows read as vectors into
+        ``Qa``, transposed by ``shuffle_transpose``, stored as vectors of ``QT``. On AVX-512 with
+        blocks of 8, a 64 x 64 transposition cost 0.06 us more than a plain copy, against 0.45
+        by strided reads; reading ``Q`` itself in such blocks, instead of ``Qs``, was slower
+        (per task of a window at L=8192: 4.9-5.3 us against 3.7-4.3)."""
+        s, w = self.s, self.w
+        with w.block(f"for i0 in range({s.block_m // n}):"), w.block(f"for d0 in range({s.D // n}):"):
+            w(f'Qa = T.decl_buffer(({n}, {n}), "float32", scope="local")')
+            w(f'Qb = T.decl_buffer(({n}, {n}), "float32", scope="local")')
+            with w.block(f"for m in T.unroll({n}):"), w.block(f"for c in T.vectorized({n}):"):
+                w(f"Qa[m, c] = Qs[i0 * {n} + m, d0 * {n} + c]")
+            lines, result = shuffle_transpose("Qa", "Qb", n)
+            for line in lines:
+                w(line)
+            for k in range(n):
+                w(f"QT[d0 * {n} + {k}, T.Ramp(i0 * {n}, 1, {n})] = {result}[{k}, T.Ramp(0, 1, {n})]")
 
     @property
     def _base2(self) -> bool:
@@ -353,32 +421,54 @@ class KeyMajorForward:
 
     @property
     def _staged(self) -> bool:
-        """K and V are copied a tile at a time into compact float32 buffers: float16 / bfloat16
-        always (the products read each element BM / R times) unless the launcher converted
-        them up front (``forward.converts_kv_up_front``), float32 for tiles of 16 rows or
-        more, where reading the copy without the clamp of the last key beats the copy's cost
-        (2-7% at L = 2048..8192); a decoding tile of 8 rows reads the inputs directly (the copy
-        costs it 25%)."""
+        """Some tiles copy K and V into compact float32 buffers (``_reads``)."""
         return self.s.kv_type != "float32" or self.s.block_m >= STAGED_MIN_ROWS
 
-    def _stages(self, masked: str) -> bool:
-        """Whether a tile of this kind reads K and V through ``Kf`` / ``Vf``. A float32 FULL tile
-        lies inside ``[0, Lkv)`` (``schedule.ragged_tile_partial``): it reads the inputs
-        directly, without the clamp, and skips the copy."""
-        return self._staged and (self.s.kv_type != "float32" or masked != "False")
+    def _reads(self, masked: str, in_range: bool) -> str:
+        """How a tile reads K and V (``_kv``):
+
+        - ``"staged"``: copied a tile at a time into ``Kf`` / ``Vf``: float16 / bfloat16 always
+          (the products read each element BM / R times) unless the launcher converted them up
+          front (``forward.converts_kv_up_front``); float32 in a tile that may run past the last
+          key, with 16 rows or more, where reading the copy without the clamp of the last key
+          beats the copy's cost (2-7% at L = 2048..8192);
+        - ``"clamped"``: the inputs, key rows clamped to the last one (a decoding tile of 8 rows:
+          the copy costs it 25%);
+        - ``"direct"``: the inputs as they are, in a float32 tile that lies inside the keys: a
+          FULL one (``schedule.ragged_tile_partial``), or a PARTIAL one tested in range
+          (``_partial_tile``).
+        """
+        if self.s.kv_type != "float32":
+            return "staged"
+        if masked == "False" or in_range:
+            return "direct"
+        return "staged" if self._staged else "clamped"
+
+    def _partial_tile(self) -> None:
+        """A PARTIAL tile of float32 keys and values reads them in place when it lies inside the
+        keys (every one of a window's or a causal mask's but the last): its copy into ``Kf`` /
+        ``Vf`` cost 0.2-0.3 us of the 8.2 of a PARTIAL tile (window 256, L=8192). The ragged
+        last tile keeps the copy."""
+        if self.s.kv_type != "float32":
+            self._tile(masked="True")
+            return
+        first = "ko + kv0" if self.s.kv_chunks else "kv0"
+        with self.w.block(f"if {first} + {self.s.block_n} <= LKP:"):
+            self._tile(masked="True", in_range=True)
+        with self.w.block("else:"):
+            self._tile(masked="True")
 
     def _kv(self, buf: str, j: str, d: str) -> str:
         """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
-        if self._stages(self._masked):
+        if self._tile_reads == "staged":
             return f"{buf}f[{j}, {d}]"
-        if self._masked == "False":
-            return self._f32(f"{buf}[{self._key_row(j)}, {d}]", self.s.kv_type)
-        return self._f32(f"{buf}[{self._key_row(j, clamp=True)}, {d}]", self.s.kv_type)
+        clamp = self._tile_reads == "clamped"
+        return self._f32(f"{buf}[{self._key_row(j, clamp=clamp)}, {d}]", self.s.kv_type)
 
-    def _key_row(self, j: str, clamp: bool = False) -> str:
-        """The K / V indices (batch, kv head, key) of the tile's key ``j``; ``clamp``: the last key
-        stands in for keys past the end (their weight is exactly 0)."""
-        batch, key = ("kb", f"ko + kv0 + {j}") if self.s.kv_chunks else ("b", f"kv0 + {j}")
+    def _key_row(self, j: str, clamp: bool = False, start: str = "kv0") -> str:
+        """The K / V indices (batch, kv head, key) of key ``j`` of the tile from key ``start``;
+        ``clamp``: the last key stands in for keys past the end (their weight is exactly 0)."""
+        batch, key = ("kb", f"ko + {start} + {j}") if self.s.kv_chunks else ("b", f"{start} + {j}")
         return f"{batch}, hk, {f'T.min({key}, LKP - 1)' if clamp else key}"
 
     def _stage_tile(self) -> None:
@@ -389,10 +479,11 @@ class KeyMajorForward:
                 with w.block(f"for d in T.vectorized({width}):"):
                     w(f"{buf}f[j, d] = {self._f32(f'{buf}[{key}, d]', self.s.kv_type)}")
 
-    def _tile(self, masked: str) -> None:
+    def _tile(self, masked: str, in_range: bool = False) -> None:
         s, w = self.s, self.w
-        self._masked = masked  # the kind of tile being rendered (read by _kv)
-        if self._stages(masked):
+        self._masked = masked  # the kind of tile being rendered
+        self._tile_reads = self._reads(masked, in_range)  # read by _kv
+        if self._tile_reads == "staged":
             self._stage_tile()
         if self._folds_max:
             with w.block(f"for i in T.vectorized({s.block_m}):"):
@@ -564,12 +655,28 @@ class KeyMajorForward:
             # EXP_KEYS keys' exponentials per step: independent polynomial chains interleave (one
             # key at a time the loop waits on each chain's latency; 4 measured about 4% faster)
             U = math.gcd(BN, EXP_KEYS)
-            with w.block(f"for j0 in range({BN // U}):"):
-                with w.block(f"for j1 in T.unroll({U}):"):
-                    with w.block(f"for i1 in T.vectorized({V}):"):
-                        j = f"(j0 * {U} + j1)"
+            j = f"(j0 * {U} + j1)"
+            # in a PARTIAL tile, a chunk of keys the mask's half-planes drop for all these rows
+            # weighs 0 without its exponentials (half of a diagonal tile's)
+            live = self._live_box(self._masked, (f"i0 * {V}", f"i0 * {V} + {V - 1}"),
+                                  (f"j0 * {U}", f"j0 * {U} + {U - 1}"))
+
+            def weights(dropped: bool) -> None:
+                with w.block(f"for j1 in T.unroll({U}):"), w.block(f"for i1 in T.vectorized({V}):"):
+                    if dropped:
+                        w(f"St[{j}, {i}] = T.float32(0.0)")
+                    else:
                         w(f"St[{j}, {i}] = {self._exp(f'(St[{j}, {i}] - Mu[i1])')}")
                         w(f"Lv[i1] = Lv[i1] + St[{j}, {i}]")
+
+            with w.block(f"for j0 in range({BN // U}):"):
+                if live is None:
+                    weights(dropped=False)
+                else:
+                    with w.block(f"if {live}:"):
+                        weights(dropped=False)
+                    with w.block("else:"):
+                        weights(dropped=True)
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
 
