@@ -29,3 +29,17 @@ def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("ATTNCC_CACHE_DIR", None)
     else:
         os.environ["ATTNCC_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def without_pair_dots(monkeypatch: pytest.MonkeyPatch):
+    """bfloat16 calls take the float32 conversion paths even on a host with AVX-512 BF16 (where
+    they would multiply by pairs, ``attncc.codegen.tvm.bf16_pairs``)."""
+    from attncc.codegen.tvm import forward, launcher
+
+    monkeypatch.setattr(forward, "uses_pair_dots", lambda *args: False)
+    forward._kernel_shape.cache_clear()
+    launcher.clear_memory_cache()
+    yield
+    forward._kernel_shape.cache_clear()
+    launcher.clear_memory_cache()

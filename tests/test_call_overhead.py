@@ -311,7 +311,7 @@ def up_front_qkv(dtype: torch.dtype, seed: int = 0, Lkv: int | None = None) -> t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_converted_keys_and_values_reuse_the_threads_workspace(dtype):
+def test_converted_keys_and_values_reuse_the_threads_workspace(dtype, without_pair_dots):
     """The float32 copies of K and V go into buffers the thread keeps (no fresh pages per call): the
     next call overwrites them, and neither call's output depends on them afterwards."""
     launcher.clear_memory_cache()
@@ -332,6 +332,35 @@ def test_converted_keys_and_values_reuse_the_threads_workspace(dtype):
         second = var(q2, k2.transpose(2, 3).contiguous().transpose(2, 3), v2)  # K strided: copied as well
     assert len(seen) == 4 and seen[:2] == seen[2:] and seen[0] != seen[1]
     check_against_reference(var, q, k, v, backend="tvm")
+    torch.testing.assert_close(var(q, k, v), first, rtol=0, atol=0)
+    check_against_reference(var, q2, k2, v2, backend="tvm")
+    torch.testing.assert_close(var(q2, k2, v2), second, rtol=0, atol=0)
+
+
+def test_key_pairs_reuse_the_threads_workspace():
+    """With bfloat16 pair dots, V's key-pair layout goes into the thread's workspace the same way:
+    one buffer across calls, outputs independent of it afterwards."""
+    from attncc.codegen.tvm import bf16_pairs
+
+    if not bf16_pairs.on_host():
+        pytest.skip("this host has no AVX-512 BF16: no key pairs")
+    launcher.clear_memory_cache()
+    seen: list[int] = []
+    real = launcher.key_pairs
+
+    def spy(v, slot):
+        out = real(v, slot)
+        seen.append(out.untyped_storage().data_ptr())
+        return out
+
+    var = attncc.variant(mask=masks.causal)
+    q, k, v = up_front_qkv(torch.bfloat16)
+    q2, k2, v2 = up_front_qkv(torch.bfloat16, seed=1, Lkv=q.shape[2] - 41)  # fewer keys, an odd count
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher, "key_pairs", spy)
+        first = var(q, k, v)
+        second = var(q2, k2, v2)
+    assert len(seen) == 2 and seen[0] == seen[1]
     torch.testing.assert_close(var(q, k, v), first, rtol=0, atol=0)
     check_against_reference(var, q2, k2, v2, backend="tvm")
     torch.testing.assert_close(var(q2, k2, v2), second, rtol=0, atol=0)

@@ -119,17 +119,56 @@ def test_gqa_and_mqa(Hkv: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["causal", "alibi", "sinks", "sigmoid", "stick_breaking"])
-def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
-    """float16/bfloat16 in, float32 accumulation, output in the input dtype."""
+def test_low_precision_inputs(name: str, dtype: torch.dtype, without_pair_dots) -> None:
+    """float16/bfloat16 in, float32 accumulation, output in the input dtype (bfloat16 pair dots:
+    ``test_bfloat16_pair_dots_match_reference``)."""
     q, k, v = qkv(Lq=33, Lkv=70, dtype=dtype)
     out = variant(name)(q, k, v, backend="tvm")
     assert out.dtype == dtype
     check_against_reference(variant(name), q, k, v, backend="tvm")
 
 
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "alibi", "softcap", "document", "bool_table", "sinks",
+                                  "sigmoid", "softplus", "stick_breaking", "dense"])
+def test_bfloat16_pair_dots_match_reference(name: str, monkeypatch) -> None:
+    """On a host with AVX-512 BF16, bfloat16 calls multiply by pairs (``bf16_pairs``): K read in
+    place, V laid out by key pairs, weights rounded to bfloat16. Odd and even key lengths (a zero
+    pads the last pair), ragged tiles, GQA, a query offset, lse, and several query tiles."""
+    from attncc.codegen.tvm import bf16_pairs
+
+    if not bf16_pairs.on_host():
+        pytest.skip("this host has no AVX-512 BF16: bfloat16 takes the float32 paths (tested above)")
+    paired: list[tuple[int, ...]] = []
+    key_pairs = launcher.key_pairs
+    monkeypatch.setattr(launcher, "key_pairs", lambda v, slot: paired.append(tuple(v.shape)) or key_pairs(v, slot))
+    lse = name in ("causal", "sliding_window", "alibi", "softcap", "document", "bool_table", "sinks", "dense")
+    for Lq, Lkv in ((33, 70), (37, 77), (80, 90)):
+        q, k, v = qkv(Lq=Lq, Lkv=Lkv, dtype=torch.bfloat16)
+        check_against_reference(variant(name), q, k, v, backend="tvm", return_lse=lse)
+    q, k, v = qkv(Lq=20, Lkv=95, dtype=torch.bfloat16)
+    check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=75, return_lse=lse)
+    assert len(paired) == 4
+
+
+def test_key_pairs_and_words_layouts() -> None:
+    """``launcher.key_pairs``: word (p, c) holds values 2p and 2p + 1 of column c, a zero after an
+    odd last key; ``launcher.words``: feature pairs, a misaligned view copied first."""
+    v = torch.randn(2, 3, 7, 16).to(torch.bfloat16)
+    for L in (7, 6):
+        pairs = launcher.key_pairs(v[:, :, :L], 0).view(torch.bfloat16).view(2, 3, (L + 1) // 2, 16, 2)
+        assert torch.equal(pairs[..., 0], v[:, :, 0:L:2])
+        assert torch.equal(pairs[:, :, : L // 2, :, 1], v[:, :, 1:L:2])
+        if L % 2:
+            assert not pairs[:, :, -1, :, 1].any()
+    flat = torch.randn(65).to(torch.bfloat16)
+    for t in (flat[:64].view(2, 32), flat[1:].view(2, 32)):
+        assert t.storage_offset() % 2 == 0 or launcher.words(t).data_ptr() != t.data_ptr()
+        assert torch.equal(launcher.words(t).view(torch.bfloat16), t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["causal", "alibi", "stick_breaking"])
-def test_low_precision_kv_converted_up_front(name: str, dtype: torch.dtype, monkeypatch) -> None:
+def test_low_precision_kv_converted_up_front(name: str, dtype: torch.dtype, monkeypatch, without_pair_dots) -> None:
     """Enough query tiles (``forward.UP_FRONT_QUERY_TILES``) and float16 / bfloat16 K and V reach
     the kernel as float32 copies: the same results, GQA and a ragged last tile included."""
     from attncc.codegen.tvm import forward

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from attncc.autotune.keys import ShapeKey
-from attncc.codegen.tvm import launcher
+from attncc.codegen.tvm import bf16_pairs, launcher
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
 from attncc.codegen.tvm.space import SPACE, fits
@@ -201,8 +201,10 @@ def kernel_arguments(
     """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtype are
     read): the region's folded score scale and the sigmoid's default bias (from ``total_lkv``, the
     real key length) are applied here, for every path."""
-    up_front = converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
-    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front)
+    pairs = uses_pair_dots(q.dtype, v.dtype, q.shape[3], v.shape[3], config, kv_chunk > 0)
+    up_front = not pairs and converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
+    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front,
+                          pairs)
     if region.score_scale is not None:
         scale = scale * region.score_scale
     return shape, scale, sigmoid_bias(region.normalizer, total_lkv)
@@ -210,12 +212,23 @@ def kernel_arguments(
 
 @functools.lru_cache(maxsize=256)
 def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...],
-                  kv_chunks: bool = False, kv_up_front: bool = False) -> KernelShape:
+                  kv_chunks: bool = False, kv_up_front: bool = False, pair_dots: bool = False) -> KernelShape:
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
     memo's lookup an identity check. ``kv_up_front``: K and V arrive as float32 copies."""
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
                        kv_dtype="float32" if kv_up_front else "", transpose_lanes=launcher.transpose_lanes(),
-                       **dict(config))
+                       pair_dots=pair_dots, **dict(config))
+
+
+def uses_pair_dots(dtype: torch.dtype, v_dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:
+    """Whether a bfloat16 call multiplies by pairs (``bf16_pairs``): on a host with AVX-512 BF16,
+    in the key-major kernel with its register blocks of one vector of rows and an even number of
+    keys, even features and whole vectors of value columns. Not for a decoding step's chunks
+    (read in place from a cache with any strides)."""
+    return (dtype == torch.bfloat16 and v_dtype == torch.bfloat16 and bf16_pairs.on_host() and not kv_chunks
+            and config.get("layout", "key_major") == "key_major" and config["vector"] == bf16_pairs.LANES
+            and config["block_m"] % bf16_pairs.LANES == 0 and config["rows"] % 2 == 0 and config["block_n"] % 2 == 0
+            and D % 2 == 0 and Dv % bf16_pairs.LANES == 0)
 
 
 # NOTE: query tiles from which float16 / bfloat16 K and V are converted up front (below), the

@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from attncc.codegen.tvm import bf16_pairs
 from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.register_block import RegisterBlock
 from attncc.codegen.tvm.render import (
@@ -81,6 +82,9 @@ class KernelShape:
     # > 0: Q tiles are transposed in registers, blocks of this many rows and features at a time
     # (``KeyMajorForward._transpose_q``); 0: by strided reads
     transpose_lanes: int = 0
+    # True: bfloat16 products by pairs (``bf16_pairs``): Q and K arrive as float32 words of feature
+    # pairs, V as words of key pairs (``launcher.key_pairs``); nothing is converted to float32
+    pair_dots: bool = False
 
     @property
     def kv_type(self) -> str:
@@ -237,11 +241,17 @@ class KeyMajorForward:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
             for name in ("B", "HQ", "HKV", "LQ", "LKP", "TB", "TH", "NQ", "MP", "MF", "NS", *(["BK"] * s.kv_chunks)):
                 w(f"{name} = T.int32()")
-            w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
+            words = '"float32"'  # pair dots: bfloat16 pairs as 32-bit words
+            w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D // 2}), {words})' if s.pair_dots else
+              f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
             if s.kv_chunks:  # a decoding step reads a slice of a preallocated cache as it is (strided)
                 w("KS0, KS1, KS2, VS0, VS1, VS2 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()")
                 w(f'K = T.match_buffer(k_h, (BK, HKV, LKP, {s.D}), "{dt}", strides=(KS0, KS1, KS2, 1))')
                 w(f'V = T.match_buffer(v_h, (BK, HKV, LKP, {s.Dv}), "{dt}", strides=(VS0, VS1, VS2, 1))')
+            elif s.pair_dots:
+                w("LVP = T.int32()")
+                w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D // 2}), {words})')
+                w(f'V = T.match_buffer(v_h, (B, HKV, LVP, {s.Dv}), {words})')
             else:
                 kv = TORCH_TO_TIR[s.kv_type]
                 w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D}), "{kv}")')
@@ -255,8 +265,11 @@ class KeyMajorForward:
             w(TASK_TABLE)
             for i, spec in enumerate(self.specs):
                 w(buffer_declaration(i, spec))
-            with task_loop(w):
-                self._task()
+            with contextlib.ExitStack() as imports:
+                if s.pair_dots:
+                    imports.enter_context(w.block(bf16_pairs.import_statement()))
+                with task_loop(w):
+                    self._task()
         return w.text()
 
     def _task(self) -> None:
@@ -270,8 +283,10 @@ class KeyMajorForward:
             with w.block(f"for i in range({BM}):"):
                 w(f"HI[i] = hk * {G} + (q0 + i) % {G}")
                 w(f"QI[i] = T.min((q0 + i) // {G}, LQ - 1)")
-        w(f'QT = T.decl_buffer(({D}, {BM}), "float32")')
+        w(f'QT = T.decl_buffer(({self._q_width}, {BM}), "float32")')
         w(f'St = T.decl_buffer(({BN}, {BM}), "float32")')
+        if s.pair_dots:
+            w(f'Pw = T.decl_buffer(({BN // 2}, {BM}), "float32")')
         if self._staged:
             w(f'Kf = T.decl_buffer(({BN}, {D}), "float32")')
             w(f'Vf = T.decl_buffer(({BN}, {Dv}), "float32")')
@@ -346,12 +361,13 @@ class KeyMajorForward:
         task's 4 us outside its tiles (window L=2048, 8 heads, 1 thread: 2-3% of the call).
         With ``transpose_lanes``, the second step goes through registers (``_shuffle_q``)."""
         s, w = self.s, self.w
-        BM, D = s.block_m, s.D
+        BM, D = s.block_m, self._q_width
         w(f'Qs = T.decl_buffer(({BM}, {D}), "float32")')
         with w.block(f"for i in range({BM}):"):
             head, row = self._row("i")
             with w.block(f"for d in T.vectorized({D}):"):
-                w(f"Qs[i, d] = {self._f32(f'Q[b, {head}, T.min({row}, LQ - 1), d]')} * {self._q_scale}")
+                read = f"Q[b, {head}, T.min({row}, LQ - 1), d]"
+                w(f"Qs[i, d] = {read if s.pair_dots else f'{self._f32(read)} * {self._q_scale}'}")
         n = s.transpose_lanes
         if n and BM % n == 0 and D % n == 0:
             self._shuffle_q(n)
@@ -369,7 +385,7 @@ class KeyMajorForward:
         by strided reads; reading ``Q`` itself in such blocks, instead of ``Qs``, was slower
         (per task of a window at L=8192: 4.9-5.3 us against 3.7-4.3)."""
         s, w = self.s, self.w
-        with w.block(f"for i0 in range({s.block_m // n}):"), w.block(f"for d0 in range({s.D // n}):"):
+        with w.block(f"for i0 in range({s.block_m // n}):"), w.block(f"for d0 in range({self._q_width // n}):"):
             w(f'Qa = T.decl_buffer(({n}, {n}), "float32", scope="local")')
             w(f'Qb = T.decl_buffer(({n}, {n}), "float32", scope="local")')
             with w.block(f"for m in T.unroll({n}):"), w.block(f"for c in T.vectorized({n}):"):
@@ -379,6 +395,12 @@ class KeyMajorForward:
                 w(line)
             for k in range(n):
                 w(f"QT[d0 * {n} + {k}, T.Ramp(i0 * {n}, 1, {n})] = {result}[{k}, T.Ramp(0, 1, {n})]")
+
+    @property
+    def _q_width(self) -> int:
+        """Columns of a Q tile as the kernel holds it: features, or with pair dots 32-bit words
+        of feature pairs (bit copies: the scale goes on the scores)."""
+        return self.s.D // 2 if self.s.pair_dots else self.s.D
 
     @property
     def _base2(self) -> bool:
@@ -422,7 +444,7 @@ class KeyMajorForward:
     @property
     def _staged(self) -> bool:
         """Some tiles copy K and V into compact float32 buffers (``_reads``)."""
-        return self.s.kv_type != "float32" or self.s.block_m >= STAGED_MIN_ROWS
+        return not self.s.pair_dots and (self.s.kv_type != "float32" or self.s.block_m >= STAGED_MIN_ROWS)
 
     def _reads(self, masked: str, in_range: bool) -> str:
         """How a tile reads K and V (``_kv``):
@@ -437,8 +459,10 @@ class KeyMajorForward:
         - ``"direct"``: the inputs as they are, in a float32 tile that lies inside the keys: a
           FULL one (``schedule.ragged_tile_partial``), or a PARTIAL one tested in range
           (``_partial_tile``).
+
+        With pair dots nothing is staged: K and V are read in place as bfloat16 pairs.
         """
-        if self.s.kv_type != "float32":
+        if self.s.kv_type != "float32" and not self.s.pair_dots:
             return "staged"
         if masked == "False" or in_range:
             return "direct"
@@ -449,7 +473,7 @@ class KeyMajorForward:
         keys (every one of a window's or a causal mask's but the last): its copy into ``Kf`` /
         ``Vf`` cost 0.2-0.3 us of the 8.2 of a PARTIAL tile (window 256, L=8192). The ragged
         last tile keeps the copy."""
-        if self.s.kv_type != "float32":
+        if self.s.kv_type != "float32" and not self.s.pair_dots:
             self._tile(masked="True")
             return
         first = "ko + kv0" if self.s.kv_chunks else "kv0"
@@ -463,13 +487,16 @@ class KeyMajorForward:
         if self._tile_reads == "staged":
             return f"{buf}f[{j}, {d}]"
         clamp = self._tile_reads == "clamped"
+        if self.s.pair_dots:  # a 32-bit word: features d and d + 1 of K, or keys j and j + 1 of V
+            return f"{buf}[{self._key_row(j, clamp=clamp)}, {d}]"
         return self._f32(f"{buf}[{self._key_row(j, clamp=clamp)}, {d}]", self.s.kv_type)
 
-    def _key_row(self, j: str, clamp: bool = False, start: str = "kv0") -> str:
+    def _key_row(self, j: str, clamp: bool = False, start: str = "kv0", rows: str = "LKP") -> str:
         """The K / V indices (batch, kv head, key) of key ``j`` of the tile from key ``start``;
-        ``clamp``: the last key stands in for keys past the end (their weight is exactly 0)."""
+        ``clamp``: the last key stands in for keys past the end (their weight is exactly 0).
+        ``rows``: the buffer's rows (V's key pairs: ``LVP``)."""
         batch, key = ("kb", f"ko + {start} + {j}") if self.s.kv_chunks else ("b", f"{start} + {j}")
-        return f"{batch}, hk, {f'T.min({key}, LKP - 1)' if clamp else key}"
+        return f"{batch}, hk, {f'T.min({key}, {rows} - 1)' if clamp else key}"
 
     def _stage_tile(self) -> None:
         s, w = self.s, self.w
@@ -510,6 +537,8 @@ class KeyMajorForward:
                                 with w.block(f"for i1 in T.vectorized({V}):"):
                                     w(f"St[j0 * {R} + j1, i0 * {V} + i1] = {NEG_INF}")
         self._normalizer_update()
+        if s.pair_dots:
+            self._round_weights()
         # Acc = Alpha * Acc + P @ V, register blocked: R rows (broadcast from St) x VD value columns
         # NOTE: key rows past the end are clamped to the last one (their weight is exactly 0), so
         # K and V need no padding copy
@@ -522,13 +551,35 @@ class KeyMajorForward:
                 values.fill(w, f"{acc} * Alpha[i0 * {R} + i1]" if rescale else acc)
                 live = self._live_box(masked, (f"i0 * {R}", f"i0 * {R} + {R - 1}"),
                                       (f"jc * {R}", f"jc * {R} + {R - 1}"))
-                keys = BN
+                keys = BN  # with pair dots, counted in pairs of keys (R is even)
+                step = R // 2 if s.pair_dots else R
                 if live is not None:
                     self._live_keys(live)
-                    keys = f"Jl[0] * {R}, T.max(Jl[0], Jl[1]) * {R}"
-                term = f"St[j, i0 * {R} + i1] * {self._kv('V', 'j', f'd0 * {VD} + d1')}"
-                values.accumulate(w, term, ("j", "range", keys))
+                    keys = f"Jl[0] * {step}, T.max(Jl[0], Jl[1]) * {step}"
+                if s.pair_dots:
+                    self._pair_values(keys if live is not None else BN // 2)
+                else:
+                    term = f"St[j, i0 * {R} + i1] * {self._kv('V', 'j', f'd0 * {VD} + d1')}"
+                    values.accumulate(w, term, ("j", "range", keys))
                 values.store(w, acc)
+
+    def _pair_values(self, pairs: str | int) -> None:
+        """``Or += P V`` by pairs of keys (``bf16_pairs``) over ``pairs`` (an extent, or ``"start,
+        stop"``); a row's two weights are one word of ``Pw``."""
+        w, R = self.w, self.s.rows
+        row = self._key_row("jp", clamp=self._tile_reads == "clamped", start="kv0 // 2", rows="LVP")
+        values = bf16_pairs.lanes("V", row, first=f"d0 * {bf16_pairs.LANES}")
+        with w.block(f"for jp in range({pairs}):"), w.block(f"for i1 in T.unroll({R}):"):
+            block = bf16_pairs.lanes("Or", "i1")
+            weights = f"T.Broadcast(Pw[jp, i0 * {R} + i1], {bf16_pairs.LANES})"
+            w(f"{block} = {bf16_pairs.dot(block, values, weights)}")
+
+    def _round_weights(self) -> None:
+        """``Pw``: the tile's weights rounded to bfloat16, a word per row and pair of keys."""
+        s, w, n = self.s, self.w, bf16_pairs.LANES
+        with w.block(f"for jp in range({s.block_n // 2}):"), w.block(f"for i0 in range({s.block_m // n}):"):
+            pair = [bf16_pairs.lanes("St", f"jp * 2 + {k}", first=f"i0 * {n}") for k in (0, 1)]
+            w(f"{bf16_pairs.lanes('Pw', 'jp', first=f'i0 * {n}')} = {bf16_pairs.rounded_pairs(*pair)}")
 
     def _live_keys(self, live: str) -> None:
         """``Jl``: the first and one past the last chunk of ``R`` keys that ``live`` keeps for these
@@ -552,10 +603,19 @@ class KeyMajorForward:
         scores = RegisterBlock.of("Sr", ("j1", R), ("i1", V))
         scores.declare(w)
         scores.fill(w, "T.float32(0.0)")
-        scores.accumulate(w, f"{self._kv('K', f'j0 * {R} + j1', 'd')} * QT[d, i0 * {V} + i1]", ("d", "range", s.D))
+        raw = scores.at
+        if s.pair_dots:  # QT holds Q unscaled: the scale goes on the sums
+            key = f"T.Broadcast({self._kv('K', f'j0 * {R} + j1', 'd')}, {V})"
+            with w.block(f"for d in range({s.D // 2}):"), w.block(f"for j1 in T.unroll({R}):"):
+                block = bf16_pairs.lanes("Sr", "j1")
+                w(f"{block} = {bf16_pairs.dot(block, bf16_pairs.lanes('QT', 'd', first=f'i0 * {V}'), key)}")
+            raw = f"({raw} * {self._q_scale})"
+        else:
+            scores.accumulate(w, f"{self._kv('K', f'j0 * {R} + j1', 'd')} * QT[d, i0 * {V} + i1]",
+                              ("d", "range", s.D))
         with scores.each(w):
             i, j = f"(i0 * {V} + i1)", f"(j0 * {R} + j1)"
-            w(f"St[{j}, {i}] = {self._score_and_mask(scores.at, masked, i, j)}")
+            w(f"St[{j}, {i}] = {self._score_and_mask(raw, masked, i, j)}")
         if self._folds_max:  # the block's scores are still in registers: no pass over St for the max
             i = f"i0 * {V} + i1"
             keys = [f"St[j0 * {R} + {j1}, {i}]" for j1 in range(R)]

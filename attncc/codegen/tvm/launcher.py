@@ -204,9 +204,13 @@ class Launch:
         B, Hq, Lq, _ = q.shape
         out = torch.empty(B, Hq, Lq, self.shape.Dv, dtype=q.dtype)
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
-        kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks)
+        if self.shape.pair_dots:
+            q, kp, vp = words(q), words(k), key_pairs(v, 1)
+        else:
+            q = q.contiguous()
+            kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks)
         extra = [as_buffer(tensors[name]) for name in self.names]
-        self.attn(q.contiguous(), kp, vp, out, lse, *self.tables, *extra, *self.scalars, int(k.shape[2]), *self.chunks)
+        self.attn(q, kp, vp, out, lse, *self.tables, *extra, *self.scalars, int(k.shape[2]), *self.chunks)
         return out, lse
 
 
@@ -310,16 +314,45 @@ def converted(t: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
     size it has needed up to ``WORKSPACE_MAX_BYTES`` (a larger copy is a fresh tensor: its kernel
     runs long enough for the faults not to matter); ``clear_memory_cache`` drops the calling
     thread's."""
-    n = t.numel()
+    out = _workspace_buffer(t.numel(), dtype, slot).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _workspace_buffer(n: int, dtype: torch.dtype, slot: int) -> torch.Tensor:
+    """``n`` elements of ``dtype`` from buffer ``slot`` of this thread's workspace (``converted``),
+    or a fresh tensor past ``WORKSPACE_MAX_BYTES``."""
     if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return t.to(dtype, memory_format=torch.contiguous_format)
+        return torch.empty(n, dtype=dtype)
     buffers: dict[tuple[int, torch.dtype], torch.Tensor] = _WORKSPACE.__dict__.setdefault("buffers", {})
     buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < n:
         buffer = buffers[slot, dtype] = torch.empty(n, dtype=dtype)
-    out = buffer[:n].view(t.shape)
-    out.copy_(t)
-    return out
+    return buffer[:n]
+
+
+def words(t: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 ``[..., D]`` tensor (D even) as float32 ``[..., D / 2]`` words of feature pairs,
+    without a copy when contiguous (pair dots, ``bf16_pairs``)."""
+    t = t.contiguous()
+    if t.storage_offset() % 2:  # a word view needs words aligned to the storage
+        t = t.clone()
+    return t.view(torch.float32)
+
+
+def key_pairs(v: torch.Tensor, slot: int) -> torch.Tensor:
+    """bfloat16 ``v [B, H, L, Dv]`` as float32 words ``[B, H, ceil(L / 2), Dv]``: word ``(p, c)``
+    holds values ``2p`` and ``2p + 1`` of column ``c`` (a zero pads an odd length), the layout the
+    pair dots' value product reads (``bf16_pairs``). One pass over V, the size of V, into buffer
+    ``slot`` of this thread's workspace (``converted``)."""
+    B, H, L, Dv = v.shape
+    half = L // 2
+    out = _workspace_buffer(B * H * (L - half) * Dv * 2, torch.bfloat16, slot).view(B, H, L - half, Dv, 2)
+    out[:, :, :half].copy_(v[:, :, : 2 * half].reshape(B, H, half, 2, Dv).transpose(-1, -2))
+    if L % 2:
+        out[:, :, half, :, 0].copy_(v[:, :, L - 1])
+        out[:, :, half, :, 1].zero_()
+    return out.view(B, H, L - half, Dv * 2).view(torch.float32)
 
 
 def as_buffer(t: torch.Tensor) -> torch.Tensor:

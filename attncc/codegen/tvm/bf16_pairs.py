@@ -1,0 +1,73 @@
+"""bfloat16 products by pairs of features: AVX-512 BF16's ``vdpbf16ps``.
+
+``vdpbf16ps acc, a, b`` adds ``a[2l] b[2l] + a[2l+1] b[2l+1]`` to float32 lane ``l``: 32
+bfloat16 products per instruction, twice a float32 FMA's 16, with float32 accumulation. The
+forward kernel (``KernelShape.pair_dots``) uses it for both products:
+
+- scores: ``a`` holds, per query row, a pair of its features (Q's rows read as 32-bit words and
+  transposed), ``b`` one key's same pair broadcast (K read in place as words);
+- values: ``a`` holds, per value column, the values of two consecutive keys (V laid out by key
+  pairs once per call, ``launcher.key_pairs``), ``b`` a row's two weights broadcast, rounded to
+  bfloat16 (``vcvtne2ps2bf16``; FlashAttention rounds P to the inputs' dtype likewise). Row sums
+  stay float32.
+
+Why LLVM IR: TVM 0.27 types bfloat16 vectors as ``<32 x i16>`` while LLVM's intrinsics take
+``<32 x bfloat>``, so a ``call_llvm_intrin`` fails to verify. The two instructions are wrapped in
+functions of float32 words, imported into the kernel's module (``pragma_import_llvm``) and called
+as externs; LLVM inlines them (one instruction each, plus a shuffle for the rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from attncc.autotune.device import cpu_description
+
+LANES = 16  # float32 lanes of one instruction
+DOT = "attncc_dot_pairs"
+ROUND = "attncc_bf16_pairs"
+
+_INTERLEAVE = ", ".join(f"i32 {k}" for lane in range(LANES) for k in (lane, LANES + lane))
+LLVM_IR = f"""
+define internal <16 x float> @{DOT}(<16 x float> %acc, <16 x float> %a, <16 x float> %b) alwaysinline {{
+  %x = bitcast <16 x float> %a to <32 x bfloat>
+  %y = bitcast <16 x float> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}}
+define internal <16 x float> @{ROUND}(<16 x float> %lo, <16 x float> %hi) alwaysinline {{
+  %c = call <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float> %hi, <16 x float> %lo)
+  %s = shufflevector <32 x bfloat> %c, <32 x bfloat> poison, <32 x i32> <{_INTERLEAVE}>
+  %r = bitcast <32 x bfloat> %s to <16 x float>
+  ret <16 x float> %r
+}}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x float>)
+"""
+
+
+@functools.cache
+def on_host() -> bool:
+    """Whether this host runs AVX-512 BF16 (the kernel's llvm target is the host's CPU)."""
+    return "avx512_bf16" in cpu_description()["simd"]
+
+
+def import_statement() -> str:
+    """The TVMScript ``with`` header that puts the two functions into the kernel's module."""
+    return f'with T.attr(0, "pragma_import_llvm", {LLVM_IR!r}):'
+
+
+def dot(acc: str, a: str, b: str) -> str:
+    """``acc + pair products of a and b``, each a float32x16 expression of bfloat16 pairs."""
+    return f'T.call_extern("float32x{LANES}", "{DOT}", {acc}, {a}, {b})'
+
+
+def rounded_pairs(lo: str, hi: str) -> str:
+    """Two float32x16 expressions rounded to bfloat16 and interleaved: lane ``l`` of the result
+    holds ``(lo[l], hi[l])`` as one 32-bit word."""
+    return f'T.call_extern("float32x{LANES}", "{ROUND}", {lo}, {hi})'
+
+
+def lanes(buffer: str, *index: str, first: str = "0") -> str:
+    """A float32x16 load or store of ``buffer[*index, first : first + 16]``."""
+    return f"{buffer}[{', '.join((*index, f'T.Ramp({first}, 1, {LANES})'))}]"
