@@ -22,7 +22,8 @@ product reads K in its own row-major layout (one broadcast per key and feature).
 Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
 Inputs of any float dtype are converted to float32 on load (K and V a tile at a time into
 compact buffers, ``_staged``, or once per call by the launcher, ``KernelShape.kv_dtype``);
-accumulation is float32.
+accumulation is float32. bfloat16 on a host with AVX-512 BF16 is multiplied by pairs instead,
+nothing converted (``KernelShape.pair_dots``, ``bf16_pairs``).
 """
 
 from __future__ import annotations
