@@ -19,10 +19,6 @@ as externs; LLVM inlines them (one instruction each, plus a shuffle for the roun
 
 from __future__ import annotations
 
-import functools
-
-from attncc.autotune.device import cpu_description
-
 LANES = 16  # float32 lanes of one instruction
 DOT = "attncc_dot_pairs"
 ROUND = "attncc_bf16_pairs"
@@ -46,10 +42,11 @@ declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x
 """
 
 
-@functools.cache
 def on_host() -> bool:
-    """Whether this host runs AVX-512 BF16 (the kernel's llvm target is the host's CPU)."""
-    return "avx512_bf16" in cpu_description()["simd"]
+    """Whether the kernels' target, this host's CPU, has AVX-512 BF16."""
+    from attncc.codegen.tvm.launcher import host_has_feature
+
+    return host_has_feature("avx512bf16")
 
 
 def import_statement() -> str:

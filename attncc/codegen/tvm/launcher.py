@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from attncc.autotune.device import cpu_description
 from attncc.codegen.tvm import openmp, schedule
 from attncc.codegen.tvm.kernels import KernelShape, captured_specs, render_forward
 from attncc.passes.plan import AttentionRegion
@@ -60,11 +59,22 @@ def host_target() -> dict[str, str]:
 
 
 @functools.cache
+def host_has_feature(feature: str) -> bool:
+    """Whether the kernels' target (``host_target``) has this LLVM CPU feature ("avx512f",
+    "avx512bf16"): asked of LLVM for the target's CPU, which is what the code is compiled for,
+    rather than of /proc/cpuinfo (an unknown CPU compiles as a generic one)."""
+    import tvm
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features([feature], tvm.target.Target(host_target())))
+
+
+@functools.cache
 def transpose_lanes() -> int:
     """Block width of the in-register transposition of Q tiles (``KernelShape.transpose_lanes``)
     on this host: 8 with AVX-512, whose permutes take two vectors at once; 0 (strided reads)
     otherwise: on AVX2 (``mcpu=znver3`` on this Zen 4) the shuffles measured no faster."""
-    return 8 if "avx512f" in cpu_description()["simd"] else 0
+    return 8 if host_has_feature("avx512f") else 0
 
 
 # NOTE: TVM sizes its thread pool once, from TVM_NUM_THREADS or its own count of physical
