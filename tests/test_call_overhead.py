@@ -373,10 +373,18 @@ def test_converted_copies_past_the_cap_are_fresh(monkeypatch):
     assert a.data_ptr() != b.data_ptr() and torch.equal(a, k.float()) and a.is_contiguous()
 
 
-def test_threads_convert_into_workspaces_of_their_own():
-    """Two threads running half-precision calls at once: each result is right."""
+@pytest.mark.parametrize("pair_dots", [True, False])
+def test_threads_convert_into_workspaces_of_their_own(pair_dots: bool, request):
+    """Two threads running bfloat16 calls at once, each into its own workspace (float32 copies of
+    K and V; or, with pair dots, V by key pairs): each result is right."""
     import threading
 
+    from attncc.codegen.tvm import bf16_pairs
+
+    if not pair_dots:
+        request.getfixturevalue("without_pair_dots")
+    elif not bf16_pairs.on_host():
+        pytest.skip("this host has no AVX-512 BF16: no key pairs")
     var = attncc.variant(mask=masks.causal)
     inputs = [up_front_qkv(torch.bfloat16, seed=s) for s in range(2)]
     expected = [var(*qkv) for qkv in inputs]

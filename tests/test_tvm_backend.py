@@ -142,12 +142,12 @@ def test_bfloat16_pair_dots_match_reference(name: str, monkeypatch) -> None:
     key_pairs = launcher.key_pairs
     monkeypatch.setattr(launcher, "key_pairs", lambda v, slot: paired.append(tuple(v.shape)) or key_pairs(v, slot))
     lse = name in ("causal", "sliding_window", "alibi", "softcap", "document", "bool_table", "sinks", "dense")
-    for Lq, Lkv in ((33, 70), (37, 77), (80, 90)):
+    for Lq, Lkv in ((33, 70), (37, 77), (80, 90), (12, 61)):  # 12 rows: a GQA group packed into a tile
         q, k, v = qkv(Lq=Lq, Lkv=Lkv, dtype=torch.bfloat16)
         check_against_reference(variant(name), q, k, v, backend="tvm", return_lse=lse)
     q, k, v = qkv(Lq=20, Lkv=95, dtype=torch.bfloat16)
     check_against_reference(variant(name), q, k, v, backend="tvm", q_offset=75, return_lse=lse)
-    assert len(paired) == 4
+    assert len(paired) == 5
 
 
 def test_key_pairs_and_words_layouts() -> None:

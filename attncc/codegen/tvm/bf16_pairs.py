@@ -19,6 +19,8 @@ as externs; LLVM inlines them (one instruction each, plus a shuffle for the roun
 
 from __future__ import annotations
 
+import functools
+
 LANES = 16  # float32 lanes of one instruction
 DOT = "attncc_dot_pairs"
 ROUND = "attncc_bf16_pairs"
@@ -42,6 +44,7 @@ declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x
 """
 
 
+@functools.cache
 def on_host() -> bool:
     """Whether the kernels' target, this host's CPU, has AVX-512 BF16."""
     from attncc.codegen.tvm.launcher import host_has_feature

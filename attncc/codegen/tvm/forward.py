@@ -201,7 +201,7 @@ def kernel_arguments(
     """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtype are
     read): the region's folded score scale and the sigmoid's default bias (from ``total_lkv``, the
     real key length) are applied here, for every path."""
-    pairs = uses_pair_dots(q.dtype, v.dtype, q.shape[3], v.shape[3], config, kv_chunk > 0)
+    pairs = uses_pair_dots(q.dtype, q.shape[3], v.shape[3], config, kv_chunk > 0)
     up_front = not pairs and converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
     shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front,
                           pairs)
@@ -220,12 +220,12 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
                        pair_dots=pair_dots, **dict(config))
 
 
-def uses_pair_dots(dtype: torch.dtype, v_dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:
+def uses_pair_dots(dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:
     """Whether a bfloat16 call multiplies by pairs (``bf16_pairs``): on a host with AVX-512 BF16,
     in the key-major kernel with its register blocks of one vector of rows and an even number of
     keys, even features and whole vectors of value columns. Not for a decoding step's chunks
     (read in place from a cache with any strides)."""
-    return (dtype == torch.bfloat16 and v_dtype == torch.bfloat16 and bf16_pairs.on_host() and not kv_chunks
+    return (dtype == torch.bfloat16 and bf16_pairs.on_host() and not kv_chunks
             and config.get("layout", "key_major") == "key_major" and config["vector"] == bf16_pairs.LANES
             and config["block_m"] % bf16_pairs.LANES == 0 and config["rows"] % 2 == 0 and config["block_n"] % 2 == 0
             and D % 2 == 0 and Dv % bf16_pairs.LANES == 0)
@@ -244,7 +244,8 @@ def converts_kv_up_front(dtype: torch.dtype, config: dict, kv_chunks: bool, rows
     it (causal L=2048: 16 times on average); up front, once, for the price of a copy (0.2-0.4 ms
     at L=2048, 8 heads of 64) and of reading float32 keys (twice the bytes in cache). So only
     for many query tiles (``UP_FRONT_QUERY_TILES``), never for a decoding step's chunks. The two
-    ways are two modules of a float16 / bfloat16 variant (each compiled once, then from disk)."""
+    ways are two modules of a float16 / bfloat16 variant (each compiled once, then from disk); a
+    bfloat16 call that multiplies by pairs (``uses_pair_dots``) converts nothing."""
     return (dtype in (torch.float16, torch.bfloat16) and not kv_chunks
             and config.get("layout", "key_major") == "key_major" and rows >= UP_FRONT_QUERY_TILES * config["block_m"])
 

@@ -8,7 +8,8 @@ Notation (FlexAttention's template, on a CPU):
 - a task walks kv tiles of ``BN`` keys listed in the block tables: PARTIAL tiles evaluate
   the mask and the ``kv < LKV`` bound, FULL tiles neither (a ragged last tile is listed as
   PARTIAL, ``schedule.ragged_tile_partial``), EMPTY tiles are never listed (two loops);
-- per tile: ``St = K_tile (scale * Q_tile)^T``, the score tile stored key-major (``St[j, i]``),
+- per tile: ``St = K_tile (scale * Q_tile)^T`` (with pair dots the scale goes on the sums), the
+  score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
   elementwise (masked -> ``-inf``; plain softmax keeps scores in base 2, ``_base2``), then the
   normalizer's update, then ``Acc += P V_tile`` in
@@ -22,8 +23,9 @@ product reads K in its own row-major layout (one broadcast per key and feature).
 Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
 Inputs of any float dtype are converted to float32 on load (K and V a tile at a time into
 compact buffers, ``_staged``, or once per call by the launcher, ``KernelShape.kv_dtype``);
-accumulation is float32. bfloat16 on a host with AVX-512 BF16 is multiplied by pairs instead,
-nothing converted (``KernelShape.pair_dots``, ``bf16_pairs``).
+accumulation is float32. bfloat16 on a host with AVX-512 BF16, in the default register blocks,
+is multiplied by pairs instead, nothing converted (``KernelShape.pair_dots``,
+``forward.uses_pair_dots``, ``bf16_pairs``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class KernelShape:
     # bfloat16 keys and values up front (``forward.converts_kv_up_front``)
     kv_dtype: str = ""
     # > 0: Q tiles are transposed in registers, blocks of this many rows and features at a time
-    # (``KeyMajorForward._transpose_q``); 0: by strided reads
+    # (``KeyMajorForward._shuffle_q``); 0: by strided reads
     transpose_lanes: int = 0
     # True: bfloat16 products by pairs (``bf16_pairs``): Q and K arrive as float32 words of feature
     # pairs, V as words of key pairs (``launcher.key_pairs``); nothing is converted to float32
@@ -224,6 +226,10 @@ class KeyMajorForward:
         self.specs = captured_specs(region)
         self.w = Lines()
         self._masked = "True"
+        if shape.pair_dots and (shape.layout != "key_major" or shape.kv_chunks or shape.vector != bf16_pairs.LANES
+                                or shape.rows % 2 or shape.D % 2 or shape.Dv % bf16_pairs.LANES):
+            raise ValueError(f"pair dots need the key-major kernel without chunked keys, vector "
+                             f"{bf16_pairs.LANES}, even rows and features, whole vectors of values; got {shape}")
         self._tile_reads = "staged"
 
     # ---- the pieces of the kernel, in source order ----------------------------------
@@ -326,12 +332,17 @@ class KeyMajorForward:
         first touch it cost 0.3-0.5 us of 8.2 (window 256, L=8192); the FULL tiles before it are
         in cache, and prefetching theirs made causal L=2048 1% slower."""
         s, w = self.s, self.w
-        per_line = 64 // (2 if self.s.kv_type in ("float16", "bfloat16") else 4)
         w(f"pk0 = {tile} * {s.block_n}")
-        with w.block(f"for j in range({s.block_n}):"):
-            for buf, width in (("K", s.D), ("V", s.Dv)):
+        if s.pair_dots:  # words: K rows of D / 2, V rows of key pairs
+            per_line = 16
+            layouts = (("K", s.D // 2, s.block_n, "pk0", "LKP"), ("V", s.Dv, s.block_n // 2, "pk0 // 2", "LVP"))
+        else:
+            per_line = 64 // (2 if s.kv_type in ("float16", "bfloat16") else 4)
+            layouts = (("K", s.D, s.block_n, "pk0", "LKP"), ("V", s.Dv, s.block_n, "pk0", "LKP"))
+        for buf, width, rows, start, length in layouts:
+            with w.block(f"for j in range({rows}):"):
                 for c in range(0, width, per_line):
-                    line = f"T.address_of({buf}[{self._key_row('j', clamp=True, start='pk0')}, {c}])"
+                    line = f"T.address_of({buf}[{self._key_row('j', clamp=True, start=start, rows=length)}, {c}])"
                     w(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", {line}, 0, 2, 1))')
 
     def _task_indices(self) -> None:
@@ -356,7 +367,8 @@ class KeyMajorForward:
         w(f"q0 = qt * {s.block_m}")
 
     def _transpose_q(self) -> None:
-        """``QT = scale * Q_tile^T`` in two steps: the rows copied (contiguous, vectorized) into
+        """``QT = scale * Q_tile^T`` (pair dots: ``Q_tile^T`` as words, bit copies) in two steps: the
+        rows copied (contiguous, vectorized) into
         ``Qs``, then transposed between two buffers of fixed strides. Read straight from ``Q``
         (symbolic strides, a clamped row per element), the transposition took 2.8 us of a
         task's 4 us outside its tiles (window L=2048, 8 heads, 1 thread: 2-3% of the call).
@@ -470,21 +482,22 @@ class KeyMajorForward:
         return "staged" if self._staged else "clamped"
 
     def _partial_tile(self) -> None:
-        """A PARTIAL tile of float32 keys and values reads them in place when it lies inside the
-        keys (every one of a window's or a causal mask's but the last): its copy into ``Kf`` /
-        ``Vf`` cost 0.2-0.3 us of the 8.2 of a PARTIAL tile (window 256, L=8192). The ragged
-        last tile keeps the copy."""
-        if self.s.kv_type != "float32" and not self.s.pair_dots:
+        """A PARTIAL tile whose float32 keys and values would be copied into ``Kf`` / ``Vf`` reads
+        them in place when it lies inside the keys (every one of a window's or a causal mask's
+        but the last): the copy cost 0.2-0.3 us of the 8.2 of a PARTIAL tile (window 256,
+        L=8192). The ragged last tile keeps the copy. Tiles that copy nothing (pair dots, rows
+        under ``STAGED_MIN_ROWS``) or always convert (float16 / bfloat16 staged) are one body."""
+        if not (self.s.kv_type == "float32" and self._staged):
             self._tile(masked="True")
             return
-        first = "ko + kv0" if self.s.kv_chunks else "kv0"
-        with self.w.block(f"if {first} + {self.s.block_n} <= LKP:"):
+        with self.w.block(f"if {self._first_key()} + {self.s.block_n} <= LKP:"):
             self._tile(masked="True", in_range=True)
         with self.w.block("else:"):
             self._tile(masked="True")
 
     def _kv(self, buf: str, j: str, d: str) -> str:
-        """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32."""
+        """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32; with pair
+        dots, K's word of features ``2d`` and ``2d + 1``."""
         if self._tile_reads == "staged":
             return f"{buf}f[{j}, {d}]"
         clamp = self._tile_reads == "clamped"
@@ -496,8 +509,12 @@ class KeyMajorForward:
         """The K / V indices (batch, kv head, key) of key ``j`` of the tile from key ``start``;
         ``clamp``: the last key stands in for keys past the end (their weight is exactly 0).
         ``rows``: the buffer's rows (V's key pairs: ``LVP``)."""
-        batch, key = ("kb", f"ko + {start} + {j}") if self.s.kv_chunks else ("b", f"{start} + {j}")
-        return f"{batch}, hk, {f'T.min({key}, {rows} - 1)' if clamp else key}"
+        key = f"{self._first_key(start)} + {j}"
+        return f"{'kb' if self.s.kv_chunks else 'b'}, hk, {f'T.min({key}, {rows} - 1)' if clamp else key}"
+
+    def _first_key(self, start: str = "kv0") -> str:
+        """The buffer row of the tile's first key (a chunk's keys start at ``ko``)."""
+        return f"ko + {start}" if self.s.kv_chunks else start
 
     def _stage_tile(self) -> None:
         s, w = self.s, self.w

@@ -5,7 +5,8 @@ the platform's user cache dir), keyed by the generated source (which holds the p
 region, dims, dtype and knobs) and the target; sequence lengths, batch and head counts are
 symbolic, so a new length reuses the module. Files are written atomically (temp file +
 ``os.replace``); a file that fails to load warns and is rebuilt. Torch tensors pass to the
-module through DLPack, without copies when contiguous.
+module through DLPack, without copies when contiguous (but for the layouts a kernel reads:
+float32 copies of half-precision K and V, V by key pairs for bfloat16 pair dots).
 """
 
 from __future__ import annotations
@@ -322,8 +323,8 @@ def converted(t: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
     call at L=2048 (8 heads of 64, bfloat16), 0.4-0.5 ms, 2% of the call. A buffer kept from the
     previous call is already mapped. Each thread keeps one buffer per slot, grown to the largest
     size it has needed up to ``WORKSPACE_MAX_BYTES`` (a larger copy is a fresh tensor: its kernel
-    runs long enough for the faults not to matter); ``clear_memory_cache`` drops the calling
-    thread's."""
+    runs long enough for the faults not to matter; one buffer per slot and dtype);
+    ``clear_memory_cache`` drops the calling thread's."""
     out = _workspace_buffer(t.numel(), dtype, slot).view(t.shape)
     out.copy_(t)
     return out
