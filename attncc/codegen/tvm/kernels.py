@@ -22,7 +22,7 @@ product reads K in its own row-major layout (one broadcast per key and feature).
 
 Tuning knobs (``space.py``): ``block_m``, ``block_n``, ``rows`` (R), ``vector`` (V, VD).
 Inputs of any float dtype are converted to float32 on load (K and V a tile at a time into
-compact buffers, ``_staged``, or once per call by the launcher, ``KernelShape.kv_dtype``);
+compact buffers, ``_reads``, or once per call by the launcher, ``KernelShape.kv_dtype``);
 accumulation is float32. bfloat16 on a host with AVX-512 BF16, in the default register blocks,
 is multiplied by pairs instead, nothing converted (``KernelShape.pair_dots``,
 ``forward.uses_pair_dots``, ``bf16_pairs``).
@@ -172,7 +172,6 @@ class Lines:
         return "\n".join(self.lines) + "\n"
 
 
-STAGED_MIN_ROWS = 16
 EXP_KEYS = 4
 TASK_TABLE = 'TO = T.match_buffer(to_h, (NS,), "int32")'
 
@@ -322,7 +321,7 @@ class KeyMajorForward:
                 w(f"kv0 = kt * {BN}")
                 with w.block("if n + 1 < PC[tb, th, qt]:"):
                     self._prefetch_tile("PI[tb, th, qt, n + 1]")
-                self._partial_tile()
+                self._tile(masked="True")
         self._finish()
 
     def _prefetch_tile(self, tile: str) -> None:
@@ -456,44 +455,26 @@ class KeyMajorForward:
 
     @property
     def _staged(self) -> bool:
-        """Some tiles copy K and V into compact float32 buffers (``_reads``)."""
-        return not self.s.pair_dots and (self.s.kv_type != "float32" or self.s.block_m >= STAGED_MIN_ROWS)
+        """Whether tiles copy K and V into compact float32 buffers (``_reads``)."""
+        return self.s.kv_type != "float32" and not self.s.pair_dots
 
-    def _reads(self, masked: str, in_range: bool) -> str:
+    def _reads(self, masked: str) -> str:
         """How a tile reads K and V (``_kv``):
 
-        - ``"staged"``: copied a tile at a time into ``Kf`` / ``Vf``: float16 / bfloat16 always
-          (the products read each element BM / R times) unless the launcher converted them up
-          front (``forward.converts_kv_up_front``); float32 in a tile that may run past the last
-          key, with 16 rows or more, where reading the copy without the clamp of the last key
-          beats the copy's cost (2-7% at L = 2048..8192);
-        - ``"clamped"``: the inputs, key rows clamped to the last one (a decoding tile of 8 rows:
-          the copy costs it 25%);
-        - ``"direct"``: the inputs as they are, in a float32 tile that lies inside the keys: a
-          FULL one (``schedule.ragged_tile_partial``), or a PARTIAL one tested in range
-          (``_partial_tile``).
-
-        With pair dots nothing is staged: K and V are read in place as bfloat16 pairs.
+        - ``"staged"``: float16 / bfloat16 copied a tile at a time into ``Kf`` / ``Vf`` as float32
+          (the products read each element BM / R times), unless the launcher converted them up
+          front (``forward.converts_kv_up_front``) or the kernel multiplies by pairs;
+        - ``"direct"``: the inputs as they are, in a FULL tile, which lies inside the keys
+          (``schedule.ragged_tile_partial``);
+        - ``"clamped"``: the inputs, key rows clamped to the last one, in a PARTIAL tile (it may
+          run past the last key; those keys weigh exactly 0). float32 PARTIAL tiles of 16 rows
+          or more were copied instead: on the Zen 4 host the clamped reads measured as fast or
+          faster (window 256, L=8192: 7.9 against 8.0-8.4 us a tile), and a copy-free tile in
+          range beside a copied ragged one doubled the PARTIAL code (window compile 1.0 -> 1.75 s).
         """
-        if self.s.kv_type != "float32" and not self.s.pair_dots:
+        if self._staged:
             return "staged"
-        if masked == "False" or in_range:
-            return "direct"
-        return "staged" if self._staged else "clamped"
-
-    def _partial_tile(self) -> None:
-        """A PARTIAL tile whose float32 keys and values would be copied into ``Kf`` / ``Vf`` reads
-        them in place when it lies inside the keys (every one of a window's or a causal mask's
-        but the last): the copy cost 0.2-0.3 us of the 8.2 of a PARTIAL tile (window 256,
-        L=8192). The ragged last tile keeps the copy. Tiles that copy nothing (pair dots, rows
-        under ``STAGED_MIN_ROWS``) or always convert (float16 / bfloat16 staged) are one body."""
-        if not (self.s.kv_type == "float32" and self._staged):
-            self._tile(masked="True")
-            return
-        with self.w.block(f"if {self._first_key()} + {self.s.block_n} <= LKP:"):
-            self._tile(masked="True", in_range=True)
-        with self.w.block("else:"):
-            self._tile(masked="True")
+        return "direct" if masked == "False" else "clamped"
 
     def _kv(self, buf: str, j: str, d: str) -> str:
         """Key or value ``j`` of the current tile (0 <= j < BN), feature ``d``, as float32; with pair
@@ -509,12 +490,8 @@ class KeyMajorForward:
         """The K / V indices (batch, kv head, key) of key ``j`` of the tile from key ``start``;
         ``clamp``: the last key stands in for keys past the end (their weight is exactly 0).
         ``rows``: the buffer's rows (V's key pairs: ``LVP``)."""
-        key = f"{self._first_key(start)} + {j}"
-        return f"{'kb' if self.s.kv_chunks else 'b'}, hk, {f'T.min({key}, {rows} - 1)' if clamp else key}"
-
-    def _first_key(self, start: str = "kv0") -> str:
-        """The buffer row of the tile's first key (a chunk's keys start at ``ko``)."""
-        return f"ko + {start}" if self.s.kv_chunks else start
+        batch, key = ("kb", f"ko + {start} + {j}") if self.s.kv_chunks else ("b", f"{start} + {j}")
+        return f"{batch}, hk, {f'T.min({key}, {rows} - 1)' if clamp else key}"
 
     def _stage_tile(self) -> None:
         s, w = self.s, self.w
@@ -524,10 +501,10 @@ class KeyMajorForward:
                 with w.block(f"for d in T.vectorized({width}):"):
                     w(f"{buf}f[j, d] = {self._f32(f'{buf}[{key}, d]', self.s.kv_type)}")
 
-    def _tile(self, masked: str, in_range: bool = False) -> None:
+    def _tile(self, masked: str) -> None:
         s, w = self.s, self.w
         self._masked = masked  # the kind of tile being rendered
-        self._tile_reads = self._reads(masked, in_range)  # read by _kv
+        self._tile_reads = self._reads(masked)  # read by _kv
         if self._tile_reads == "staged":
             self._stage_tile()
         if self._folds_max:
