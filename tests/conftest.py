@@ -32,14 +32,28 @@ def tvm_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def without_pair_dots(monkeypatch: pytest.MonkeyPatch):
-    """bfloat16 calls take the float32 conversion paths even on a host with AVX-512 BF16 (where
-    they would multiply by pairs, ``attncc.codegen.tvm.bf16_pairs``)."""
+def kernel_shapes(monkeypatch: pytest.MonkeyPatch):
+    """``set(module, name, value)``: patch what the TVM kernel shapes are decided from (a host
+    question such as ``launcher.transpose_lanes``); the memoized shapes, compiled functions and
+    prepared launches are forgotten now and after the test."""
     from attncc.codegen.tvm import forward, launcher
 
-    monkeypatch.setattr(forward, "uses_pair_dots", lambda *args: False)
-    forward._kernel_shape.cache_clear()
-    launcher.clear_memory_cache()
-    yield
-    forward._kernel_shape.cache_clear()
-    launcher.clear_memory_cache()
+    def forget() -> None:
+        forward._kernel_shape.cache_clear()
+        launcher.clear_memory_cache()
+
+    def set_(module, name: str, value) -> None:
+        monkeypatch.setattr(module, name, value)
+        forget()
+
+    yield set_
+    forget()
+
+
+@pytest.fixture
+def without_pair_dots(kernel_shapes):
+    """bfloat16 calls take the float32 conversion paths even on a host with AVX-512 BF16 (where
+    they would multiply by pairs, ``attncc.codegen.tvm.bf16_pairs``)."""
+    from attncc.codegen.tvm import forward
+
+    kernel_shapes(forward, "uses_pair_dots", lambda *args: False)

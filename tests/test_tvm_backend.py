@@ -210,26 +210,20 @@ def test_tile_multiple_lengths_and_larger_head_dim() -> None:
 
 
 @pytest.mark.parametrize(("lanes", "D"), [(0, 32), (4, 40), (8, 40), (16, 32), (16, 40)])
-def test_q_tile_transpositions_match_reference(lanes: int, D: int, monkeypatch) -> None:
+def test_q_tile_transpositions_match_reference(lanes: int, D: int, kernel_shapes) -> None:
     """Q tiles are transposed by strided reads (``transpose_lanes`` 0: hosts without AVX-512) or
     by shuffle networks of blocks of ``lanes`` (8 on AVX-512 hosts); 16 does not divide D = 40,
     which falls back to strided reads. Long and short query lengths (packed GQA rows), bfloat16."""
     from attncc.codegen.tvm import forward
 
-    monkeypatch.setattr(launcher, "transpose_lanes", lambda: lanes)
-    forward._kernel_shape.cache_clear()
-    launcher.clear_memory_cache()
-    try:
-        source = forward.kernel_arguments(variant("causal").plan.regions[0], {"block_m": 64, "block_n": 64,
-                                          "rows": 4, "vector": 16}, *qkv(D=D)[::2], scale=1.0, total_lkv=77)[0]
-        assert source.transpose_lanes == lanes
-        for name in ("causal", "sliding_window", "alibi"):
-            check_against_reference(variant(name), *qkv(D=D), backend="tvm", return_lse=True)
-        check_against_reference(variant("causal"), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=70, D=D), backend="tvm")
-        check_against_reference(variant("causal"), *qkv(D=D, dtype=torch.bfloat16), backend="tvm")
-    finally:
-        forward._kernel_shape.cache_clear()
-        launcher.clear_memory_cache()
+    kernel_shapes(launcher, "transpose_lanes", lambda: lanes)
+    source = forward.kernel_arguments(variant("causal").plan.regions[0], {"block_m": 64, "block_n": 64,
+                                      "rows": 4, "vector": 16}, *qkv(D=D)[::2], scale=1.0, total_lkv=77)[0]
+    assert source.transpose_lanes == lanes
+    for name in ("causal", "sliding_window", "alibi"):
+        check_against_reference(variant(name), *qkv(D=D), backend="tvm", return_lse=True)
+    check_against_reference(variant("causal"), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=70, D=D), backend="tvm")
+    check_against_reference(variant("causal"), *qkv(D=D, dtype=torch.bfloat16), backend="tvm")
 
 
 def test_ragged_last_tile_is_listed_partial() -> None:

@@ -201,10 +201,8 @@ def kernel_arguments(
     """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtype are
     read): the region's folded score scale and the sigmoid's default bias (from ``total_lkv``, the
     real key length) are applied here, for every path."""
-    pairs = uses_pair_dots(q.dtype, q.shape[3], v.shape[3], config, kv_chunk > 0)
-    up_front = not pairs and converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
-    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front,
-                          pairs)
+    up_front = converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
+    shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front)
     if region.score_scale is not None:
         scale = scale * region.score_scale
     return shape, scale, sigmoid_bias(region.normalizer, total_lkv)
@@ -212,12 +210,15 @@ def kernel_arguments(
 
 @functools.lru_cache(maxsize=256)
 def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple[tuple[str, Any], ...],
-                  kv_chunks: bool = False, kv_up_front: bool = False, pair_dots: bool = False) -> KernelShape:
+                  kv_chunks: bool = False, kv_up_front: bool = False) -> KernelShape:
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
-    memo's lookup an identity check. ``kv_up_front``: K and V arrive as float32 copies."""
+    memo's lookup an identity check, and the host questions (pair dots, transposition) are asked
+    once per shape. ``kv_up_front``: K and V would arrive as float32 copies; a call that
+    multiplies by pairs converts nothing."""
+    pairs = uses_pair_dots(dtype, D, Dv, dict(config), kv_chunks)
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
-                       kv_dtype="float32" if kv_up_front else "", transpose_lanes=launcher.transpose_lanes(),
-                       pair_dots=pair_dots, **dict(config))
+                       kv_dtype="float32" if kv_up_front and not pairs else "",
+                       transpose_lanes=launcher.transpose_lanes(), pair_dots=pairs, **dict(config))
 
 
 def uses_pair_dots(dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:

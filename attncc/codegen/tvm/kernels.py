@@ -546,13 +546,13 @@ class KeyMajorForward:
                 values.fill(w, f"{acc} * Alpha[i0 * {R} + i1]" if rescale else acc)
                 live = self._live_box(masked, (f"i0 * {R}", f"i0 * {R} + {R - 1}"),
                                       (f"jc * {R}", f"jc * {R} + {R - 1}"))
-                keys = BN  # with pair dots, counted in pairs of keys (R is even)
-                step = R // 2 if s.pair_dots else R
+                step = R // 2 if s.pair_dots else R  # with pair dots, keys are counted in pairs
+                keys = BN // R * step
                 if live is not None:
                     self._live_keys(live)
                     keys = f"Jl[0] * {step}, T.max(Jl[0], Jl[1]) * {step}"
                 if s.pair_dots:
-                    self._pair_values(keys if live is not None else BN // 2)
+                    self._pair_values(keys)
                 else:
                     term = f"St[j, i0 * {R} + i1] * {self._kv('V', 'j', f'd0 * {VD} + d1')}"
                     values.accumulate(w, term, ("j", "range", keys))
