@@ -417,13 +417,83 @@ def test_captured_tensor_of_a_new_size_reuses_the_module() -> None:
             assert launcher.STATS["memory_hits"] > before["memory_hits"]
 
 
-def test_softmax_exp_polynomial_is_float32_accurate() -> None:
-    """The coefficient table of ``fast_exp_nonpositive``: 2**f within 1e-7 relative on [-1/2, 1/2]."""
+def test_softmax_exp_polynomials_are_float32_accurate() -> None:
+    """The coefficient tables: ``fast_exp_nonpositive``'s, 2**f within 1e-7 relative on [-1/2, 1/2];
+    ``vector_exp``'s, within 1e-7 on [0, 1] and exactly 1 at 0."""
     from attncc.codegen.tvm.render import _EXP2_MINIMAX5
+    from attncc.codegen.tvm.vector_exp import EXP2_UNIT
 
-    points = [i / 4000 - 0.5 for i in range(4001)]
-    worst = max(abs(sum(c * f**k for k, c in enumerate(_EXP2_MINIMAX5)) / 2**f - 1) for f in points)
-    assert worst < 1e-7
+    for table, low in ((_EXP2_MINIMAX5, -0.5), (EXP2_UNIT, 0.0)):
+        points = [low + i / 4000 for i in range(4001)]
+        worst = max(abs(sum(c * f**k for k, c in enumerate(table)) / 2**f - 1) for f in points)
+        assert worst < 1e-7
+    assert EXP2_UNIT[0] == 1.0
+
+
+def test_vector_exp_matches_exp2_and_its_ends() -> None:
+    """``vector_exp.exp2`` compiled: within 2e-7 relative of 2**x over the normal range (x from
+    -126 to 0, and above 0), denormals within an absolute 2e-45, exactly 0 at -inf and below
+    -150 (masked scores weigh nothing), exactly 1 at 0, inf at +inf and past 128, NaN kept."""
+    import tvm
+
+    from attncc.codegen.tvm import llvm_import, vector_exp
+
+    if not vector_exp.on_host():
+        pytest.skip("this host has no AVX-512F and DQ: kernels use the portable exponential")
+    x, y = llvm_import.lanes("X", first="i0 * 16"), llvm_import.lanes("Y", first="i0 * 16")
+    source = f"""
+@T.prim_func
+def f(x_h: T.handle, y_h: T.handle):
+    T.func_attr({{"global_symbol": "f", "tirx.noalias": True}})
+    N = T.int32()
+    X = T.match_buffer(x_h, (N,), "float32")
+    Y = T.match_buffer(y_h, (N,), "float32")
+    {vector_exp.import_statement()}
+        for i0 in range(N // 16):
+            {y} = {vector_exp.exp2(x)}
+"""
+    built = tvm.compile(tvm.script.from_source(source), target=tvm.target.Target(launcher.host_target()))
+    inf = float("inf")
+    ends = torch.tensor([-inf, -1e30, -200.0, -150.0, -149.5, -149.0, -130.25, -126.0, -0.0, 0.0, 1e-7, -1e-7,
+                         127.5, 128.0, 500.0, inf])
+    x = torch.cat([ends, torch.linspace(-126.0, 0.0, 4000), torch.linspace(0.0, 127.0, 1000),
+                   torch.tensor([float("nan")] * 16)])
+    x = torch.cat([x, torch.zeros(-len(x) % 16)])
+    y = torch.empty_like(x)
+    built["f"](x, y)
+    exact = torch.exp2(x.double())
+    normal = (exact >= 2.0**-126) & (exact < 2.0**128)
+    assert ((y.double() - exact).abs() / exact)[normal].max() < 2e-7
+    denormal = exact < 2.0**-126
+    assert (y.double() - exact)[denormal].abs().max() < 2e-45
+    assert y[(x <= -151) | (x == -inf)].eq(0).all()
+    assert y[(x > 128) & ~x.isnan()].eq(inf).all()
+    assert y[x == 0].eq(1).all()
+    assert y[x.isnan()].isnan().all()
+
+
+def test_softmax_portable_exponential_matches_reference(kernel_shapes) -> None:
+    """Softmax kernels without ``vector_exp`` (hosts without AVX-512, or vectors of 8 rows) keep
+    the portable polynomial: base 2 (no score function), base e (ALiBi), a sink, GQA, lse."""
+    from attncc.codegen.tvm import forward, vector_exp
+
+    region = variant("causal").plan.regions[0]
+    config = {"block_m": 64, "block_n": 64, "rows": 4, "vector": 16}
+    assert forward.kernel_arguments(region, config, *qkv()[::2], scale=1.0, total_lkv=77)[0].vector_exp == \
+        vector_exp.on_host()
+    kernel_shapes(forward, "uses_vector_exp", lambda config: False)
+    assert not forward.kernel_arguments(region, config, *qkv()[::2], scale=1.0, total_lkv=77)[0].vector_exp
+    for name in ("causal", "alibi", "sinks", "document"):
+        check_against_reference(variant(name), *qkv(), backend="tvm", return_lse=True)
+
+
+def test_vector_exp_needs_vectors_of_sixteen_rows() -> None:
+    """The renderer refuses ``vector_exp`` in a shape whose vectors hold 8 rows."""
+    from attncc.codegen.tvm.kernels import KernelShape, render_forward
+
+    region = variant("causal").plan.regions[0]
+    with pytest.raises(ValueError, match="vector exponentials need"):
+        render_forward(region, KernelShape(32, 32, "float32", 64, 64, 4, 8, vector_exp=True))
 
 
 @pytest.mark.parametrize(("norm", "layout"), [

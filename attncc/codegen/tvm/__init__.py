@@ -61,10 +61,12 @@ class TVMBackend:
 
             region = plan.regions[0]
             return render_linear(region, LinearShape(64, 64, "float32", chunk=kernel_chunk(region.linear.chunk)))
+        from attncc.codegen.tvm.forward import uses_vector_exp
         from attncc.codegen.tvm.launcher import transpose_lanes
 
         config = {name: values[0] for name, values in PARAMS.items()}
-        shape = KernelShape(64, 64, "float32", transpose_lanes=transpose_lanes(), **config)
+        shape = KernelShape(64, 64, "float32", transpose_lanes=transpose_lanes(),
+                            vector_exp=uses_vector_exp(config), **config)
         return render_forward(plan.regions[0], shape)
 
 

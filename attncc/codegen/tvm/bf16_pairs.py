@@ -13,15 +13,17 @@ forward kernel (``KernelShape.pair_dots``) uses it for both products:
 
 Why LLVM IR: TVM 0.27 types bfloat16 vectors as ``<32 x i16>`` while LLVM's intrinsics take
 ``<32 x bfloat>``, so a ``call_llvm_intrin`` fails to verify. The two instructions are wrapped in
-functions of float32 words, imported into the kernel's module (``pragma_import_llvm``) and called
-as externs; LLVM inlines them (one instruction each, plus a shuffle for the rounding).
+functions of float32 words (``llvm_import``); LLVM inlines them (one instruction each, plus a
+shuffle for the rounding).
 """
 
 from __future__ import annotations
 
 import functools
 
-LANES = 16  # float32 lanes of one instruction
+from attncc.codegen.tvm import llvm_import
+
+LANES = llvm_import.LANES  # float32 lanes of one instruction
 DOT = "attncc_dot_pairs"
 ROUND = "attncc_bf16_pairs"
 
@@ -54,20 +56,15 @@ def on_host() -> bool:
 
 def import_statement() -> str:
     """The TVMScript ``with`` header that puts the two functions into the kernel's module."""
-    return f'with T.attr(0, "pragma_import_llvm", {LLVM_IR!r}):'
+    return llvm_import.import_statement(LLVM_IR)
 
 
 def dot(acc: str, a: str, b: str) -> str:
     """``acc + pair products of a and b``, each a float32x16 expression of bfloat16 pairs."""
-    return f'T.call_extern("float32x{LANES}", "{DOT}", {acc}, {a}, {b})'
+    return llvm_import.call(DOT, acc, a, b)
 
 
 def rounded_pairs(lo: str, hi: str) -> str:
     """Two float32x16 expressions rounded to bfloat16 and interleaved: lane ``l`` of the result
     holds ``(lo[l], hi[l])`` as one 32-bit word."""
-    return f'T.call_extern("float32x{LANES}", "{ROUND}", {lo}, {hi})'
-
-
-def lanes(buffer: str, *index: str, first: str = "0") -> str:
-    """A float32x16 load or store of ``buffer[*index, first : first + 16]``."""
-    return f"{buffer}[{', '.join((*index, f'T.Ramp({first}, 1, {LANES})'))}]"
+    return llvm_import.call(ROUND, lo, hi)

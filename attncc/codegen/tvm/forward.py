@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from attncc.autotune.keys import ShapeKey
-from attncc.codegen.tvm import bf16_pairs, launcher
+from attncc.codegen.tvm import bf16_pairs, launcher, llvm_import, vector_exp
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
 from attncc.codegen.tvm.space import SPACE, fits
@@ -218,7 +218,15 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
     pairs = uses_pair_dots(dtype, D, Dv, dict(config), kv_chunks)
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
                        kv_dtype="float32" if kv_up_front and not pairs else "",
-                       transpose_lanes=launcher.transpose_lanes(), pair_dots=pairs, **dict(config))
+                       transpose_lanes=launcher.transpose_lanes(), pair_dots=pairs,
+                       vector_exp=uses_vector_exp(dict(config)), **dict(config))
+
+
+def uses_vector_exp(config: dict) -> bool:
+    """Whether softmax exponentials go through ``vector_exp``: on a host with AVX-512F and DQ, in
+    the key-major kernel with vectors of 16 rows."""
+    return (vector_exp.on_host() and config.get("layout", "key_major") == "key_major"
+            and config["vector"] == llvm_import.LANES)
 
 
 def uses_pair_dots(dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:

@@ -36,7 +36,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from attncc.codegen.tvm import bf16_pairs
+from attncc.codegen.tvm import bf16_pairs, llvm_import, vector_exp
 from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.register_block import RegisterBlock
 from attncc.codegen.tvm.render import (
@@ -88,6 +88,9 @@ class KernelShape:
     # True: bfloat16 products by pairs (``bf16_pairs``): Q and K arrive as float32 words of feature
     # pairs, V as words of key pairs (``launcher.key_pairs``); nothing is converted to float32
     pair_dots: bool = False
+    # True: softmax exponentials by AVX-512's vreduceps / vscalefps, a vector of 16 rows at a
+    # time (``vector_exp``); False: the portable polynomial (``render.fast_exp2_nonpositive``)
+    vector_exp: bool = False
 
     @property
     def kv_type(self) -> str:
@@ -229,6 +232,9 @@ class KeyMajorForward:
                                 or shape.rows % 2 or shape.D % 2 or shape.Dv % bf16_pairs.LANES):
             raise ValueError(f"pair dots need the key-major kernel without chunked keys, vector "
                              f"{bf16_pairs.LANES}, even rows and features, whole vectors of values; got {shape}")
+        if shape.vector_exp and (shape.layout != "key_major" or shape.vector != llvm_import.LANES):
+            raise ValueError(f"vector exponentials need the key-major kernel with vector {llvm_import.LANES}; "
+                             f"got {shape}")
         self._tile_reads = "staged"
 
     # ---- the pieces of the kernel, in source order ----------------------------------
@@ -274,6 +280,8 @@ class KeyMajorForward:
             with contextlib.ExitStack() as imports:
                 if s.pair_dots:
                     imports.enter_context(w.block(bf16_pairs.import_statement()))
+                if s.vector_exp and isinstance(self.norm, nodes.SoftmaxNorm):
+                    imports.enter_context(w.block(vector_exp.import_statement()))
                 with task_loop(w):
                     self._task()
         return w.text()
@@ -563,9 +571,9 @@ class KeyMajorForward:
         stop"``); a row's two weights are one word of ``Pw``."""
         w, R = self.w, self.s.rows
         row = self._key_row("jp", clamp=self._tile_reads == "clamped", start="kv0 // 2", rows="LVP")
-        values = bf16_pairs.lanes("V", row, first=f"d0 * {bf16_pairs.LANES}")
+        values = llvm_import.lanes("V", row, first=f"d0 * {bf16_pairs.LANES}")
         with w.block(f"for jp in range({pairs}):"), w.block(f"for i1 in T.unroll({R}):"):
-            block = bf16_pairs.lanes("Or", "i1")
+            block = llvm_import.lanes("Or", "i1")
             weights = f"T.Broadcast(Pw[jp, i0 * {R} + i1], {bf16_pairs.LANES})"
             w(f"{block} = {bf16_pairs.dot(block, values, weights)}")
 
@@ -573,8 +581,8 @@ class KeyMajorForward:
         """``Pw``: the tile's weights rounded to bfloat16, a word per row and pair of keys."""
         s, w, n = self.s, self.w, bf16_pairs.LANES
         with w.block(f"for jp in range({s.block_n // 2}):"), w.block(f"for i0 in range({s.block_m // n}):"):
-            pair = [bf16_pairs.lanes("St", f"jp * 2 + {k}", first=f"i0 * {n}") for k in (0, 1)]
-            w(f"{bf16_pairs.lanes('Pw', 'jp', first=f'i0 * {n}')} = {bf16_pairs.rounded_pairs(*pair)}")
+            pair = [llvm_import.lanes("St", f"jp * 2 + {k}", first=f"i0 * {n}") for k in (0, 1)]
+            w(f"{llvm_import.lanes('Pw', 'jp', first=f'i0 * {n}')} = {bf16_pairs.rounded_pairs(*pair)}")
 
     def _live_keys(self, live: str) -> None:
         """``Jl``: the first and one past the last chunk of ``R`` keys that ``live`` keeps for these
@@ -602,8 +610,8 @@ class KeyMajorForward:
         if s.pair_dots:  # QT holds Q unscaled: the scale goes on the sums
             key = f"T.Broadcast({self._kv('K', f'j0 * {R} + j1', 'd')}, {V})"
             with w.block(f"for d in range({s.D // 2}):"), w.block(f"for j1 in T.unroll({R}):"):
-                block = bf16_pairs.lanes("Sr", "j1")
-                w(f"{block} = {bf16_pairs.dot(block, bf16_pairs.lanes('QT', 'd', first=f'i0 * {V}'), key)}")
+                block = llvm_import.lanes("Sr", "j1")
+                w(f"{block} = {bf16_pairs.dot(block, llvm_import.lanes('QT', 'd', first=f'i0 * {V}'), key)}")
             raw = f"({raw} * {self._q_scale})"
         else:
             scores.accumulate(w, f"{self._kv('K', f'j0 * {R} + j1', 'd')} * QT[d, i0 * {V} + i1]",
@@ -717,6 +725,10 @@ class KeyMajorForward:
                                   (f"j0 * {U}", f"j0 * {U} + {U - 1}"))
 
             def weights(dropped: bool) -> None:
+                if self.s.vector_exp and not dropped:
+                    with w.block(f"for j1 in T.unroll({U}):"):
+                        self._vector_weights(j)
+                    return
                 with w.block(f"for j1 in T.unroll({U}):"), w.block(f"for i1 in T.vectorized({V}):"):
                     if dropped:
                         w(f"St[{j}, {i}] = T.float32(0.0)")
@@ -734,6 +746,17 @@ class KeyMajorForward:
                         weights(dropped=True)
             with w.block(f"for i1 in T.vectorized({V}):"):
                 w(f"L[{i}] = L[{i}] * Alpha[{i}] + Lv[i1]")
+
+    def _vector_weights(self, j: str) -> None:
+        """Key ``j``'s weights of the row group ``i0`` and their row sums, as explicit float32x16
+        values through ``vector_exp`` (TVM's vectorizer cannot carry its intrinsics)."""
+        w, first = self.w, f"i0 * {llvm_import.LANES}"
+        scores = llvm_import.lanes("St", j, first=first)
+        exponent = f"({scores} - {llvm_import.lanes('Mu')})"
+        if not self._base2:
+            exponent = f"({exponent} * T.Broadcast(T.float32({LOG2E!r}), {llvm_import.LANES}))"
+        w(f"{scores} = {vector_exp.exp2(exponent)}")
+        w(f"{llvm_import.lanes('Lv')} = {llvm_import.lanes('Lv')} + {scores}")
 
     def _pointwise_update(self, weight: str, before: tuple[str, ...] = ()) -> None:
         """``St[j, i] <- weight`` elementwise (``before``: buffer fills the weight reads, each a
