@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from attncc.codegen.tvm.kernels import NEG_INF, TASK_TABLE, Lines, captured_specs, task_loop, tree
 from attncc.codegen.tvm.register_block import Loop, RegisterBlock
-from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp
+from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp_nonpositive
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
 from attncc.ir.expr import Expr
@@ -376,7 +376,8 @@ class _Backward:
         w, norm = self.w, self.norm
         p, ds = f"P{at}", f"dS{at}"
         if isinstance(norm, nodes.SoftmaxNorm):
-            w(f"{p} = {fast_exp(f'({score} - Lr[{i}])')}")
+            # s - lse <= 0 (lse is at least every kept score, up to rounding): the cheaper polynomial
+            w(f"{p} = {fast_exp_nonpositive(f'({score} - Lr[{i}])')}")
             if grad is not None:
                 w(f"{ds} = {grad}")
             return
