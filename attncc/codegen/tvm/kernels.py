@@ -12,7 +12,8 @@ Notation (FlexAttention's template, on a CPU):
   score tile stored key-major (``St[j, i]``),
   in register blocks of ``R`` keys x ``V`` query rows; then the score function and mask
   elementwise (masked -> ``-inf``; plain softmax keeps scores in base 2, ``_base2``), then the
-  normalizer's update, then ``Acc += P V_tile`` in
+  normalizer's update (softmax exponentials by ``vector_exp`` on AVX-512 hosts), then
+  ``Acc += P V_tile`` in
   register blocks of ``R`` rows x ``VD`` value columns;
 - sequence lengths, batch and head counts are symbolic: one module serves every length.
 
