@@ -183,6 +183,47 @@ def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
 
 
+@pytest.mark.parametrize("name,dtype", [("causal", torch.bfloat16), ("alibi", torch.bfloat16)])
+def test_low_precision_inputs_without_pair_dots(name: str, dtype: torch.dtype, monkeypatch) -> None:
+    """bfloat16 through the float32 products everywhere (hosts without AVX-512 BF16)."""
+    monkeypatch.setattr(backward_launch, "uses_pair_dots", lambda *args: False)
+    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25)
+
+
+@pytest.mark.parametrize("name", ["causal", "alibi", "document", "softcap", "sigmoid", "softplus", "dense"])
+def test_bfloat16_pair_dots_gradients(name: str, monkeypatch) -> None:
+    """On a host with AVX-512 BF16, the backward's S and dP multiply by bfloat16 pairs
+    (``BackwardShape.pair_dots``): both kernel schemes, GQA, a query offset, ragged tiles, lse."""
+    from attncc.codegen.tvm import bf16_pairs
+
+    if not bf16_pairs.on_host():
+        pytest.skip("this host has no AVX-512 BF16: bfloat16 takes the float32 products (tested above)")
+    decided: list[bool] = []
+    uses = backward_launch.uses_pair_dots
+    monkeypatch.setattr(backward_launch, "uses_pair_dots", lambda *args: decided.append(uses(*args)) or decided[-1])
+    lse = name in ("causal", "alibi", "document", "softcap", "dense")
+    for fused in (True, False):
+        with fused_kernel(fused):
+            check_grads(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25,
+                        with_lse=lse)
+            check_grads(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=torch.bfloat16, seed=1),
+                        q_offset=37)
+    assert decided and all(decided)
+
+
+def test_pair_tiles_layout_and_refusal() -> None:
+    """``_pair_tiles``: word (d, j) of tile t holds features 2d and 2d + 1 of key t * BN + j, zero
+    past the keys; the renderer refuses pair dots with vectors of 8 keys."""
+    from attncc.codegen.tvm.backward import BackwardShape, render_backward
+
+    k = torch.randn(2, 3, 21, 8).to(torch.bfloat16)
+    tiles = backward_launch._pair_tiles(k, 16).view(torch.int32).view(torch.bfloat16).view(2, 3, 2, 4, 16, 2)
+    keys = torch.cat([k, torch.zeros(2, 3, 11, 8, dtype=torch.bfloat16)], 2).view(2, 3, 2, 16, 4, 2)
+    assert torch.equal(tiles, keys.transpose(3, 4))
+    with pytest.raises(ValueError, match="backward pair dots need"):
+        render_backward(variant("causal").plan.regions[0], BackwardShape(8, 8, vector=8, pair_dots=True), "dq")
+
+
 @contextlib.contextmanager
 def fused_kernel(on: bool):
     """Force the single fused kernel over (b, hk) (on) or the two kernels (off)."""

@@ -30,16 +30,23 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
   (``use_fused``); a normalised pointwise map needs its row sums first and takes two kernels;
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
-  to float32 tile by tile; gradients accumulate in float32. No buffer is ``Lq x Lkv``.
+  to float32 tile by tile; gradients accumulate in float32. No buffer is ``Lq x Lkv``;
+- bfloat16 on a host with AVX-512 BF16 (``BackwardShape.pair_dots``): the two products over the
+  head dimension, ``S`` and ``dP``, multiply by pairs of features (``bf16_pairs``): K and V
+  staged as transposed tiles of feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as
+  words. Their products are exact, as the float32 ones, so the sums differ only in order; the
+  three products over rows or keys (``dV``, ``dK``, ``dQ``) stay float32.
 
 Tuning knobs: ``block_m``, ``block_n``, ``rows``, ``vector`` (``BackwardShape``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
+from attncc.codegen.tvm import bf16_pairs, llvm_import
 from attncc.codegen.tvm.kernels import NEG_INF, TASK_TABLE, Lines, captured_specs, task_loop, tree
 from attncc.codegen.tvm.register_block import Loop, RegisterBlock
 from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp_nonpositive
@@ -62,6 +69,9 @@ class BackwardShape:
     block_n: int = 64
     rows: int = 4
     vector: int = 16
+    # True: S and dP by bfloat16 pairs (``bf16_pairs``): K and V arrive as transposed tiles of
+    # feature-pair words, Q and dO also as words (``backward_launch.uses_pair_dots``)
+    pair_dots: bool = False
 
 
 def learned_loads(score: Expr | None, name: str) -> list[Expr]:
@@ -91,6 +101,8 @@ class _Backward:
         # NOTE: a normalised pointwise row needs its sum L_i: dq computes 1/L_i first (a pass
         # over its tiles) and leaves it in LSE for dkdv, which runs after it.
         self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
+        if shape.pair_dots and (shape.vector != bf16_pairs.LANES or shape.D % 2 or shape.Dv % 2):
+            raise ValueError(f"backward pair dots need vector {bf16_pairs.LANES} and even head dims; got {shape}")
 
     def render(self, kind: str) -> str:
         s, w = self.s, self.w
@@ -100,8 +112,9 @@ class _Backward:
         extra += "".join(f", g{i}_h: T.handle" for i in range(len(self.learn)))
         outs = {"dq": "dq_h: T.handle, kp_h: T.handle", "dkdv": "dk_h: T.handle, dv_h: T.handle",
                 "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
+        words = "qw_h: T.handle, dow_h: T.handle, " if s.pair_dots else ""
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
-          f"delta_h: T.handle, {outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
+          f"delta_h: T.handle, {words}{outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
           f"{'' if kind == 'fused' else ', to_h: T.handle'}"
           f"{extra}, scale: T.float32, q_offset: T.int32, bias: T.float32, LKV: T.int32):")
         with w:
@@ -109,9 +122,13 @@ class _Backward:
             for name in ("B", "HQ", "HKV", "LQ", "LQP", "LKP", "NKT", "TB", "TH", "NT", "MP", "MF", "NS"):
                 w(f"{name} = T.int32()")
             w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "float32")')
-            w(f'KT = T.match_buffer(kt_h, (B, HKV, NKT, {s.D}, {s.block_n}), "float32")')
-            w(f'VT = T.match_buffer(vt_h, (B, HKV, NKT, {s.Dv}, {s.block_n}), "float32")')
+            half = 2 if s.pair_dots else 1  # pair dots: K and V tiles of feature-pair words
+            w(f'KT = T.match_buffer(kt_h, (B, HKV, NKT, {s.D // half}, {s.block_n}), "float32")')
+            w(f'VT = T.match_buffer(vt_h, (B, HKV, NKT, {s.Dv // half}, {s.block_n}), "float32")')
             w(f'DO = T.match_buffer(do_h, (B, HQ, LQ, {s.Dv}), "float32")')
+            if s.pair_dots:
+                w(f'QW = T.match_buffer(qw_h, (B, HQ, LQ, {s.D // 2}), "float32")')
+                w(f'DOW = T.match_buffer(dow_h, (B, HQ, LQ, {s.Dv // 2}), "float32")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('DELTA = T.match_buffer(delta_h, (B, HQ, LQ), "float32")')
             if kind != "dkdv":  # fused: DQ padded to whole query tiles, accumulated in place
@@ -132,15 +149,18 @@ class _Backward:
             for i, name in enumerate(self.learn):
                 size = math.prod(learned_loads(self.region.score, name)[0].src[0].arg.shape)
                 w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float32")')
-            if kind == "dq":
-                with task_loop(w):
-                    self._dq_task()
-            elif kind == "dkdv":
-                with task_loop(w):
-                    self._dkdv_task(fused=False)
-            else:
-                with w.block("for task in T.parallel(B * HKV):"):
-                    self._dkdv_task(fused=True)
+            with contextlib.ExitStack() as imports:
+                if s.pair_dots:
+                    imports.enter_context(w.block(bf16_pairs.import_statement()))
+                if kind == "dq":
+                    with task_loop(w):
+                        self._dq_task()
+                elif kind == "dkdv":
+                    with task_loop(w):
+                        self._dkdv_task(fused=False)
+                else:
+                    with w.block("for task in T.parallel(B * HKV):"):
+                        self._dkdv_task(fused=True)
         return w.text()
 
     # ---- the two tasks ---------------------------------------------------------------
@@ -149,6 +169,9 @@ class _Backward:
         s, w = self.s, self.w
         w(f'Qs = T.decl_buffer(({s.block_m}, {s.D}), "float32")')
         w(f'dOs = T.decl_buffer(({s.block_m}, {s.Dv}), "float32")')
+        if s.pair_dots:  # the rows as feature-pair words, unscaled
+            w(f'Qp = T.decl_buffer(({s.block_m}, {s.D // 2}), "float32")')
+            w(f'dOp = T.decl_buffer(({s.block_m}, {s.Dv // 2}), "float32")')
         w(f'P = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'dS = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'Lr = T.decl_buffer(({s.block_m},), "float32")')
@@ -291,6 +314,11 @@ class _Backward:
                 w("Qs[i, d] = Q[b, h, qi, d] * scale")
             with w.block(f"for d in T.vectorized({s.Dv}):"):
                 w("dOs[i, d] = T.if_then_else(q0 + i < LQ, DO[b, h, qi, d], T.float32(0.0))")
+            if s.pair_dots:  # a zero word is a pair of bfloat16 zeros
+                with w.block(f"for d in T.vectorized({s.D // 2}):"):
+                    w("Qp[i, d] = QW[b, h, qi, d]")
+                with w.block(f"for d in T.vectorized({s.Dv // 2}):"):
+                    w("dOp[i, d] = T.if_then_else(q0 + i < LQ, DOW[b, h, qi, d], T.float32(0.0))")
             w("Dr[i] = DELTA[b, h, qi]")
             if not isinstance(self.norm, nodes.SoftmaxNorm):
                 value = "LSE[b, h, qi]" if self.row_sums and from_lse else "T.float32(1.0)"
@@ -328,7 +356,12 @@ class _Backward:
         with w.block(f"for i0 in range({BM // RI}):"):
             with w.block(f"for j0 in range({BN // VJ}):"):
                 scores.declare(w)
-                self._product("Sr", "Qs", "KT", s.D)
+                if s.pair_dots:  # Qp holds Q unscaled: the scale goes on the sums
+                    self._pair_product("Sr", "Qp", "KT", s.D)
+                    with scores.each(w):
+                        w("Sr[i1, j1] = Sr[i1, j1] * scale")
+                else:
+                    self._product("Sr", "Qs", "KT", s.D)
                 if self.learn and not weights_only:
                     scores.store(w, f"So[{i}, {j}]")
                 cases = (True, False) if self.region.mask is not None else (False,)
@@ -343,7 +376,10 @@ class _Backward:
                         w.depth -= 1
                 if weights_only:
                     return
-                self._product("Sr", "dOs", "VT", s.Dv)
+                if s.pair_dots:
+                    self._pair_product("Sr", "dOp", "VT", s.Dv)
+                else:
+                    self._product("Sr", "dOs", "VT", s.Dv)
                 with scores.each(w):
                     if self.learn:
                         w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, '', i, None)}")
@@ -413,6 +449,17 @@ class _Backward:
         block.fill(self.w, "T.float32(0.0)")
         term = f"{rows}[i0 * {s.rows} + i1, d] * {tiles}[b, hk, kt, d, j0 * {s.vector} + j1]"
         block.accumulate(self.w, term, ("d", "range", depth))
+
+    def _pair_product(self, acc: str, rows: str, tiles: str, depth: int) -> None:
+        """acc[RI, VJ] = rows[i block, :depth] @ tiles[b, hk, kt, :depth, j block] by bfloat16
+        pairs: ``rows`` and ``tiles`` hold words of feature pairs (``depth / 2`` of them)."""
+        s, w = self.s, self.w
+        RegisterBlock.of(acc, ("i1", s.rows), ("j1", s.vector)).fill(w, "T.float32(0.0)")
+        with w.block(f"for d in range({depth // 2}):"), w.block(f"for i1 in T.unroll({s.rows}):"):
+            block = llvm_import.lanes(acc, "i1")
+            keys = llvm_import.lanes(tiles, "b", "hk", "kt", "d", first=f"j0 * {s.vector}")
+            row = f"T.Broadcast({rows}[i0 * {s.rows} + i1, d], {bf16_pairs.LANES})"
+            w(f"{block} = {bf16_pairs.dot(block, keys, row)}")
 
     def _accumulate(self, acc: str, weights: str, rows: str, width: int) -> None:
         """acc[BN, width] += weights[BM, BN]^T @ rows[BM, width], register blocked over keys."""

@@ -10,11 +10,12 @@ or the two kernels (``use_fused``) and returns the gradients; the sink's and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from attncc.codegen.tvm import launcher, schedule
+from attncc.codegen.tvm import bf16_pairs, launcher, schedule
 from attncc.codegen.tvm.backward import BackwardShape, learned_loads, render_backward
 from attncc.codegen.tvm.kernels import captured_specs
 from attncc.codegen.tvm.render import unsupported
@@ -89,13 +90,34 @@ def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: t
     return None
 
 
-def _tiles(t: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``)."""
+def _tiles(t: torch.Tensor, block_n: int, transposed: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``,
+    or None when not ``transposed``)."""
     B, H, L, D = t.shape
     pad = -(-L // block_n) * block_n - L
     tf = t.contiguous().float()
     tf = torch.nn.functional.pad(tf, (0, 0, 0, pad)) if pad else tf
+    if not transposed:
+        return tf, None
     return tf, tf.view(B, H, (L + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
+
+
+def _pair_tiles(t: torch.Tensor, block_n: int) -> torch.Tensor:
+    """bfloat16 ``[B, H, L, D]`` as transposed tiles of feature-pair words ``[B, H, NKT, D / 2, BN]``
+    (float32-typed), zero past ``L``: word ``(d, j)`` of a tile holds features ``2d`` and ``2d + 1`` of
+    its key ``j`` (``BackwardShape.pair_dots``)."""
+    B, H, L, D = t.shape
+    pad = -(-L // block_n) * block_n - L
+    tp = torch.nn.functional.pad(t.contiguous(), (0, 0, 0, pad)) if pad else t.contiguous()
+    words = tp.view(torch.int32).view(B, H, (L + pad) // block_n, block_n, D // 2)
+    return words.transpose(-1, -2).contiguous().view(torch.float32)
+
+
+def uses_pair_dots(shape: BackwardShape, *tensors: torch.Tensor) -> bool:
+    """Whether S and dP multiply by bfloat16 pairs (``bf16_pairs``): every input bfloat16 (q, k, v
+    and dO), a host with AVX-512 BF16, vectors of 16 keys and even head dims."""
+    return (all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host()
+            and shape.vector == bf16_pairs.LANES and shape.D % 2 == 0 and shape.Dv % 2 == 0)
 
 
 def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +179,8 @@ def launch_backward(
     # kernel reads every query tile once per kv tile that sees it, and one compile of the
     # kernels serves every input dtype
     shape = shape or BackwardShape(D=D, Dv=Dv)
+    shape = dataclasses.replace(shape, pair_dots=uses_pair_dots(shape, q, k, v, do))
+    words = [launcher.words(q), launcher.words(do)] if shape.pair_dots else []
     dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
     q, do = q.float(), do.float()
     BN = shape.block_n
@@ -166,8 +190,11 @@ def launch_backward(
     tcount, tindex, fcount, findex = schedule.derived(tables, ("by kv tile", nkv), lambda: (
         *transpose_tables(tables.partial_count, tables.partial_index, nkv),
         *transpose_tables(tables.full_count, tables.full_index, nkv)))
-    kp, kt = _tiles(k, BN)
-    _, vt = _tiles(v, BN)
+    if shape.pair_dots:  # K row-major in float32 for dQ; the tiles as words for S and dP
+        kp, kt, vt = _tiles(k, BN, transposed=False)[0], _pair_tiles(k, BN), _pair_tiles(v, BN)
+    else:
+        kp, kt = _tiles(k, BN)
+        _, vt = _tiles(v, BN)
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     qc, doc = q.contiguous(), do.contiguous()
     # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
@@ -182,7 +209,7 @@ def launch_backward(
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
         partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
         launcher.kernel_function(render_backward(region, shape, "fused", scattered))(
-            qc, kt, vt, doc, lse, delta, dq, kp, dk, dv, tcount, tindex, fcount, findex,
+            qc, kt, vt, doc, lse, delta, *words, dq, kp, dk, dv, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
         sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
@@ -192,14 +219,14 @@ def launch_backward(
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     launcher.kernel_function(render_backward(region, shape, "dq"))(
-        qc, kt, vt, doc, lse, delta, dq, kp,
+        qc, kt, vt, doc, lse, delta, *words, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     launcher.kernel_function(render_backward(region, shape, "dkdv"))(
-        qc, kt, vt, doc, lse, delta, dk, dv, tcount, tindex, fcount, findex,
+        qc, kt, vt, doc, lse, delta, *words, dk, dv, tcount, tindex, fcount, findex,
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
