@@ -31,11 +31,13 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 tile by tile; gradients accumulate in float32. No buffer is ``Lq x Lkv``;
-- bfloat16 on a host with AVX-512 BF16 (``BackwardShape.pair_dots``): the two products over the
-  head dimension, ``S`` and ``dP``, multiply by pairs of features (``bf16_pairs``): K and V
-  staged as transposed tiles of feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as
-  words. Their products are exact, as the float32 ones, so the sums differ only in order; the
-  three products over rows or keys (``dV``, ``dK``, ``dQ``) stay float32.
+- bfloat16 on a host with AVX-512 BF16 (``BackwardShape.pair_dots``) multiplies by pairs
+  (``bf16_pairs``): ``S`` and ``dP`` by pairs of features (K and V staged as transposed tiles of
+  feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as words; exact products, as the
+  float32 ones), ``dV`` and ``dK`` by pairs of rows (Q and dO laid out by row pairs once per
+  call, ``launcher.key_pairs``; P and dS rounded to bfloat16 first, as FlashAttention does,
+  ``Pr`` / ``dSr``; dK's scale goes on its store). ``dQ`` stays float32: its reduction over keys
+  would need dS by key pairs, a transposition of the tile.
 
 Tuning knobs: ``block_m``, ``block_n``, ``rows``, ``vector`` (``BackwardShape``).
 """
@@ -69,8 +71,9 @@ class BackwardShape:
     block_n: int = 64
     rows: int = 4
     vector: int = 16
-    # True: S and dP by bfloat16 pairs (``bf16_pairs``): K and V arrive as transposed tiles of
-    # feature-pair words, Q and dO also as words (``backward_launch.uses_pair_dots``)
+    # True: S, dP, dV and dK by bfloat16 pairs (``bf16_pairs``): K and V arrive as transposed
+    # tiles of feature-pair words, Q and dO also as words and by row pairs
+    # (``backward_launch.uses_pair_dots``)
     pair_dots: bool = False
 
 
@@ -101,8 +104,10 @@ class _Backward:
         # NOTE: a normalised pointwise row needs its sum L_i: dq computes 1/L_i first (a pass
         # over its tiles) and leaves it in LSE for dkdv, which runs after it.
         self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
-        if shape.pair_dots and (shape.vector != bf16_pairs.LANES or shape.D % 2 or shape.Dv % 2):
-            raise ValueError(f"backward pair dots need vector {bf16_pairs.LANES} and even head dims; got {shape}")
+        n = bf16_pairs.LANES
+        if shape.pair_dots and (shape.vector != n or shape.D % n or shape.Dv % n or shape.block_m % 2):
+            raise ValueError(f"backward pair dots need vector {n}, head dims in whole vectors of {n} and "
+                             f"an even block_m; got {shape}")
 
     def render(self, kind: str) -> str:
         s, w = self.s, self.w
@@ -112,7 +117,7 @@ class _Backward:
         extra += "".join(f", g{i}_h: T.handle" for i in range(len(self.learn)))
         outs = {"dq": "dq_h: T.handle, kp_h: T.handle", "dkdv": "dk_h: T.handle, dv_h: T.handle",
                 "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
-        words = "qw_h: T.handle, dow_h: T.handle, " if s.pair_dots else ""
+        words = "qw_h: T.handle, dow_h: T.handle, qr_h: T.handle, dor_h: T.handle, " if s.pair_dots else ""
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {words}{outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
           f"{'' if kind == 'fused' else ', to_h: T.handle'}"
@@ -129,6 +134,9 @@ class _Backward:
             if s.pair_dots:
                 w(f'QW = T.match_buffer(qw_h, (B, HQ, LQ, {s.D // 2}), "float32")')
                 w(f'DOW = T.match_buffer(dow_h, (B, HQ, LQ, {s.Dv // 2}), "float32")')
+                w("LQ2 = T.int32()")  # rows of the row-pair layouts: ceil(LQ / 2)
+                w(f'QR = T.match_buffer(qr_h, (B, HQ, LQ2, {s.D}), "float32")')
+                w(f'DOR = T.match_buffer(dor_h, (B, HQ, LQ2, {s.Dv}), "float32")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('DELTA = T.match_buffer(delta_h, (B, HQ, LQ), "float32")')
             if kind != "dkdv":  # fused: DQ padded to whole query tiles, accumulated in place
@@ -169,9 +177,13 @@ class _Backward:
         s, w = self.s, self.w
         w(f'Qs = T.decl_buffer(({s.block_m}, {s.D}), "float32")')
         w(f'dOs = T.decl_buffer(({s.block_m}, {s.Dv}), "float32")')
-        if s.pair_dots:  # the rows as feature-pair words, unscaled
+        if s.pair_dots:  # the rows as feature-pair words and as row-pair words, unscaled
             w(f'Qp = T.decl_buffer(({s.block_m}, {s.D // 2}), "float32")')
             w(f'dOp = T.decl_buffer(({s.block_m}, {s.Dv // 2}), "float32")')
+            w(f'Qr = T.decl_buffer(({s.block_m // 2}, {s.D}), "float32")')
+            w(f'dOr = T.decl_buffer(({s.block_m // 2}, {s.Dv}), "float32")')
+            w(f'Pr = T.decl_buffer(({s.block_m // 2}, {s.block_n}), "float32")')
+            w(f'dSr = T.decl_buffer(({s.block_m // 2}, {s.block_n}), "float32")')
         w(f'P = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'dS = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'Lr = T.decl_buffer(({s.block_m},), "float32")')
@@ -220,15 +232,21 @@ class _Backward:
                 w(f"q0 = qt * {s.block_m}")
                 self._load_rows()
                 self._p_and_ds()
-                self._accumulate("dVa", "P", "dOs", Dv)
-                self._accumulate("dKa", "dS", "Qs", D)
+                if s.pair_dots:  # dV and dK by pairs of rows: the weights rounded to bfloat16
+                    self._round_row_pairs("Pr", "P")
+                    self._round_row_pairs("dSr", "dS")
+                    self._pair_accumulate("dVa", "Pr", "dOr", Dv)
+                    self._pair_accumulate("dKa", "dSr", "Qr", D)
+                else:
+                    self._accumulate("dVa", "P", "dOs", Dv)
+                    self._accumulate("dKa", "dS", "Qs", D)
                 if fused:
                     self._dq_update("DQ[b, h, q0 + ")
                     if self.learn:
                         self._learned_gradients()
         with w.block(f"for j in range({BN}):"):
             with w.block(f"for d in T.vectorized({D}):"):
-                w("DK[b, hk, kv0 + j, d] = dKa[j, d]")
+                w(f"DK[b, hk, kv0 + j, d] = dKa[j, d]{' * scale' if s.pair_dots else ''}")  # pairs: Q unscaled
             with w.block(f"for d in T.vectorized({Dv}):"):
                 w("DV[b, hk, kv0 + j, d] = dVa[j, d]")
 
@@ -308,6 +326,13 @@ class _Backward:
         lse (+inf for dead rows), a normalised pointwise 1/L_i (LSE, written by dq), else 1;
         rows past LQ get weights 0."""
         s, w = self.s, self.w
+        if s.pair_dots:  # rows 2p and 2p + 1 of the tile (q0 is even): the pair layouts' row q0 / 2 + p
+            with w.block(f"for p in range({s.block_m // 2}):"):
+                w("pr = T.min(q0 // 2 + p, LQ2 - 1)")
+                with w.block(f"for d in T.vectorized({s.D}):"):
+                    w("Qr[p, d] = QR[b, h, pr, d]")
+                with w.block(f"for d in T.vectorized({s.Dv}):"):
+                    w("dOr[p, d] = T.if_then_else(q0 + 2 * p < LQ, DOR[b, h, pr, d], T.float32(0.0))")
         with w.block(f"for i in range({s.block_m}):"):
             w("qi = T.min(q0 + i, LQ - 1)")
             with w.block(f"for d in T.vectorized({s.D}):"):
@@ -460,6 +485,30 @@ class _Backward:
             keys = llvm_import.lanes(tiles, "b", "hk", "kt", "d", first=f"j0 * {s.vector}")
             row = f"T.Broadcast({rows}[i0 * {s.rows} + i1, d], {bf16_pairs.LANES})"
             w(f"{block} = {bf16_pairs.dot(block, keys, row)}")
+
+    def _round_row_pairs(self, words: str, weights: str) -> None:
+        """``words[p, j]``: ``weights`` rows 2p and 2p + 1 at key j, rounded to bfloat16, one word."""
+        s, w, n = self.s, self.w, bf16_pairs.LANES
+        with w.block(f"for p in range({s.block_m // 2}):"), w.block(f"for j0 in range({s.block_n // n}):"):
+            pair = [llvm_import.lanes(weights, f"2 * p + {k}", first=f"j0 * {n}") for k in (0, 1)]
+            w(f"{llvm_import.lanes(words, 'p', first=f'j0 * {n}')} = {bf16_pairs.rounded_pairs(*pair)}")
+
+    def _pair_accumulate(self, acc: str, weights: str, rows: str, width: int) -> None:
+        """acc[BN, width] += weights^T @ rows by bfloat16 pairs of rows: ``weights[p, j]`` and
+        ``rows[p, c]`` hold rows 2p and 2p + 1 as words; register blocks of R keys x 16 columns."""
+        s, w, n = self.s, self.w, bf16_pairs.LANES
+        R = s.rows
+        block = RegisterBlock.of("Ar", ("j1", R), ("d1", n))
+        target = f"{acc}[j0 * {R} + j1, d0 * {n} + d1]"
+        with w.block(f"for j0 in range({s.block_n // R}):"), w.block(f"for d0 in range({width // n}):"):
+            block.declare(w)
+            block.fill(w, target)
+            with w.block(f"for p in range({s.block_m // 2}):"), w.block(f"for j1 in T.unroll({R}):"):
+                lanes = llvm_import.lanes("Ar", "j1")
+                values = llvm_import.lanes(rows, "p", first=f"d0 * {n}")
+                weight = f"T.Broadcast({weights}[p, j0 * {R} + j1], {n})"
+                w(f"{lanes} = {bf16_pairs.dot(lanes, values, weight)}")
+            block.store(w, target)
 
     def _accumulate(self, acc: str, weights: str, rows: str, width: int) -> None:
         """acc[BN, width] += weights[BM, BN]^T @ rows[BM, width], register blocked over keys."""

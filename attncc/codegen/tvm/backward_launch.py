@@ -114,10 +114,12 @@ def _pair_tiles(t: torch.Tensor, block_n: int) -> torch.Tensor:
 
 
 def uses_pair_dots(shape: BackwardShape, *tensors: torch.Tensor) -> bool:
-    """Whether S and dP multiply by bfloat16 pairs (``bf16_pairs``): every input bfloat16 (q, k, v
-    and dO), a host with AVX-512 BF16, vectors of 16 keys and even head dims."""
+    """Whether S, dP, dV and dK multiply by bfloat16 pairs (``bf16_pairs``): every input bfloat16
+    (q, k, v and dO), a host with AVX-512 BF16, vectors of 16 keys, head dims in whole vectors and
+    an even ``block_m``."""
+    n = bf16_pairs.LANES
     return (all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host()
-            and shape.vector == bf16_pairs.LANES and shape.D % 2 == 0 and shape.Dv % 2 == 0)
+            and shape.vector == n and shape.D % n == 0 and shape.Dv % n == 0 and shape.block_m % 2 == 0)
 
 
 def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +182,9 @@ def launch_backward(
     # kernels serves every input dtype
     shape = shape or BackwardShape(D=D, Dv=Dv)
     shape = dataclasses.replace(shape, pair_dots=uses_pair_dots(shape, q, k, v, do))
-    words = [launcher.words(q), launcher.words(do)] if shape.pair_dots else []
+    words = []
+    if shape.pair_dots:  # rows as feature-pair words (S, dP) and as row-pair words (dK, dV)
+        words = [launcher.words(q), launcher.words(do), launcher.key_pairs(q, 2), launcher.key_pairs(do, 3)]
     dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
     q, do = q.float(), do.float()
     BN = shape.block_n
