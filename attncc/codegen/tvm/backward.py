@@ -36,8 +36,8 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
   feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as words; exact products, as the
   float32 ones), ``dV`` and ``dK`` by pairs of rows (Q and dO laid out by row pairs once per
   call, ``launcher.key_pairs``; P and dS rounded to bfloat16 first, as FlashAttention does,
-  ``Pr`` / ``dSr``; dK's scale goes on its store). ``dQ`` stays float32: its reduction over keys
-  would need dS by key pairs, a transposition of the tile.
+  ``Pr`` / ``dSr``; dK's scale goes on its store) and ``dQ`` by pairs of keys (K by key pairs,
+  dS rounded in its own order, ``dSk``). Nothing is converted to float32.
 
 Tuning knobs: ``block_m``, ``block_n``, ``rows``, ``vector`` (``BackwardShape``).
 """
@@ -71,8 +71,8 @@ class BackwardShape:
     block_n: int = 64
     rows: int = 4
     vector: int = 16
-    # True: S, dP, dV and dK by bfloat16 pairs (``bf16_pairs``): K and V arrive as transposed
-    # tiles of feature-pair words, Q and dO also as words and by row pairs
+    # True: the five products by bfloat16 pairs (``bf16_pairs``): K and V arrive as transposed
+    # tiles of feature-pair words and K also by key pairs, Q and dO as words and by row pairs
     # (``backward_launch.uses_pair_dots``)
     pair_dots: bool = False
 
@@ -105,9 +105,10 @@ class _Backward:
         # over its tiles) and leaves it in LSE for dkdv, which runs after it.
         self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
         n = bf16_pairs.LANES
-        if shape.pair_dots and (shape.vector != n or shape.D % n or shape.Dv % n or shape.block_m % 2):
-            raise ValueError(f"backward pair dots need vector {n}, head dims in whole vectors of {n} and "
-                             f"an even block_m; got {shape}")
+        if shape.pair_dots and (shape.vector != n or shape.D % n or shape.Dv % n or shape.block_m % 2
+                                or shape.block_n % (2 * n)):
+            raise ValueError(f"backward pair dots need vector {n}, head dims in whole vectors of {n}, an "
+                             f"even block_m and block_n in whole runs of {2 * n}; got {shape}")
 
     def render(self, kind: str) -> str:
         s, w = self.s, self.w
@@ -117,7 +118,7 @@ class _Backward:
         extra += "".join(f", g{i}_h: T.handle" for i in range(len(self.learn)))
         outs = {"dq": "dq_h: T.handle, kp_h: T.handle", "dkdv": "dk_h: T.handle, dv_h: T.handle",
                 "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
-        words = "qw_h: T.handle, dow_h: T.handle, qr_h: T.handle, dor_h: T.handle, " if s.pair_dots else ""
+        words = "qr_h: T.handle, dor_h: T.handle, " if s.pair_dots else ""
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {words}{outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
           f"{'' if kind == 'fused' else ', to_h: T.handle'}"
@@ -126,14 +127,12 @@ class _Backward:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
             for name in ("B", "HQ", "HKV", "LQ", "LQP", "LKP", "NKT", "TB", "TH", "NT", "MP", "MF", "NS"):
                 w(f"{name} = T.int32()")
-            w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "float32")')
-            half = 2 if s.pair_dots else 1  # pair dots: K and V tiles of feature-pair words
+            half = 2 if s.pair_dots else 1  # pair dots: Q, dO, and K and V's tiles as feature-pair words
+            w(f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D // half}), "float32")')
             w(f'KT = T.match_buffer(kt_h, (B, HKV, NKT, {s.D // half}, {s.block_n}), "float32")')
             w(f'VT = T.match_buffer(vt_h, (B, HKV, NKT, {s.Dv // half}, {s.block_n}), "float32")')
-            w(f'DO = T.match_buffer(do_h, (B, HQ, LQ, {s.Dv}), "float32")')
+            w(f'DO = T.match_buffer(do_h, (B, HQ, LQ, {s.Dv // half}), "float32")')
             if s.pair_dots:
-                w(f'QW = T.match_buffer(qw_h, (B, HQ, LQ, {s.D // 2}), "float32")')
-                w(f'DOW = T.match_buffer(dow_h, (B, HQ, LQ, {s.Dv // 2}), "float32")')
                 w("LQ2 = T.int32()")  # rows of the row-pair layouts: ceil(LQ / 2)
                 w(f'QR = T.match_buffer(qr_h, (B, HQ, LQ2, {s.D}), "float32")')
                 w(f'DOR = T.match_buffer(dor_h, (B, HQ, LQ2, {s.Dv}), "float32")')
@@ -141,7 +140,11 @@ class _Backward:
             w('DELTA = T.match_buffer(delta_h, (B, HQ, LQ), "float32")')
             if kind != "dkdv":  # fused: DQ padded to whole query tiles, accumulated in place
                 w(f'DQ = T.match_buffer(dq_h, (B, HQ, {"LQ" if kind == "dq" else "LQP"}, {s.D}), "float32")')
-                w(f'KP = T.match_buffer(kp_h, (B, HKV, LKP, {s.D}), "float32")')
+                if s.pair_dots:  # K by key pairs (words), ceil(LKV / 2) rows
+                    w("LK2 = T.int32()")
+                    w(f'KP = T.match_buffer(kp_h, (B, HKV, LK2, {s.D}), "float32")')
+                else:
+                    w(f'KP = T.match_buffer(kp_h, (B, HKV, LKP, {s.D}), "float32")')
             if kind != "dq":
                 w(f'DK = T.match_buffer(dk_h, (B, HKV, LKP, {s.D}), "float32")')
                 w(f'DV = T.match_buffer(dv_h, (B, HKV, LKP, {s.Dv}), "float32")')
@@ -175,15 +178,17 @@ class _Backward:
 
     def _buffers(self) -> None:
         s, w = self.s, self.w
-        w(f'Qs = T.decl_buffer(({s.block_m}, {s.D}), "float32")')
-        w(f'dOs = T.decl_buffer(({s.block_m}, {s.Dv}), "float32")')
-        if s.pair_dots:  # the rows as feature-pair words and as row-pair words, unscaled
+        if not s.pair_dots:
+            w(f'Qs = T.decl_buffer(({s.block_m}, {s.D}), "float32")')
+            w(f'dOs = T.decl_buffer(({s.block_m}, {s.Dv}), "float32")')
+        else:  # the rows as feature-pair words and as row-pair words, unscaled
             w(f'Qp = T.decl_buffer(({s.block_m}, {s.D // 2}), "float32")')
             w(f'dOp = T.decl_buffer(({s.block_m}, {s.Dv // 2}), "float32")')
             w(f'Qr = T.decl_buffer(({s.block_m // 2}, {s.D}), "float32")')
             w(f'dOr = T.decl_buffer(({s.block_m // 2}, {s.Dv}), "float32")')
             w(f'Pr = T.decl_buffer(({s.block_m // 2}, {s.block_n}), "float32")')
             w(f'dSr = T.decl_buffer(({s.block_m // 2}, {s.block_n}), "float32")')
+            w(f'dSk = T.decl_buffer(({s.block_m}, {s.block_n // 2}), "float32")')
         w(f'P = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'dS = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'Lr = T.decl_buffer(({s.block_m},), "float32")')
@@ -322,7 +327,8 @@ class _Backward:
                 w("LSE[b, h, q0 + i] = Lr[i]")
 
     def _load_rows(self, from_lse: bool = True) -> None:
-        """Qs = scale * Q, dOs = dO (float32, 0 past LQ), Dr = Delta, Lr per normalizer: softmax
+        """Qs = scale * Q, dOs = dO (float32, 0 past LQ; with pair dots Qp, dOp, Qr and dOr, words),
+        Dr = Delta, Lr per normalizer: softmax
         lse (+inf for dead rows), a normalised pointwise 1/L_i (LSE, written by dq), else 1;
         rows past LQ get weights 0."""
         s, w = self.s, self.w
@@ -335,15 +341,16 @@ class _Backward:
                     w("dOr[p, d] = T.if_then_else(q0 + 2 * p < LQ, DOR[b, h, pr, d], T.float32(0.0))")
         with w.block(f"for i in range({s.block_m}):"):
             w("qi = T.min(q0 + i, LQ - 1)")
-            with w.block(f"for d in T.vectorized({s.D}):"):
-                w("Qs[i, d] = Q[b, h, qi, d] * scale")
-            with w.block(f"for d in T.vectorized({s.Dv}):"):
-                w("dOs[i, d] = T.if_then_else(q0 + i < LQ, DO[b, h, qi, d], T.float32(0.0))")
-            if s.pair_dots:  # a zero word is a pair of bfloat16 zeros
+            if s.pair_dots:  # bit copies of words; a zero word is a pair of bfloat16 zeros
                 with w.block(f"for d in T.vectorized({s.D // 2}):"):
-                    w("Qp[i, d] = QW[b, h, qi, d]")
+                    w("Qp[i, d] = Q[b, h, qi, d]")
                 with w.block(f"for d in T.vectorized({s.Dv // 2}):"):
-                    w("dOp[i, d] = T.if_then_else(q0 + i < LQ, DOW[b, h, qi, d], T.float32(0.0))")
+                    w("dOp[i, d] = T.if_then_else(q0 + i < LQ, DO[b, h, qi, d], T.float32(0.0))")
+            else:
+                with w.block(f"for d in T.vectorized({s.D}):"):
+                    w("Qs[i, d] = Q[b, h, qi, d] * scale")
+                with w.block(f"for d in T.vectorized({s.Dv}):"):
+                    w("dOs[i, d] = T.if_then_else(q0 + i < LQ, DO[b, h, qi, d], T.float32(0.0))")
             w("Dr[i] = DELTA[b, h, qi]")
             if not isinstance(self.norm, nodes.SoftmaxNorm):
                 value = "LSE[b, h, qi]" if self.row_sums and from_lse else "T.float32(1.0)"
@@ -517,9 +524,29 @@ class _Backward:
 
     def _dq_update(self, row: str) -> None:
         """dQ[BM, D] += dS[BM, BN] @ K[kv tile], register blocked over query rows; ``row`` opens
-        the accumulator's access up to the tile row (task-local ``dQa[`` or global ``DQ[...``)."""
-        self._add_products(("i0", "i1", self.s.block_m), self.s.D, f"{row}{{r}}, {{c}}]",
-                           "dS[{r}, j] * KP[b, hk, kv0 + j, {c}]", ("j", "range", self.s.block_n))
+        the accumulator's access up to the tile row (task-local ``dQa[`` or global ``DQ[...``).
+        With pair dots by pairs of keys: dS rounded to bfloat16 in its own order (``dSk``), K by
+        key pairs (``KP``, clamped to its last pair: keys past LKV weigh 0)."""
+        s, w = self.s, self.w
+        if not s.pair_dots:
+            self._add_products(("i0", "i1", s.block_m), s.D, f"{row}{{r}}, {{c}}]",
+                               "dS[{r}, j] * KP[b, hk, kv0 + j, {c}]", ("j", "range", s.block_n))
+            return
+        n, R = bf16_pairs.LANES, s.rows
+        with w.block(f"for i in range({s.block_m}):"), w.block(f"for j0 in range({s.block_n // (2 * n)}):"):
+            run = [llvm_import.lanes("dS", "i", first=f"j0 * {2 * n} + {k * n}") for k in (0, 1)]
+            w(f"{llvm_import.lanes('dSk', 'i', first=f'j0 * {n}')} = {bf16_pairs.rounded_run(*run)}")
+        block = RegisterBlock.of("Ar", ("i1", R), ("d1", n))
+        target = f"{row}i0 * {R} + i1, d0 * {n} + d1]"
+        with w.block(f"for i0 in range({s.block_m // R}):"), w.block(f"for d0 in range({s.D // n}):"):
+            block.declare(w)
+            block.fill(w, target)
+            with w.block(f"for jp in range({s.block_n // 2}):"), w.block(f"for i1 in T.unroll({R}):"):
+                lanes = llvm_import.lanes("Ar", "i1")
+                keys = llvm_import.lanes("KP", "b", "hk", "T.min(kv0 // 2 + jp, LK2 - 1)", first=f"d0 * {n}")
+                weight = f"T.Broadcast(dSk[i0 * {R} + i1, jp], {n})"
+                w(f"{lanes} = {bf16_pairs.dot(lanes, keys, weight)}")
+            block.store(w, target)
 
     def _add_products(self, rows: tuple[str, str, int], width: int, target: str, term: str, over: Loop) -> None:
         """``target += term`` summed over the loop ``over``, for ``rows = (outer, inner, extent)``

@@ -2,7 +2,8 @@
 
 ``backward_unsupported`` says why a region's gradients cannot come from the generated kernels
 (the autograd Function then recomputes through the reference, after a one-time warning).
-``launch_backward`` stages K and V as float32 tiles and Q and dO as float32 copies, transposes
+``launch_backward`` stages K and V as float32 tiles and Q and dO as float32 copies (bfloat16 with
+pair dots: word layouts, ``BackwardShape.pair_dots``), transposes
 the forward's block tables (per kv tile, the query tiles that see it), picks the fused kernel
 or the two kernels (``use_fused``) and returns the gradients; the sink's and the
 ``row_shift``'s shares of the captured tensors' gradients are O(B * Hq * Lq) torch expressions.
@@ -114,12 +115,12 @@ def _pair_tiles(t: torch.Tensor, block_n: int) -> torch.Tensor:
 
 
 def uses_pair_dots(shape: BackwardShape, *tensors: torch.Tensor) -> bool:
-    """Whether S, dP, dV and dK multiply by bfloat16 pairs (``bf16_pairs``): every input bfloat16
-    (q, k, v and dO), a host with AVX-512 BF16, vectors of 16 keys, head dims in whole vectors and
-    an even ``block_m``."""
+    """Whether the backward's products multiply by bfloat16 pairs (``bf16_pairs``): every input
+    bfloat16 (q, k, v and dO), a host with AVX-512 BF16, vectors of 16 keys, head dims in whole
+    vectors, an even ``block_m`` and ``block_n`` in whole runs of 32 keys."""
     n = bf16_pairs.LANES
-    return (all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host()
-            and shape.vector == n and shape.D % n == 0 and shape.Dv % n == 0 and shape.block_m % 2 == 0)
+    return (all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host() and shape.vector == n
+            and shape.D % n == 0 and shape.Dv % n == 0 and shape.block_m % 2 == 0 and shape.block_n % (2 * n) == 0)
 
 
 def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,14 +180,16 @@ def launch_backward(
     Lkv, Dv = k.shape[2], v.shape[3]
     # NOTE: float16 / bfloat16 Q and dO as float32 copies, like K and V (``_tiles``): the dkdv
     # kernel reads every query tile once per kv tile that sees it, and one compile of the
-    # kernels serves every input dtype
+    # kernels serves every input dtype; bfloat16 with pair dots is read as it is, as words
     shape = shape or BackwardShape(D=D, Dv=Dv)
     shape = dataclasses.replace(shape, pair_dots=uses_pair_dots(shape, q, k, v, do))
-    words = []
-    if shape.pair_dots:  # rows as feature-pair words (S, dP) and as row-pair words (dK, dV)
-        words = [launcher.words(q), launcher.words(do), launcher.key_pairs(q, 2), launcher.key_pairs(do, 3)]
     dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
-    q, do = q.float(), do.float()
+    if shape.pair_dots:  # rows as feature-pair words (S, dP) and by row pairs (dK, dV): nothing converted
+        row_pairs = [launcher.key_pairs(q, 2), launcher.key_pairs(do, 3)]
+        qc, doc = launcher.words(q), launcher.words(do)
+    else:
+        row_pairs = []
+        qc, doc = q.float().contiguous(), do.float().contiguous()
     BN = shape.block_n
     nkv = -(-Lkv // BN)
     if tables is None:
@@ -194,26 +197,26 @@ def launch_backward(
     tcount, tindex, fcount, findex = schedule.derived(tables, ("by kv tile", nkv), lambda: (
         *transpose_tables(tables.partial_count, tables.partial_index, nkv),
         *transpose_tables(tables.full_count, tables.full_index, nkv)))
-    if shape.pair_dots:  # K row-major in float32 for dQ; the tiles as words for S and dP
-        kp, kt, vt = _tiles(k, BN, transposed=False)[0], _pair_tiles(k, BN), _pair_tiles(v, BN)
+    if shape.pair_dots:  # K by key pairs for dQ; the tiles as words for S and dP
+        kp, kt, vt = launcher.key_pairs(k, 4), _pair_tiles(k, BN), _pair_tiles(v, BN)
     else:
         kp, kt = _tiles(k, BN)
         _, vt = _tiles(v, BN)
+    lkp = nkv * BN  # keys padded to whole tiles: the rows of dk and dv
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
-    qc, doc = q.contiguous(), do.contiguous()
     # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
     softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
     lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
     delta = delta.float().contiguous()
     launcher.set_threads()
-    dk = torch.empty(B, k.shape[1], kp.shape[2], D, dtype=torch.float32)
-    dv = torch.empty(B, k.shape[1], kp.shape[2], Dv, dtype=torch.float32)
+    dk = torch.empty(B, k.shape[1], lkp, D, dtype=torch.float32)
+    dv = torch.empty(B, k.shape[1], lkp, Dv, dtype=torch.float32)
     if use_fused(region, B * k.shape[1], learn):
         dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
         partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
         launcher.kernel_function(render_backward(region, shape, "fused", scattered))(
-            qc, kt, vt, doc, lse, delta, *words, dq, kp, dk, dv, tcount, tindex, fcount, findex,
+            qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
         sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
@@ -223,14 +226,14 @@ def launch_backward(
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     launcher.kernel_function(render_backward(region, shape, "dq"))(
-        qc, kt, vt, doc, lse, delta, *words, dq, kp,
+        qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     launcher.kernel_function(render_backward(region, shape, "dkdv"))(
-        qc, kt, vt, doc, lse, delta, *words, dk, dv, tcount, tindex, fcount, findex,
+        qc, kt, vt, doc, lse, delta, *row_pairs, dk, dv, tcount, tindex, fcount, findex,
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )

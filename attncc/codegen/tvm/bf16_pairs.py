@@ -26,6 +26,7 @@ from attncc.codegen.tvm import llvm_import
 LANES = llvm_import.LANES  # float32 lanes of one instruction
 DOT = "attncc_dot_pairs"
 ROUND = "attncc_bf16_pairs"
+RUN = "attncc_bf16_run"
 
 _INTERLEAVE = ", ".join(f"i32 {k}" for lane in range(LANES) for k in (lane, LANES + lane))
 LLVM_IR = f"""
@@ -39,6 +40,11 @@ define internal <16 x float> @{ROUND}(<16 x float> %lo, <16 x float> %hi) always
   %c = call <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float> %hi, <16 x float> %lo)
   %s = shufflevector <32 x bfloat> %c, <32 x bfloat> poison, <32 x i32> <{_INTERLEAVE}>
   %r = bitcast <32 x bfloat> %s to <16 x float>
+  ret <16 x float> %r
+}}
+define internal <16 x float> @{RUN}(<16 x float> %lo, <16 x float> %hi) alwaysinline {{
+  %c = call <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float> %hi, <16 x float> %lo)
+  %r = bitcast <32 x bfloat> %c to <16 x float>
   ret <16 x float> %r
 }}
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
@@ -62,6 +68,12 @@ def import_statement() -> str:
 def dot(acc: str, a: str, b: str) -> str:
     """``acc + pair products of a and b``, each a float32x16 expression of bfloat16 pairs."""
     return llvm_import.call(DOT, acc, a, b)
+
+
+def rounded_run(lo: str, hi: str) -> str:
+    """32 consecutive float32 values (``lo`` the first 16, ``hi`` the next) rounded to bfloat16 in
+    their order: word ``l`` holds values ``2l`` and ``2l + 1``."""
+    return llvm_import.call(RUN, lo, hi)
 
 
 def rounded_pairs(lo: str, hi: str) -> str:
