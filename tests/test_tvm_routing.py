@@ -212,6 +212,19 @@ def test_topk_blocks_gradients_come_from_the_generated_backward(name: str, monke
     assert given_tables and all(t is not None for t in given_tables)
 
 
+@pytest.mark.parametrize("name", sorted(MOBA))
+def test_topk_blocks_bfloat16_gradients(name: str) -> None:
+    """TopKBlocks under autograd in bfloat16 (the backward multiplies by pairs where the host has
+    AVX-512 BF16 and the tiles allow, ``backward_launch.uses_pair_dots``): SEMANTICS.md's rule."""
+    q, k, v = (t.to(torch.bfloat16) for t in qkv(Lq=40, Lkv=75))
+    got = routed_grads(moba(name), q, k, v, "tvm", q_offset=35)
+    want = routed_grads(moba(name), q, k, v, "reference", q_offset=35, dtype=torch.float64)
+    lowp = routed_grads(moba(name), q, k, v, "reference", q_offset=35)
+    for what, g, w, low in zip(("dq", "dk", "dv"), got, want, lowp, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert_close_to_reference(g, w, low, k.shape[2], what=what, factor=2.0)
+
+
 def test_topk_blocks_learned_tensors_get_gradients() -> None:
     """A learned sink and a learned ALiBi slope table under MoBA routing."""
     sink = SINK.clone().requires_grad_(True)
