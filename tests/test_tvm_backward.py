@@ -183,16 +183,16 @@ def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
 
 
-@pytest.mark.parametrize("name,dtype", [("causal", torch.bfloat16), ("alibi", torch.bfloat16)])
-def test_low_precision_inputs_without_pair_dots(name: str, dtype: torch.dtype, monkeypatch) -> None:
+@pytest.mark.parametrize("name", ["causal", "alibi"])
+def test_low_precision_inputs_without_pair_dots(name: str, monkeypatch) -> None:
     """bfloat16 through the float32 products everywhere (hosts without AVX-512 BF16)."""
     monkeypatch.setattr(backward_launch, "uses_pair_dots", lambda *args: False)
-    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25)
+    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25)
 
 
 @pytest.mark.parametrize("name", ["causal", "alibi", "document", "softcap", "sigmoid", "softplus", "dense"])
 def test_bfloat16_pair_dots_gradients(name: str, monkeypatch) -> None:
-    """On a host with AVX-512 BF16, the backward's S and dP multiply by bfloat16 pairs
+    """On a host with AVX-512 BF16, the backward's five products multiply by bfloat16 pairs
     (``BackwardShape.pair_dots``): both kernel schemes, GQA, a query offset, ragged tiles, lse."""
     from attncc.codegen.tvm import bf16_pairs
 
@@ -223,11 +223,12 @@ def test_bfloat16_pair_dots_agree_with_float32_products(name: str, monkeypatch) 
         pytest.skip("this host has no AVX-512 BF16")
     q, k, v = qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=torch.bfloat16, seed=4)
     weights = torch.randn(2, 4, 77, 32, generator=torch.Generator().manual_seed(9))
-    uses = backward_launch.uses_pair_dots
+    uses, decided = backward_launch.uses_pair_dots, []
     for fused in (True, False):
         grads = []
         for pairs in (True, False):
-            monkeypatch.setattr(backward_launch, "uses_pair_dots", lambda *a, on=pairs: on and uses(*a))
+            monkeypatch.setattr(backward_launch, "uses_pair_dots",
+                                lambda *a, on=pairs: on and (decided.append(uses(*a)) or decided[-1]))
             leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
             with fused_kernel(fused):
                 out = variant(name)(*leaves, backend="tvm", q_offset=23)
@@ -235,21 +236,29 @@ def test_bfloat16_pair_dots_agree_with_float32_products(name: str, monkeypatch) 
         for what, got, want in zip(("dq", "dk", "dv"), *grads):
             gap = (got.float() - want.float()).norm() / want.float().norm()
             assert gap < 1e-2, f"{what}: pair dots differ from the float32 products by {gap:.3g} in norm"
+    assert decided and all(decided)
 
 
 def test_pair_tiles_layout_and_refusal() -> None:
     """``_pair_tiles``: word (d, j) of tile t holds features 2d and 2d + 1 of key t * BN + j, zero
-    past the keys; the renderer refuses pair dots with vectors of 8 keys or head dims of 8."""
+    past the keys, also from a tensor at an odd storage offset (whole tiles, no padding copy); the
+    renderer refuses pair dots for knobs that do not fit (``BackwardShape.fits_pair_dots``)."""
     from attncc.codegen.tvm.backward import BackwardShape, render_backward
 
     k = torch.randn(2, 3, 21, 8).to(torch.bfloat16)
-    tiles = backward_launch._pair_tiles(k, 16).view(torch.int32).view(torch.bfloat16).view(2, 3, 2, 4, 16, 2)
+    tiles = backward_launch._pair_tiles(k, 16).view(torch.bfloat16).view(2, 3, 2, 4, 16, 2)
     keys = torch.cat([k, torch.zeros(2, 3, 11, 8, dtype=torch.bfloat16)], 2).view(2, 3, 2, 16, 4, 2)
     assert torch.equal(tiles, keys.transpose(3, 4))
-    with pytest.raises(ValueError, match="backward pair dots need"):
-        render_backward(variant("causal").plan.regions[0], BackwardShape(16, 16, vector=8, pair_dots=True), "dq")
-    with pytest.raises(ValueError, match="backward pair dots need"):
-        render_backward(variant("causal").plan.regions[0], BackwardShape(8, 8, pair_dots=True), "dq")
+    shifted = torch.empty(2 * 3 * 32 * 8 + 1, dtype=torch.bfloat16)[1:].view(2, 3, 32, 8)
+    shifted.copy_(keys.view(2, 3, 32, 8))
+    assert torch.equal(backward_launch._pair_tiles(shifted, 16).view(torch.bfloat16).view(2, 3, 2, 4, 16, 2), tiles)
+    region = variant("causal").plan.regions[0]
+    for knobs in ({"D": 16, "Dv": 16, "vector": 8}, {"D": 8, "Dv": 8}, {"D": 16, "Dv": 16, "block_n": 16},
+                  {"D": 16, "Dv": 16, "block_m": 7, "rows": 7}):
+        assert not BackwardShape(**knobs).fits_pair_dots
+        with pytest.raises(ValueError, match="backward pair dots need"):
+            render_backward(region, BackwardShape(**knobs, pair_dots=True), "dq")
+    assert BackwardShape(16, 16).fits_pair_dots
 
 
 @contextlib.contextmanager

@@ -91,15 +91,12 @@ def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: t
     return None
 
 
-def _tiles(t: torch.Tensor, block_n: int, transposed: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``,
-    or None when not ``transposed``)."""
+def _tiles(t: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``)."""
     B, H, L, D = t.shape
     pad = -(-L // block_n) * block_n - L
     tf = t.contiguous().float()
     tf = torch.nn.functional.pad(tf, (0, 0, 0, pad)) if pad else tf
-    if not transposed:
-        return tf, None
     return tf, tf.view(B, H, (L + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
 
 
@@ -109,18 +106,16 @@ def _pair_tiles(t: torch.Tensor, block_n: int) -> torch.Tensor:
     its key ``j`` (``BackwardShape.pair_dots``)."""
     B, H, L, D = t.shape
     pad = -(-L // block_n) * block_n - L
-    tp = torch.nn.functional.pad(t.contiguous(), (0, 0, 0, pad)) if pad else t.contiguous()
-    words = tp.view(torch.int32).view(B, H, (L + pad) // block_n, block_n, D // 2)
-    return words.transpose(-1, -2).contiguous().view(torch.float32)
+    tp = torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+    words = launcher.words(tp).view(B, H, (L + pad) // block_n, block_n, D // 2)  # any storage offset
+    return words.transpose(-1, -2).contiguous()
 
 
 def uses_pair_dots(shape: BackwardShape, *tensors: torch.Tensor) -> bool:
     """Whether the backward's products multiply by bfloat16 pairs (``bf16_pairs``): every input
-    bfloat16 (q, k, v and dO), a host with AVX-512 BF16, vectors of 16 keys, head dims in whole
-    vectors, an even ``block_m`` and ``block_n`` in whole runs of 32 keys."""
-    n = bf16_pairs.LANES
-    return (all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host() and shape.vector == n
-            and shape.D % n == 0 and shape.Dv % n == 0 and shape.block_m % 2 == 0 and shape.block_n % (2 * n) == 0)
+    bfloat16 (q, k, v and dO), a host with AVX-512 BF16, knobs that allow it
+    (``BackwardShape.fits_pair_dots``)."""
+    return all(t.dtype == torch.bfloat16 for t in tensors) and bf16_pairs.on_host() and shape.fits_pair_dots
 
 
 def transpose_tables(count: torch.Tensor, index: torch.Tensor, nkv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +220,8 @@ def launch_backward(
         return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
-    launcher.kernel_function(render_backward(region, shape, "dq"))(
-        qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp,
+    launcher.kernel_function(render_backward(region, shape, "dq"))(  # its products need no row pairs
+        qc, kt, vt, doc, lse, delta, dq, kp,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, threads),

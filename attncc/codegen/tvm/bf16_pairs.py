@@ -11,10 +11,14 @@ forward kernel (``KernelShape.pair_dots``) uses it for both products:
   bfloat16 (``vcvtne2ps2bf16``; FlashAttention rounds P to the inputs' dtype likewise). Row sums
   stay float32.
 
+The backward (``BackwardShape.pair_dots``) uses it for its five products: by feature pairs for S
+and dP, by row pairs for dV and dK (``rounded_pairs`` of two rows), by key pairs for dQ
+(``rounded_run`` of one row's consecutive keys).
+
 Why LLVM IR: TVM 0.27 types bfloat16 vectors as ``<32 x i16>`` while LLVM's intrinsics take
 ``<32 x bfloat>``, so a ``call_llvm_intrin`` fails to verify. The two instructions are wrapped in
-functions of float32 words (``llvm_import``); LLVM inlines them (one instruction each, plus a
-shuffle for the rounding).
+three functions of float32 words (``llvm_import``); LLVM inlines them (one instruction each,
+plus a shuffle for the interleaved rounding).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def on_host() -> bool:
 
 
 def import_statement() -> str:
-    """The TVMScript ``with`` header that puts the two functions into the kernel's module."""
+    """The TVMScript ``with`` header that puts the functions into the kernel's module."""
     return llvm_import.import_statement(LLVM_IR)
 
 

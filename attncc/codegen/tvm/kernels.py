@@ -90,7 +90,8 @@ class KernelShape:
     # pairs, V as words of key pairs (``launcher.key_pairs``); nothing is converted to float32
     pair_dots: bool = False
     # True: softmax exponentials by AVX-512's vreduceps / vscalefps, a vector of 16 rows at a
-    # time (``vector_exp``); False: the portable polynomial (``render.fast_exp2_nonpositive``)
+    # time (``vector_exp``); False: the portable polynomials (``render.fast_exp2_nonpositive``,
+    # ``fast_exp_nonpositive`` in base e)
     vector_exp: bool = False
 
     @property
