@@ -472,9 +472,10 @@ def f(x_h: T.handle, y_h: T.handle):
     assert y[x.isnan()].isnan().all()
 
 
-def test_softmax_portable_exponential_matches_reference(kernel_shapes) -> None:
-    """Softmax kernels without ``vector_exp`` (hosts without AVX-512, or vectors of 8 rows) keep
-    the portable polynomial: base 2 (no score function), base e (ALiBi), a sink, GQA, lse."""
+def test_portable_exponentials_match_reference(kernel_shapes) -> None:
+    """Kernels without ``vector_exp`` (hosts without AVX-512, or vectors of 8 rows) keep the
+    portable polynomials: softmax in base 2 (no score function) and base e (ALiBi), a sink,
+    stick-breaking; GQA, lse."""
     from attncc.codegen.tvm import forward, vector_exp
 
     region = variant("causal").plan.regions[0]
@@ -485,6 +486,7 @@ def test_softmax_portable_exponential_matches_reference(kernel_shapes) -> None:
     assert not forward.kernel_arguments(region, config, *qkv()[::2], scale=1.0, total_lkv=77)[0].vector_exp
     for name in ("causal", "alibi", "sinks", "document"):
         check_against_reference(variant(name), *qkv(), backend="tvm", return_lse=True)
+    check_against_reference(variant("stick_breaking"), *qkv(), backend="tvm")
 
 
 def test_vector_exp_needs_vectors_of_sixteen_rows() -> None:

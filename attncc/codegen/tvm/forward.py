@@ -223,8 +223,8 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
 
 
 def uses_vector_exp(config: dict) -> bool:
-    """Whether softmax exponentials go through ``vector_exp``: on a host with AVX-512F and DQ, in
-    the key-major kernel with vectors of 16 rows."""
+    """Whether softmax and stick-breaking exponentials go through ``vector_exp``: on a host with
+    AVX-512F and DQ, in the key-major kernel with vectors of 16 rows."""
     return (vector_exp.on_host() and config.get("layout", "key_major") == "key_major"
             and config["vector"] == llvm_import.LANES)
 
