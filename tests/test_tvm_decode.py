@@ -147,6 +147,20 @@ def test_split_kv_reads_a_slice_of_a_preallocated_cache_in_place(staged_pointers
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Lq", [1, 4])
+def test_split_kv_reads_a_low_precision_cache_in_place(dtype: torch.dtype, Lq: int,
+                                                       staged_pointers: list[tuple[int, int]]) -> None:
+    """A float16 / bfloat16 cache (a slice of a longer one) reaches the kernel as it is, converted
+    in registers: converting it to float32 every step made bfloat16 steps 1.7x slower than float32
+    ones (32 query heads over 8 kv heads of 128, 4096 keys)."""
+    q, k, v = qkv(B=2, Hkv=2, Lq=Lq, Lkv=3000, dtype=dtype, seed=6)
+    ks, vs = k[:, :, :2333], v[:, :, :2333]
+    check_against_reference(variant("sinks"), q, ks, vs, backend="tvm", q_offset=2333 - Lq, return_lse=True)
+    check_against_reference(variant("sigmoid"), q, ks, vs, backend="tvm", q_offset=2333 - Lq)
+    assert staged_pointers == [(k.data_ptr(), v.data_ptr())] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_split_kv_low_precision(dtype: torch.dtype) -> None:
     q, k, v = qkv(Lq=4, Lkv=2048, dtype=dtype, seed=3)
     out = variant("sinks")(q, k, v, backend="tvm", q_offset=2044)

@@ -98,7 +98,7 @@ class RowMajorForward(KeyMajorForward):
         parts.declare(w)
         with w.block(f"for j0 in range({BN // KB}):"):
             parts.fill(w, "T.float32(0.0)")
-            key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]")
+            key = self._f32(f"K[{self._key(f'j0 * {KB} + jk', masked)}, d0 * {LANES} + l]", s.kv_type)
             parts.accumulate(w, f"Qs[i, d0 * {LANES} + l] * {key}", ("d0", "range", s.D // LANES))
             with nest(w, *parts.loops[:2]):
                 w(f"St[i, j0 * {KB} + jk] = {tree('', [f'Part[jk, i, {lane}]' for lane in range(LANES)])}")
@@ -152,7 +152,7 @@ class RowMajorForward(KeyMajorForward):
         with w.block(f"for d0 in range({Dv // width}):"):
             values.declare(w)
             values.fill(w, f"{acc} * Alpha[i]" if rescale else acc)
-            value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]")
+            value = self._f32(f"V[{self._key('j', masked)}, d0 * {width} + c]", s.kv_type)
             values.accumulate(w, f"St[i, j] * {value}", ("j", "range", s.block_n))
             values.store(w, acc)
 

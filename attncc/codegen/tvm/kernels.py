@@ -82,7 +82,8 @@ class KernelShape:
     # "key_major": this module's kernel; "row_major": few query rows (decoding, decode_kernel.py)
     layout: str = "key_major"
     # K and V's dtype where it is not ``dtype``: "float32" when the launcher converted float16 /
-    # bfloat16 keys and values up front (``forward.converts_kv_up_front``)
+    # bfloat16 keys and values up front (``forward.converts_kv_up_front``); the cache's own
+    # float16 / bfloat16 when a decoding step's float32 query rows read it in place (``forward._kv_type``)
     kv_dtype: str = ""
     # > 0: Q tiles are transposed in registers, blocks of this many rows and features at a time
     # (``KeyMajorForward._shuffle_q``); 0: by strided reads
@@ -261,8 +262,9 @@ class KeyMajorForward:
               f'Q = T.match_buffer(q_h, (B, HQ, LQ, {s.D}), "{dt}")')
             if s.kv_chunks:  # a decoding step reads a slice of a preallocated cache as it is (strided)
                 w("KS0, KS1, KS2, VS0, VS1, VS2 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()")
-                w(f'K = T.match_buffer(k_h, (BK, HKV, LKP, {s.D}), "{dt}", strides=(KS0, KS1, KS2, 1))')
-                w(f'V = T.match_buffer(v_h, (BK, HKV, LKP, {s.Dv}), "{dt}", strides=(VS0, VS1, VS2, 1))')
+                kv = TORCH_TO_TIR[s.kv_type]
+                w(f'K = T.match_buffer(k_h, (BK, HKV, LKP, {s.D}), "{kv}", strides=(KS0, KS1, KS2, 1))')
+                w(f'V = T.match_buffer(v_h, (BK, HKV, LKP, {s.Dv}), "{kv}", strides=(VS0, VS1, VS2, 1))')
             elif s.pair_dots:
                 w("LVP = T.int32()")
                 w(f'K = T.match_buffer(k_h, (B, HKV, LKP, {s.D // 2}), {words})')
