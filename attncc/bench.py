@@ -136,6 +136,10 @@ def build_cases(quick: bool) -> list[Case]:
             ("decode", DECODE_HEADS, 4096), ("decode", DECODE_HEADS, 16384), ("decode mha", MHA_DECODE_HEADS, 4096)):
         cases.append(Case(name, L, program=lambda: attncc.variant(mask=masks.causal), sdpa={"enable_gqa": True},
                           decode=heads, flops=lambda L, heads=heads: 4 * B * heads[0] * heads[2] * L))
+    if not quick:  # a bfloat16 cache, the usual one, against the same step on float32 copies
+        cases.append(Case("decode", 4096, torch.bfloat16, program=lambda: attncc.variant(mask=masks.causal),
+                          sdpa={"enable_gqa": True}, decode=DECODE_HEADS, baselines=("float32",),
+                          flops=lambda L: 4 * B * DECODE_HEADS[0] * DECODE_HEADS[2] * L))
     L = 2048 if quick else 16384
     cases.append(Case("linear", L, program=lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear()),
                       keep=_causal, flops=lambda L: 4 * B * H * D * D * L, baselines=("causal",)))
@@ -185,7 +189,7 @@ def contenders(case: Case, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callabl
         found["attncc-tvm causal"] = lambda: causal(q, k, v, backend="tvm")
     if "float32" in case.baselines:
         q32, k32, v32 = q.float(), k.float(), v.float()
-        found["attncc-tvm float32"] = lambda: program(q32, k32, v32, backend="tvm")
+        found["attncc-tvm float32"] = lambda: program(q32, k32, v32, backend="tvm", q_offset=offset)
     if "mm" in case.baselines:
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         found["torch.mm"] = lambda: torch.mm(a, b)
@@ -443,6 +447,9 @@ def targets(cases: list[Case], mm: float) -> list[str]:
             Hq, Hkv, Dd = c.decode
             lines.append(f"- {c.label} (one query, {Hq} query heads over {Hkv} kv heads of {Dd}): "
                          f"{r['sdpa'] / t:.2f}x SDPA's speed (no target in the issue)")
+            if "attncc-tvm float32" in r:
+                check(f"{c.label} speed vs the same on float32 copies", r["attncc-tvm float32"] / t, 1.0,
+                      paired_ratio(c, "attncc-tvm float32"))
             continue
         if c.name == "causal" and c.dtype == torch.float32 and "sdpa" in r:
             check(f"{c.label} speed vs SDPA", r["sdpa"] / t, 1.0, paired_ratio(c, "sdpa"))
