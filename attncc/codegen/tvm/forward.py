@@ -198,10 +198,11 @@ def kernel_arguments(
     region: AttentionRegion, config: dict, q: torch.Tensor, v: torch.Tensor, *, scale: float, total_lkv: int,
     group: int = 1, kv_chunk: int = 0,
 ) -> tuple[KernelShape, float, float]:
-    """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtype are
-    read): the region's folded score scale and the sigmoid's default bias (from ``total_lkv``, the
-    real key length) are applied here, for every path."""
-    up_front = converts_kv_up_front(q.dtype, config, kv_chunk > 0, q.shape[2] * group)
+    """(kernel shape, scale, bias) of a call at ``config`` (only the tensors' shapes and dtypes are
+    read; ``v``'s dtype is K's too, ``validate.check_qkv``): the region's folded score scale and the
+    sigmoid's default bias (from ``total_lkv``, the real key length) are applied here, for every
+    path."""
+    up_front = converts_kv_up_front(v.dtype, config, kv_chunk > 0, q.shape[2] * group)
     shape = _kernel_shape(q.shape[3], v.shape[3], q.dtype, group, tuple(config.items()), kv_chunk > 0, up_front,
                           v.dtype)
     if region.score_scale is not None:
@@ -216,7 +217,8 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
     """The ``KernelShape`` of a call, memoized: one object per shape also makes the rendered-source
     memo's lookup an identity check, and the host questions (pair dots, transposition) are asked
     once per shape. ``kv_up_front``: K and V would arrive as float32 copies; a call that
-    multiplies by pairs converts nothing."""
+    multiplies by pairs converts nothing. ``kv_dtype``: K and V's dtype when it is not q's
+    (``_kv_type``)."""
     pairs = uses_pair_dots(dtype, D, Dv, dict(config), kv_chunks)
     return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
                        kv_dtype=_kv_type(dtype, kv_dtype, kv_up_front and not pairs),
@@ -226,9 +228,11 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
 
 def _kv_type(dtype: torch.dtype, kv_dtype: torch.dtype | None, up_front: bool) -> str:
     """``KernelShape.kv_dtype``: "float32" for copies converted up front; K and V's own dtype
-    where it differs from q's (a decoding step multiplies a float32 copy of its few query rows
-    with a float16 / bfloat16 cache, read in place and converted in registers: converting the
-    cache to float32 first made bfloat16 steps 1.7x slower than float32 ones); else ""."""
+    where it differs from q's, else "". The paths that multiply a float32 copy of a few query
+    rows (a decoding step, TopKHeads, per-token MoBA) read a float16 / bfloat16 K and V as they
+    are, converted in the kernel (a tile at a time, or in registers), unless there are query
+    tiles enough to convert up front (``converts_kv_up_front``): converting a decoding step's
+    whole cache to float32 first made bfloat16 steps 1.7x slower than float32 ones."""
     if up_front:
         return "float32"
     return "" if kv_dtype in (None, dtype) else str(kv_dtype).removeprefix("torch.")

@@ -297,7 +297,7 @@ def launch(
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[B, Hkv, Lkv, D]`` in ``dtype``, the one the kernel reads them in
-    (``KernelShape.kv_type``: q's, or float32 copies of float16 / bfloat16 ones): contiguous
+    (``KernelShape.kv_type``: their own, or float32 copies of float16 / bfloat16 ones): contiguous
     inputs of that dtype pass through without a copy; the kernel clamps reads past the last key
     instead of padding, and otherwise converts float16 / bfloat16 a tile at a time. ``strided``:
     the kernel takes any strides with contiguous features (a decoding step's slice of a
