@@ -42,12 +42,20 @@ def _fmt(e: Expr, parent_prec: int) -> str:
         right_prec = prec + 1 if e.op != "pow" else prec
         text = f"{_fmt(e.src[0], prec)} {symbol} {_fmt(e.src[1], right_prec)}"
         return f"({text})" if prec <= parent_prec else text
+    if e.op == "not" and _constant(e.src[0]):
+        # NOTE: read back, a constant operand is a Python bool, and ~False is -1, not True
+        return f"(not {_fmt(e.src[0], UNARY_PREC)})"
     if e.op in ("neg", "not", "invert"):
         text = f"{'-' if e.op == 'neg' else '~'}{_fmt(e.src[0], UNARY_PREC)}"
         return f"({text})" if parent_prec >= UNARY_PREC else text
     if e.op == "cast":
         return f"{e.arg}({_fmt(e.src[0], -2)})"
     return f"{e.op}({', '.join(_fmt(s, -2) for s in e.src)})"
+
+
+def _constant(e: Expr) -> bool:
+    """Whether ``e`` reads no index, score or tensor: Python computes it on plain numbers."""
+    return not any(node.op in ("var", "input", "load") for node in e.walk())
 
 
 def format_graph(graph: AttentionGraph) -> str:
