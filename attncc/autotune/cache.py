@@ -150,8 +150,10 @@ class TuningCache:
         return _GENERATIONS.get(str(self.path), 0), self._external_version()
 
     def _external_version(self) -> int:
-        """This thread's connection's ``data_version`` as last read (values of different
-        connections are not comparable, and connections are per thread)."""
+        """This thread's connection's ``data_version`` as last read, counted from its value when
+        the connection opened (values of different connections are not comparable, and
+        connections are per thread). Counted from 0, opening the connection inside a call moved
+        the generation with nothing written, and the next identical call missed every memo."""
         seen = getattr(self._local, "seen", None)
         now = time.monotonic()
         if seen is not None and now - seen[0] < EXTERNAL_CHECK_SECONDS:
@@ -160,7 +162,7 @@ class TuningCache:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             try:
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                version = conn.execute("PRAGMA data_version").fetchone()[0] - self._local.base
             except sqlite3.DatabaseError:
                 pass
         self._local.seen = (now, version)
@@ -181,7 +183,11 @@ class TuningCache:
             warn_once(f"unusable:{self.path}", f"tuning cache {self.path} cannot be opened ({err}); using defaults")
             self.disabled = str(err)
             return None
-        self._local.conn, self._local.pid = conn, os.getpid()
+        try:
+            base = conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.DatabaseError:
+            base = 0
+        self._local.conn, self._local.pid, self._local.base = conn, os.getpid(), base
         return conn
 
     def _open_checked(self) -> sqlite3.Connection:
