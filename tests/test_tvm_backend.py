@@ -482,7 +482,7 @@ def test_portable_exponentials_match_reference(kernel_shapes) -> None:
     config = {"block_m": 64, "block_n": 64, "rows": 4, "vector": 16}
     assert forward.kernel_arguments(region, config, *qkv()[::2], scale=1.0, total_lkv=77)[0].vector_exp == \
         vector_exp.on_host()
-    kernel_shapes(forward, "uses_vector_exp", lambda config: False)
+    kernel_shapes(forward, "uses_vector_exp", lambda shape: False)
     assert not forward.kernel_arguments(region, config, *qkv()[::2], scale=1.0, total_lkv=77)[0].vector_exp
     for name in ("causal", "alibi", "sinks", "document"):
         check_against_reference(variant(name), *qkv(), backend="tvm", return_lse=True)

@@ -16,6 +16,7 @@ decoding), ``rows.py`` (the forward kernel on re-indexed rows and keys, shared b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from types import ModuleType
@@ -65,8 +66,8 @@ class TVMBackend:
         from attncc.codegen.tvm.launcher import transpose_lanes
 
         config = {name: values[0] for name, values in PARAMS.items()}
-        shape = KernelShape(64, 64, "float32", transpose_lanes=transpose_lanes(),
-                            vector_exp=uses_vector_exp(config), **config)
+        shape = KernelShape(64, 64, "float32", transpose_lanes=transpose_lanes(), **config)
+        shape = dataclasses.replace(shape, vector_exp=uses_vector_exp(shape))
         return render_forward(plan.regions[0], shape)
 
 

@@ -500,10 +500,8 @@ class _Backward:
         s, w = self.s, self.w
         RegisterBlock.of(acc, ("i1", s.rows), ("j1", s.vector)).fill(w, "T.float32(0.0)")
         with w.block(f"for d in range({depth // 2}):"), w.block(f"for i1 in T.unroll({s.rows}):"):
-            block = llvm_import.lanes(acc, "i1")
             keys = llvm_import.lanes(tiles, "b", "hk", "kt", "d", first=f"j0 * {s.vector}")
-            row = f"T.Broadcast({rows}[i0 * {s.rows} + i1, d], {bf16_pairs.LANES})"
-            w(f"{block} = {bf16_pairs.dot(block, keys, row)}")
+            w(bf16_pairs.accumulate(llvm_import.lanes(acc, "i1"), keys, f"{rows}[i0 * {s.rows} + i1, d]"))
 
     def _round_row_pairs(self, words: str, weights: str) -> None:
         """``words[p, j]``: ``weights`` rows 2p and 2p + 1 at key j, rounded to bfloat16, one word."""
@@ -563,9 +561,8 @@ class _Backward:
             block.declare(w)
             block.fill(w, target.format(r=r, c=f"d0 * {n} + d1"))
             with w.block(f"for p in range({pairs}):"), w.block(f"for {inner} in T.unroll({R}):"):
-                lanes = llvm_import.lanes("Ar", inner)
-                broadcast = f"T.Broadcast({weight.format(r=r, p='p')}, {n})"
-                w(f"{lanes} = {bf16_pairs.dot(lanes, values.format(p='p', d=f'd0 * {n}'), broadcast)}")
+                w(bf16_pairs.accumulate(llvm_import.lanes("Ar", inner), values.format(p="p", d=f"d0 * {n}"),
+                                        weight.format(r=r, p="p")))
             block.store(w, target.format(r=r, c=f"d0 * {n} + d1"))
 
     @property

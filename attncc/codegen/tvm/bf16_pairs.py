@@ -74,6 +74,12 @@ def dot(acc: str, a: str, b: str) -> str:
     return llvm_import.call(DOT, acc, a, b)
 
 
+def accumulate(acc: str, values: str, word: str) -> str:
+    """The statement ``acc += pair products of values and one word broadcast``: ``acc`` and
+    ``values`` float32x16 accesses, ``word`` a scalar word (a pair of bfloat16) every lane shares."""
+    return f"{acc} = {dot(acc, values, f'T.Broadcast({word}, {LANES})')}"
+
+
 def rounded_run(lo: str, hi: str) -> str:
     """32 consecutive float32 values (``lo`` the first 16, ``hi`` the next) rounded to bfloat16 in
     their order: word ``l`` holds values ``2l`` and ``2l + 1``."""

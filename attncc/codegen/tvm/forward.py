@@ -14,6 +14,7 @@ from the shape bucket alone:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from types import ModuleType
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from attncc.autotune.keys import ShapeKey
-from attncc.codegen.tvm import bf16_pairs, launcher, llvm_import, vector_exp
+from attncc.codegen.tvm import bf16_pairs, launcher, vector_exp
 from attncc.codegen.tvm.kernels import KernelShape
 from attncc.codegen.tvm.packing import packed_config, packed_group, packed_tables
 from attncc.codegen.tvm.space import SPACE, fits
@@ -219,11 +220,11 @@ def _kernel_shape(D: int, Dv: int, dtype: torch.dtype, group: int, config: tuple
     once per shape. ``kv_up_front``: K and V would arrive as float32 copies; a call that
     multiplies by pairs converts nothing. ``kv_dtype``: K and V's dtype when it is not q's
     (``_kv_type``)."""
-    pairs = uses_pair_dots(dtype, D, Dv, dict(config), kv_chunks)
-    return KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
-                       kv_dtype=_kv_type(dtype, kv_dtype, kv_up_front and not pairs),
-                       transpose_lanes=launcher.transpose_lanes(), pair_dots=pairs,
-                       vector_exp=uses_vector_exp(dict(config)), **dict(config))
+    shape = KernelShape(D=D, Dv=Dv, dtype=str(dtype).removeprefix("torch."), group=group, kv_chunks=kv_chunks,
+                        transpose_lanes=launcher.transpose_lanes(), **dict(config))
+    pairs = uses_pair_dots(dtype, shape)
+    return dataclasses.replace(shape, kv_dtype=_kv_type(dtype, kv_dtype, kv_up_front and not pairs), pair_dots=pairs,
+                               vector_exp=uses_vector_exp(shape))
 
 
 def _kv_type(dtype: torch.dtype, kv_dtype: torch.dtype | None, up_front: bool) -> str:
@@ -238,22 +239,16 @@ def _kv_type(dtype: torch.dtype, kv_dtype: torch.dtype | None, up_front: bool) -
     return "" if kv_dtype in (None, dtype) else str(kv_dtype).removeprefix("torch.")
 
 
-def uses_vector_exp(config: dict) -> bool:
+def uses_vector_exp(shape: KernelShape) -> bool:
     """Whether softmax and stick-breaking exponentials go through ``vector_exp``: on a host with
-    AVX-512F and DQ, in the key-major kernel with vectors of 16 rows."""
-    return (vector_exp.on_host() and config.get("layout", "key_major") == "key_major"
-            and config["vector"] == llvm_import.LANES)
+    AVX-512F and DQ, for knobs that allow it (``KernelShape.fits_vector_exp``)."""
+    return vector_exp.on_host() and shape.fits_vector_exp
 
 
-def uses_pair_dots(dtype: torch.dtype, D: int, Dv: int, config: dict, kv_chunks: bool) -> bool:
+def uses_pair_dots(dtype: torch.dtype, shape: KernelShape) -> bool:
     """Whether a bfloat16 call multiplies by pairs (``bf16_pairs``): on a host with AVX-512 BF16,
-    in the key-major kernel with its register blocks of one vector of rows and an even number of
-    keys, even features and whole vectors of value columns. Not for a decoding step's chunks
-    (read in place from a cache with any strides)."""
-    return (dtype == torch.bfloat16 and bf16_pairs.on_host() and not kv_chunks
-            and config.get("layout", "key_major") == "key_major" and config["vector"] == bf16_pairs.LANES
-            and config["block_m"] % bf16_pairs.LANES == 0 and config["rows"] % 2 == 0 and config["block_n"] % 2 == 0
-            and D % 2 == 0 and Dv % bf16_pairs.LANES == 0)
+    for knobs that allow it (``KernelShape.fits_pair_dots``)."""
+    return dtype == torch.bfloat16 and bf16_pairs.on_host() and shape.fits_pair_dots
 
 
 # NOTE: query tiles from which float16 / bfloat16 K and V are converted up front (below), the

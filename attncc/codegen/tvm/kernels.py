@@ -97,6 +97,20 @@ class KernelShape:
     vector_exp: bool = False
 
     @property
+    def fits_pair_dots(self) -> bool:
+        """Whether these knobs can multiply by bfloat16 pairs: the key-major kernel without chunked
+        keys (read in place from a cache with any strides), vectors of 16 rows, even rows, keys
+        and features, whole vectors of value columns."""
+        n = bf16_pairs.LANES
+        return (self.layout == "key_major" and not self.kv_chunks and self.vector == n and self.block_m % n == 0
+                and self.rows % 2 == 0 and self.block_n % 2 == 0 and self.D % 2 == 0 and self.Dv % n == 0)
+
+    @property
+    def fits_vector_exp(self) -> bool:
+        """Whether these knobs can take ``vector_exp``: the key-major kernel, vectors of 16 rows."""
+        return self.layout == "key_major" and self.vector == llvm_import.LANES
+
+    @property
     def kv_type(self) -> str:
         """The torch dtype name K and V arrive in."""
         return self.kv_dtype or self.dtype
@@ -232,11 +246,10 @@ class KeyMajorForward:
         self.specs = captured_specs(region)
         self.w = Lines()
         self._masked = "True"
-        if shape.pair_dots and (shape.layout != "key_major" or shape.kv_chunks or shape.vector != bf16_pairs.LANES
-                                or shape.rows % 2 or shape.D % 2 or shape.Dv % bf16_pairs.LANES):
+        if shape.pair_dots and not shape.fits_pair_dots:
             raise ValueError(f"pair dots need the key-major kernel without chunked keys, vector "
-                             f"{bf16_pairs.LANES}, even rows and features, whole vectors of values; got {shape}")
-        if shape.vector_exp and (shape.layout != "key_major" or shape.vector != llvm_import.LANES):
+                             f"{bf16_pairs.LANES}, even rows, keys and features, whole vectors of values; got {shape}")
+        if shape.vector_exp and not shape.fits_vector_exp:
             raise ValueError(f"vector exponentials need the key-major kernel with vector {llvm_import.LANES}; "
                              f"got {shape}")
         self._tile_reads = "staged"
@@ -578,9 +591,7 @@ class KeyMajorForward:
         row = self._key_row("jp", clamp=self._tile_reads == "clamped", start="kv0 // 2", rows="LVP")
         values = llvm_import.lanes("V", row, first=f"d0 * {bf16_pairs.LANES}")
         with w.block(f"for jp in range({pairs}):"), w.block(f"for i1 in T.unroll({R}):"):
-            block = llvm_import.lanes("Or", "i1")
-            weights = f"T.Broadcast(Pw[jp, i0 * {R} + i1], {bf16_pairs.LANES})"
-            w(f"{block} = {bf16_pairs.dot(block, values, weights)}")
+            w(bf16_pairs.accumulate(llvm_import.lanes("Or", "i1"), values, f"Pw[jp, i0 * {R} + i1]"))
 
     def _round_weights(self) -> None:
         """``Pw``: the tile's weights rounded to bfloat16, a word per row and pair of keys."""
@@ -613,10 +624,9 @@ class KeyMajorForward:
         scores.fill(w, "T.float32(0.0)")
         raw = scores.at
         if s.pair_dots:  # QT holds Q unscaled: the scale goes on the sums
-            key = f"T.Broadcast({self._kv('K', f'j0 * {R} + j1', 'd')}, {V})"
             with w.block(f"for d in range({s.D // 2}):"), w.block(f"for j1 in T.unroll({R}):"):
-                block = llvm_import.lanes("Sr", "j1")
-                w(f"{block} = {bf16_pairs.dot(block, llvm_import.lanes('QT', 'd', first=f'i0 * {V}'), key)}")
+                queries = llvm_import.lanes("QT", "d", first=f"i0 * {V}")
+                w(bf16_pairs.accumulate(llvm_import.lanes("Sr", "j1"), queries, self._kv("K", f"j0 * {R} + j1", "d")))
             raw = f"({raw} * {self._q_scale})"
         else:
             scores.accumulate(w, f"{self._kv('K', f'j0 * {R} + j1', 'd')} * QT[d, i0 * {V} + i1]",
@@ -758,9 +768,7 @@ class KeyMajorForward:
         w, first = self.w, f"i0 * {llvm_import.LANES}"
         scores = llvm_import.lanes("St", j, first=first)
         exponent = f"({scores} - {llvm_import.lanes('Mu')})"
-        if not self._base2:
-            exponent = f"({exponent} * T.Broadcast(T.float32({LOG2E!r}), {llvm_import.LANES}))"
-        w(f"{scores} = {vector_exp.exp2(exponent)}")
+        w(f"{scores} = {(vector_exp.exp2 if self._base2 else vector_exp.exp)(exponent)}")
         w(f"{llvm_import.lanes('Lv')} = {llvm_import.lanes('Lv')} + {scores}")
 
     def _pointwise_update(self, weight: str, before: tuple[str, ...] = ()) -> None:
@@ -842,16 +850,16 @@ class KeyMajorForward:
         portable walk's whole call (L=4096, causal, 8 heads of 64, 2 threads, paired medians)."""
         w, n = self.w, llvm_import.LANES
         row = llvm_import.lanes("St", "j", first=f"i0 * {n}")
-        zero, log2e = f"T.Broadcast(T.float32(0.0), {n})", f"T.Broadcast(T.float32({LOG2E!r}), {n})"
+        zero = f"T.Broadcast(T.float32(0.0), {n})"
         kept_lanes = f"({row} != T.Broadcast({NEG_INF}, {n}))"
         x_lanes = f"T.Select({kept_lanes}, {row}, {zero})"
         E, G, Sum = (llvm_import.lanes(buf) for buf in ("E", "G", "Sum"))
-        w(f"{E} = {vector_exp.exp2(f'((T.float32(0.0) - T.abs({x_lanes})) * {log2e})')}")
+        w(f"{E} = {vector_exp.exp(f'(T.float32(0.0) - T.abs({x_lanes}))')}")
         with w.block(f"for i1 in T.vectorized({n}):"):
             w(f"G[i1] = {fast_log1p('E[i1]')}")
         with w.block(f"for i1 in T.vectorized({n}):"):  # logsigmoid(-x), added to the sum below
             w(f"E[i1] = T.if_then_else({kept}, T.min(-{x}, T.float32(0.0)) - G[i1], T.float32(0.0))")
-        weight = vector_exp.exp2(f"((T.min({x_lanes}, {zero}) - {G} + {Sum}) * {log2e})")
+        weight = vector_exp.exp(f"(T.min({x_lanes}, {zero}) - {G} + {Sum})")
         w(f"{row} = T.Select({kept_lanes}, {weight}, {zero})")
         w(f"{Sum} = {Sum} + {E}")
 

@@ -353,9 +353,10 @@ def words(t: torch.Tensor) -> torch.Tensor:
 
 def key_pairs(v: torch.Tensor, slot: int) -> torch.Tensor:
     """bfloat16 ``v [B, H, L, Dv]`` as float32 words ``[B, H, ceil(L / 2), Dv]``: word ``(p, c)``
-    holds values ``2p`` and ``2p + 1`` of column ``c`` (a zero pads an odd length), the layout the
-    pair dots' value product reads (``bf16_pairs``). One pass over V, the size of V, into buffer
-    ``slot`` of this thread's workspace (``converted``)."""
+    holds values ``2p`` and ``2p + 1`` of column ``c`` (a zero pads an odd length): rows by pairs,
+    the layout the pair dots read where they sum over rows (``bf16_pairs``: the forward's V, the
+    backward's Q, dO and K). One pass over the tensor, its size, into buffer ``slot`` of this
+    thread's workspace (``converted``)."""
     B, H, L, Dv = v.shape
     half = L // 2
     out = _workspace_buffer(B * H * (L - half) * Dv * 2, torch.bfloat16, slot).view(B, H, L - half, Dv, 2)

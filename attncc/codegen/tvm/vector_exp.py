@@ -20,6 +20,7 @@ import functools
 import struct
 
 from attncc.codegen.tvm import llvm_import
+from attncc.codegen.tvm.render import LOG2E
 
 EXP2 = "attncc_exp2"
 
@@ -86,3 +87,8 @@ def import_statement() -> str:
 def exp2(x: str) -> str:
     """``2**x`` of a float32x16 expression."""
     return llvm_import.call(EXP2, x)
+
+
+def exp(x: str) -> str:
+    """``e**x`` of a float32x16 expression: ``2**(x log2 e)``."""
+    return exp2(f"({x} * T.Broadcast(T.float32({LOG2E!r}), {llvm_import.LANES}))")
