@@ -106,6 +106,55 @@ def check_against_reference(
         assert_close_to_reference(got, ref64, lowp, Lkv)
 
 
+def _loss(out: torch.Tensor, lse: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """A seeded random projection of (o, lse): every output element gets its own weight."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum()
+    if lse is not None:  # the lse's own gradient: d lse_i / d s_ij = p_ij
+        weights = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+        loss = loss + (torch.where(torch.isfinite(lse), lse.double(), 0.0) * weights).sum()
+    return loss
+
+
+def _reference_gradients(
+    program: Any, inputs: tuple[torch.Tensor, ...], learn: tuple[str, ...], dtype: torch.dtype, *, q_offset: int,
+    with_lse: bool, seed: int, compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, ...]:
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
+    live = {n: (t.detach().to(dtype) if t.is_floating_point() else t) for n, t in program.tensors.items()}
+    learned = [live[n].requires_grad_(True) for n in learn]
+    got = _run(program, dict(zip("qkv", leaves)), live, scale=None, q_offset=q_offset, return_lse=with_lse,
+               compute_dtype=compute_dtype)
+    out, lse = got if with_lse else (got, None)
+    return torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
+
+
+def check_gradients(
+    program: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "tvm", q_offset: int = 0,
+    learn: tuple[str, ...] = (), with_lse: bool = False, seed: int = 0,
+) -> None:
+    """Gradients of q, k, v and the captured tensors named in ``learn`` (which require grad) from
+    ``backend`` against the float64 reference's, at twice the forward tolerance (SEMANTICS.md);
+    float16 / bfloat16 by FlashAttention's rule, the reference's own error measured in that dtype."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    learned = [program.tensors[n] for n in learn]
+    got = program(*leaves, backend=backend, q_offset=q_offset, return_lse=with_lse)
+    out, lse = got if with_lse else (got, None)
+    grads = torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
+    ref64 = _reference_gradients(program, (q, k, v), learn, torch.float64, q_offset=q_offset, with_lse=with_lse,
+                                 seed=seed)
+    lowp: list[torch.Tensor | None] | tuple[torch.Tensor, ...] = [None] * len(ref64)
+    if q.dtype in LOW_PRECISION_FLOOR:
+        lowp = _reference_gradients(program, (q, k, v), learn, q.dtype, q_offset=q_offset, with_lse=with_lse,
+                                    seed=seed, compute_dtype=q.dtype)
+    names = ["dq", "dk", "dv", *(f"d{n}" for n in learn)]
+    for name, g, want, want_lowp in zip(names, grads, ref64, lowp):
+        assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else program.tensors[name[1:]].dtype)
+        # NOTE: a float32 tensor learned from low-precision inputs is held to the low-precision rule.
+        got_lowp = g.to(want_lowp.dtype) if want_lowp is not None else g
+        assert_close_to_reference(got_lowp, want, want_lowp, k.shape[2], what=name, factor=2.0)
+
+
 def check_example(
     program: Any, batch: int, heads: int, seq_len: int, head_dim: int, *, backend: str | None = None,
     label: str | None = None,

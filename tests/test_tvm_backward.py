@@ -21,11 +21,10 @@ pytest.importorskip("tvm")
 
 import attncc
 from attncc import masks
-from attncc.codegen.reference.attention import run_plan
 from attncc.codegen.tvm import autograd as tvm_autograd
 from attncc.codegen.tvm import backward_launch, launcher
 from attncc.codegen.tvm.backward_launch import transpose_tables
-from attncc.testing import LOW_PRECISION_FLOOR, assert_close_to_reference, random_qkv
+from attncc.testing import check_gradients, random_qkv
 
 HEADS = 4
 SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
@@ -76,60 +75,20 @@ def _no_fallback_warnings_leak():
 qkv = functools.partial(random_qkv, B=1, Hq=4, Hkv=2, Lq=37, Lkv=77, D=32, Dv=32)
 
 
-def _loss(out: torch.Tensor, lse: torch.Tensor | None, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed + 100)
-    loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum()
-    if lse is not None:  # the lse's own gradient: d lse_i / d s_ij = p_ij
-        weights = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
-        loss = loss + (torch.where(torch.isfinite(lse), lse.double(), 0.0) * weights).sum()
-    return loss
-
-
-def _reference_grads(program, inputs, learn, tensors, dtype, *, q_offset, with_lse, seed, compute_dtype=None):
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
-    live = {n: (t.detach().to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
-    learned = [live[n].requires_grad_(True) for n in learn]
-    got = run_plan(program.plan, dict(zip("qkv", leaves)), live, scale=None, q_offset=q_offset,
-                   return_lse=with_lse, compute_dtype=compute_dtype)
-    out, lse = got if with_lse else (got, None)
-    return torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
-
-
-def check_grads(program, q, k, v, *, q_offset=0, learn=(), with_lse=False, seed=0) -> None:
-    """Gradients of the TVM run (generated backward) against the float64 reference's."""
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    learned = [program.tensors[n] for n in learn]
-    got = program(*leaves, backend="tvm", q_offset=q_offset, return_lse=with_lse)
-    out, lse = got if with_lse else (got, None)
-    grads = torch.autograd.grad(_loss(out, lse, seed), (*leaves, *learned))
-    ref64 = _reference_grads(program, (q, k, v), learn, program.tensors, torch.float64, q_offset=q_offset,
-                             with_lse=with_lse, seed=seed)
-    lowp = [None] * len(ref64)
-    if q.dtype in LOW_PRECISION_FLOOR:
-        lowp = _reference_grads(program, (q, k, v), learn, program.tensors, q.dtype, q_offset=q_offset,
-                                with_lse=with_lse, seed=seed, compute_dtype=q.dtype)
-    names = ["dq", "dk", "dv", *(f"d{n}" for n in learn)]
-    for name, g, want, want_lowp in zip(names, grads, ref64, lowp):
-        assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else program.tensors[name[1:]].dtype)
-        # NOTE: a float32 tensor learned from low-precision inputs is held to the low-precision rule.
-        got = g.to(want_lowp.dtype) if want_lowp is not None else g
-        assert_close_to_reference(got, want, want_lowp, k.shape[2], what=name, factor=2.0)
-
-
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_gradients_float32(name: str) -> None:
     """Every mask, score function and covered normalizer: odd lengths, GQA 2:1, Lq != Lkv, an
     offset; no fallback warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_grads(variant(name), *qkv(Lq=37, Lkv=77), q_offset=20)
+        check_gradients(variant(name), *qkv(Lq=37, Lkv=77), q_offset=20)
 
 
 @pytest.mark.parametrize("Hkv", [1, 2])
 def test_gqa_4_to_1_and_mqa(Hkv: int) -> None:
     """GQA 4:1 and MQA (8:1): every query head of a group accumulates into the same dK/dV."""
-    check_grads(variant("alibi"), *qkv(Hq=4, Hkv=Hkv, Lq=45, Lkv=45), with_lse=True)  # ALiBi: 4 heads
-    check_grads(variant("causal"), *qkv(B=2, Hq=8, Hkv=Hkv, Lq=45, Lkv=45, seed=1))
+    check_gradients(variant("alibi"), *qkv(Hq=4, Hkv=Hkv, Lq=45, Lkv=45), with_lse=True)  # ALiBi: 4 heads
+    check_gradients(variant("causal"), *qkv(B=2, Hq=8, Hkv=Hkv, Lq=45, Lkv=45, seed=1))
 
 
 @pytest.mark.parametrize("Lq,Lkv,q_offset", [(1, 1, 0), (1, 100, 99), (37, 100, 63), (100, 37, 0),
@@ -137,18 +96,18 @@ def test_gqa_4_to_1_and_mqa(Hkv: int) -> None:
 @pytest.mark.parametrize("name", ["causal", "document", "softplus"])
 def test_lengths_and_q_offset(name: str, Lq: int, Lkv: int, q_offset: int) -> None:
     """Lengths that are not tile multiples, Lq != Lkv, q_offset moving q_idx (decode rows)."""
-    check_grads(variant(name), *qkv(Lq=Lq, Lkv=Lkv), q_offset=q_offset)
+    check_gradients(variant(name), *qkv(Lq=Lq, Lkv=Lkv), q_offset=q_offset)
 
 
 def test_head_dims_differ() -> None:
     """D != Dv, neither a multiple of the vector width: the products' register blocks adapt."""
-    check_grads(variant("causal"), *qkv(Lq=50, Lkv=70, D=24, Dv=40), q_offset=20, with_lse=True)
+    check_gradients(variant("causal"), *qkv(Lq=50, Lkv=70, D=24, Dv=40), q_offset=20, with_lse=True)
 
 
 def test_fully_masked_rows_have_zero_gradients() -> None:
     """A row that sees no key (o = 0, lse = -inf) contributes nothing and never NaN."""
     q, k, v = qkv(Lq=40, Lkv=40)
-    check_grads(variant("strict_causal"), q, k, v, with_lse=True)
+    check_gradients(variant("strict_causal"), q, k, v, with_lse=True)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = variant("strict_causal")(*leaves, backend="tvm")
     dq, = torch.autograd.grad(out.sum(), leaves[0])
@@ -162,16 +121,16 @@ def test_sink_gradient() -> None:
     (name,) = [n for n in program.tensors if program.tensors[n] is sink]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_grads(program, *qkv(Lq=50, Lkv=50), learn=(name,), with_lse=True)
-        check_grads(program, *qkv(Lq=9, Lkv=70, seed=2), q_offset=61, learn=(name,))
+        check_gradients(program, *qkv(Lq=50, Lkv=50), learn=(name,), with_lse=True)
+        check_gradients(program, *qkv(Lq=9, Lkv=70, seed=2), q_offset=61, learn=(name,))
     slopes = SLOPES.clone().requires_grad_(True)  # with a sink, simplify keeps -slope * q_idx in the score
     alibi = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,
                            normalizer=attncc.Softmax(sink=sink))
     learn = (_learned(alibi, sink), _learned(alibi, slopes))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_grads(alibi, *qkv(Lq=40, Lkv=60), q_offset=20, learn=learn, with_lse=True)
-        check_grads(alibi, *qkv(Lq=40, Lkv=60, dtype=torch.bfloat16), q_offset=20, learn=learn, with_lse=True)
+        check_gradients(alibi, *qkv(Lq=40, Lkv=60), q_offset=20, learn=learn, with_lse=True)
+        check_gradients(alibi, *qkv(Lq=40, Lkv=60, dtype=torch.bfloat16), q_offset=20, learn=learn, with_lse=True)
 
 
 @pytest.mark.parametrize("name,dtype", [
@@ -180,14 +139,14 @@ def test_sink_gradient() -> None:
 ])
 def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     """float16 / bfloat16 inputs, float32 accumulation, gradients in the input dtype."""
-    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
+    check_gradients(variant(name), *qkv(Lq=45, Lkv=70, dtype=dtype), q_offset=25 if name == "causal" else 0)
 
 
 @pytest.mark.parametrize("name", ["causal", "alibi"])
 def test_low_precision_inputs_without_pair_dots(name: str, monkeypatch) -> None:
     """bfloat16 through the float32 products everywhere (hosts without AVX-512 BF16)."""
     monkeypatch.setattr(backward_launch, "uses_pair_dots", lambda *args: False)
-    check_grads(variant(name), *qkv(Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25)
+    check_gradients(variant(name), *qkv(Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25)
 
 
 @pytest.mark.parametrize("name", ["causal", "alibi", "document", "softcap", "sigmoid", "softplus", "dense"])
@@ -204,9 +163,9 @@ def test_bfloat16_pair_dots_gradients(name: str, monkeypatch) -> None:
     lse = name in ("causal", "alibi", "document", "softcap", "dense")
     for fused in (True, False):
         with fused_kernel(fused):
-            check_grads(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25,
+            check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25,
                         with_lse=lse)
-            check_grads(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=torch.bfloat16, seed=1),
+            check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=torch.bfloat16, seed=1),
                         q_offset=37)
     assert decided and all(decided)
 
@@ -282,7 +241,7 @@ def test_random_shapes(name, fused, B, Hkv, group, Lq, Lkv, offset, seed) -> Non
     """Random small shapes, head groups and offsets against the reference, either kernel scheme."""
     q_offset = min(offset, max(0, 190 - Lq))  # DOCS covers q_idx < 205
     with fused_kernel(fused):
-        check_grads(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed),
+        check_gradients(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed),
                     q_offset=q_offset, seed=seed)
 
 
@@ -293,9 +252,9 @@ def test_random_shapes(name, fused, B, Hkv, group, Lq, Lkv, offset, seed) -> Non
 def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
     """The fused scheme (one task per (b, hk) owning its dQ rows): GQA, offsets, dead rows."""
     with fused_kernel(True):
-        check_grads(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=dtype), q_offset=20,
+        check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=dtype), q_offset=20,
                     with_lse=name in ("causal", "alibi", "strict_causal"))
-        check_grads(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
+        check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -307,7 +266,7 @@ def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         with fused_kernel(False):
-            check_grads(program, *qkv(B=1, Hq=4, Hkv=2, Lq=150, Lkv=150, seed=3))
+            check_gradients(program, *qkv(B=1, Hq=4, Hkv=2, Lq=150, Lkv=150, seed=3))
     finally:
         torch.set_num_threads(before)
     tiles = torch.tensor([[[1, 2, 3], [4, 5, 6], [0, 0, 1], [1, 1, 1]]])
@@ -342,10 +301,10 @@ def test_learned_captured_tensors() -> None:
     scalar = attncc.variant(lambda s, b, h, qi, ki: s * gain + 0.01 * (ki - qi) * gain, mask=masks.causal)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_grads(alibi, *qkv(Lq=45, Lkv=70), q_offset=25, learn=(_learned(alibi, slopes),), with_lse=True)
-        check_grads(relative, *qkv(B=2, Lq=45, Lkv=100), q_offset=55, learn=(_learned(relative, table),))
-        check_grads(sigmoid, *qkv(Lq=30, Lkv=50), learn=(_learned(sigmoid, temperature),))
-        check_grads(scalar, *qkv(Lq=30, Lkv=40), q_offset=10, learn=(_learned(scalar, gain),), with_lse=True)
+        check_gradients(alibi, *qkv(Lq=45, Lkv=70), q_offset=25, learn=(_learned(alibi, slopes),), with_lse=True)
+        check_gradients(relative, *qkv(B=2, Lq=45, Lkv=100), q_offset=55, learn=(_learned(relative, table),))
+        check_gradients(sigmoid, *qkv(Lq=30, Lkv=50), learn=(_learned(sigmoid, temperature),))
+        check_gradients(scalar, *qkv(Lq=30, Lkv=40), q_offset=10, learn=(_learned(scalar, gain),), with_lse=True)
 
 
 def test_warning_only_when_falling_back() -> None:
@@ -413,7 +372,7 @@ def test_backward_allocates_no_lq_by_lkv_buffer() -> None:
 
 def test_modules_are_reused_across_lengths() -> None:
     """Lengths, batch and heads are symbolic: a second length compiles nothing new."""
-    check_grads(variant("causal"), *qkv(Lq=33, Lkv=33))
+    check_gradients(variant("causal"), *qkv(Lq=33, Lkv=33))
     before = launcher.STATS["compiled"]
-    check_grads(variant("causal"), *qkv(Lq=71, Lkv=71, seed=3))
+    check_gradients(variant("causal"), *qkv(Lq=71, Lkv=71, seed=3))
     assert launcher.STATS["compiled"] == before

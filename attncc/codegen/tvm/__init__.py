@@ -8,7 +8,8 @@ tuned or default, GQA packing via ``packing.py``, smaller tiles for band masks),
 ``space.py`` (tuning knobs), ``checker.py`` (what runs here and why not), ``autograd.py``
 (generated backward kernels from ``backward.py`` / ``backward_launch.py``, else the
 reference backward after a one-time warning),
-``linear.py`` / ``linear_launch.py`` (linear attention: chunked recurrence or global form),
+``linear.py`` / ``linear_launch.py`` / ``linear_backward.py`` (linear attention: chunked
+recurrence or global form; its backward by the same kernel),
 ``plans.py`` (a whole plan: a path per region, then combine), ``routing.py`` /
 ``routing_tokens.py`` (TopKBlocks), ``heads.py`` (TopKHeads), ``decode.py`` (split-KV
 decoding), ``rows.py`` (the forward kernel on re-indexed rows and keys, shared by those).

@@ -4,8 +4,8 @@ Softmax (with learned sinks), sigmoid and the pointwise normalizers have generat
 kernels (``backward.py``, run by ``backward_launch.py``): any score function and phi whose
 derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the gradients of
 captured tensors that a softmax or sigmoid score function reads (an ALiBi slope table, a
-relative bias table). Everything else (stick-breaking, a learned tensor under a pointwise
-normalizer or in a mask) recomputes the region with the reference backend's differentiable
+relative bias table). Linear attention has its own (``linear_backward.py``). Everything else
+(stick-breaking, a learned tensor under a pointwise normalizer or in a mask) recomputes the region with the reference backend's differentiable
 path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent
 wrong gradient.
 """

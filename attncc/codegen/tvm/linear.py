@@ -51,6 +51,9 @@ class LinearShape:
     chunk: int = 64  # C, a multiple of ``vector``
     rows: int = 4  # RI
     vector: int = 16  # VJ; VE = gcd(Dv, vector)
+    # rows in reversed time: position p of Q, K, V and O is row L - 1 - p of its tensor (the
+    # backward's transposed products, linear_backward.py)
+    reverse: bool = False
 
 
 def kernel_chunk(lowering_chunk: int, vector: int = 16) -> int:
@@ -271,11 +274,16 @@ class _Linear:
             return x
         return Renderer({"x": x}, self.specs)(feature)
 
+    def _row(self, position: str, length: str) -> str:
+        """The tensor row of a sequence position (``LinearShape.reverse``)."""
+        return f"{length} - 1 - ({position})" if self.s.reverse else position
+
     def _load_queries(self, r0: str) -> None:
         s, w, C = self.s, self.w, self.s.chunk
+        row = self._row(f"T.min({r0} + i, LQ - 1)", "LQ")
         with w.block(f"for i in range({C}):"):
             with w.block(f"for d in T.vectorized({s.D}):"):
-                w(f"Fq[i, d] = {self._phi(self._f32(f'Q[b, h, T.min({r0} + i, LQ - 1), d]'))}")
+                w(f"Fq[i, d] = {self._phi(self._f32(f'Q[b, h, {row}, d]'))}")
             if self.decay:  # the carried state reaches row i decayed by g ** (i + 1)
                 with w.block(f"for d in T.vectorized({s.D}):"):
                     w("FqC[i, d] = Fq[i, d] * Pw[i + 1]")
@@ -285,7 +293,7 @@ class _Linear:
         the others are zero. With decay, ``FkW[:, j] = g ** (n - 1 - j) phi(k_j)``."""
         s, w, C = self.s, self.w, self.s.chunk
         with w.block(f"for jj in range({C}):"):
-            w(f"kc = T.min({t} + jj, LKV - 1)")
+            w(f"kc = {self._row(f'T.min({t} + jj, LKV - 1)', 'LKV')}")
             w(f"ok = T.And(jj < {n}, {t} + jj < LKV)")
             with w.block(f"for d in T.vectorized({s.D}):"):
                 w(f"Fk[jj, d] = T.if_then_else(ok, {self._phi(self._f32('K[b, hk, kc, d]'))}, {ZERO})")
@@ -390,4 +398,4 @@ class _Linear:
                         with w.block(f"for e1 in T.vectorized({VE}):"):
                             value = f"Or[i1, e1] * Inv[{i}]" if self.norm.normalize else "Or[i1, e1]"
                             cast = value if out_dt == "float32" else f"T.Cast({out_dt!r}, {value})"
-                            w(f"O[b, h, r0 + {i}, {e}] = {cast}")
+                            w(f"O[b, h, {self._row(f'r0 + {i}', 'LQ')}, {e}] = {cast}")

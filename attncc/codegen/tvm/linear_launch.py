@@ -1,10 +1,9 @@
 """Run the linear attention kernel (``linear.py``) on torch tensors, with autograd.
 
 Inputs pass in their own dtype (the kernel converts on load); the module comes from
-``launcher.kernel_function`` (cached by source in memory and on disk). There is no generated
-backward: when q, k, v or a captured float tensor (the decay, a feature map's table) requires
-grad, the forward still runs the kernel and the backward recomputes the region with the
-reference backend's differentiable path, after the backend's one-time warning.
+``launcher.kernel_function`` (cached by source in memory and on disk). When q, k, v or a
+captured float tensor (a feature map's table, the decay) requires grad, the backward runs the
+same kernel on derived inputs (``linear_backward.py``).
 """
 
 from __future__ import annotations
@@ -12,17 +11,19 @@ from __future__ import annotations
 import torch
 
 from attncc.codegen.tvm import launcher
-from attncc.codegen.tvm.autograd import needs_grad, reference_backward
+from attncc.codegen.tvm.autograd import learned_names, needs_grad
 from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, linear_specs, render_linear
+from attncc.codegen.tvm.linear_backward import linear_with_grad
 from attncc.passes.plan import AttentionRegion, KernelPlan
 
 
-def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor) -> LinearShape:
+def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor, reverse: bool = False) -> LinearShape:
     return LinearShape(
         D=q.shape[-1],
         Dv=v.shape[-1],
         dtype=str(q.dtype).removeprefix("torch."),
         chunk=kernel_chunk(region.linear.chunk),
+        reverse=reverse,
     )
 
 
@@ -33,13 +34,15 @@ def _forward(
     v: torch.Tensor,
     tensors: dict[str, torch.Tensor],
     q_offset: int,
+    reverse: bool = False,
 ) -> torch.Tensor:
+    """o in q's dtype (``reverse``: every sequence in reversed time, ``LinearShape.reverse``)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     if Lq == 0 or Lkv == 0:  # no keys: every weight is 0, so is the output
         return out.zero_()
-    shape = linear_shape(region, q, v)
+    shape = linear_shape(region, q, v, reverse)
     attn = launcher.kernel_function(render_linear(region, shape))
     launcher.set_threads()
     workspace = []
@@ -63,11 +66,4 @@ def run_linear(
     """o in q's dtype for a region lowered to ``linear_chunked`` or ``linear_global``."""
     if not needs_grad(q, k, v, tensors):
         return _forward(region, q, k, v, tensors, q_offset)
-
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        no_lse = torch.zeros(q.shape[:3], dtype=torch.float32)  # linear attention has no lse
-        return _forward(region, q, k, v, tensors, q_offset), no_lse
-
-    out, _ = reference_backward(plan, region, forward, q, k, v, tensors, scale=None, q_offset=q_offset,
-                                reason="linear attention has no generated backward")
-    return out
+    return linear_with_grad(region, _forward, q, k, v, tensors, learned_names(tensors), q_offset)
