@@ -1,9 +1,13 @@
 """Forward + backward of causal attention on the CPU: attncc's generated kernels against torch SDPA,
 float32, bfloat16 and float16, in one interleaved run per length (FlexAttention raises on a CPU
-backward, so SDPA is the peer here).
+backward, so SDPA is the peer here). ``--linear``: causal linear attention (elu+1, and Lightning's
+decayed form) against autograd through the chunked torch recurrence
+(``attncc.passes.lower_linear.linear_attention``, what one writes by hand without a kernel) and,
+up to ``DENSE_MAX``, the dense reference backward attncc used before it had a generated one.
 
     python benchmarks/cpu/bench_backward.py
     python benchmarks/cpu/bench_backward.py --output benchmarks/results/cpu_backward_<date>.md --plot out.png
+    python benchmarks/cpu/bench_backward.py --linear --lengths 4096 16384
 
 Each round calls every contender once untimed, then once timed, in turn; a contender's time is
 its minimum over the rounds, and the paired ratio is the median over rounds of the two times
@@ -22,9 +26,13 @@ import torch
 import attncc
 from attncc import masks
 from attncc.bench import machine
+from attncc.passes.lower_linear import linear_attention
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 B, H, D = 1, 8, 64
+LINEAR_FORMS = {"elu1": {}, "lightning": {"feature": "identity", "normalize": False}}
+TORCH_RECURRENCE_MAX = 4096  # a step of the torch recurrence takes 20 s at L=16384
+DENSE_MAX = 4096  # the dense backward holds several [H, L, L] float32 buffers: 0.5 GB each at 4096
 
 
 def contenders(L: int) -> dict[str, Callable[[], None]]:
@@ -39,8 +47,7 @@ def contenders(L: int) -> dict[str, Callable[[], None]]:
         name = str(dtype).removeprefix("torch.")
 
         def step(attend: Callable[[], torch.Tensor], q=q, k=k, v=v, grad=grad) -> None:
-            q.grad = k.grad = v.grad = None
-            attend().backward(grad)
+            _step(attend, [q, k, v], grad)
 
         found[f"attncc {name}"] = lambda q=q, k=k, v=v, step=step: step(lambda: program(q, k, v, backend="tvm"))
         found[f"sdpa {name}"] = lambda q=q, k=k, v=v, step=step: step(
@@ -48,8 +55,38 @@ def contenders(L: int) -> dict[str, Callable[[], None]]:
     return found
 
 
-def measure(L: int, rounds: int) -> dict[str, list[float]]:
-    fns = contenders(L)
+def _step(attend: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> None:
+    for t in inputs:
+        t.grad = None
+    attend().backward(grad)
+
+
+def linear_contenders(L: int) -> dict[str, Callable[[], None]]:
+    """(implementation, form) -> one forward + backward of causal linear attention, float32."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).requires_grad_(True) for _ in range(3))
+    grad = torch.randn(B, H, L, D, generator=gen)
+    decay = 1.0 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32))  # RetNet's decays
+    found = {}
+    for form, options in LINEAR_FORMS.items():
+        feature, normalize = options.get("feature", "elu1"), options.get("normalize", True)
+        gamma = decay if form == "lightning" else None
+        program = attncc.variant(mask=masks.causal, normalizer=attncc.Linear(feature, normalize=normalize,
+                                                                             decay=gamma))
+        found[f"attncc {form}"] = lambda p=program: _step(lambda: p(q, k, v, backend="tvm"), [q, k, v], grad)
+        if L <= TORCH_RECURRENCE_MAX:
+            found[f"torch recurrence {form}"] = lambda f=feature, n=normalize, g=gamma: _step(
+                lambda: linear_attention(q, k, v, feature=f, normalize=n, decay=g, causal="inclusive"), [q, k, v],
+                grad)
+        if L <= DENSE_MAX:
+            found[f"dense reference {form}"] = lambda p=program: _step(
+                lambda: p(q, k, v, backend="reference"), [q, k, v], grad)
+    return found
+
+
+def measure(L: int, rounds: int, make: Callable[[int], dict[str, Callable[[], None]]] = contenders,
+            ) -> dict[str, list[float]]:
+    fns = make(L)
     for fn in fns.values():  # compiles and first calls
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -85,7 +122,33 @@ def table(results: dict[int, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[int, dict[str, list[float]]], path: str) -> None:
+def linear_table(results: dict[int, dict[str, list[float]]]) -> str:
+    lines = [f"Machine: {machine()}", "",
+             "| L | form | attncc ms | torch recurrence ms | dense reference ms | vs torch recurrence | vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for L, samples in results.items():
+        for form in LINEAR_FORMS:
+            ours = min(samples[f"attncc {form}"])
+            cells = [f"| {L} | {form} | {ours * 1e3:.1f} |"]
+            ratios = []
+            for peer in ("torch recurrence", "dense reference"):
+                name = f"{peer} {form}"
+                if name not in samples:
+                    cells.append(" - |")
+                    ratios.append(" - |")
+                    continue
+                cells.append(f" {min(samples[name]) * 1e3:.1f} |")
+                pair = paired(samples, name, f"attncc {form}")
+                ratios.append(f" {min(samples[name]) / ours:.1f}x (paired {pair:.1f}) |")
+            lines.append("".join(cells + ratios))
+    lines += ["", f"Causal linear attention, float32, B={B}, H={H}, D={D}, forward + backward; elu1: "
+              "Linear() (elu+1 features, normalized); lightning: identity features, no normalizer, RetNet's "
+              "per-head decays. Ratios above 1: attncc is faster; times are minima over the interleaved rounds."]
+    return "\n".join(lines)
+
+
+def plot(results: dict[int, dict[str, list[float]]], path: str,
+         title: str = "Causal attention training step on the CPU") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +163,7 @@ def plot(results: dict[int, dict[str, list[float]]], path: str) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], [f"L={L}" for L in results])
     ax.set_yscale("log")  # SDPA's float16 backward on the CPU is ten times the rest
     ax.set_ylabel("forward + backward, ms (log; lower is better)")
-    ax.set_title("Causal attention training step on the CPU")
+    ax.set_title(title)
     ax.legend(fontsize=8, ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -108,19 +171,23 @@ def plot(results: dict[int, dict[str, list[float]]], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default 1024 2048 (--linear: 4096 16384)")
+    parser.add_argument("--linear", action="store_true", help="causal linear attention instead of softmax")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds per length")
     parser.add_argument("--output", help="also write the markdown table to this file")
     parser.add_argument("--plot", help="draw the times to this PNG")
     args = parser.parse_args()
-    results = {L: measure(L, args.rounds) for L in args.lengths}
-    text = table(results)
+    lengths = args.lengths or ([4096, 16384] if args.linear else [1024, 2048])
+    make = linear_contenders if args.linear else contenders
+    results = {L: measure(L, args.rounds, make) for L in lengths}
+    text = linear_table(results) if args.linear else table(results)
     print(text)
     if args.output:
         with open(args.output, "w") as out:
             out.write(text + "\n")
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, "Causal linear attention training step on the CPU" if args.linear
+             else "Causal attention training step on the CPU")
 
 
 if __name__ == "__main__":
