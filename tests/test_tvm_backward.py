@@ -55,6 +55,10 @@ VARIANTS = {
     "phi_unnormalized": lambda: attncc.variant(
         normalizer=attncc.Pointwise(lambda s: torch.exp(-s * s), normalize=False)),
     "phi_normalized": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Pointwise(lambda s: torch.exp(-s * s))),
+    "stick_breaking": lambda: attncc.variant(mask=masks.causal, normalizer="stick_breaking"),
+    "stick_breaking_strict_window": lambda: attncc.variant(  # row q_idx = 0 sees nothing
+        mask=lambda b, h, q, kv: (q > kv) & (q - kv < 40), normalizer="stick_breaking"),
+    "stick_breaking_softcap": lambda: attncc.variant(_softcap, normalizer="stick_breaking"),  # every key, descending
 }
 _BUILT: dict[str, attncc.Variant] = {}
 
@@ -93,7 +97,7 @@ def test_gqa_4_to_1_and_mqa(Hkv: int) -> None:
 
 @pytest.mark.parametrize("Lq,Lkv,q_offset", [(1, 1, 0), (1, 100, 99), (37, 100, 63), (100, 37, 0),
                                              (200, 200, 0), (20, 90, 11)])
-@pytest.mark.parametrize("name", ["causal", "document", "softplus"])
+@pytest.mark.parametrize("name", ["causal", "document", "softplus", "stick_breaking"])
 def test_lengths_and_q_offset(name: str, Lq: int, Lkv: int, q_offset: int) -> None:
     """Lengths that are not tile multiples, Lq != Lkv, q_offset moving q_idx (decode rows)."""
     check_gradients(variant(name), *qkv(Lq=Lq, Lkv=Lkv), q_offset=q_offset)
@@ -135,7 +139,8 @@ def test_sink_gradient() -> None:
 
 @pytest.mark.parametrize("name,dtype", [
     ("causal", torch.float16), ("causal", torch.bfloat16), ("softcap", torch.float16), ("softcap", torch.bfloat16),
-    ("sigmoid", torch.bfloat16), ("softplus", torch.float16),
+    ("sigmoid", torch.bfloat16), ("softplus", torch.float16), ("stick_breaking", torch.float16),
+    ("stick_breaking", torch.bfloat16),
 ])
 def test_low_precision_inputs(name: str, dtype: torch.dtype) -> None:
     """float16 / bfloat16 inputs, float32 accumulation, gradients in the input dtype."""
@@ -149,7 +154,8 @@ def test_low_precision_inputs_without_pair_dots(name: str, monkeypatch) -> None:
     check_gradients(variant(name), *qkv(Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25)
 
 
-@pytest.mark.parametrize("name", ["causal", "alibi", "document", "softcap", "sigmoid", "softplus", "dense"])
+@pytest.mark.parametrize("name", ["causal", "alibi", "document", "softcap", "sigmoid", "softplus", "dense",
+                                  "stick_breaking"])
 def test_bfloat16_pair_dots_gradients(name: str, monkeypatch) -> None:
     """On a host with AVX-512 BF16, the backward's five products multiply by bfloat16 pairs
     (``BackwardShape.pair_dots``): both kernel schemes, GQA, a query offset, ragged tiles, lse."""
@@ -233,7 +239,8 @@ def fused_kernel(on: bool):
 
 @settings(max_examples=16, deadline=None)
 @given(
-    name=st.sampled_from(["causal", "document", "dense"]), fused=st.booleans(),
+    name=st.sampled_from(["causal", "document", "dense", "stick_breaking", "stick_breaking_strict_window"]),
+    fused=st.booleans(),
     B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3]),
     Lq=st.integers(1, 90), Lkv=st.integers(1, 130), offset=st.integers(0, 40), seed=st.integers(0, 2**16),
 )
@@ -274,11 +281,13 @@ def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
 
 
 def test_fused_kernel_choice() -> None:
-    """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map."""
+    """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map;
+    always for stick-breaking (its rows' sums carry from kv tile to kv tile within a task)."""
     threads = torch.get_num_threads()
     region = variant("causal").plan.regions[0]
     assert backward_launch.use_fused(region, 4 * threads) and not backward_launch.use_fused(region, 4 * threads - 1)
     assert not backward_launch.use_fused(variant("softplus").plan.regions[0], 10**6)
+    assert backward_launch.use_fused(variant("stick_breaking").plan.regions[0], 1)
 
 
 def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:
@@ -309,7 +318,7 @@ def test_learned_captured_tensors() -> None:
 
 def test_warning_only_when_falling_back() -> None:
     """Covered cases warn nothing; a learned tensor under a pointwise normalizer falls back once,
-    with the reason; so does stick-breaking (no generated backward)."""
+    with the reason; so does one under stick-breaking."""
     q, k, v = (t.requires_grad_(True) for t in qkv(Hq=4, Hkv=4, Lq=24, Lkv=24))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -327,8 +336,12 @@ def test_warning_only_when_falling_back() -> None:
         with torch.no_grad():
             program(q, k, v, backend="tvm")
     assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
-    stick = attncc.variant(mask=masks.causal, normalizer="stick_breaking")
-    with pytest.warns(UserWarning, match="StickBreakingNorm"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        variant("stick_breaking")(q, k, v, backend="tvm").sum().backward()
+    stick = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,
+                           normalizer="stick_breaking")
+    with pytest.warns(UserWarning, match="gradient of captured tensor"):
         stick(q, k, v, backend="tvm").sum().backward()
 
 

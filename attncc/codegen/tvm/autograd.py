@@ -1,13 +1,13 @@
 """Run one region on the TVM kernel, with autograd through the generated backward kernels.
 
-Softmax (with learned sinks), sigmoid and the pointwise normalizers have generated backward
-kernels (``backward.py``, run by ``backward_launch.py``): any score function and phi whose
-derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the gradients of
-captured tensors that a softmax or sigmoid score function reads (an ALiBi slope table, a
-relative bias table). Linear attention has its own (``linear_backward.py``). Everything else
-(stick-breaking, a learned tensor under a pointwise normalizer or in a mask) recomputes the region with the reference backend's differentiable
-path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent
-wrong gradient.
+Softmax (with learned sinks), sigmoid, the pointwise normalizers and stick-breaking have
+generated backward kernels (``backward.py``, run by ``backward_launch.py``): any score function
+and phi whose derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the
+gradients of captured tensors that a softmax or sigmoid score function reads (an ALiBi slope
+table, a relative bias table). Linear attention has its own (``linear_backward.py``).
+Everything else (a learned tensor under a pointwise normalizer or stick-breaking, or in a
+mask) recomputes the region with the reference backend's differentiable path (dense,
+``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent wrong gradient.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The backward kernels (TVMScript text): FlashAttention-2's structure, every normalizer but
-stick-breaking.
+"""The backward kernels (TVMScript text): FlashAttention-2's structure, for every normalizer
+but linear attention (``linear_backward.py``).
 
 Notation (as in ``kernels.py``; ``BM`` query rows x ``BN`` keys per tile, ``RI`` x ``VJ``
 register blocks, ``G = HQ // HKV`` query heads per kv head):
@@ -28,6 +28,14 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
   also adds ``dS K`` to the dQ rows of its own query heads, in place: five products per tile
   instead of seven, but only ``B * HKV`` tasks, so it is chosen when every thread gets a few
   (``use_fused``); a normalised pointwise map needs its row sums first and takes two kernels;
+- stick-breaking (``_stick_breaking_tile``): ``dS_ij = g_ij (1 - beta_ij) - beta_ij T_ij`` with
+  ``g = P dP``, ``beta = sigmoid(S)`` and ``T_ij`` the sum of ``g`` over the row's kept keys
+  before ``j``; ``P`` needs ``C_ij``, the sum of ``softplus`` over the kept keys after ``j``. Two
+  kernels: ``dq`` (its tasks and tables) sums ``softplus`` per row and kv tile, which
+  ``launch_backward`` turns into ``CE`` (the sums over the later tiles); then ``fused``, its kv
+  tiles ascending, walks each tile's keys down from ``CE`` for ``C`` and up from ``SB`` (each
+  row's sum of ``g`` over the earlier tiles, carried in place) for ``T``. Neither needs
+  ``Delta``;
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 once per call (``backward_launch``); gradients accumulate in float32. No buffer is
@@ -52,7 +60,7 @@ from dataclasses import dataclass
 from attncc.codegen.tvm import bf16_pairs, llvm_import
 from attncc.codegen.tvm.kernels import NEG_INF, TASK_TABLE, Lines, captured_specs, task_loop, tree
 from attncc.codegen.tvm.register_block import Loop, RegisterBlock
-from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp_nonpositive
+from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp_nonpositive, fast_log1p
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
 from attncc.ir.expr import Expr
@@ -113,6 +121,7 @@ class _Backward:
         # NOTE: a normalised pointwise row needs its sum L_i: dq computes 1/L_i first (a pass
         # over its tiles) and leaves it in LSE for dkdv, which runs after it.
         self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
+        self.stick_breaking = isinstance(self.norm, nodes.StickBreakingNorm)
         self.kind = ""  # "dq", "dkdv" or "fused", set by render
         if shape.pair_dots and not shape.fits_pair_dots:
             raise ValueError(f"backward pair dots need vector {bf16_pairs.LANES}, head dims in whole vectors, an "
@@ -127,6 +136,11 @@ class _Backward:
         extra += "".join(f", g{i}_h: T.handle" for i in range(len(self.learn)))
         outs = {"dq": "dq_h: T.handle, kp_h: T.handle", "dkdv": "dk_h: T.handle, dv_h: T.handle",
                 "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
+        if self.stick_breaking:
+            if kind == "dkdv":
+                raise ValueError("stick-breaking's backward is the fused kernel (its rows' sums of g carry "
+                                 "from kv tile to kv tile), after the tile sums of softplus (kind 'dq')")
+            outs = "spt_h: T.handle" if kind == "dq" else outs + ", ce_h: T.handle, sb_h: T.handle"
         words = "qr_h: T.handle, dor_h: T.handle, " if self._row_pairs else ""
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {words}{outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
@@ -147,13 +161,19 @@ class _Backward:
                 w(f'DOR = T.match_buffer(dor_h, (B, HQ, LQ2, {s.Dv}), "float32")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('DELTA = T.match_buffer(delta_h, (B, HQ, LQ), "float32")')
-            if kind != "dkdv":  # fused: DQ padded to whole query tiles, accumulated in place
+            if kind == "fused" or (kind == "dq" and not self.stick_breaking):
+                # fused: DQ padded to whole query tiles, accumulated in place
                 w(f'DQ = T.match_buffer(dq_h, (B, HQ, {"LQ" if kind == "dq" else "LQP"}, {s.D}), "float32")')
                 if s.pair_dots:  # K by key pairs (words), ceil(LKV / 2) rows
                     w("LK2 = T.int32()")
                     w(f'KP = T.match_buffer(kp_h, (B, HKV, LK2, {s.D}), "float32")')
                 else:
                     w(f'KP = T.match_buffer(kp_h, (B, HKV, LKP, {s.D}), "float32")')
+            if self.stick_breaking and kind == "dq":  # per row and kv tile: the sum of softplus(s)
+                w('SPT = T.match_buffer(spt_h, (B, HQ, LQ, NKT), "float32")')
+            elif self.stick_breaking:  # per row: C at each kv tile's last key, the g sum below the tile
+                w('CE = T.match_buffer(ce_h, (B, HQ, LQP, NKT), "float32")')
+                w('SB = T.match_buffer(sb_h, (B, HQ, LQP), "float32")')
             if kind != "dq":
                 w(f'DK = T.match_buffer(dk_h, (B, HKV, LKP, {s.D}), "float32")')
                 w(f'DV = T.match_buffer(dv_h, (B, HKV, LKP, {s.Dv}), "float32")')
@@ -204,6 +224,9 @@ class _Backward:
         w(f'dS = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'Lr = T.decl_buffer(({s.block_m},), "float32")')
         w(f'Dr = T.decl_buffer(({s.block_m},), "float32")')
+        if self.stick_breaking:  # dP, then g = P dP; softplus, then its sums; logsigmoid; sigmoid
+            for name in ("dPs", "SPs", "LSs", "Bt"):
+                w(f'{name} = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         if self.learn:  # raw scores and d loss / d score_fn, for the captured tensors' gradients
             w(f'So = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
             w(f'dSo = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
@@ -278,11 +301,15 @@ class _Backward:
         w("th = T.min(h, TH - 1)")
         w(f"q0 = qt * {BM}")
         self._buffers()
-        w(f'dQa = T.decl_buffer(({BM}, {D}), "float32")')
-        with w.block(f"for i in range({BM}):"):
-            with w.block(f"for d in T.vectorized({D}):"):
-                w("dQa[i, d] = T.float32(0.0)")
+        if not self.stick_breaking:
+            w(f'dQa = T.decl_buffer(({BM}, {D}), "float32")')
+            with w.block(f"for i in range({BM}):"):
+                with w.block(f"for d in T.vectorized({D}):"):
+                    w("dQa[i, d] = T.float32(0.0)")
         self._load_rows(from_lse=not self.row_sums)
+        if self.stick_breaking:
+            self._softplus_sums()
+            return
         if self.row_sums:
             self._row_sums()
         with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
@@ -424,9 +451,102 @@ class _Backward:
                 else:
                     self._product("Sr", "dOs", "VT", s.Dv)
                 with scores.each(w):
-                    if self.learn:
-                        w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, '', i, None)}")
-                    w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, f'dS[{i}, {j}]', i, grad)}")
+                    if self.stick_breaking:  # dS needs the whole row's walk first
+                        w(f"dPs[{i}, {j}] = {scores.at}")
+                    else:
+                        if self.learn:
+                            w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, '', i, None)}")
+                        w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, f'dS[{i}, {j}]', i, grad)}")
+        if self.stick_breaking and not weights_only:
+            self._stick_breaking_tile(grad is not None)
+
+    def _softplus_sums(self) -> None:
+        """``SPT[row, kt]``: the sum of ``softplus(s)`` over each listed kv tile's kept keys (the
+        first of stick-breaking's two kernels; ``launch_backward`` turns them into ``CE``)."""
+        s, w = self.s, self.w
+        BM, BN, VJ = s.block_m, s.block_n, s.vector
+        with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
+            self._pick("qt", "kt")
+            w(f"kv0 = kt * {BN}")
+            self._p_and_ds(weights_only=True)  # P: the masked scores
+            self._stick_breaking_terms()
+            with w.block(f"for i in range({BM}):"):
+                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
+                with w.block(f"for j1 in T.vectorized({VJ}):"):
+                    w("Lv[j1] = SPs[i, j1]")
+                with w.block(f"for j0 in range(1, {BN // VJ}):"):
+                    with w.block(f"for j1 in T.vectorized({VJ}):"):
+                        w(f"Lv[j1] = Lv[j1] + SPs[i, j0 * {VJ} + j1]")
+                with w.block("if q0 + i < LQ:"):
+                    w(f"SPT[b, h, q0 + i, kt] = {tree('', [f'Lv[{n}]' for n in range(VJ)])}")
+
+    def _stick_breaking_terms(self) -> None:
+        """From the masked scores in ``P``: ``SPs = softplus(s)``, ``LSs = logsigmoid(s)`` and
+        ``Bt = sigmoid(s)`` (0, ``-inf`` and 0 where masked), vectorized over keys."""
+        s, w = self.s, self.w
+        zero = "T.float32(0.0)"
+        x = "P[i, j]"
+        alive = f"({x} != {NEG_INF})"
+        with w.block(f"for i in range({s.block_m}):"):
+            with w.block(f"for j in T.vectorized({s.block_n}):"):  # E = exp(-|s|), in Bt until the sigmoid
+                w(f"Bt[i, j] = {fast_exp_nonpositive(f'(T.float32(0.0) - T.abs({x}))')}")
+            with w.block(f"for j in T.vectorized({s.block_n}):"):
+                w(f"SPs[i, j] = {fast_log1p('Bt[i, j]')}")
+            with w.block(f"for j in T.vectorized({s.block_n}):"):
+                # softplus(s) = max(s, 0) + log1p(E), logsigmoid(s) = min(s, 0) - log1p(E)
+                w(f"LSs[i, j] = T.if_then_else({alive}, T.min({x}, {zero}) - SPs[i, j], {NEG_INF})")
+                w(f"SPs[i, j] = T.if_then_else({alive}, T.max({x}, {zero}) + SPs[i, j], {zero})")
+                w(f"Bt[i, j] = T.if_then_else({alive}, T.if_then_else({x} >= {zero}, T.float32(1.0), Bt[i, j]) "
+                  f"/ (T.float32(1.0) + Bt[i, j]), {zero})")
+
+    def _stick_breaking_tile(self, chained: bool) -> None:
+        """P and dS of a stick-breaking tile from its masked scores (in ``P``) and dP (``dPs``).
+
+        ``log p_ij = logsigmoid(s_ij) - C_ij`` with ``C_ij`` the sum of ``softplus(s_it)`` over the
+        row's kept keys ``t > j``; with ``g_ij = p_ij dP_ij``, ``beta = sigmoid(s)`` and ``T_ij`` the
+        sum of ``g_it`` over kept ``t < j``: ``dS_ij = g_ij (1 - beta_ij) - beta_ij T_ij``, times the
+        score function's derivative (``chained``: stored in ``dS``). ``C`` runs down from the
+        tile's last key, from ``CE`` (the first kernel's sums over the later tiles); ``T`` runs up
+        from its first key, from ``SB`` (the sum over the earlier tiles: the fused kernel's kv
+        tiles ascend). Each sum runs from where its terms are small, so neither is a difference
+        of large ones (``T = Delta - sum_{t >= j} g``, one walk down, lost 1e-4 in dQ at 2048
+        keys). The two walks take ``RW`` rows at a time, so that their dependent adds interleave."""
+        s, w = self.s, self.w
+        BM, BN = s.block_m, s.block_n
+        zero = "T.float32(0.0)"
+        kept = f"(LSs[i, j] != {NEG_INF})"
+        self._stick_breaking_terms()
+        self._row_walks("SPs", "CE[b, h, {row}, kt]", down=True)  # SPs <- C
+        with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
+            w(f"P[i, j] = T.if_then_else({kept}, {fast_exp_nonpositive('(LSs[i, j] - SPs[i, j])')}, {zero})")
+            w("dPs[i, j] = P[i, j] * dPs[i, j]")  # g
+        self._row_walks("dPs", "SB[b, h, {row}]", down=False, into="SPs", keep=True)  # SPs <- T
+        chain = " * dS[i, j]" if chained else ""
+        with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
+            value = f"(dPs[i, j] * (T.float32(1.0) - Bt[i, j]) - Bt[i, j] * SPs[i, j]){chain}"
+            w(f"dS[i, j] = T.if_then_else({kept}, {value}, {zero})")
+
+    def _row_walks(self, values: str, start: str, down: bool, into: str | None = None, keep: bool = False) -> None:
+        """Per row, the running sum of ``values`` over the tile's keys, down from the last
+        (``down``) or up from the first, each key's sum before its own value, into ``into``
+        (default in place); it starts from ``start`` (a format of ``{row}``), where ``keep``
+        leaves the row's total."""
+        s, w = self.s, self.w
+        BM, BN, RW = s.block_m, s.block_n, math.gcd(8, s.block_m)
+        into = into or values
+        origin = start.format(row=f"q0 + i0 * {RW} + i1")
+        with w.block(f"for i0 in range({BM // RW}):"):
+            w(f'Run = T.decl_buffer(({RW},), "float32", scope="local")')
+            with w.block(f"for i1 in T.unroll({RW}):"):
+                w(f"Run[i1] = {origin}")
+            with w.block(f"for jw in range({BN}):"), w.block(f"for i1 in T.unroll({RW}):"):
+                at = f"[i0 * {RW} + i1, {f'{BN - 1} - jw' if down else 'jw'}]"
+                w(f"t = {values}{at}")
+                w(f"{into}{at} = Run[i1]")
+                w("Run[i1] = Run[i1] + t")
+            if keep:
+                with w.block(f"for i1 in T.unroll({RW}):"):
+                    w(f"{origin} = Run[i1]")
 
     def _learned_gradients(self) -> None:
         """G[task, index of each load] += dSo * d score_fn / d load, element by element (loads
@@ -463,6 +583,10 @@ class _Backward:
             return
         w(f"{p} = {score}")
         dead = f"({p} == {NEG_INF})"
+        if self.stick_breaking:  # P holds the masked score until _stick_breaking_tile
+            if grad is not None:
+                w(f"{ds} = {grad}")
+            return
         if isinstance(norm, nodes.SigmoidNorm):
             if grad is not None:
                 w(f"{ds} = {grad}")

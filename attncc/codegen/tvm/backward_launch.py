@@ -25,7 +25,7 @@ from attncc.ir.derivative import derivative, score_derivative_problem
 from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import BlockTables, block_tables_for
 
-NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm)
+NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
 
 
 def backward_unsupported(
@@ -153,8 +153,12 @@ FUSED_MIN_TASKS_PER_THREAD = 4
 def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) -> bool:
     """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
     thread, or when captured tensors learn (only its tasks own whole query heads); a
-    normalised pointwise map needs its row sums first, so it always takes two."""
+    normalised pointwise map needs its row sums first, so it always takes two; stick-breaking
+    always takes it (its rows' sums of g carry up the kv tiles within a task), after the sums
+    of softplus per tile (``_stick_breaking_sums``)."""
     norm = region.normalizer
+    if isinstance(norm, nodes.StickBreakingNorm):
+        return True
     if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
         return False
     return bool(learn) or tasks >= FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
@@ -210,8 +214,12 @@ def launch_backward(
         dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
         partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
+        walks = []
+        if isinstance(region.normalizer, nodes.StickBreakingNorm):
+            walks = _stick_breaking_sums(region, shape, qc, kt, vt, doc, lse, delta, tables, extra, dq.shape[2],
+                                         scale=scale, q_offset=q_offset, bias=bias, Lkv=Lkv)
         launcher.kernel_function(render_backward(region, shape, "fused", scattered))(
-            qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, tcount, tindex, fcount, findex,
+            qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, *walks, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
         sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
@@ -233,6 +241,31 @@ def launch_backward(
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype)
+
+
+def _stick_breaking_sums(
+    region: AttentionRegion, shape: BackwardShape, qc: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor,
+    doc: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, tables: BlockTables, extra: list,
+    rows: int, *, scale: float, q_offset: int, bias: float, Lkv: int,
+) -> list[torch.Tensor]:
+    """Stick-breaking's row sums for the fused kernel: ``CE[b, h, row, kt]``, the sum of
+    ``softplus(s)`` over the row's kept keys in the kv tiles after ``kt`` (the first kernel sums
+    each tile, the suffix sums run here in float64), and ``SB``, zeros, where the fused kernel
+    carries each row's sum of ``g`` up the kv tiles. ``rows``: the query rows padded to tiles."""
+    B, Hq, Lq = lse.shape
+    nkv = kt.shape[2]
+    per_tile = torch.zeros(B, Hq, Lq, nkv, dtype=torch.float32)
+    launcher.kernel_function(render_backward(region, shape, "dq"))(
+        qc, kt, vt, doc, lse, delta, per_tile,
+        tables.partial_count.contiguous(), tables.partial_index.contiguous(),
+        tables.full_count.contiguous(), tables.full_index.contiguous(),
+        schedule.task_order(tables, B, Hq, torch.get_num_threads()),
+        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
+    )
+    later = per_tile.double().flip(-1).cumsum(-1).flip(-1) - per_tile.double()
+    ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
+    ce[:, :, :Lq] = later
+    return [ce, torch.zeros(B, Hq, rows, dtype=torch.float32)]
 
 
 def row_shift_gradient(
