@@ -1,13 +1,16 @@
 """Forward + backward of causal attention on the CPU: attncc's generated kernels against torch SDPA,
 float32, bfloat16 and float16, in one interleaved run per length (FlexAttention raises on a CPU
-backward, so SDPA is the peer here). ``--linear``: causal linear attention (elu+1, and Lightning's
-decayed form) against autograd through the chunked torch recurrence
+backward, so SDPA is the peer here). ``--kind linear``: causal linear attention (elu+1, and
+Lightning's decayed form) against autograd through the chunked torch recurrence
 (``attncc.passes.lower_linear.linear_attention``, what one writes by hand without a kernel) and,
 up to ``DENSE_MAX``, the dense reference backward attncc used before it had a generated one.
+``--kind stick_breaking``: causal stick-breaking against that dense reference backward, with
+attncc's causal softmax step beside it for scale.
 
     python benchmarks/cpu/bench_backward.py
     python benchmarks/cpu/bench_backward.py --output benchmarks/results/cpu_backward_<date>.md --plot out.png
-    python benchmarks/cpu/bench_backward.py --linear --lengths 4096 16384
+    python benchmarks/cpu/bench_backward.py --kind linear --plot linear.png
+    python benchmarks/cpu/bench_backward.py --kind stick_breaking --lengths 1024 2048
 
 Each round calls every contender once untimed, then once timed, in turn; a contender's time is
 its minimum over the rounds, and the paired ratio is the median over rounds of the two times
@@ -122,29 +125,60 @@ def table(results: dict[int, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def linear_table(results: dict[int, dict[str, list[float]]]) -> str:
-    lines = [f"Machine: {machine()}", "",
-             "| L | form | attncc ms | torch recurrence ms | dense reference ms | vs torch recurrence | vs dense |",
-             "|---|---|---|---|---|---|---|"]
+def peer_table(results: dict[int, dict[str, list[float]]], forms: tuple[str, ...], peers: tuple[str, ...],
+               note: str) -> str:
+    """Rows (L, form): attncc's time, then each peer's time and its ratio to attncc's ("-" where
+    the peer did not run at that length)."""
+    header = " | ".join(f"{peer} ms" for peer in peers) + " | " + " | ".join(f"vs {peer}" for peer in peers)
+    lines = [f"Machine: {machine()}", "", f"| L | form | attncc ms | {header} |",
+             "|---|---|---|" + "---|" * 2 * len(peers)]
     for L, samples in results.items():
-        for form in LINEAR_FORMS:
+        for form in forms:
             ours = min(samples[f"attncc {form}"])
-            cells = [f"| {L} | {form} | {ours * 1e3:.1f} |"]
-            ratios = []
-            for peer in ("torch recurrence", "dense reference"):
+            times, ratios = [], []
+            for peer in peers:
                 name = f"{peer} {form}"
                 if name not in samples:
-                    cells.append(" - |")
-                    ratios.append(" - |")
+                    times.append("-")
+                    ratios.append("-")
                     continue
-                cells.append(f" {min(samples[name]) * 1e3:.1f} |")
+                times.append(f"{min(samples[name]) * 1e3:.1f}")
                 pair = paired(samples, name, f"attncc {form}")
-                ratios.append(f" {min(samples[name]) / ours:.1f}x (paired {pair:.1f}) |")
-            lines.append("".join(cells + ratios))
-    lines += ["", f"Causal linear attention, float32, B={B}, H={H}, D={D}, forward + backward; elu1: "
-              "Linear() (elu+1 features, normalized); lightning: identity features, no normalizer, RetNet's "
-              "per-head decays. Ratios above 1: attncc is faster; times are minima over the interleaved rounds."]
+                ratios.append(f"{min(samples[name]) / ours:.2f}x (paired {pair:.2f})")
+            lines.append(f"| {L} | {form} | {ours * 1e3:.1f} | " + " | ".join(times + ratios) + " |")
+    lines += ["", note + " Ratios above 1: attncc is faster; times are minima over the interleaved rounds."]
     return "\n".join(lines)
+
+
+def stick_breaking_contenders(L: int) -> dict[str, Callable[[], None]]:
+    """Causal stick-breaking, float32: attncc's generated backward, the dense reference backward it
+    had before (up to ``DENSE_MAX``), and attncc's causal softmax step for scale."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).requires_grad_(True) for _ in range(3))
+    grad = torch.randn(B, H, L, D, generator=gen)
+    program = attncc.variant(mask=masks.causal, normalizer="stick_breaking")
+    softmax = attncc.variant(mask=masks.causal)
+    found = {"attncc stick_breaking": lambda: _step(lambda: program(q, k, v, backend="tvm"), [q, k, v], grad),
+             "attncc softmax stick_breaking": lambda: _step(lambda: softmax(q, k, v, backend="tvm"), [q, k, v], grad)}
+    if L <= DENSE_MAX:
+        found["dense reference stick_breaking"] = lambda: _step(
+            lambda: program(q, k, v, backend="reference"), [q, k, v], grad)
+    return found
+
+
+KINDS = {
+    "softmax": (contenders, table, (1024, 2048), "Causal attention training step on the CPU"),
+    "linear": (linear_contenders, lambda results: peer_table(
+        results, tuple(LINEAR_FORMS), ("torch recurrence", "dense reference"),
+        f"Causal linear attention, float32, B={B}, H={H}, D={D}, forward + backward; elu1: Linear() (elu+1 "
+        "features, normalized); lightning: identity features, no normalizer, RetNet's per-head decays."),
+        (4096, 16384), "Causal linear attention training step on the CPU"),
+    "stick_breaking": (stick_breaking_contenders, lambda results: peer_table(
+        results, ("stick_breaking",), ("dense reference", "attncc softmax"),
+        f"Causal stick-breaking, float32, B={B}, H={H}, D={D}, forward + backward; attncc softmax: the causal "
+        "softmax step on the same inputs, for scale."),
+        (1024, 2048, 8192), "Causal stick-breaking training step on the CPU"),
+}
 
 
 def plot(results: dict[int, dict[str, list[float]]], path: str,
@@ -154,12 +188,13 @@ def plot(results: dict[int, dict[str, list[float]]], path: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(next(iter(results.values())))
+    names = list(dict.fromkeys(name for samples in results.values() for name in samples))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs = [j + i * width for j in range(len(results))]
-        ax.bar(xs, [min(s[name]) * 1e3 for s in results.values()], width, label=name)
+    for i, name in enumerate(names):  # a contender that did not run at a length has no bar there
+        xs = [j + i * width for j, samples in enumerate(results.values()) if name in samples]
+        ax.bar(xs, [min(samples[name]) * 1e3 for samples in results.values() if name in samples], width,
+               label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], [f"L={L}" for L in results])
     ax.set_yscale("log")  # SDPA's float16 backward on the CPU is ten times the rest
     ax.set_ylabel("forward + backward, ms (log; lower is better)")
@@ -171,23 +206,23 @@ def plot(results: dict[int, dict[str, list[float]]], path: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="default 1024 2048 (--linear: 4096 16384)")
-    parser.add_argument("--linear", action="store_true", help="causal linear attention instead of softmax")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="softmax",
+                        help="softmax (against SDPA, three dtypes), linear or stick_breaking")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="default: softmax 1024 2048, linear 4096 16384, stick_breaking 1024 2048 8192")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds per length")
     parser.add_argument("--output", help="also write the markdown table to this file")
     parser.add_argument("--plot", help="draw the times to this PNG")
     args = parser.parse_args()
-    lengths = args.lengths or ([4096, 16384] if args.linear else [1024, 2048])
-    make = linear_contenders if args.linear else contenders
-    results = {L: measure(L, args.rounds, make) for L in lengths}
-    text = linear_table(results) if args.linear else table(results)
+    make, tabulate, default_lengths, title = KINDS[args.kind]
+    results = {L: measure(L, args.rounds, make) for L in args.lengths or default_lengths}
+    text = tabulate(results)
     print(text)
     if args.output:
         with open(args.output, "w") as out:
             out.write(text + "\n")
     if args.plot:
-        plot(results, args.plot, "Causal linear attention training step on the CPU" if args.linear
-             else "Causal attention training step on the CPU")
+        plot(results, args.plot, title)
 
 
 if __name__ == "__main__":
