@@ -343,7 +343,7 @@ class _Backward:
     def _row_sums(self) -> None:
         """Lr = 1 / sum_j phi(s_ij) over the listed tiles (0 for a zero sum), stored to LSE."""
         s, w = self.s, self.w
-        BM, BN, VJ = s.block_m, s.block_n, s.vector
+        BM, BN = s.block_m, s.block_n
         w(f'Ls = T.decl_buffer(({BM},), "float32")')
         with w.block(f"for i in range({BM}):"):
             w("Ls[i] = T.float32(0.0)")
@@ -352,13 +352,7 @@ class _Backward:
             w(f"kv0 = kt * {BN}")
             self._p_and_ds(weights_only=True)
             with w.block(f"for i in range({BM}):"):
-                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
-                with w.block(f"for j1 in T.vectorized({VJ}):"):
-                    w("Lv[j1] = P[i, j1]")
-                with w.block(f"for j0 in range(1, {BN // VJ}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"Lv[j1] = Lv[j1] + P[i, j0 * {VJ} + j1]")
-                w(f"Ls[i] = Ls[i] + {tree('', [f'Lv[{n}]' for n in range(VJ)])}")
+                w(f"Ls[i] = Ls[i] + {self._row_total('P')}")
         with w.block(f"for i in range({BM}):"):
             w("Lr[i] = T.if_then_else(Ls[i] != T.float32(0.0), T.float32(1.0) / Ls[i], T.float32(0.0))")
             with w.block("if q0 + i < LQ:"):
@@ -464,21 +458,28 @@ class _Backward:
         """``SPT[row, kt]``: the sum of ``softplus(s)`` over each listed kv tile's kept keys (the
         first of stick-breaking's two kernels; ``launch_backward`` turns them into ``CE``)."""
         s, w = self.s, self.w
-        BM, BN, VJ = s.block_m, s.block_n, s.vector
+        BM, BN = s.block_m, s.block_n
         with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
             self._pick("qt", "kt")
             w(f"kv0 = kt * {BN}")
             self._p_and_ds(weights_only=True)  # P: the masked scores
             self._stick_breaking_terms(softplus_only=True)
             with w.block(f"for i in range({BM}):"):
-                w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
-                with w.block(f"for j1 in T.vectorized({VJ}):"):
-                    w("Lv[j1] = SPs[i, j1]")
-                with w.block(f"for j0 in range(1, {BN // VJ}):"):
-                    with w.block(f"for j1 in T.vectorized({VJ}):"):
-                        w(f"Lv[j1] = Lv[j1] + SPs[i, j0 * {VJ} + j1]")
+                total = self._row_total("SPs")
                 with w.block("if q0 + i < LQ:"):
-                    w(f"SPT[b, h, q0 + i, kt] = {tree('', [f'Lv[{n}]' for n in range(VJ)])}")
+                    w(f"SPT[b, h, q0 + i, kt] = {total}")
+
+    def _row_total(self, buffer: str) -> str:
+        """Inside ``for i``: the sum of row ``i`` of the tile ``buffer`` (vector lanes summed
+        over the key vectors, ``Lv``, then a tree over the lanes), as an expression."""
+        s, w, VJ = self.s, self.w, self.s.vector
+        w(f'Lv = T.decl_buffer(({VJ},), "float32", scope="local")')
+        with w.block(f"for j1 in T.vectorized({VJ}):"):
+            w(f"Lv[j1] = {buffer}[i, j1]")
+        with w.block(f"for j0 in range(1, {s.block_n // VJ}):"):
+            with w.block(f"for j1 in T.vectorized({VJ}):"):
+                w(f"Lv[j1] = Lv[j1] + {buffer}[i, j0 * {VJ} + j1]")
+        return tree("", [f"Lv[{n}]" for n in range(VJ)])
 
     def _stick_breaking_terms(self, softplus_only: bool = False) -> None:
         """From the masked scores in ``P``: ``SPs = softplus(s)``, ``LSs = logsigmoid(s)`` and
