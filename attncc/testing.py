@@ -2,7 +2,8 @@
 
 ``check_against_reference`` runs a variant on a backend and compares it with a float64
 reference computed from the same inputs; for float16/bfloat16 it applies FlashAttention's
-rule, measuring the reference backend's own error in that dtype.
+rule, measuring the reference backend's own error in that dtype. ``check_gradients`` does the
+same for the gradients of q, k, v and learned captured tensors, at twice the tolerance.
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ VARIANTS = {
     "stick_breaking_strict_window": lambda: attncc.variant(  # row q_idx = 0 sees nothing
         mask=lambda b, h, q, kv: (q > kv) & (q - kv < 40), normalizer="stick_breaking"),
     "stick_breaking_softcap": lambda: attncc.variant(_softcap, normalizer="stick_breaking"),  # every key, descending
+    # documents with every fifth key dropped: a captured tensor in the mask (both kernels read
+    # it) and rows with holes in every tile
+    "stick_breaking_document": lambda: attncc.variant(
+        mask=lambda b, h, q, kv: (DOCS[q] == DOCS[kv]) & (q >= kv) & (kv % 5 != 2), normalizer="stick_breaking"),
+    "stick_breaking_alibi": lambda: attncc.variant(_alibi, mask=masks.causal, normalizer="stick_breaking"),
 }
 _BUILT: dict[str, attncc.Variant] = {}
 
@@ -185,9 +190,9 @@ def test_bfloat16_pair_dots_gradients(name: str, monkeypatch) -> None:
     for fused in (True, False):
         with fused_kernel(fused):
             check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=45, Lkv=70, dtype=torch.bfloat16), q_offset=25,
-                        with_lse=lse)
+                            with_lse=lse)
             check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=torch.bfloat16, seed=1),
-                        q_offset=37)
+                            q_offset=37)
     assert decided and all(decided)
 
 
@@ -264,7 +269,7 @@ def test_random_shapes(name, fused, B, Hkv, group, Lq, Lkv, offset, seed) -> Non
     q_offset = min(offset, max(0, 190 - Lq))  # DOCS covers q_idx < 205
     with fused_kernel(fused):
         check_gradients(variant(name), *qkv(B=B, Hq=Hkv * group, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed),
-                    q_offset=q_offset, seed=seed)
+                        q_offset=q_offset, seed=seed)
 
 
 @pytest.mark.parametrize("name,dtype", [
@@ -275,7 +280,7 @@ def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
     """The fused scheme (one task per (b, hk) owning its dQ rows): GQA, offsets, dead rows."""
     with fused_kernel(True):
         check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=dtype), q_offset=20,
-                    with_lse=name in ("causal", "alibi", "strict_causal"))
+                        with_lse=name in ("causal", "alibi", "strict_causal"))
         check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
 
 

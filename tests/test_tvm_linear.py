@@ -185,8 +185,9 @@ def _no_recomputation(monkeypatch, allow_torch: bool = False) -> None:
     ids=["decode1", "decode5", "short_q", "late_queries", "offset_past_keys", "offset_inside"],
 )
 @pytest.mark.parametrize("name", ["elu1", "lightning", "strict_decay"])
-def test_gradients_lengths_and_offsets(name: str, Lq: int, Lkv: int, q_offset: int) -> None:
+def test_gradients_lengths_and_offsets(name: str, Lq: int, Lkv: int, q_offset: int, monkeypatch) -> None:
     """Lq != Lkv and offsets: the transposed products run on zero-padded rows in reversed time."""
+    _no_recomputation(monkeypatch)
     q, k, v = qkv(Lq=Lq, Lkv=Lkv, seed=Lq + Lkv, q_scale=_q_scale(name))
     check_gradients(variant(name), q, k, v, q_offset=q_offset)
 
@@ -267,7 +268,9 @@ def test_random_gradients(name, group, Lq, extra_keys, past, seed) -> None:
     Hq, Hkv = group
     Lkv = max(1, Lq + extra_keys)
     q, k, v = qkv(B=1, Hq=Hq, Hkv=Hkv, Lq=Lq, Lkv=Lkv, seed=seed, q_scale=_q_scale(name))
-    check_gradients(variant(name), q, k, v, q_offset=min(past, max(0, Lkv - 1)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _no_recomputation(monkeypatch)
+        check_gradients(variant(name), q, k, v, q_offset=min(past, max(0, Lkv - 1)))
 
 
 FUZZ_NAMES = ("elu1", "lightning", "strict_decay", "traced", "global_unnormalized")

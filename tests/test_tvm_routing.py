@@ -241,12 +241,15 @@ def test_topk_blocks_learned_tensors_get_gradients() -> None:
 
 
 def test_routed_stick_breaking_gradients_are_generated() -> None:
-    """Stick-breaking under TopKBlocks: the generated backward walks the selected tiles from the
-    last, with no warning."""
-    program = attncc.variant(mask=masks.causal, normalizer="stick_breaking", routing=attncc.TopKBlocks(16, 2))
+    """Stick-breaking under TopKBlocks (the selected tiles, in order) and under TopKHeads (the kept
+    rows, with the learned router): the generated backward, no warning."""
+    blocks = attncc.variant(mask=masks.causal, normalizer="stick_breaking", routing=attncc.TopKBlocks(16, 2))
+    router = torch.randn(2, 70, 4, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    heads = attncc.variant(mask=masks.causal, normalizer="stick_breaking", routing=attncc.TopKHeads(2, router))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_routed_grads(program, *qkv(Lq=40, Lkv=40))
+        check_routed_grads(blocks, *qkv(Lq=40, Lkv=40))
+        check_routed_grads(heads, *qkv(Lq=70, Lkv=70), learn=(router,))
 
 
 def test_routed_grad_without_a_generated_backward_falls_back_with_its_reason() -> None:

@@ -49,7 +49,7 @@ class TVMBackend:
         if plan.strategy in ("linear_chunked", "linear_global"):
             from attncc.codegen.tvm.linear_launch import run_linear
 
-            return run_linear(plan, region, q, k, v, tensors, q_offset=q_offset)
+            return run_linear(region, q, k, v, tensors, q_offset=q_offset)
         plans = _submodule("plans")  # routing, split-KV decoding, combine
         return plans.run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse,
                               config=config)

@@ -28,18 +28,19 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
   also adds ``dS K`` to the dQ rows of its own query heads, in place: five products per tile
   instead of seven, but only ``B * HKV`` tasks, so it is chosen when every thread gets a few
   (``use_fused``); a normalised pointwise map needs its row sums first and takes two kernels;
-- stick-breaking (``_stick_breaking_tile``): ``dS_ij = g_ij (1 - beta_ij) - beta_ij T_ij`` with
-  ``g = P dP``, ``beta = sigmoid(S)`` and ``T_ij`` the sum of ``g`` over the row's kept keys
-  before ``j``; ``P`` needs ``C_ij``, the sum of ``softplus`` over the kept keys after ``j``. Two
-  kernels: ``dq`` (its tasks and tables) sums ``softplus`` per row and kv tile, which
-  ``launch_backward`` turns into ``CE`` (the sums over the later tiles); then ``fused``, its kv
-  tiles ascending, walks each tile's keys down from ``CE`` for ``C`` and up from ``SB`` (each
-  row's sum of ``g`` over the earlier tiles, carried in place) for ``T``. Neither needs
-  ``Delta``;
+- stick-breaking (``_stick_breaking_tile``): ``dS_ij = U_ij (1 - beta_ij) - beta_ij T_ij`` with
+  ``U = P dP`` (elementwise), ``beta = sigmoid(S)`` and ``T_ij`` the sum of ``U`` over the row's
+  kept keys before ``j`` (times ``g``); ``P`` needs ``C_ij``, the sum of ``softplus`` over the
+  kept keys after ``j``. Two kernels: ``dq`` (its tasks and tables) sums ``softplus`` per row
+  and kv tile, which ``launch_backward`` turns into ``CE`` (the sums over the later tiles);
+  then ``fused``, always (only its tasks walk a row's kv tiles in order: the parallelism is
+  ``B * HKV``), its kv tiles ascending, walks each tile's keys down from ``CE`` for ``C`` and
+  up from ``SB`` (each row's sum of ``U`` over the earlier tiles, carried in place) for ``T``.
+  Neither needs ``Delta``; rows past ``LQ`` get zero weights here too;
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 once per call (``backward_launch``); gradients accumulate in float32. No buffer is
-  ``Lq x Lkv``;
+  ``Lq x Lkv`` (stick-breaking's ``CE`` is ``Lq x Lkv / BN``);
 - bfloat16 on a host with AVX-512 BF16 (``BackwardShape.pair_dots``) multiplies by pairs
   (``bf16_pairs``): ``S`` and ``dP`` by pairs of features (K and V staged as transposed tiles of
   feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as words; exact products, as the
@@ -224,7 +225,9 @@ class _Backward:
         w(f'dS = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         w(f'Lr = T.decl_buffer(({s.block_m},), "float32")')
         w(f'Dr = T.decl_buffer(({s.block_m},), "float32")')
-        if self.stick_breaking:  # dP, then g = P dP; softplus, then its sums; logsigmoid; sigmoid
+        # stick-breaking, each reused in turn: dPs holds dP, then U = P dP; SPs softplus, then C,
+        # then T; LSs logsigmoid; Bt exp(-|s|), then sigmoid
+        if self.stick_breaking:
             for name in ("dPs", "SPs", "LSs", "Bt"):
                 w(f'{name} = T.decl_buffer(({s.block_m}, {s.block_n}), "float32")')
         if self.learn:  # raw scores and d loss / d score_fn, for the captured tensors' gradients
@@ -362,7 +365,7 @@ class _Backward:
         """Qs = scale * Q, dOs = dO (float32, 0 past LQ; with pair dots Qp, dOp, Qr and dOr, words),
         Dr = Delta, Lr per normalizer: softmax
         lse (+inf for dead rows), a normalised pointwise 1/L_i (LSE, written by dq), else 1;
-        rows past LQ get weights 0."""
+        rows past LQ get weights 0 (stick-breaking: ``_stick_breaking_tile``)."""
         s, w = self.s, self.w
         if self._row_pairs:  # rows 2p and 2p + 1 of the tile (q0 is even): the pair layouts' row q0 / 2 + p
             with w.block(f"for p in range({s.block_m // 2}):"):
@@ -507,14 +510,15 @@ class _Backward:
         """P and dS of a stick-breaking tile from its masked scores (in ``P``) and dP (``dPs``).
 
         ``log p_ij = logsigmoid(s_ij) - C_ij`` with ``C_ij`` the sum of ``softplus(s_it)`` over the
-        row's kept keys ``t > j``; with ``g_ij = p_ij dP_ij``, ``beta = sigmoid(s)`` and ``T_ij`` the
-        sum of ``g_it`` over kept ``t < j``: ``dS_ij = g_ij (1 - beta_ij) - beta_ij T_ij``, times the
+        row's kept keys ``t > j``; with ``U_ij = p_ij dP_ij``, ``beta = sigmoid(s)`` and ``T_ij`` the
+        sum of ``U_it`` over kept ``t < j``: ``dS_ij = U_ij (1 - beta_ij) - beta_ij T_ij``, times the
         score function's derivative (``chained``: stored in ``dS``). ``C`` runs down from the
         tile's last key, from ``CE`` (the first kernel's sums over the later tiles); ``T`` runs up
         from its first key, from ``SB`` (the sum over the earlier tiles: the fused kernel's kv
         tiles ascend). Each sum runs from where its terms are small, so neither is a difference
-        of large ones (``T = Delta - sum_{t >= j} g``, one walk down, lost 1.7e-4 in dQ at 2048
-        keys). The two walks take ``RW`` rows at a time, so that their dependent adds interleave."""
+        of large ones (``T = Delta - sum_{t >= j} U``, one walk down, lost 1.7e-4 in dQ at 2048
+        keys). The two walks take ``RW`` rows at a time, so that their dependent adds interleave.
+        Rows past ``LQ`` (a ragged last query tile, Q clamped) weigh 0."""
         s, w = self.s, self.w
         BM, BN = s.block_m, s.block_n
         zero = "T.float32(0.0)"
@@ -522,19 +526,21 @@ class _Backward:
         self._stick_breaking_terms()
         self._row_walks("SPs", "CE[b, h, {row}, kt]", down=True)  # SPs <- C
         with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
-            w(f"P[i, j] = T.if_then_else({kept}, {fast_exp_nonpositive('(LSs[i, j] - SPs[i, j])')}, {zero})")
-            w("dPs[i, j] = P[i, j] * dPs[i, j]")  # g
-        self._row_walks("dPs", "SB[b, h, {row}]", down=False, into="SPs", keep=True)  # SPs <- T
+            weight = fast_exp_nonpositive("(LSs[i, j] - SPs[i, j])")
+            w(f"P[i, j] = T.if_then_else(T.And({kept}, q0 + i < LQ), {weight}, {zero})")
+            w("dPs[i, j] = P[i, j] * dPs[i, j]")  # U
+        self._row_walks("dPs", "SB[b, h, {row}]", down=False, into="SPs", store_total=True)  # SPs <- T
         chain = " * dS[i, j]" if chained else ""
         with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
             value = f"(dPs[i, j] * (T.float32(1.0) - Bt[i, j]) - Bt[i, j] * SPs[i, j]){chain}"
             w(f"dS[i, j] = T.if_then_else({kept}, {value}, {zero})")
 
-    def _row_walks(self, values: str, start: str, down: bool, into: str | None = None, keep: bool = False) -> None:
+    def _row_walks(self, values: str, start: str, down: bool, into: str | None = None,
+                   store_total: bool = False) -> None:
         """Per row, the running sum of ``values`` over the tile's keys, down from the last
         (``down``) or up from the first, each key's sum before its own value, into ``into``
-        (default in place); it starts from ``start`` (a format of ``{row}``), where ``keep``
-        leaves the row's total."""
+        (default in place); it starts from ``start`` (a format of ``{row}``), and
+        ``store_total`` writes the row's total back there."""
         s, w = self.s, self.w
         BM, BN, RW = s.block_m, s.block_n, math.gcd(8, s.block_m)
         into = into or values
@@ -548,7 +554,7 @@ class _Backward:
                 w(f"t = {values}{at}")
                 w(f"{into}{at} = Run[i1]")
                 w("Run[i1] = Run[i1] + t")
-            if keep:
+            if store_total:
                 with w.block(f"for i1 in T.unroll({RW}):"):
                     w(f"{origin} = Run[i1]")
 

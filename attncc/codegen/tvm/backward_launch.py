@@ -262,9 +262,12 @@ def _stick_breaking_sums(
         schedule.task_order(tables, B, Hq, torch.get_num_threads()),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    later = per_tile.double().flip(-1).cumsum(-1).flip(-1) - per_tile.double()
+    # the sum over the later tiles: the row's total less the sum up to this tile, in float64
+    # (then the difference of two large sums loses nothing a float32 keeps)
+    before = per_tile.cumsum(-1, dtype=torch.float64)
+    total = before[..., -1:].clone()
     ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
-    ce[:, :, :Lq] = later
+    ce[:, :, :Lq] = before.sub_(total).neg_()
     return [ce, torch.zeros(B, Hq, rows, dtype=torch.float32)]
 
 

@@ -52,7 +52,8 @@ class LinearShape:
     rows: int = 4  # RI
     vector: int = 16  # VJ; VE = gcd(Dv, vector)
     # rows in reversed time: position p of Q, K, V and O is row L - 1 - p of its tensor (the
-    # backward's transposed products, linear_backward.py)
+    # backward's transposed products, linear_backward.py). NOTE: defined for LQ == LKV and
+    # q_offset 0, the only way the backward runs it (its rows share one axis of positions)
     reverse: bool = False
 
 

@@ -13,13 +13,14 @@ with ``dN = dO / den`` and ``dden = -(dO . O) / den`` (both 0 where ``den == 0``
   kernel reads its rows from the end, ``LinearShape.reverse``);
 
 so the kernel with the identity feature map and no normalizer computes each in ``O(L)`` memory
-and ``O(L * chunk)`` work, a fourth run gives ``den``, and torch differentiates ``phi`` (a named
-map or a traced one, with the gradients of any captured tensor it reads).
+and ``O(L * chunk)`` work (three runs; with the normalizer a fourth gives ``den``), and torch
+differentiates ``phi`` (a named map or a traced one, with the gradients of any captured tensor
+it reads).
 
-The global form (no mask) is four matrix products, which torch runs as they are; so is a
-learned decay, whose gradient weighs each pair by ``i - j`` (no run of the kernel gives that):
-both recompute ``lower_linear.linear_attention`` (chunked, ``O(L * chunk)`` memory) under
-autograd, the decay's after a one-time warning.
+Two cases recompute ``lower_linear.linear_attention`` under autograd instead: the global form
+(no mask), four matrix products that torch runs as they are (``O(L)`` memory), and a learned
+decay, whose gradient weighs each pair by ``i - j`` (no run of the kernel gives that), by the
+chunked recurrence (``O(L * chunk)`` memory) after a one-time warning.
 """
 
 from __future__ import annotations
@@ -81,8 +82,6 @@ class _LinearAttention(torch.autograd.Function):
         region, kernel, tensors, names, q_offset, generated = ctx.context
         q, k, v, out, *learned = ctx.saved_tensors
         live = {**tensors, **dict(zip(names, learned))}
-        if q.shape[2] == 0 or k.shape[2] == 0:  # no pair is visible: every gradient is 0
-            return (None, *(torch.zeros_like(t) for t in (q, k, v, *learned)))
         if generated:
             grads = kernel_gradients(region, kernel, q, k, v, out, grad_out, live, names, q_offset)
         else:
@@ -94,8 +93,8 @@ def kernel_gradients(
     region: AttentionRegion, kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     grad_out: torch.Tensor, tensors: dict[str, torch.Tensor], learned: list[str], q_offset: int,
 ) -> tuple[torch.Tensor | None, ...]:
-    """(dq, dk, dv, d learned...) of a causal chunked region from four runs of the kernel
-    (module docstring), all in float32."""
+    """(dq, dk, dv, d learned...) of a causal chunked region from three or four runs of the
+    kernel (module docstring), computed in float32 (the caller casts each to its input's dtype)."""
     norm: nodes.LinearNorm = region.normalizer
     B, Hq, Lq, _ = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]

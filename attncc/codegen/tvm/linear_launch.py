@@ -2,8 +2,9 @@
 
 Inputs pass in their own dtype (the kernel converts on load); the module comes from
 ``launcher.kernel_function`` (cached by source in memory and on disk). When q, k, v or a
-captured float tensor (a feature map's table, the decay) requires grad, the backward runs the
-same kernel on derived inputs (``linear_backward.py``).
+captured float tensor (a feature map's table, the decay) requires grad, the causal backward runs
+the same kernel on derived inputs; the global form, and a learned decay, recompute the torch
+form under autograd (``linear_backward.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.autograd import learned_names, needs_grad
 from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, linear_specs, render_linear
 from attncc.codegen.tvm.linear_backward import linear_with_grad
-from attncc.passes.plan import AttentionRegion, KernelPlan
+from attncc.passes.plan import AttentionRegion
 
 
 def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor, reverse: bool = False) -> LinearShape:
@@ -54,7 +55,6 @@ def _forward(
 
 
 def run_linear(
-    plan: KernelPlan,
     region: AttentionRegion,
     q: torch.Tensor,
     k: torch.Tensor,
