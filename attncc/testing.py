@@ -156,6 +156,18 @@ def check_gradients(
         assert_close_to_reference(got_lowp, want, want_lowp, k.shape[2], what=name, factor=2.0)
 
 
+def largest_backward_allocation(program: Any, backend: str, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor) -> int:
+    """The most memory (bytes) one profiler event of ``backend``'s backward allocates; an event
+    counts its children's, so a dense backward shows at least its ``Lq x Lkv`` buffers."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = program(*leaves, backend=backend)
+    grad = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(out, leaves, grad)
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
 def check_example(
     program: Any, batch: int, heads: int, seq_len: int, head_dim: int, *, backend: str | None = None,
     label: str | None = None,

@@ -24,7 +24,7 @@ from attncc import masks
 from attncc.codegen.tvm import autograd as tvm_autograd
 from attncc.codegen.tvm import backward_launch, launcher
 from attncc.codegen.tvm.backward_launch import transpose_tables
-from attncc.testing import assert_close_to_reference, check_gradients, random_qkv
+from attncc.testing import assert_close_to_reference, check_gradients, largest_backward_allocation, random_qkv
 
 HEADS = 4
 SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
@@ -387,20 +387,14 @@ def test_transpose_tables_round_trip() -> None:
     assert empty_count.tolist() == [[[0, 0, 0]]] and empty_index.shape == (1, 1, 3, 1)
 
 
-def _largest_allocation(backend: str, L: int) -> int:
-    q, k, v = (t.requires_grad_(True) for t in qkv(B=1, Hq=1, Hkv=1, Lq=L, Lkv=L))
-    out = variant("causal")(q, k, v, backend=backend)
-    grad = torch.randn_like(out)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.autograd.grad(out, (q, k, v), grad)
-    return max(event.cpu_memory_usage for event in prof.events())
-
-
-def test_backward_allocates_no_lq_by_lkv_buffer() -> None:
-    """No tensor of the backward is as large as one float32 Lq x Lkv matrix (the reference's are)."""
+@pytest.mark.parametrize("name", ["causal", "stick_breaking"])
+def test_backward_allocates_no_lq_by_lkv_buffer(name: str) -> None:
+    """No tensor of the backward is as large as one float32 Lq x Lkv matrix (the reference's are;
+    stick-breaking's per-row sums per kv tile are Lq x Lkv / 64)."""
     L = 1024  # NOTE: an event's memory includes its children's: the whole backward's O(L*D) tensors
-    assert _largest_allocation("reference", L) >= 4 * L * L  # the probe sees a dense backward
-    assert _largest_allocation("tvm", L) < L * L
+    q, k, v = qkv(B=1, Hq=1, Hkv=1, Lq=L, Lkv=L)
+    assert largest_backward_allocation(variant(name), "reference", q, k, v) >= 4 * L * L  # the probe sees a dense one
+    assert largest_backward_allocation(variant(name), "tvm", q, k, v) < L * L
 
 
 def test_modules_are_reused_across_lengths() -> None:

@@ -24,7 +24,13 @@ pytest.importorskip("tvm")
 import attncc
 from attncc import masks
 from attncc.codegen.tvm import BACKEND, launcher, linear_backward, linear_launch
-from attncc.testing import assert_close_to_reference, check_against_reference, check_gradients, reference_outputs
+from attncc.testing import (
+    assert_close_to_reference,
+    check_against_reference,
+    check_gradients,
+    largest_backward_allocation,
+    reference_outputs,
+)
 
 HEADS = 4
 DECAY = 1.0 - 2.0 ** (-5.0 - torch.arange(HEADS, dtype=torch.float32))  # RetNet's decays
@@ -296,3 +302,12 @@ def test_random_shapes(name, B, group, Lq, extra_keys, past, seed) -> None:
     got = program(q, k, v, backend="tvm", q_offset=q_offset)
     ref64, _ = reference_outputs(program, {"q": q, "k": k, "v": v}, q_offset=q_offset)
     assert_close_to_reference(got, ref64, None, Lkv)
+
+
+def test_backward_allocates_no_lq_by_lkv_buffer() -> None:
+    """The causal backward's tensors are O(L): none is as large as one float32 L x L matrix."""
+    L = 2048  # NOTE: an event's memory includes its children's: the whole backward's O(L*D) tensors
+    for name in ("lightning", "elu1"):
+        q, k, v = qkv(B=1, Hq=1, Hkv=1, Lq=L, Lkv=L, q_scale=_q_scale(name))
+        assert largest_backward_allocation(variant(name), "reference", q, k, v) >= 4 * L * L  # a dense one
+        assert largest_backward_allocation(variant(name), "tvm", q, k, v) < L * L
