@@ -171,7 +171,8 @@ class _Backward:
                 else:
                     w(f'KP = T.match_buffer(kp_h, (B, HKV, LKP, {s.D}), "float32")')
             if self.stick_breaking and kind == "dq":  # per row and kv tile: the sum of softplus(s)
-                w('SPT = T.match_buffer(spt_h, (B, HQ, LQ, NKT), "float32")')
+                w("LQS = T.int32()")  # rows of SPT: LQ or more (the launcher turns it into CE in place)
+                w('SPT = T.match_buffer(spt_h, (B, HQ, LQS, NKT), "float32")')
             elif self.stick_breaking:  # per row: C at each kv tile's last key, the g sum below the tile
                 w('CE = T.match_buffer(ce_h, (B, HQ, LQP, NKT), "float32")')
                 w('SB = T.match_buffer(sb_h, (B, HQ, LQP), "float32")')

@@ -251,23 +251,24 @@ def _stick_breaking_sums(
     """Stick-breaking's row sums for the fused kernel: ``CE[b, h, row, kt]``, the sum of
     ``softplus(s)`` over the row's kept keys in the kv tiles after ``kt`` (the first kernel sums
     each tile, the suffix sums run here in float64), and ``SB``, zeros, where the fused kernel
-    carries each row's sum of ``g`` up the kv tiles. ``rows``: the query rows padded to tiles."""
+    carries each row's sum of ``P dP`` up the kv tiles. ``rows``: the query rows padded to
+    tiles. CE is ``Lq x Lkv / BN`` floats: the tile sums are turned into it in place, a (batch,
+    head) at a time, so the float64 sums never hold more than one head's."""
     B, Hq, Lq = lse.shape
     nkv = kt.shape[2]
-    per_tile = torch.zeros(B, Hq, Lq, nkv, dtype=torch.float32)
+    ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
     launcher.kernel_function(render_backward(region, shape, "dq"))(
-        qc, kt, vt, doc, lse, delta, per_tile,
+        qc, kt, vt, doc, lse, delta, ce,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, torch.get_num_threads()),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    # the sum over the later tiles: the row's total less the sum up to this tile, in float64
-    # (then the difference of two large sums loses nothing a float32 keeps)
-    before = per_tile.cumsum(-1, dtype=torch.float64)
-    total = before[..., -1:].clone()
-    ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
-    ce[:, :, :Lq] = before.sub_(total).neg_()
+    for per_tile in ce.view(B * Hq, rows, nkv)[:, :Lq]:
+        # the sum over the later tiles: the row's total less the sum up to this tile, in float64
+        # (the difference of two large sums then loses nothing a float32 keeps)
+        before = per_tile.cumsum(-1, dtype=torch.float64)
+        per_tile.copy_(before.sub_(before[:, -1:].clone()).neg_())
     return [ce, torch.zeros(B, Hq, rows, dtype=torch.float32)]
 
 
