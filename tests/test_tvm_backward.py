@@ -336,9 +336,28 @@ def test_learned_captured_tensors() -> None:
         check_gradients(scalar, *qkv(Lq=30, Lkv=40), q_offset=10, learn=(_learned(scalar, gain),), with_lse=True)
 
 
+@pytest.mark.parametrize("normalizer", ["stick_breaking", "relu", "phi"])
+def test_learned_tensors_under_other_normalizers(normalizer: str) -> None:
+    """Learned ALiBi slopes and a learned per-head temperature under stick-breaking and unnormalised
+    pointwise maps: the fused kernel scatters d loss / d score_fn (before the chain) into float64
+    partial sums (float32 ones lost 20x the float32 reference's error under relu); no warning."""
+    slopes = SLOPES.clone().requires_grad_(True)
+    temperature = torch.tensor([1.0, 0.5, 2.0, 1.5], requires_grad=True)
+    norm = {"stick_breaking": "stick_breaking", "relu": attncc.Pointwise("relu", normalize=False),
+            "phi": attncc.Pointwise(lambda s: torch.exp(-s * s), normalize=False)}[normalizer]
+    alibi = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal, normalizer=norm)
+    scaled = attncc.variant(lambda s, b, h, qi, ki: s * temperature[h], mask=masks.causal & masks.sliding_window(30),
+                            normalizer=norm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_gradients(alibi, *qkv(B=2, Lq=45, Lkv=70), q_offset=25, learn=(_learned(alibi, slopes),))
+        check_gradients(scaled, *qkv(Hkv=4, Lq=60, Lkv=60), learn=(_learned(scaled, temperature),))
+        check_gradients(alibi, *qkv(Lq=33, Lkv=33, dtype=torch.bfloat16), learn=(_learned(alibi, slopes),))
+
+
 def test_warning_only_when_falling_back() -> None:
-    """Covered cases warn nothing; a learned tensor under a pointwise normalizer falls back once,
-    with the reason; so does one under stick-breaking."""
+    """Covered cases warn nothing; a learned tensor under a normalised pointwise map (softplus)
+    falls back once, with the reason; one in a mask too."""
     q, k, v = (t.requires_grad_(True) for t in qkv(Hq=4, Hkv=4, Lq=24, Lkv=24))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -359,10 +378,10 @@ def test_warning_only_when_falling_back() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         variant("stick_breaking")(q, k, v, backend="tvm").sum().backward()
-    stick = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,
-                           normalizer="stick_breaking")
-    with pytest.warns(UserWarning, match="gradient of captured tensor"):
-        stick(q, k, v, backend="tvm").sum().backward()
+    widths = torch.tensor([8.0, 12.0, 16.0, 20.0], requires_grad=True)
+    masked = attncc.variant(mask=lambda b, h, qi, ki: (qi >= ki) & (qi - ki < widths[h]))
+    with pytest.warns(UserWarning, match="gradient of captured tensor .*read by the mask"):
+        masked(q, k, v, backend="tvm").sum().backward()
 
 
 def test_double_backward_raises() -> None:

@@ -3,11 +3,11 @@
 Softmax (with learned sinks), sigmoid, the pointwise normalizers and stick-breaking have
 generated backward kernels (``backward.py``, run by ``backward_launch.py``): any score function
 and phi whose derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the
-gradients of captured tensors that a softmax or sigmoid score function reads (an ALiBi slope
-table, a relative bias table). Linear attention has its own (``linear_backward.py``).
-Everything else (a learned tensor under a pointwise normalizer or stick-breaking, or in a
-mask) recomputes the region with the reference backend's differentiable path (dense,
-``O(Lq*Lkv)`` memory) after a one-time warning that says why: never a silent wrong gradient.
+gradients of captured tensors that a score function reads (an ALiBi slope table, a relative
+bias table). Linear attention has its own (``linear_backward.py``). Everything else (a learned
+tensor under a normalised pointwise map, or in a mask or phi) recomputes the region with the
+reference backend's differentiable path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning
+that says why: never a silent wrong gradient.
 """
 
 from __future__ import annotations

@@ -123,6 +123,9 @@ class _Backward:
         # over its tiles) and leaves it in LSE for dkdv, which runs after it.
         self.row_sums = isinstance(self.norm, nodes.PointwiseNorm) and self.norm.normalize
         self.stick_breaking = isinstance(self.norm, nodes.StickBreakingNorm)
+        # a pointwise map's dS is (dP - Delta) times a factor its weights step stores; learned
+        # tensors need that factor before the score function's chain, in dSo
+        self.dphi_factor_learned = bool(learn) and isinstance(self.norm, nodes.PointwiseNorm)
         self.kind = ""  # "dq", "dkdv" or "fused", set by render
         if shape.pair_dots and not shape.fits_pair_dots:
             raise ValueError(f"backward pair dots need vector {bf16_pairs.LANES}, head dims in whole vectors, an "
@@ -190,7 +193,10 @@ class _Backward:
                 w(buffer_declaration(i, spec))
             for i, name in enumerate(self.learn):
                 size = math.prod(learned_loads(self.region.score, name)[0].src[0].arg.shape)
-                w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float32")')
+                # NOTE: float64 sums: one entry (an ALiBi slope) gathers a term from every score of
+                # its heads, and under an unnormalised pointwise map the terms are large (float32
+                # sums lost 20x the float32 reference's error, 8.7e-4, at 70 keys)
+                w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float64")')
             with contextlib.ExitStack() as imports:
                 if s.pair_dots:
                     imports.enter_context(w.block(bf16_pairs.import_statement()))
@@ -452,8 +458,9 @@ class _Backward:
                     if self.stick_breaking:  # dS needs the whole row's walk first
                         w(f"dPs[{i}, {j}] = {scores.at}")
                     else:
-                        if self.learn:
-                            w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, '', i, None)}")
+                        if self.learn:  # pointwise: dSo holds phi'(s) / L_i (``_weights``)
+                            factor = f"dSo[{i}, {j}]" if self.dphi_factor_learned else ""
+                            w(f"dSo[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, factor, i, None)}")
                         w(f"dS[{i}, {j}] = {self._ds(f'P[{i}, {j}]', scores.at, f'dS[{i}, {j}]', i, grad)}")
         if self.stick_breaking and not weights_only:
             self._stick_breaking_tile(grad is not None)
@@ -533,8 +540,10 @@ class _Backward:
         self._row_walks("dPs", "SB[b, h, {row}]", down=False, into="SPs", store_total=True)  # SPs <- T
         chain = " * dS[i, j]" if chained else ""
         with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
-            value = f"(dPs[i, j] * (T.float32(1.0) - Bt[i, j]) - Bt[i, j] * SPs[i, j]){chain}"
-            w(f"dS[i, j] = T.if_then_else({kept}, {value}, {zero})")
+            value = "(dPs[i, j] * (T.float32(1.0) - Bt[i, j]) - Bt[i, j] * SPs[i, j])"
+            if self.learn:  # d loss / d score_fn, before the chain
+                w(f"dSo[i, j] = T.if_then_else({kept}, {value}, {zero})")
+            w(f"dS[i, j] = T.if_then_else({kept}, {value}{chain}, {zero})")
 
     def _row_walks(self, values: str, start: str, down: bool, into: str | None = None,
                    store_total: bool = False) -> None:
@@ -577,7 +586,7 @@ class _Backward:
                                 f"{render._as(index, 'int')} * T.int64({math.prod(shape[d + 1:])})"
                                 for d, index in enumerate(load.src[1:])) or "T.int64(0)"
                             at = f'G_{k}[task, T.Cast("int32", {flat})]'
-                            w(f"{at} = {at} + dSo[i, j] * {render(local)}")
+                            w(f'{at} = {at} + T.Cast("float64", dSo[i, j] * {render(local)})')
 
     def _weights(self, score: str, grad: str | None, at: str, i: str) -> None:
         """``P[at]`` from the masked score text and, where the normalizer has one, dS's factor
@@ -606,6 +615,8 @@ class _Backward:
         render = Renderer({"score": p}, self.specs)
         dphi = "T.float32(0.0)" if self.dphi is None else render(self.dphi)
         chain = f" * {grad}" if grad is not None else ""
+        if self.dphi_factor_learned:  # the factor before the chain, for the learned gradients
+            w(f"dSo{at} = T.if_then_else({dead}, T.float32(0.0), {dphi} * Lr[{i}])")
         w(f"{ds} = T.if_then_else({dead}, T.float32(0.0), {dphi} * Lr[{i}]{chain})")
         w(f"{p} = T.if_then_else({dead}, T.float32(0.0), {render(norm.phi)} * Lr[{i}])")
 

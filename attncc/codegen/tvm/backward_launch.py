@@ -35,8 +35,9 @@ def backward_unsupported(
     """Why the generated backward cannot compute these gradients, or None.
 
     ``grad_names``: captured float tensors that require grad: a softmax sink, or tensors read
-    by the score function (and ``row_shift``) of a softmax or sigmoid region, not by its mask,
-    whose per-task gradient buffers (``tasks`` = B * HKV of them) stay below ``LEARN_BYTES``.
+    by the score function (and ``row_shift``), not by the mask or phi, of any region but a
+    normalised pointwise one, whose per-task gradient buffers (``tasks`` = B * HKV of them)
+    stay below ``LEARN_BYTES``.
     """
     norm = region.normalizer
     if not isinstance(norm, NORMALIZERS):
@@ -64,8 +65,9 @@ LEARN_BYTES = 1 << 28  # per-task partial gradients of learned captured tensors,
 def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: torch.Tensor | None) -> str | None:
     # NOTE: the kernel scatters d score_fn / d load; a ``row_shift`` only moves the lse, whose
     # gradient ``row_shift_gradient`` adds in torch.
-    if not isinstance(region.normalizer, nodes.SoftmaxNorm | nodes.SigmoidNorm):
-        return "generated for softmax and sigmoid only"
+    norm = region.normalizer
+    if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
+        return "a normalised pointwise map takes two kernels, and only the fused one owns whole query heads"
     others = (region.mask, getattr(region.normalizer, "phi", None))
     if any(e is not None and name in {spec.name for spec in e.inputs()} for e in others):
         return "read by the mask or phi"
@@ -78,7 +80,7 @@ def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: t
         return f"dtype {spec.dtype}"
     if tensor is not None and tuple(tensor.shape) != tuple(spec.shape):  # NOTE: the scatter's strides are traced
         return f"shape {tuple(tensor.shape)} differs from the traced {tuple(spec.shape)}"
-    if 4 * tasks * math.prod(spec.shape) > LEARN_BYTES:
+    if 8 * tasks * math.prod(spec.shape) > LEARN_BYTES:  # float64 partial sums
         return f"per-task gradient buffers would exceed {LEARN_BYTES} bytes"
     for expr, load in loads:
         try:
@@ -213,7 +215,7 @@ def launch_backward(
     if use_fused(region, B * k.shape[1], learn):
         dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
-        partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float32) for n in scattered]
+        partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float64) for n in scattered]
         walks = []
         if isinstance(region.normalizer, nodes.StickBreakingNorm):
             walks = _stick_breaking_sums(region, shape, qc, kt, vt, doc, lse, delta, tables, extra, dq.shape[2],
