@@ -59,10 +59,10 @@ class TVMBackend:
         from attncc.codegen.tvm.space import PARAMS
 
         if plan.strategy in ("linear_chunked", "linear_global"):
-            from attncc.codegen.tvm.linear import LinearShape, render_linear
+            from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, render_linear
 
             region = plan.regions[0]
-            return render_linear(region, LinearShape(64, 64, "float32"))
+            return render_linear(region, LinearShape(64, 64, "float32", chunk=kernel_chunk(region.linear.chunk)))
         from attncc.codegen.tvm.forward import uses_vector_exp
         from attncc.codegen.tvm.launcher import transpose_lanes
 

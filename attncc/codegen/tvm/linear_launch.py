@@ -13,16 +13,17 @@ import torch
 
 from attncc.codegen.tvm import launcher
 from attncc.codegen.tvm.autograd import learned_names, needs_grad
-from attncc.codegen.tvm.linear import LinearShape, linear_specs, render_linear
+from attncc.codegen.tvm.linear import LinearShape, kernel_chunk, linear_specs, render_linear
 from attncc.codegen.tvm.linear_backward import linear_with_grad
 from attncc.passes.plan import AttentionRegion
 
 
-def linear_shape(q: torch.Tensor, v: torch.Tensor, reverse: bool = False) -> LinearShape:
+def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor, reverse: bool = False) -> LinearShape:
     return LinearShape(
         D=q.shape[-1],
         Dv=v.shape[-1],
         dtype=str(q.dtype).removeprefix("torch."),
+        chunk=kernel_chunk(region.linear.chunk),
         reverse=reverse,
     )
 
@@ -42,7 +43,7 @@ def _forward(
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     if Lq == 0 or Lkv == 0:  # no keys: every weight is 0, so is the output
         return out.zero_()
-    shape = linear_shape(q, v, reverse)
+    shape = linear_shape(region, q, v, reverse)
     attn = launcher.kernel_function(render_linear(region, shape))
     launcher.set_threads()
     workspace = []
