@@ -274,7 +274,8 @@ def test_random_shapes(name, fused, B, Hkv, group, Lq, Lkv, offset, seed) -> Non
 
 @pytest.mark.parametrize("name,dtype", [
     ("causal", torch.float32), ("causal", torch.bfloat16), ("alibi", torch.float32), ("strict_causal", torch.float32),
-    ("sigmoid", torch.float32), ("phi_unnormalized", torch.float32),
+    ("sigmoid", torch.float32), ("phi_unnormalized", torch.float32), ("stick_breaking_document", torch.float32),
+    ("stick_breaking_alibi", torch.bfloat16),
 ])
 def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
     """The fused scheme (one task per (b, hk) owning its dQ rows): GQA, offsets, dead rows."""
@@ -282,6 +283,16 @@ def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
         check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100, dtype=dtype), q_offset=20,
                         with_lse=name in ("causal", "alibi", "strict_causal"))
         check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
+
+
+@pytest.mark.parametrize("name", ["stick_breaking_document", "stick_breaking_strict_window", "stick_breaking_alibi"])
+def test_stick_breaking_two_kernels(name: str) -> None:
+    """Stick-breaking on the two kernels: dq walks each query tile's kv tiles in ascending order
+    (the PARTIAL and FULL lists merged) and leaves T at each tile's first key for dkdv; GQA,
+    offsets, a ragged last query tile."""
+    with fused_kernel(False):
+        check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100), q_offset=20)
+        check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, seed=1), q_offset=37)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -302,12 +313,14 @@ def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
 
 def test_fused_kernel_choice() -> None:
     """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map;
-    always for stick-breaking (its rows' sums carry from kv tile to kv tile within a task)."""
+    stick-breaking by the same rule (two kernels: dq carries T up its rows' tiles and leaves it
+    per tile for dkdv)."""
     threads = torch.get_num_threads()
-    region = variant("causal").plan.regions[0]
-    assert backward_launch.use_fused(region, 4 * threads) and not backward_launch.use_fused(region, 4 * threads - 1)
+    for name in ("causal", "stick_breaking"):
+        region = variant(name).plan.regions[0]
+        assert backward_launch.use_fused(region, 4 * threads)
+        assert not backward_launch.use_fused(region, 4 * threads - 1)
     assert not backward_launch.use_fused(variant("softplus").plan.regions[0], 10**6)
-    assert backward_launch.use_fused(variant("stick_breaking").plan.regions[0], 1)
 
 
 def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:

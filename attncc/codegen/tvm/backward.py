@@ -31,12 +31,13 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
 - stick-breaking (``_stick_breaking_tile``): ``dS_ij = U_ij (1 - beta_ij) - beta_ij T_ij`` with
   ``U = P dP`` (elementwise), ``beta = sigmoid(S)`` and ``T_ij`` the sum of ``U`` over the row's
   kept keys before ``j`` (times ``g``); ``P`` needs ``C_ij``, the sum of ``softplus`` over the
-  kept keys after ``j``. Two kernels: ``dq`` (its tasks and tables) sums ``softplus`` per row
-  and kv tile, which ``launch_backward`` turns into ``CE`` (the sums over the later tiles);
-  then ``fused``, always (only its tasks walk a row's kv tiles in order: the parallelism is
-  ``B * HKV``), its kv tiles ascending, walks each tile's keys down from ``CE`` for ``C`` and
-  up from ``SB`` (each row's sum of ``U`` over the earlier tiles, carried in place) for ``T``.
-  Neither needs ``Delta``; rows past ``LQ`` get zero weights here too;
+  kept keys after ``j``. First the ``sums`` kernel (dq's tasks and tables) sums ``softplus`` per
+  row and kv tile, which ``launch_backward`` turns into ``CE`` (the sums over the later tiles);
+  each tile then walks its keys down from ``CE`` for ``C`` and up for ``T``, from ``SB`` in
+  ``fused`` (its kv tiles ascend; each row's ``T`` carried in place), from ``Tr`` in ``dq``
+  (each query tile's kv tiles in ascending order, both lists merged; ``T`` at each tile's
+  first key left in ``TE``), from ``TE`` in ``dkdv``. Neither sum needs ``Delta``; rows past
+  ``LQ`` get zero weights here too;
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 once per call (``backward_launch``); gradients accumulate in float32. No buffer is
@@ -103,8 +104,9 @@ def learned_loads(score: Expr | None, name: str) -> list[Expr]:
 
 
 def render_backward(region: AttentionRegion, shape: BackwardShape, kind: str, learn: tuple[str, ...] = ()) -> str:
-    """TVMScript source of the ``kind`` (``"dkdv"``, ``"dq"`` or ``"fused"``) kernel, named
-    ``attn``; ``learn``: captured tensors whose gradients ``fused`` accumulates."""
+    """TVMScript source of the ``kind`` (``"dkdv"``, ``"dq"``, ``"fused"``, or stick-breaking's
+    ``"sums"``) kernel, named ``attn``; ``learn``: captured tensors whose gradients ``fused``
+    accumulates."""
     return _Backward(region, shape, learn).render(kind)
 
 
@@ -126,7 +128,7 @@ class _Backward:
         # a pointwise map's dS is (dP - Delta) times a factor its weights step stores; learned
         # tensors need that factor before the score function's chain, in dSo
         self.dphi_factor_learned = bool(learn) and isinstance(self.norm, nodes.PointwiseNorm)
-        self.kind = ""  # "dq", "dkdv" or "fused", set by render
+        self.kind = ""  # "dq", "dkdv", "fused" or "sums", set by render
         if shape.pair_dots and not shape.fits_pair_dots:
             raise ValueError(f"backward pair dots need vector {bf16_pairs.LANES}, head dims in whole vectors, an "
                              f"even block_m and block_n in whole runs of {2 * bf16_pairs.LANES}; got {shape}")
@@ -139,12 +141,13 @@ class _Backward:
         extra = "".join(f", x{i}: T.handle" for i in range(len(self.specs)))
         extra += "".join(f", g{i}_h: T.handle" for i in range(len(self.learn)))
         outs = {"dq": "dq_h: T.handle, kp_h: T.handle", "dkdv": "dk_h: T.handle, dv_h: T.handle",
-                "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle"}[kind]
-        if self.stick_breaking:
-            if kind == "dkdv":
-                raise ValueError("stick-breaking's backward is the fused kernel (its rows' sums of g carry "
-                                 "from kv tile to kv tile), after the tile sums of softplus (kind 'dq')")
-            outs = "spt_h: T.handle" if kind == "dq" else outs + ", ce_h: T.handle, sb_h: T.handle"
+                "fused": "dq_h: T.handle, kp_h: T.handle, dk_h: T.handle, dv_h: T.handle",
+                "sums": "spt_h: T.handle"}[kind]
+        if kind == "sums" and not self.stick_breaking:
+            raise ValueError("the 'sums' kernel is stick-breaking's")
+        if self.stick_breaking and kind != "sums":  # CE, and T where the kernel starts or keeps it
+            outs += {"dq": ", ce_h: T.handle, te_h: T.handle", "dkdv": ", ce_h: T.handle, te_h: T.handle",
+                     "fused": ", ce_h: T.handle, sb_h: T.handle"}[kind]
         words = "qr_h: T.handle, dor_h: T.handle, " if self._row_pairs else ""
         w(f"def attn(q_h: T.handle, kt_h: T.handle, vt_h: T.handle, do_h: T.handle, lse_h: T.handle, "
           f"delta_h: T.handle, {words}{outs}, pc_h: T.handle, pi_h: T.handle, fc_h: T.handle, fi_h: T.handle"
@@ -165,21 +168,24 @@ class _Backward:
                 w(f'DOR = T.match_buffer(dor_h, (B, HQ, LQ2, {s.Dv}), "float32")')
             w('LSE = T.match_buffer(lse_h, (B, HQ, LQ), "float32")')
             w('DELTA = T.match_buffer(delta_h, (B, HQ, LQ), "float32")')
-            if kind == "fused" or (kind == "dq" and not self.stick_breaking):
-                # fused: DQ padded to whole query tiles, accumulated in place
+            if kind in ("fused", "dq"):  # fused: DQ padded to whole query tiles, accumulated in place
                 w(f'DQ = T.match_buffer(dq_h, (B, HQ, {"LQ" if kind == "dq" else "LQP"}, {s.D}), "float32")')
                 if s.pair_dots:  # K by key pairs (words), ceil(LKV / 2) rows
                     w("LK2 = T.int32()")
                     w(f'KP = T.match_buffer(kp_h, (B, HKV, LK2, {s.D}), "float32")')
                 else:
                     w(f'KP = T.match_buffer(kp_h, (B, HKV, LKP, {s.D}), "float32")')
-            if self.stick_breaking and kind == "dq":  # per row and kv tile: the sum of softplus(s)
+            if kind == "sums":  # per row and kv tile: the sum of softplus(s)
                 w("LQS = T.int32()")  # rows of SPT: LQ or more (the launcher turns it into CE in place)
                 w('SPT = T.match_buffer(spt_h, (B, HQ, LQS, NKT), "float32")')
-            elif self.stick_breaking:  # per row: C at each kv tile's last key, the g sum below the tile
-                w('CE = T.match_buffer(ce_h, (B, HQ, LQP, NKT), "float32")')
-                w('SB = T.match_buffer(sb_h, (B, HQ, LQP), "float32")')
-            if kind != "dq":
+            elif self.stick_breaking:  # per row and kv tile: C at the tile's last key, T at its first
+                w("LQS = T.int32()")
+                w('CE = T.match_buffer(ce_h, (B, HQ, LQS, NKT), "float32")')
+                if kind == "fused":  # T carried up the kv tiles, per row
+                    w('SB = T.match_buffer(sb_h, (B, HQ, LQS), "float32")')
+                else:  # dq writes T at each tile's first key, dkdv reads it
+                    w('TE = T.match_buffer(te_h, (B, HQ, LQS, NKT), "float32")')
+            if kind in ("dkdv", "fused"):
                 w(f'DK = T.match_buffer(dk_h, (B, HKV, LKP, {s.D}), "float32")')
                 w(f'DV = T.match_buffer(dv_h, (B, HKV, LKP, {s.Dv}), "float32")')
             # NOTE: dq reads the forward tables (per q tile), dkdv their transpose (per kv tile).
@@ -200,7 +206,7 @@ class _Backward:
             with contextlib.ExitStack() as imports:
                 if s.pair_dots:
                     imports.enter_context(w.block(bf16_pairs.import_statement()))
-                if kind == "dq":
+                if kind in ("dq", "sums"):
                     with task_loop(w):
                         self._dq_task()
                 elif kind == "dkdv":
@@ -311,19 +317,29 @@ class _Backward:
         w("th = T.min(h, TH - 1)")
         w(f"q0 = qt * {BM}")
         self._buffers()
-        if not self.stick_breaking:
-            w(f'dQa = T.decl_buffer(({BM}, {D}), "float32")')
-            with w.block(f"for i in range({BM}):"):
-                with w.block(f"for d in T.vectorized({D}):"):
-                    w("dQa[i, d] = T.float32(0.0)")
-        self._load_rows(from_lse=not self.row_sums)
-        if self.stick_breaking:
+        if self.kind == "sums":
+            self._load_rows()
             self._softplus_sums()
             return
+        w(f'dQa = T.decl_buffer(({BM}, {D}), "float32")')
+        with w.block(f"for i in range({BM}):"):
+            with w.block(f"for d in T.vectorized({D}):"):
+                w("dQa[i, d] = T.float32(0.0)")
+        self._load_rows(from_lse=not self.row_sums)
         if self.row_sums:
             self._row_sums()
+        if self.stick_breaking:  # T runs up each row's keys: the tiles in ascending order
+            w(f'Tr = T.decl_buffer(({BM},), "float32")')
+            with w.block(f"for i in range({BM}):"):
+                w("Tr[i] = T.float32(0.0)")
+            w('Ptr = T.decl_buffer((2,), "int32")')
+            w("Ptr[0] = 0")
+            w("Ptr[1] = 0")
         with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
-            self._pick("qt", "kt")
+            if self.stick_breaking:
+                self._pick_ascending()
+            else:
+                self._pick("qt", "kt")
             w(f"kv0 = kt * {BN}")
             self._p_and_ds()
             self._dq_update("dQa[")
@@ -343,6 +359,19 @@ class _Backward:
         w(f"partial = n < PC[tb, th, {at}]")
         w(f"{name} = T.if_then_else(partial, PI[tb, th, {at}, T.min(n, MP - 1)], "
           f"FI[tb, th, {at}, T.max(n - PC[tb, th, {at}], 0)])")
+
+    def _pick_ascending(self) -> None:
+        """``kt``: the query tile's n-th listed kv tile in ascending order, both lists merged
+        (stick-breaking's ``dq``: T runs up a row's keys across tiles); ``partial`` says which."""
+        w = self.w
+        w("pk = T.if_then_else(Ptr[0] < PC[tb, th, qt], PI[tb, th, qt, T.min(Ptr[0], MP - 1)], NKT)")
+        w("fk = T.if_then_else(Ptr[1] < FC[tb, th, qt], FI[tb, th, qt, T.min(Ptr[1], MF - 1)], NKT)")
+        w("partial = pk < fk")
+        w("kt = T.min(pk, fk)")
+        with w.block("if partial:"):
+            w("Ptr[0] = Ptr[0] + 1")
+        with w.block("else:"):
+            w("Ptr[1] = Ptr[1] + 1")
 
     def _index_env(self, i: str, j: str | None) -> dict[str, str]:
         env = {"b": 'T.Cast("int64", b)', "h": 'T.Cast("int64", h)', "q_idx": f'T.Cast("int64", q0 + {i} + q_offset)'}
@@ -537,7 +566,11 @@ class _Backward:
             weight = fast_exp_nonpositive("(LSs[i, j] - SPs[i, j])")
             w(f"P[i, j] = T.if_then_else(T.And({kept}, q0 + i < LQ), {weight}, {zero})")
             w("dPs[i, j] = P[i, j] * dPs[i, j]")  # U
-        self._row_walks("dPs", "SB[b, h, {row}]", down=False, into="SPs", store_total=True)  # SPs <- T
+        if self.kind == "dq":  # T at the tile's first key, for dkdv
+            with w.block(f"for i in range({BM}):"):
+                w("TE[b, h, q0 + i, kt] = Tr[i]")
+        start = {"fused": "SB[b, h, {row}]", "dq": "Tr[{local}]", "dkdv": "TE[b, h, {row}, kt]"}[self.kind]
+        self._row_walks("dPs", start, down=False, into="SPs", store_total=self.kind != "dkdv")  # SPs <- T
         chain = " * dS[i, j]" if chained else ""
         with w.block(f"for i in range({BM}):"), w.block(f"for j in T.vectorized({BN}):"):
             value = "(dPs[i, j] * (T.float32(1.0) - Bt[i, j]) - Bt[i, j] * SPs[i, j])"
@@ -549,12 +582,12 @@ class _Backward:
                    store_total: bool = False) -> None:
         """Per row, the running sum of ``values`` over the tile's keys, down from the last
         (``down``) or up from the first, each key's sum before its own value, into ``into``
-        (default in place); it starts from ``start`` (a format of ``{row}``), and
-        ``store_total`` writes the row's total back there."""
+        (default in place); it starts from ``start`` (a format of ``{row}``, the query row, or
+        ``{local}``, the tile's), and ``store_total`` writes the row's total back there."""
         s, w = self.s, self.w
         BM, BN, RW = s.block_m, s.block_n, math.gcd(8, s.block_m)
         into = into or values
-        origin = start.format(row=f"q0 + i0 * {RW} + i1")
+        origin = start.format(row=f"q0 + i0 * {RW} + i1", local=f"i0 * {RW} + i1")
         with w.block(f"for i0 in range({BM // RW}):"):
             w(f'Run = T.decl_buffer(({RW},), "float32", scope="local")')
             with w.block(f"for i1 in T.unroll({RW}):"):
@@ -713,8 +746,8 @@ class _Backward:
 
     @property
     def _row_pairs(self) -> bool:
-        """Whether this kernel multiplies dV and dK by row pairs (pair dots, not ``dq``)."""
-        return self.s.pair_dots and self.kind != "dq"
+        """Whether this kernel multiplies dV and dK by row pairs (pair dots, ``dkdv`` or ``fused``)."""
+        return self.s.pair_dots and self.kind in ("dkdv", "fused")
 
     def _add_products(self, rows: tuple[str, str, int], width: int, target: str, term: str, over: Loop) -> None:
         """``target += term`` summed over the loop ``over``, for ``rows = (outer, inner, extent)``

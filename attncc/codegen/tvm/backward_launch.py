@@ -155,12 +155,9 @@ FUSED_MIN_TASKS_PER_THREAD = 4
 def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) -> bool:
     """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
     thread, or when captured tensors learn (only its tasks own whole query heads); a
-    normalised pointwise map needs its row sums first, so it always takes two; stick-breaking
-    always takes it (its rows' sums of g carry up the kv tiles within a task), after the sums
-    of softplus per tile (``_stick_breaking_sums``)."""
+    normalised pointwise map needs its row sums first, so it always takes two. Stick-breaking
+    runs the sums of softplus per tile before either (``_stick_breaking_sums``)."""
     norm = region.normalizer
-    if isinstance(norm, nodes.StickBreakingNorm):
-        return True
     if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
         return False
     return bool(learn) or tasks >= FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
@@ -210,16 +207,22 @@ def launch_backward(
     lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
     delta = delta.float().contiguous()
     launcher.set_threads()
+    rows = -(-Lq // shape.block_m) * shape.block_m  # query rows padded to whole tiles
+    stick_breaking = isinstance(region.normalizer, nodes.StickBreakingNorm)
+
+    def sums() -> torch.Tensor:
+        return _stick_breaking_sums(region, shape, qc, kt, vt, doc, lse, delta, tables, extra, rows,
+                                    scale=scale, q_offset=q_offset, bias=bias, Lkv=Lkv)
+
     dk = torch.empty(B, k.shape[1], lkp, D, dtype=torch.float32)
     dv = torch.empty(B, k.shape[1], lkp, Dv, dtype=torch.float32)
     if use_fused(region, B * k.shape[1], learn):
-        dq = torch.zeros(B, Hq, -(-Lq // shape.block_m) * shape.block_m, D, dtype=torch.float32)
+        dq = torch.zeros(B, Hq, rows, D, dtype=torch.float32)
         scattered = tuple(n for n in learn if learned_loads(region.score, n))
         partials = [torch.zeros(B * k.shape[1], tensors[n].numel(), dtype=torch.float64) for n in scattered]
         walks = []
-        if isinstance(region.normalizer, nodes.StickBreakingNorm):
-            walks = _stick_breaking_sums(region, shape, qc, kt, vt, doc, lse, delta, tables, extra, dq.shape[2],
-                                         scale=scale, q_offset=q_offset, bias=bias, Lkv=Lkv)
+        if stick_breaking:  # CE, and each row's T carried up the kv tiles
+            walks = [sums(), torch.zeros(B, Hq, rows, dtype=torch.float32)]
         launcher.kernel_function(render_backward(region, shape, "fused", scattered))(
             qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, *walks, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
@@ -230,15 +233,18 @@ def launch_backward(
         return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
+    walks = []
+    if stick_breaking:  # CE, and T at each tile's first key (dq writes it, dkdv reads it)
+        walks = [sums(), torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)]
     launcher.kernel_function(render_backward(region, shape, "dq"))(  # its products need no row pairs
-        qc, kt, vt, doc, lse, delta, dq, kp,
+        qc, kt, vt, doc, lse, delta, dq, kp, *walks,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
         schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     launcher.kernel_function(render_backward(region, shape, "dkdv"))(
-        qc, kt, vt, doc, lse, delta, *row_pairs, dk, dv, tcount, tindex, fcount, findex,
+        qc, kt, vt, doc, lse, delta, *row_pairs, dk, dv, *walks, tcount, tindex, fcount, findex,
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
@@ -249,17 +255,16 @@ def _stick_breaking_sums(
     region: AttentionRegion, shape: BackwardShape, qc: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor,
     doc: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, tables: BlockTables, extra: list,
     rows: int, *, scale: float, q_offset: int, bias: float, Lkv: int,
-) -> list[torch.Tensor]:
-    """Stick-breaking's row sums for the fused kernel: ``CE[b, h, row, kt]``, the sum of
-    ``softplus(s)`` over the row's kept keys in the kv tiles after ``kt`` (the first kernel sums
-    each tile, the suffix sums run here in float64), and ``SB``, zeros, where the fused kernel
-    carries each row's sum of ``P dP`` up the kv tiles. ``rows``: the query rows padded to
-    tiles. CE is ``Lq x Lkv / BN`` floats: the tile sums are turned into it in place, a (batch,
-    head) at a time, so the float64 sums never hold more than one head's."""
+) -> torch.Tensor:
+    """Stick-breaking's ``CE[b, h, row, kt]``: the sum of ``softplus(s)`` over the row's kept keys
+    in the kv tiles after ``kt`` (the ``sums`` kernel sums each tile, on the dq tasks and tables;
+    the suffix sums run here in float64). ``rows``: the query rows padded to tiles. CE is
+    ``Lq x Lkv / BN`` floats: the tile sums are turned into it in place, a (batch, head) at a
+    time, so the float64 sums never hold more than one head's."""
     B, Hq, Lq = lse.shape
     nkv = kt.shape[2]
     ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
-    launcher.kernel_function(render_backward(region, shape, "dq"))(
+    launcher.kernel_function(render_backward(region, shape, "sums"))(
         qc, kt, vt, doc, lse, delta, ce,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
         tables.full_count.contiguous(), tables.full_index.contiguous(),
@@ -271,7 +276,7 @@ def _stick_breaking_sums(
         # (the difference of two large sums then loses nothing a float32 keeps)
         before = per_tile.cumsum(-1, dtype=torch.float64)
         per_tile.copy_(before.sub_(before[:, -1:].clone()).neg_())
-    return [ce, torch.zeros(B, Hq, rows, dtype=torch.float32)]
+    return ce
 
 
 def row_shift_gradient(
