@@ -64,6 +64,10 @@ VARIANTS = {
     "stick_breaking_document": lambda: attncc.variant(
         mask=lambda b, h, q, kv: (DOCS[q] == DOCS[kv]) & (q >= kv) & (kv % 5 != 2), normalizer="stick_breaking"),
     "stick_breaking_alibi": lambda: attncc.variant(_alibi, mask=masks.causal, normalizer="stick_breaking"),
+    "stick_breaking_wide_window": lambda: attncc.variant(
+        mask=masks.causal & masks.sliding_window(150), normalizer="stick_breaking"),
+    "stick_breaking_window_per_head": lambda: attncc.variant(
+        mask=lambda b, h, q, kv: (q >= kv) & (q - kv < 70 + 40 * h), normalizer="stick_breaking"),
 }
 _BUILT: dict[str, attncc.Variant] = {}
 
@@ -285,14 +289,21 @@ def test_fused_kernel(name: str, dtype: torch.dtype) -> None:
         check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, dtype=dtype, seed=1), q_offset=37)
 
 
-@pytest.mark.parametrize("name", ["stick_breaking_document", "stick_breaking_strict_window", "stick_breaking_alibi"])
-def test_stick_breaking_two_kernels(name: str) -> None:
+@pytest.mark.parametrize("name", ["stick_breaking_document", "stick_breaking_strict_window", "stick_breaking_alibi",
+                                  "stick_breaking_wide_window", "stick_breaking_window_per_head"])
+def test_stick_breaking_two_kernels(name: str, monkeypatch) -> None:
     """Stick-breaking on the two kernels: dq walks each query tile's kv tiles in ascending order
-    (the PARTIAL and FULL lists merged) and leaves T at each tile's first key for dkdv; GQA,
-    offsets, a ragged last query tile."""
+    (the PARTIAL and FULL lists merged: a wide window lists PARTIAL, FULL, PARTIAL; per-head
+    windows give per-head tables) and leaves T at each tile's first key for dkdv; GQA, offsets,
+    a ragged last query tile."""
+    kinds: list[str] = []
+    render = backward_launch.render_backward
+    monkeypatch.setattr(backward_launch, "render_backward",
+                        lambda region, shape, kind, *args: kinds.append(kind) or render(region, shape, kind, *args))
     with fused_kernel(False):
-        check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=77, Lkv=100), q_offset=20)
+        check_gradients(variant(name), *qkv(B=2, Hq=4, Hkv=2, Lq=150, Lkv=200), q_offset=50)
         check_gradients(variant(name), *qkv(B=1, Hq=4, Hkv=1, Lq=3, Lkv=40, seed=1), q_offset=37)
+    assert set(kinds) == {"sums", "dq", "dkdv"}
 
 
 @pytest.mark.parametrize("threads", [2, 3])

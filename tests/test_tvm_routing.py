@@ -253,7 +253,7 @@ def test_routed_stick_breaking_gradients_are_generated() -> None:
 
 
 def test_routed_grad_without_a_generated_backward_falls_back_with_its_reason() -> None:
-    """A learned tensor under a pointwise normalizer has no generated backward: under routing too
+    """A learned tensor under a normalised pointwise map has no generated backward: under routing too
     the reference computes the gradients, after a warning that says why."""
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
     program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,

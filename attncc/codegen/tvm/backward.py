@@ -41,7 +41,7 @@ register blocks, ``G = HQ // HKV`` query heads per kv head):
 - K and V are staged once as float32 transposed tiles ``[NKT, D, BN]`` (the products over the
   head dimension vectorize along keys) and, for ``dq``, K row-major; Q and dO are converted
   to float32 once per call (``backward_launch``); gradients accumulate in float32. No buffer is
-  ``Lq x Lkv`` (stick-breaking's ``CE`` is ``Lq x Lkv / BN``);
+  ``Lq x Lkv`` (stick-breaking's ``CE``, and ``TE`` on two kernels, are ``Lq x Lkv / BN``);
 - bfloat16 on a host with AVX-512 BF16 (``BackwardShape.pair_dots``) multiplies by pairs
   (``bf16_pairs``): ``S`` and ``dP`` by pairs of features (K and V staged as transposed tiles of
   feature-pair words ``[NKT, D / 2, BN]``, Q and dO rows read as words; exact products, as the
@@ -495,8 +495,8 @@ class _Backward:
             self._stick_breaking_tile(grad is not None)
 
     def _softplus_sums(self) -> None:
-        """``SPT[row, kt]``: the sum of ``softplus(s)`` over each listed kv tile's kept keys (the
-        first of stick-breaking's two kernels; ``launch_backward`` turns them into ``CE``)."""
+        """``SPT[row, kt]``: the sum of ``softplus(s)`` over each listed kv tile's kept keys
+        (stick-breaking's ``sums`` kernel, run first; ``launch_backward`` turns them into ``CE``)."""
         s, w = self.s, self.w
         BM, BN = s.block_m, s.block_n
         with w.block("for n in range(PC[tb, th, qt] + FC[tb, th, qt]):"):
@@ -550,11 +550,12 @@ class _Backward:
         row's kept keys ``t > j``; with ``U_ij = p_ij dP_ij``, ``beta = sigmoid(s)`` and ``T_ij`` the
         sum of ``U_it`` over kept ``t < j``: ``dS_ij = U_ij (1 - beta_ij) - beta_ij T_ij``, times the
         score function's derivative (``chained``: stored in ``dS``). ``C`` runs down from the
-        tile's last key, from ``CE`` (the first kernel's sums over the later tiles); ``T`` runs up
-        from its first key, from ``SB`` (the sum over the earlier tiles: the fused kernel's kv
-        tiles ascend). Each sum runs from where its terms are small, so neither is a difference
-        of large ones (``T = Delta - sum_{t >= j} U``, one walk down, lost 1.7e-4 in dQ at 2048
-        keys). The two walks take ``RW`` rows at a time, so that their dependent adds interleave.
+        tile's last key, from ``CE`` (the ``sums`` kernel's sums over the later tiles); ``T`` runs
+        up from its first key, from the sum over the earlier tiles: ``SB`` in ``fused`` (its kv
+        tiles ascend), ``Tr`` in ``dq`` (which leaves it in ``TE``), ``TE`` in ``dkdv``. Each sum
+        runs from where its terms are small, so neither is a difference of large ones (``T =
+        Delta - sum_{t >= j} U``, one walk down, lost 1.7e-4 in dQ at 2048 keys). The two walks
+        take ``RW`` rows at a time, so that their dependent adds interleave.
         Rows past ``LQ`` (a ragged last query tile, Q clamped) weigh 0."""
         s, w = self.s, self.w
         BM, BN = s.block_m, s.block_n

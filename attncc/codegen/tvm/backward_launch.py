@@ -5,7 +5,8 @@
 ``launch_backward`` stages K and V as float32 tiles and Q and dO as float32 copies (bfloat16 with
 pair dots: word layouts, ``BackwardShape.pair_dots``), transposes
 the forward's block tables (per kv tile, the query tiles that see it), picks the fused kernel
-or the two kernels (``use_fused``) and returns the gradients; the sink's and the
+or the two kernels (``use_fused``; stick-breaking runs its ``sums`` kernel before either) and
+returns the gradients; the sink's and the
 ``row_shift``'s shares of the captured tensors' gradients are O(B * Hq * Lq) torch expressions.
 """
 
@@ -169,7 +170,8 @@ def launch_backward(
     bias: float = 0.0, learn: tuple[str, ...] = (), shape: BackwardShape | None = None,
     tables: BlockTables | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, *gradients of the ``learn`` tensors) in the inputs' dtypes. ``scale``
+    """(dq, dk, dv) in the inputs' dtypes, then the gradients of the ``learn`` tensors (float64
+    sums; the caller casts them to each tensor's dtype). ``scale``
     includes ``score_scale``; ``delta`` is ``rowsum(dO * O) - dlse`` for softmax,
     ``rowsum(dO * O)`` for a normalised pointwise map, unused otherwise (float32
     ``[B, Hq, Lq]``); ``lse`` is the forward's (softmax only). ``tables``: the tiles to visit
@@ -227,15 +229,16 @@ def launch_backward(
             qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, *walks, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
-        sums = {n: g.sum(0) for n, g in zip(scattered, partials)}
-        learned = [sums.get(n, torch.zeros(tensors[n].numel())).view(tensors[n].shape) for n in learn]
+        totals = {n: g.sum(0) for n, g in zip(scattered, partials)}
+        learned = [totals.get(n, torch.zeros(tensors[n].numel(), dtype=torch.float64)).view(tensors[n].shape)
+                   for n in learn]
         dq = dq[:, :, :Lq] * scale
         return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype), *learned
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     walks = []
     if stick_breaking:  # CE, and T at each tile's first key (dq writes it, dkdv reads it)
-        walks = [sums(), torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)]
+        walks = [sums(), torch.empty(B, Hq, rows, nkv, dtype=torch.float32)]  # dq writes each TE dkdv reads
     launcher.kernel_function(render_backward(region, shape, "dq"))(  # its products need no row pairs
         qc, kt, vt, doc, lse, delta, dq, kp, *walks,
         tables.partial_count.contiguous(), tables.partial_index.contiguous(),
