@@ -253,12 +253,15 @@ def test_pair_tiles_layout_and_refusal() -> None:
 @contextlib.contextmanager
 def fused_kernel(on: bool):
     """Force the single fused kernel over (b, hk) (on) or the two kernels (off)."""
-    old = backward_launch.FUSED_MIN_TASKS_PER_THREAD
-    backward_launch.FUSED_MIN_TASKS_PER_THREAD = 0 if on else 10**9
+    names = ("FUSED_MIN_TASKS_PER_THREAD", "STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD")
+    old = {name: getattr(backward_launch, name) for name in names}
+    for name in names:
+        setattr(backward_launch, name, 0 if on else 10**9)
     try:
         yield
     finally:
-        backward_launch.FUSED_MIN_TASKS_PER_THREAD = old
+        for name, value in old.items():
+            setattr(backward_launch, name, value)
 
 
 @settings(max_examples=16, deadline=None)
@@ -324,14 +327,13 @@ def test_balanced_task_tables_with_per_head_masks(threads: int) -> None:
 
 def test_fused_kernel_choice() -> None:
     """Fused when every thread gets a few (b, hk) tasks; never for a normalised pointwise map;
-    stick-breaking by the same rule (two kernels: dq carries T up its rows' tiles and leaves it
-    per tile for dkdv)."""
+    stick-breaking once every thread gets one (its two kernels walk each tile twice more)."""
     threads = torch.get_num_threads()
-    for name in ("causal", "stick_breaking"):
-        region = variant(name).plan.regions[0]
-        assert backward_launch.use_fused(region, 4 * threads)
-        assert not backward_launch.use_fused(region, 4 * threads - 1)
+    region = variant("causal").plan.regions[0]
+    assert backward_launch.use_fused(region, 4 * threads) and not backward_launch.use_fused(region, 4 * threads - 1)
     assert not backward_launch.use_fused(variant("softplus").plan.regions[0], 10**6)
+    stick = variant("stick_breaking").plan.regions[0]
+    assert backward_launch.use_fused(stick, threads) and not backward_launch.use_fused(stick, threads - 1)
 
 
 def _learned(program: attncc.Variant, tensor: torch.Tensor) -> str:

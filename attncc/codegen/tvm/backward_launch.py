@@ -149,16 +149,23 @@ def _per_kv_head(tiles: torch.Tensor, Hkv: int) -> torch.Tensor:
     return tiles.view(Bp, Hkv, Hp // Hkv, n).sum(2)
 
 
-# NOTE: the fused kernel runs B * HKV tasks; below this many per thread, two kernels balance better.
+# NOTE: the fused kernel runs B * HKV tasks; below this many per thread, two kernels balance better
+# (stick-breaking's two kernels cost more, ``use_fused``)
 FUSED_MIN_TASKS_PER_THREAD = 4
+STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD = 1
 
 
 def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) -> bool:
     """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
     thread, or when captured tensors learn (only its tasks own whole query heads); a
     normalised pointwise map needs its row sums first, so it always takes two. Stick-breaking
-    runs the sums of softplus per tile before either (``_stick_breaking_sums``)."""
+    runs the sums of softplus per tile before either (``_stick_breaking_sums``) and takes the
+    fused kernel once every thread has a task: its two kernels walk every tile's keys twice
+    more (causal L=2048, 4 query heads, 2 threads: 2 or 4 kv heads 88 ms fused against 116-119
+    on two kernels; 1 kv head 131 against 115)."""
     norm = region.normalizer
+    if isinstance(norm, nodes.StickBreakingNorm):
+        return bool(learn) or tasks >= STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
     if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
         return False
     return bool(learn) or tasks >= FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
@@ -322,6 +329,7 @@ def sink_gradient(sink: torch.Tensor, lse: torch.Tensor, rowdot: torch.Tensor, d
 
 
 __all__ = [
-    "FUSED_MIN_TASKS_PER_THREAD", "backward_unsupported", "launch_backward", "row_shift_gradient", "sink_gradient",
+    "FUSED_MIN_TASKS_PER_THREAD", "STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD", "backward_unsupported",
+    "launch_backward", "row_shift_gradient", "sink_gradient",
     "transpose_tables", "use_fused",
 ]
