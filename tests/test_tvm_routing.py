@@ -253,15 +253,15 @@ def test_routed_stick_breaking_gradients_are_generated() -> None:
 
 
 def test_routed_grad_without_a_generated_backward_falls_back_with_its_reason() -> None:
-    """A learned tensor under a normalised pointwise map has no generated backward: under routing too
-    the reference computes the gradients, after a warning that says why."""
-    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
-    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal,
-                             normalizer="softplus", routing=attncc.TopKBlocks(16, 2))
+    """A learned tensor read by the mask has no generated backward: under routing too the
+    reference computes the gradients, after a warning that says why."""
+    widths = torch.tensor([30.0, 40.0, 50.0, 60.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, qi, ki: (qi >= ki) & (qi - ki < widths[h]),
+                             routing=attncc.TopKBlocks(16, 2))
     q, k, v = qkv(Lq=40, Lkv=40)
-    with pytest.warns(UserWarning, match="no gradient for this routed attention .*captured tensor"):
-        got = routed_grads(program, q, k, v, "tvm", learn=(slopes,))
-    want = routed_grads(program, q, k, v, "reference", learn=(slopes,), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no gradient for this routed attention .*read by the mask"):
+        got = routed_grads(program, q, k, v, "tvm")
+    want = routed_grads(program, q, k, v, "reference", dtype=torch.float64)
     for g, w in zip(got, want):
         assert_close_to_reference(g, w, None, 40, factor=2.0)
 

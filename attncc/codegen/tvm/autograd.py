@@ -5,9 +5,9 @@ generated backward kernels (``backward.py``, run by ``backward_launch.py``): any
 and phi whose derivatives render, any mask, GQA/MQA, offsets and block sparsity, and the
 gradients of captured tensors that a score function reads (an ALiBi slope table, a relative
 bias table). Linear attention has its own (``linear_backward.py``). Everything else (a learned
-tensor under a normalised pointwise map, or in a mask or phi) recomputes the region with the
-reference backend's differentiable path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning
-that says why: never a silent wrong gradient.
+tensor read by a mask or phi) recomputes the region with the reference backend's
+differentiable path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning that says why: never
+a silent wrong gradient.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def run_region(
         return run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
 
     reason = backward_unsupported(region, tuple(learned_names(tensors)), tasks=k.shape[0] * k.shape[1],
-                                  tensors=tensors)
+                                  tensors=tensors, kv_tiles=-(-k.shape[2] // BackwardShape.block_n))
     if reason is None:
         out, lse = generated_backward(region, forward, q, k, v, tensors, scale=scale, q_offset=q_offset)
     else:
@@ -120,7 +120,8 @@ def routed_backward(
         return f"routing tiles {block_m} x {block_n} do not fit the backward's register blocks"
     read = {spec.name for spec in captured_specs(region)}
     live = {name: t for name, t in tensors.items() if name in read}
-    why = backward_unsupported(region, tuple(learned_names(live)), tasks=k.shape[0] * k.shape[1], tensors=live)
+    why = backward_unsupported(region, tuple(learned_names(live)), tasks=k.shape[0] * k.shape[1], tensors=live,
+                               kv_tiles=-(-k.shape[2] // block_n))
     if why:
         return why
     return generated_backward(region, forward, q, k, v, live, scale=scale, q_offset=q_offset, tiles=(tables, shape))

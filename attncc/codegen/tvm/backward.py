@@ -202,7 +202,9 @@ class _Backward:
                 # NOTE: float64 sums: one entry (an ALiBi slope) gathers a term from every score of
                 # its heads, and under an unnormalised pointwise map the terms are large (float32
                 # sums lost 20x the float32 reference's error, 8.7e-4, at 70 keys)
-                w(f'G_{i} = T.match_buffer(g{i}_h, (B * HKV, {size}), "float64")')
+                # one row per task: B * HKV fused, B * HKV * NKT in dkdv
+                w(f'G_{i} = T.match_buffer(g{i}_h, ({"B * HKV" if kind == "fused" else "B * HKV * NKT"}, {size}), '
+                  '"float64")')
             with contextlib.ExitStack() as imports:
                 if s.pair_dots:
                     imports.enter_context(w.block(bf16_pairs.import_statement()))
@@ -297,8 +299,8 @@ class _Backward:
                     self._accumulate("dKa", "dS", "Qs", D)
                 if fused:
                     self._dq_update("DQ[b, h, q0 + ")
-                    if self.learn:
-                        self._learned_gradients()
+                if self.learn:
+                    self._learned_gradients()
         with w.block(f"for j in range({BN}):"):
             with w.block(f"for d in T.vectorized({D}):"):
                 w(f"DK[b, hk, kv0 + j, d] = dKa[j, d]{' * scale' if s.pair_dots else ''}")  # pairs: Q unscaled

@@ -31,21 +31,21 @@ NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.
 
 def backward_unsupported(
     region: AttentionRegion, grad_names: tuple[str, ...], tasks: int = 1,
-    tensors: dict[str, torch.Tensor] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None, kv_tiles: int = 1,
 ) -> str | None:
     """Why the generated backward cannot compute these gradients, or None.
 
     ``grad_names``: captured float tensors that require grad: a softmax sink, or tensors read
-    by the score function (and ``row_shift``), not by the mask or phi, of any region but a
-    normalised pointwise one, whose per-task gradient buffers (``tasks`` = B * HKV of them)
-    stay below ``LEARN_BYTES``.
+    by the score function (and ``row_shift``), not by the mask or phi, whose per-task gradient
+    buffers stay below ``LEARN_BYTES``: ``tasks`` = B * HKV of them, times ``kv_tiles`` for a
+    normalised pointwise map (its two kernels: dkdv's tasks hold them).
     """
     norm = region.normalizer
     if not isinstance(norm, NORMALIZERS):
         return f"normalizer {type(norm).__name__} has no generated TVM backward yet"
     sink = norm.sink.name if isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None else None
     for name in (n for n in grad_names if n != sink):
-        why = _learn_unsupported(region, name, tasks, (tensors or {}).get(name))
+        why = _learn_unsupported(region, name, tasks, (tensors or {}).get(name), kv_tiles)
         if why:
             return f"gradient of captured tensor {name!r}: {why}"
     if sink in grad_names:
@@ -63,12 +63,10 @@ def backward_unsupported(
 LEARN_BYTES = 1 << 28  # per-task partial gradients of learned captured tensors, all tasks together
 
 
-def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: torch.Tensor | None) -> str | None:
+def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: torch.Tensor | None,
+                       kv_tiles: int) -> str | None:
     # NOTE: the kernel scatters d score_fn / d load; a ``row_shift`` only moves the lse, whose
     # gradient ``row_shift_gradient`` adds in torch.
-    norm = region.normalizer
-    if isinstance(norm, nodes.PointwiseNorm) and norm.normalize:
-        return "a normalised pointwise map takes two kernels, and only the fused one owns whole query heads"
     others = (region.mask, getattr(region.normalizer, "phi", None))
     if any(e is not None and name in {spec.name for spec in e.inputs()} for e in others):
         return "read by the mask or phi"
@@ -81,6 +79,8 @@ def _learn_unsupported(region: AttentionRegion, name: str, tasks: int, tensor: t
         return f"dtype {spec.dtype}"
     if tensor is not None and tuple(tensor.shape) != tuple(spec.shape):  # NOTE: the scatter's strides are traced
         return f"shape {tuple(tensor.shape)} differs from the traced {tuple(spec.shape)}"
+    if isinstance(region.normalizer, nodes.PointwiseNorm) and region.normalizer.normalize:
+        tasks *= kv_tiles  # two kernels (the row sums come first): dkdv's tasks, one per kv tile
     if 8 * tasks * math.prod(spec.shape) > LEARN_BYTES:  # float64 partial sums
         return f"per-task gradient buffers would exceed {LEARN_BYTES} bytes"
     for expr, load in loads:
@@ -157,8 +157,9 @@ STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD = 1
 
 def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) -> bool:
     """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
-    thread, or when captured tensors learn (only its tasks own whole query heads); a
-    normalised pointwise map needs its row sums first, so it always takes two. Stick-breaking
+    thread, or when captured tensors learn (its per-task partial sums are B * HKV, not B * HKV
+    times the kv tiles); a normalised pointwise map needs its row sums first, so it always
+    takes two. Stick-breaking
     runs the sums of softplus per tile before either (``_stick_breaking_sums``) and takes the
     fused kernel once every thread has a task: its two kernels walk every tile's keys twice
     more (causal L=2048, 4 query heads, 2 threads: 2 or 4 kv heads 88 ms fused against 116-119
@@ -236,11 +237,9 @@ def launch_backward(
             qc, kt, vt, doc, lse, delta, *row_pairs, dq, kp, dk, dv, *walks, tcount, tindex, fcount, findex,
             *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
         )
-        totals = {n: g.sum(0) for n, g in zip(scattered, partials)}
-        learned = [totals.get(n, torch.zeros(tensors[n].numel(), dtype=torch.float64)).view(tensors[n].shape)
-                   for n in learn]
         dq = dq[:, :, :Lq] * scale
-        return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype), *learned
+        return (dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype),
+                *_learned_totals(learn, scattered, partials, tensors))
     dq = torch.empty(B, Hq, Lq, D, dtype=torch.float32)
     threads = torch.get_num_threads()
     walks = []
@@ -253,12 +252,24 @@ def launch_backward(
         schedule.task_order(tables, B, Hq, threads),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    launcher.kernel_function(render_backward(region, shape, "dkdv"))(
+    scattered = tuple(n for n in learn if learned_loads(region.score, n))  # per kv tile task
+    partials = [torch.zeros(B * k.shape[1] * nkv, tensors[n].numel(), dtype=torch.float64) for n in scattered]
+    launcher.kernel_function(render_backward(region, shape, "dkdv", scattered))(
         qc, kt, vt, doc, lse, delta, *row_pairs, dk, dv, *walks, tcount, tindex, fcount, findex,
         schedule.kv_task_order(tables, lambda: _per_kv_head(tcount + fcount, k.shape[1]), B, k.shape[1], threads),
-        *extra, float(scale), int(q_offset), float(bias), int(Lkv),
+        *extra, *partials, float(scale), int(q_offset), float(bias), int(Lkv),
     )
-    return dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype)
+    return (dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype),
+            *_learned_totals(learn, scattered, partials, tensors))
+
+
+def _learned_totals(learn: tuple[str, ...], scattered: tuple[str, ...], partials: list[torch.Tensor],
+                    tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``learn`` tensor's gradient from its per-task float64 partial sums, shaped like it
+    (zeros for one the score does not read: a sink's share comes from torch)."""
+    totals = {n: g.sum(0) for n, g in zip(scattered, partials)}
+    return [totals.get(n, torch.zeros(tensors[n].numel(), dtype=torch.float64)).view(tensors[n].shape)
+            for n in learn]
 
 
 def _stick_breaking_sums(
