@@ -314,22 +314,21 @@ def test_checker_declines_with_reasons() -> None:
 
 
 def test_backward_runs_reference_with_one_warning() -> None:
-    """Gradients (q, k, v and a captured bias table) match the reference's, with a warning."""
-    slopes = SLOPES.clone().requires_grad_(True)
-    # NOTE: softmax/sigmoid slope gradients are generated now (test_tvm_backward); softplus still falls back
-    program = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal, normalizer="softplus")
+    """Gradients of q, k, v match the reference's, with a warning, where a learned tensor is read
+    by the mask (the one case left without a generated backward; test_tvm_backward has the rest)."""
+    widths = torch.tensor([6.0, 9.0, 12.0, 15.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, qi, ki: (qi >= ki) & (qi - ki < widths[h]))
     q, k, v = (t.requires_grad_(True) for t in qkv(Lq=24, Lkv=24))
     # NOTE: the warning is once per plan and process; another module's test may have warned already
     tvm_autograd._WARNED.discard(program.plan.fingerprint)
     with pytest.warns(UserWarning, match="reference backend"):
         out = program(q, k, v, backend="tvm")
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v, slopes))
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     inputs64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    slopes64 = slopes.detach().double().requires_grad_(True)
     ref = attncc.codegen.reference.attention.run_plan(
-        program.plan, dict(zip("qkv", inputs64)), {n: slopes64 for n in program.tensors},
+        program.plan, dict(zip("qkv", inputs64)), {n: widths.detach().double() for n in program.tensors},
         scale=None, q_offset=0, return_lse=False)
-    expected = torch.autograd.grad(ref.square().sum(), (*inputs64, slopes64))
+    expected = torch.autograd.grad(ref.square().sum(), inputs64)
     for got, want in zip(grads, expected):
         assert_close_to_reference(got, want, None, 24, what="gradient", factor=2.0)
     with warnings.catch_warnings():
