@@ -159,11 +159,10 @@ def use_fused(region: AttentionRegion, tasks: int, learn: tuple[str, ...] = ()) 
     """One kernel over (b, hk) (five products per tile) when there are tasks enough for every
     thread, or when captured tensors learn (its per-task partial sums are B * HKV, not B * HKV
     times the kv tiles); a normalised pointwise map needs its row sums first, so it always
-    takes two. Stick-breaking
-    runs the sums of softplus per tile before either (``_stick_breaking_sums``) and takes the
-    fused kernel once every thread has a task: its two kernels walk every tile's keys twice
-    more (causal L=2048, 4 query heads, 2 threads: 2 or 4 kv heads 88 ms fused against 116-119
-    on two kernels; 1 kv head 131 against 115)."""
+    takes two. Stick-breaking runs the sums of softplus per tile before either
+    (``_stick_breaking_sums``) and takes the fused kernel once every thread has a task: its two
+    kernels walk every tile's keys twice more (causal L=2048, 4 query heads, 2 threads: 2 or 4
+    kv heads 88 ms fused against 116-119 on two kernels; 1 kv head 131 against 115)."""
     norm = region.normalizer
     if isinstance(norm, nodes.StickBreakingNorm):
         return bool(learn) or tasks >= STICK_BREAKING_FUSED_MIN_TASKS_PER_THREAD * torch.get_num_threads()
