@@ -55,6 +55,9 @@ class LinearShape:
     # backward's transposed products, linear_backward.py). NOTE: defined for LQ == LKV and
     # q_offset 0, the only way the backward runs it (its rows share one axis of positions)
     reverse: bool = False
+    # the kernel also stores each row's denominator into a float32 [B, HQ, LQ] buffer after O
+    # (with the normalizer): the backward reads it instead of running the kernel once more
+    writes_den: bool = False
 
 
 def kernel_chunk(lowering_chunk: int, vector: int = 16) -> int:
@@ -116,6 +119,7 @@ class _Linear:
         self.RD = math.gcd(shape.rows, shape.D)
         self.VE = math.gcd(shape.Dv, shape.vector)
         self.VK = math.gcd(shape.D, shape.vector)
+        self.writes_den = shape.writes_den and self.norm.normalize
         self.w = Lines()
 
     # ---- header ------------------------------------------------------------------------
@@ -128,7 +132,9 @@ class _Linear:
         w("@T.prim_func")
         ws = ", s_h: T.handle, z_h: T.handle" if glob else ""
         extra = "".join(f", x{i}: T.handle" for i in range(len(self.specs)))
-        w(f"def attn(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle{ws}{extra}, q_offset: T.int32):")
+        den = ", den_h: T.handle" if self.writes_den else ""
+        w(f"def attn(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle{den}{ws}{extra}, "
+          "q_offset: T.int32):")
         with w:
             w('T.func_attr({"global_symbol": "attn", "tirx.noalias": True})')
             for name in ("B", "HQ", "HKV", "LQ", "LKV"):
@@ -137,6 +143,8 @@ class _Linear:
             w(f'K = T.match_buffer(k_h, (B, HKV, LKV, {s.D}), "{dt}")')
             w(f'V = T.match_buffer(v_h, (B, HKV, LKV, {s.Dv}), "{dt}")')
             w(f'O = T.match_buffer(o_h, (B, HQ, LQ, {s.Dv}), "{dt}")')
+            if self.writes_den:
+                w('DEN = T.match_buffer(den_h, (B, HQ, LQ), "float32")')
             if glob:
                 w(f'WS = T.match_buffer(s_h, (B, HKV, {s.D}, {s.Dv}), "float32")')
                 w(f'WZ = T.match_buffer(z_h, (B, HKV, {s.D}), "float32")')
@@ -380,6 +388,9 @@ class _Linear:
                 with w.block(f"for d1 in T.vectorized({VK}):"):
                     w(f"Zl[d1] = Zl[d1] + {self._carried()}[i, d0 * {VK} + d1] * {self._Z(f'd0 * {VK} + d1')}")
             w(f"den = {tree('', [f'Dl[{n}]' for n in range(VJ)])} + {tree('', [f'Zl[{n}]' for n in range(VK)])}")
+            if self.writes_den:
+                with w.block("if r0 + i < LQ:"):
+                    w(f"DEN[b, h, {self._row('r0 + i', 'LQ')}] = den")
             w(
                 f"Inv[i] = T.if_then_else(den != {ZERO}, T.float32(1.0) / T.if_then_else(den != {ZERO}, den, "
                 f"T.float32(1.0)), {ZERO})"

@@ -13,9 +13,9 @@ with ``dN = dO / den`` and ``dden = -(dO . O) / den`` (both 0 where ``den == 0``
   kernel reads its rows from the end, ``LinearShape.reverse``);
 
 so the kernel with the identity feature map and no normalizer computes each in ``O(L)`` memory
-and ``O(L * chunk)`` work (three runs; with the normalizer a fourth gives ``den``), and torch
-differentiates ``phi`` (a named map or a traced one, with the gradients of any captured tensor
-it reads).
+and ``O(L * chunk)`` work (three runs; ``den`` is the forward's, which stores it,
+``LinearShape.writes_den``), and torch differentiates ``phi`` (a named map or a traced one, with
+the gradients of any captured tensor it reads).
 
 Two cases recompute ``lower_linear.linear_attention`` under autograd instead: the global form
 (no mask), four matrix products that torch runs as they are (``O(L)`` memory), and a learned
@@ -38,11 +38,11 @@ from attncc.ir.dense import expand_kv, feature_map
 from attncc.passes.lower_linear import linear_attention
 from attncc.passes.plan import AttentionRegion
 
-# (region, q, k, v, captured tensors, q_offset, reverse) -> o: one run of the kernel (linear_launch)
-Kernel = Callable[[AttentionRegion, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int, bool],
-                  torch.Tensor]
+# (region, q, k, v, captured tensors, q_offset, reverse, den) -> o: one run of the kernel
+# (linear_launch._forward; den, a buffer for the rows' denominators, or None)
+Kernel = Callable[[AttentionRegion, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int, bool,
+                   torch.Tensor | None], torch.Tensor]
 
-DENOMINATOR_LANES = 16  # the denominator's run multiplies a block of ones this wide (one vector)
 _WARNED: set[AttentionRegion] = set()
 LEARNED_DECAY_WARNING = (
     "attncc: a learned Linear decay has no generated backward on the TVM backend; its gradients "
@@ -70,20 +70,24 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 *learned: torch.Tensor) -> torch.Tensor:
-        region, kernel, tensors, _, q_offset, _ = context
+        region, kernel, tensors, _, q_offset, generated = context
         ctx.context = context
-        out = kernel(region, q.detach(), k.detach(), v.detach(), tensors, q_offset, False)
-        ctx.save_for_backward(q, k, v, out, *learned)
+        # the kernel's own denominators, kept for the backward (it would otherwise run again)
+        den = None
+        if generated and region.normalizer.normalize:
+            den = torch.empty(q.shape[:3], dtype=torch.float32)
+        out = kernel(region, q.detach(), k.detach(), v.detach(), tensors, q_offset, False, den)
+        ctx.save_for_backward(q, k, v, out, den, *learned)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         region, kernel, tensors, names, q_offset, generated = ctx.context
-        q, k, v, out, *learned = ctx.saved_tensors
+        q, k, v, out, den, *learned = ctx.saved_tensors
         live = {**tensors, **dict(zip(names, learned))}
         if generated:
-            grads = kernel_gradients(region, kernel, q, k, v, out, grad_out, live, names, q_offset)
+            grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
         else:
             grads = recomputed_gradients(region, q, k, v, grad_out, live, names, q_offset)
         return (None, *(None if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v, *learned))))
@@ -91,19 +95,21 @@ class _LinearAttention(torch.autograd.Function):
 
 def kernel_gradients(
     region: AttentionRegion, kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    grad_out: torch.Tensor, tensors: dict[str, torch.Tensor], learned: list[str], q_offset: int,
+    den: torch.Tensor | None, grad_out: torch.Tensor, tensors: dict[str, torch.Tensor], learned: list[str],
+    q_offset: int,
 ) -> tuple[torch.Tensor | None, ...]:
-    """(dq, dk, dv, d learned...) of a causal chunked region from three or four runs of the
-    kernel (module docstring), computed in float32 (the caller casts each to its input's dtype)."""
+    """(dq, dk, dv, d learned...) of a causal chunked region from three runs of the kernel
+    (module docstring), computed in float32 (the caller casts each to its input's dtype);
+    ``den``: the forward's denominators ``[B, Hq, Lq]`` (with the normalizer)."""
     norm: nodes.LinearNorm = region.normalizer
-    B, Hq, Lq, _ = q.shape
+    Hq, Lq = q.shape[1], q.shape[2]
     Hkv, Lkv = k.shape[1], k.shape[2]
     plain = dataclasses.replace(region, normalizer=nodes.LinearNorm("identity", normalize=False, decay=norm.decay))
     decay = {norm.decay.name: tensors[norm.decay.name]} if norm.decay is not None else {}
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: int = 0,
                reverse: bool = False) -> torch.Tensor:
-        return kernel(plain, query.contiguous(), key.contiguous(), value.contiguous(), decay, offset, reverse)
+        return kernel(plain, query.contiguous(), key.contiguous(), value.contiguous(), decay, offset, reverse, None)
 
     with torch.enable_grad():
         q32, k32 = (t.detach().float().requires_grad_(True) for t in (q, k))
@@ -113,7 +119,7 @@ def kernel_gradients(
         fq, fk = feature_map(norm.feature_map, q32, ctx), feature_map(norm.feature_map, k32, ctx)
     phi_q, phi_k, v32, dout = fq.detach(), fk.detach(), v.float(), grad_out.float()
     if norm.normalize:
-        den = attend(phi_q, phi_k, phi_k.new_ones(B, Hkv, Lkv, DENOMINATOR_LANES), q_offset)[..., :1]
+        den = den.unsqueeze(-1)
         inverse = torch.where(den != 0, 1.0 / torch.where(den != 0, den, 1.0), 0.0)
         d_num = dout * inverse
         d_den = -(dout * out.float()).sum(-1, keepdim=True) * inverse

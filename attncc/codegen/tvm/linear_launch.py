@@ -18,13 +18,15 @@ from attncc.codegen.tvm.linear_backward import linear_with_grad
 from attncc.passes.plan import AttentionRegion
 
 
-def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor, reverse: bool = False) -> LinearShape:
+def linear_shape(region: AttentionRegion, q: torch.Tensor, v: torch.Tensor, reverse: bool = False,
+                 writes_den: bool = False) -> LinearShape:
     return LinearShape(
         D=q.shape[-1],
         Dv=v.shape[-1],
         dtype=str(q.dtype).removeprefix("torch."),
         chunk=kernel_chunk(region.linear.chunk),
         reverse=reverse,
+        writes_den=writes_den,
     )
 
 
@@ -36,21 +38,25 @@ def _forward(
     tensors: dict[str, torch.Tensor],
     q_offset: int,
     reverse: bool = False,
+    den: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """o in q's dtype (``reverse``: every sequence in reversed time, ``LinearShape.reverse``)."""
+    """o in q's dtype (``reverse``: every sequence in reversed time, ``LinearShape.reverse``);
+    ``den``: a float32 ``[B, Hq, Lq]`` buffer the kernel fills with the rows' denominators
+    (a normalised region, ``LinearShape.writes_den``)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype)
     if Lq == 0 or Lkv == 0:  # no keys: every weight is 0, so is the output
         return out.zero_()
-    shape = linear_shape(region, q, v, reverse)
+    shape = linear_shape(region, q, v, reverse, den is not None)
     attn = launcher.kernel_function(render_linear(region, shape))
     launcher.set_threads()
     workspace = []
     if region.linear.strategy == "linear_global":
         workspace = [torch.empty(B, Hkv, shape.D, Dv), torch.empty(B, Hkv, shape.D)]
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in linear_specs(region)]
-    attn(q.contiguous(), k.contiguous(), v.contiguous(), out, *workspace, *extra, int(q_offset))
+    dens = [] if den is None else [den]
+    attn(q.contiguous(), k.contiguous(), v.contiguous(), out, *dens, *workspace, *extra, int(q_offset))
     return out
 
 
