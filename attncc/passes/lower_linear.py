@@ -63,7 +63,7 @@ def lower_linear(graph: AttentionGraph, chunk: int = DEFAULT_CHUNK) -> PassResul
 # ---- runtime ---------------------------------------------------------------------------
 
 
-def _divide(num: Tensor, den: Tensor) -> Tensor:
+def divide_rows_by(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` per row; a denominator of exactly 0 gives 0 (SEMANTICS.md)."""
     nonzero = den != 0
     return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
@@ -99,7 +99,7 @@ def linear_attention(
     else:
         gamma = torch.ones(Hq, dtype=dtype, device=q.device) if decay is None else decay.to(dtype)
         num, den = _chunked(fq, fk, vv, gamma.view(1, Hq, 1, 1), causal == "strict", chunk, q_offset)
-    out = _divide(num, den) if normalize else num
+    out = divide_rows_by(num, den) if normalize else num
     return out.to(q.dtype)
 
 

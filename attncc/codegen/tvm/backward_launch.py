@@ -245,10 +245,7 @@ def launch_backward(
     if stick_breaking:  # CE, and T at each tile's first key (dq writes it, dkdv reads it)
         walks = [sums(), torch.empty(B, Hq, rows, nkv, dtype=torch.float32)]  # dq writes each TE dkdv reads
     launcher.kernel_function(render_backward(region, shape, "dq"))(  # its products need no row pairs
-        qc, kt, vt, doc, lse, delta, dq, kp, *walks,
-        tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-        tables.full_count.contiguous(), tables.full_index.contiguous(),
-        schedule.task_order(tables, B, Hq, threads),
+        qc, kt, vt, doc, lse, delta, dq, kp, *walks, *_per_query_tile(tables, B, Hq),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     scattered = tuple(n for n in learn if learned_loads(region.score, n))  # per kv tile task
@@ -260,6 +257,14 @@ def launch_backward(
     )
     return (dq.to(dq_dtype), dk[:, :, :Lkv].to(dk_dtype), dv[:, :, :Lkv].to(dv_dtype),
             *_learned_totals(learn, scattered, partials, tensors))
+
+
+def _per_query_tile(tables: BlockTables, B: int, Hq: int) -> list[torch.Tensor]:
+    """The forward's tables and their balanced task order: the arguments of a kernel whose tasks
+    are query tiles (``dq``, ``sums``)."""
+    return [tables.partial_count.contiguous(), tables.partial_index.contiguous(),
+            tables.full_count.contiguous(), tables.full_index.contiguous(),
+            schedule.task_order(tables, B, Hq, torch.get_num_threads())]
 
 
 def _learned_totals(learn: tuple[str, ...], scattered: tuple[str, ...], partials: list[torch.Tensor],
@@ -285,10 +290,7 @@ def _stick_breaking_sums(
     nkv = kt.shape[2]
     ce = torch.zeros(B, Hq, rows, nkv, dtype=torch.float32)
     launcher.kernel_function(render_backward(region, shape, "sums"))(
-        qc, kt, vt, doc, lse, delta, ce,
-        tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-        tables.full_count.contiguous(), tables.full_index.contiguous(),
-        schedule.task_order(tables, B, Hq, torch.get_num_threads()),
+        qc, kt, vt, doc, lse, delta, ce, *_per_query_tile(tables, B, Hq),
         *extra, float(scale), int(q_offset), float(bias), int(Lkv),
     )
     for per_tile in ce.view(B * Hq, rows, nkv)[:, :Lq]:

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from attncc.ir import nodes
 from attncc.ir.dense import expand_kv, feature_map
-from attncc.passes.lower_linear import linear_attention
+from attncc.passes.lower_linear import divide_rows_by, linear_attention
 from attncc.passes.plan import AttentionRegion
 
 # (region, q, k, v, captured tensors, q_offset, reverse, den) -> o: one run of the kernel
@@ -120,9 +120,8 @@ def kernel_gradients(
     phi_q, phi_k, v32, dout = fq.detach(), fk.detach(), v.float(), grad_out.float()
     if norm.normalize:
         den = den.unsqueeze(-1)
-        inverse = torch.where(den != 0, 1.0 / torch.where(den != 0, den, 1.0), 0.0)
-        d_num = dout * inverse
-        d_den = -(dout * out.float()).sum(-1, keepdim=True) * inverse
+        d_num = divide_rows_by(dout, den)
+        d_den = divide_rows_by(-(dout * out.float()).sum(-1, keepdim=True), den)
         d_nums, values = _with_ones(d_num, d_den), _with_ones(v32, torch.ones_like(v32[..., :1]))
     else:
         d_num = d_nums = dout
