@@ -362,6 +362,42 @@ def test_learned_captured_tensors() -> None:
         check_gradients(scalar, *qkv(Lq=30, Lkv=40), q_offset=10, learn=(_learned(scalar, gain),), with_lse=True)
 
 
+def test_learned_alibi_slopes_on_long_rows() -> None:
+    """ALiBi's slopes read by the score (``slope * kv``) and the row_shift (``-slope * q``): the
+    kernel scatters the derivative of their sum (``backward.load_derivative``). Scattered apart, the
+    float32 rounding of dS was multiplied by absolute positions: 1e-2 off at 256 keys, 180x the
+    tolerance, while the float32 reference passed."""
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+    alibi = attncc.variant(lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki), mask=masks.causal)
+    assert alibi.plan.regions[0].row_shift is not None
+    name = _learned(alibi, slopes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_gradients(alibi, *qkv(Lq=256, Lkv=256, D=16, Dv=16, seed=3), learn=(name,), with_lse=True, seed=3)
+        check_gradients(alibi, *qkv(Lq=64, Lkv=512, D=16, Dv=16, seed=2), q_offset=448, learn=(name,), seed=2)
+
+
+def test_a_tensor_learned_outside_the_regions_keeps_the_generated_backward() -> None:
+    """Differential attention with a learned lambda: its gradient comes through the torch combine;
+    the regions, which do not read it, keep their generated backward (no warning)."""
+    g = attncc.GraphBuilder("differential")
+    q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+    lam = g.scalar("lam")
+    program = g.build(g.attention(q1, k1, v, mask=masks.causal) - lam * g.attention(q2, k2, v, mask=masks.causal))
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(1, 4, 40, 16, generator=gen) for n in ("q1", "k1", "q2", "k2", "v")}
+    found = []
+    for backend, dtype in (("tvm", torch.float32), ("reference", torch.float64)):
+        leaves = {n: t.to(dtype).requires_grad_(True) for n, t in inputs.items()}
+        lam_leaf = torch.tensor(0.8, dtype=dtype, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = program(**leaves, lam=lam_leaf, backend=backend)
+            found.append(torch.autograd.grad(out.square().sum(), [*leaves.values(), lam_leaf]))
+    for got, want in zip(*found):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("normalizer", ["stick_breaking", "relu", "phi", "softplus", "phi_normalized"])
 def test_learned_tensors_under_other_normalizers(normalizer: str) -> None:
     """Learned ALiBi slopes and a learned per-head temperature under stick-breaking and pointwise
@@ -411,6 +447,46 @@ def test_double_backward_raises() -> None:
     (dq,) = torch.autograd.grad(variant("causal")(q, k, v, backend="tvm").square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dq.sum().backward()
+
+
+def test_double_backward_through_the_reference_fallback() -> None:
+    """A fallback (learned mask width) recomputes with the reference, which is differentiable
+    twice: a gradient penalty gets the reference's gradients, never a silently dropped term."""
+    widths = torch.tensor([8.0, 12.0, 16.0, 20.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, qi, ki: (qi >= ki) & (qi - ki < widths[h]))
+    inputs = qkv(Hq=4, Hkv=4, Lq=24, Lkv=24)
+    found = []
+    for backend in ("reference", "tvm"):
+        q, k, v = (t.clone().requires_grad_(True) for t in inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = program(q, k, v, backend=backend)
+            (dq,) = torch.autograd.grad(out.sin().sum(), q, create_graph=True)
+        assert dq.requires_grad
+        found.append(torch.autograd.grad(out.sin().sum() + dq.square().sum(), (q, k, v)))
+    for got, want in zip(*reversed(found)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["generated", "reference", "linear"])
+def test_captured_tensor_edited_before_backward_raises(path: str) -> None:
+    """A captured tensor edited in place between forward and backward raises as any tensor autograd
+    saved does: the gradients would belong to the new contents, not to the output computed."""
+    docs = DOCS[:40].clone()
+    widths = torch.tensor([8.0, 12.0, 16.0, 20.0], requires_grad=True)
+    scale = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    program = {
+        "generated": lambda: attncc.variant(mask=lambda b, h, qi, ki: docs[qi] == docs[ki]),
+        "reference": lambda: attncc.variant(mask=lambda b, h, qi, ki: (docs[qi] == docs[ki]) & (qi - ki < widths[h])),
+        "linear": lambda: attncc.variant(mask=masks.causal, normalizer=attncc.Linear(lambda x: torch.relu(x) * scale[1])),
+    }[path]()
+    q, k, v = (t.requires_grad_(True) for t in qkv(Hq=4, Hkv=4, Lq=40, Lkv=40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = program(q, k, v, backend="tvm")
+    (docs if path != "linear" else scale).mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_transpose_tables_round_trip() -> None:

@@ -50,6 +50,29 @@ def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: dict[
     return q.requires_grad or k.requires_grad or v.requires_grad or bool(tensors and learned_names(tensors))
 
 
+def read_by(region: AttentionRegion, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The captured tensors ``region``'s kernel reads. Why: a tensor learned elsewhere in the graph (a
+    combine node's lambda, a router) gets its gradient through the torch ops around the kernel,
+    and must not send the region to the reference backward."""
+    read = {spec.name for spec in captured_specs(region)}
+    return {name: t for name, t in tensors.items() if name in read}
+
+
+def saved_captured(ctx: Any, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The captured tensors to pass to ``ctx.save_for_backward`` (after the Function's own), their
+    names kept on ``ctx``. Why saved: autograd then checks their versions, so a tensor edited in
+    place between forward and backward raises, as for any saved tensor, rather than give gradients of
+    the new contents against the old output."""
+    ctx.captured_names = tuple(n for n, t in tensors.items() if isinstance(t, torch.Tensor))
+    return tuple(tensors[n] for n in ctx.captured_names)
+
+
+def restored_captured(ctx: Any, tensors: dict[str, torch.Tensor], saved: list[torch.Tensor],
+                      ) -> dict[str, torch.Tensor]:
+    """``tensors`` with the entries ``saved_captured`` saved, unpacked (version-checked)."""
+    return {**tensors, **dict(zip(ctx.captured_names, saved))}
+
+
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -80,6 +103,7 @@ def run_region(
     if not grad:
         out, lse = run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
         return out, (lse if has_lse else None)
+    tensors = read_by(region, tensors)
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return run_forward(plan, region, q, k, v, tensors, scale, q_offset, config)
 
@@ -118,8 +142,7 @@ def routed_backward(
     shape = BackwardShape(q.shape[3], v.shape[3], block_m, block_n)
     if block_m % shape.rows or block_n % shape.vector:
         return f"routing tiles {block_m} x {block_n} do not fit the backward's register blocks"
-    read = {spec.name for spec in captured_specs(region)}
-    live = {name: t for name, t in tensors.items() if name in read}
+    live = read_by(region, tensors)
     why = backward_unsupported(region, tuple(learned_names(live)), tasks=k.shape[0] * k.shape[1], tensors=live,
                                kv_tiles=-(-k.shape[2] // block_n))
     if why:
@@ -137,7 +160,7 @@ class _GeneratedBackward(torch.autograd.Function):
         region, *_, forward, _tiles = context
         ctx.context = context
         out, lse = forward(q.detach(), k.detach(), v.detach())
-        ctx.save_for_backward(q, k, v, out, lse, *grad_tensors)
+        ctx.save_for_backward(q, k, v, out, lse, *grad_tensors, *saved_captured(ctx, context[1]))
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -147,7 +170,9 @@ class _GeneratedBackward(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
         region, tensors, grad_names, scale, q_offset, _forward, tiles = ctx.context
         tables, shape = tiles or (None, None)
-        q, k, v, out, lse, *grad_tensors = ctx.saved_tensors
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        grad_tensors = rest[: len(grad_names)]
+        tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
         norm = region.normalizer
         rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())
         dlse = torch.zeros_like(lse)
@@ -180,7 +205,7 @@ class _ReferenceBackward(torch.autograd.Function):
                 *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         region, *_, forward = context
         ctx.context = context
-        ctx.save_for_backward(q, k, v, *grad_tensors)
+        ctx.save_for_backward(q, k, v, *grad_tensors, *saved_captured(ctx, context[1]))
         out, lse = forward(q.detach(), k.detach(), v.detach())
         if not isinstance(region.normalizer, nodes.SoftmaxNorm):
             ctx.mark_non_differentiable(lse)
@@ -188,12 +213,18 @@ class _ReferenceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+        """With ``create_graph=True`` (grad mode on here) the recomputed graph starts at the saved
+        tensors themselves, so that the gradients are differentiable again, as the reference's are."""
         from attncc.codegen.reference.attention import attention
 
         region, tensors, grad_names, scale, q_offset, _ = ctx.context
-        q, k, v, *grad_tensors = ctx.saved_tensors
+        q, k, v, *rest = ctx.saved_tensors
+        grad_tensors = rest[: len(grad_names)]
+        tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
+        create = torch.is_grad_enabled()
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(True) for t in (q, k, v, *grad_tensors)]
+            inputs = [t if create and t.requires_grad else t.detach().requires_grad_(True)
+                      for t in (q, k, v, *grad_tensors)]
             live = dict(tensors)
             live.update(zip(grad_names, inputs[3:]))
             out, lse = attention(region, inputs[0], inputs[1], inputs[2], live, scale=scale, q_offset=q_offset)
@@ -202,5 +233,5 @@ class _ReferenceBackward(torch.autograd.Function):
                 finite = torch.isfinite(lse)
                 outputs.append(torch.where(finite, lse, 0.0))
                 grads.append(torch.where(finite, grad_lse, 0.0))
-            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True, create_graph=create)
         return (None, *found)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from attncc.codegen.tvm.autograd import restored_captured, saved_captured
 from attncc.ir import nodes
 from attncc.ir.dense import expand_kv, feature_map
 from attncc.passes.lower_linear import divide_rows_by, linear_attention
@@ -77,15 +78,16 @@ class _LinearAttention(torch.autograd.Function):
         if generated and region.normalizer.normalize:
             den = torch.empty(q.shape[:3], dtype=torch.float32)
         out = kernel(region, q.detach(), k.detach(), v.detach(), tensors, q_offset, False, den)
-        ctx.save_for_backward(q, k, v, out, den, *learned)
+        ctx.save_for_backward(q, k, v, out, den, *learned, *saved_captured(ctx, tensors))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         region, kernel, tensors, names, q_offset, generated = ctx.context
-        q, k, v, out, den, *learned = ctx.saved_tensors
-        live = {**tensors, **dict(zip(names, learned))}
+        q, k, v, out, den, *rest = ctx.saved_tensors
+        learned = rest[: len(names)]
+        live = restored_captured(ctx, tensors, rest[len(names):])
         if generated:
             grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
         else:
