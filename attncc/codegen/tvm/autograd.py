@@ -12,13 +12,13 @@ a silent wrong gradient.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from attncc import caller
 from attncc.codegen.tvm.backward import BackwardShape
 from attncc.codegen.tvm.backward_launch import (
     backward_unsupported,
@@ -84,7 +84,7 @@ def reference_backward(
     after the one-time warning that names ``reason``: every TVM path without a generated backward."""
     if plan.fingerprint not in _WARNED:
         _WARNED.add(plan.fingerprint)
-        warnings.warn(BACKWARD_WARNING.format(reason=reason), stacklevel=5)
+        caller.warn(BACKWARD_WARNING.format(reason=reason))
     names = learned_names(tensors)
     context = (region, tensors, names, scale, q_offset, forward)
     return _ReferenceBackward.apply(context, q, k, v, *(tensors[n] for n in names))

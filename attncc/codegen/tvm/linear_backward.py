@@ -26,13 +26,13 @@ chunked recurrence (``O(L * chunk)`` memory) after a one-time warning.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from attncc import caller
 from attncc.codegen.tvm.autograd import restored_captured, saved_captured
 from attncc.ir import nodes
 from attncc.ir.dense import expand_kv, feature_map
@@ -60,7 +60,7 @@ def linear_with_grad(
     generated = region.linear.strategy == "linear_chunked" and (decay is None or decay.name not in learned)
     if not generated and decay is not None and region not in _WARNED:
         _WARNED.add(region)
-        warnings.warn(LEARNED_DECAY_WARNING, stacklevel=4)
+        caller.warn(LEARNED_DECAY_WARNING)
     context = (region, kernel, tensors, learned, q_offset, generated)
     return _LinearAttention.apply(context, q, k, v, *(tensors[n] for n in learned))
 

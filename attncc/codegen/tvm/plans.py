@@ -17,10 +17,10 @@ path: never a silent wrong gradient.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from attncc import caller
 from attncc.codegen.tvm import decode, heads, routing
 from attncc.codegen.tvm.autograd import needs_grad, run_region
 from attncc.codegen.tvm.forward import select_config
@@ -85,5 +85,5 @@ def _reference(plan: KernelPlan, region: AttentionRegion, q: Tensor, k: Tensor, 
 
     if plan.fingerprint not in _WARNED:
         _WARNED.add(plan.fingerprint)
-        warnings.warn(ROUTED_GRAD_WARNING.format(reason=why), stacklevel=5)
+        caller.warn(ROUTED_GRAD_WARNING.format(reason=why))
     return attention(region, q, k, v, tensors, scale=scale, q_offset=q_offset)
