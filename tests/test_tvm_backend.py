@@ -365,18 +365,42 @@ def test_disk_cache_reused_by_another_process(tvm_cache_dir: Path) -> None:
     assert (compiled, loaded) == (0, 1)
 
 
-def test_corrupt_cache_file_warns_and_recompiles(tvm_cache_dir: Path) -> None:
-    """A damaged cache file costs a warning and a recompile, never a crash or a wrong result."""
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_cache_file_warns_and_recompiles(tvm_cache_dir: Path, damage: str) -> None:
+    """A damaged cache file (a kernel's or the OpenMP launcher's) costs a warning and a rebuild,
+    never a crash or a wrong result: a truncated library used to kill every later process with
+    SIGBUS at its first call (``sealed``)."""
     variant("causal")(*qkv(), backend="tvm")
-    for path in (tvm_cache_dir / "tvm").glob("*.so"):
+    paths = list((tvm_cache_dir / "tvm").glob("*.so"))
+    assert any(p.name.startswith("openmp_launch") for p in paths) and len(paths) >= 2
+    for path in paths:
+        data = path.read_bytes()
         # NOTE: a new inode; overwriting a library some process has loaded would SIGBUS it
         broken = path.with_suffix(".broken")
-        broken.write_bytes(b"not a shared library")
+        broken.write_bytes(b"not a shared library" if damage == "garbage" else data[: len(data) // 2])
         os.replace(broken, path)
     compiled, loaded, stderr = _second_process(tvm_cache_dir)
     assert (compiled, loaded) == (1, 0)
-    assert "unreadable" in stderr
+    assert "damaged" in stderr and "TVM's thread pool" not in stderr
     assert _second_process(tvm_cache_dir)[:2] == (0, 1)  # the rebuilt file is good
+
+
+def test_cache_files_are_readable_by_others_as_the_umask_allows(tvm_cache_dir: Path) -> None:
+    """Users sharing a cache directory load each other's modules (``mkstemp`` makes files private)."""
+    variant("causal")(*qkv(), backend="tvm")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tvm_cache_dir / "tvm").glob("*.so"):
+        assert path.stat().st_mode & 0o777 == 0o644 & ~umask
+
+
+def test_cache_dir_expands_the_home_directory(monkeypatch) -> None:
+    """``ATTNCC_CACHE_DIR=~/x`` means the same directory for the modules as for the tuning cache."""
+    from attncc.autotune.cache import cache_dir as tuning_dir
+
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", "~/attncc-cache")
+    assert launcher.cache_dir() == Path.home() / "attncc-cache" / "tvm"
+    assert launcher.cache_dir().parent == Path(tuning_dir()).expanduser()
 
 
 def _example_programs():

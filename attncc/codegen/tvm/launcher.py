@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attncc.codegen.tvm import openmp, schedule
+from attncc.codegen.tvm import openmp, schedule, sealed
 from attncc.codegen.tvm.kernels import KernelShape, captured_specs, render_forward
 from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import BlockTables
@@ -36,15 +35,11 @@ STATS = {"compiled": 0, "loaded": 0, "memory_hits": 0}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNCC_CACHE_DIR")
-    if not root:
-        try:
-            import platformdirs
+    """The modules' directory: ``tvm`` in attncc's cache directory (``$ATTNCC_CACHE_DIR``, else the
+    user cache directory), where the tuning cache lives too."""
+    from attncc.autotune.cache import cache_dir as attncc_cache_dir
 
-            root = platformdirs.user_cache_dir("attncc")
-        except ImportError:
-            root = os.path.join(os.path.expanduser("~"), ".cache", "attncc")
-    return Path(root) / "tvm"
+    return attncc_cache_dir() / "tvm"
 
 
 @functools.cache
@@ -169,6 +164,10 @@ def _load(path: Path) -> Any:
 
     if not path.exists():
         return None
+    if not sealed.intact(path):
+        warnings.warn(f"attncc: TVM module cache file {path} is damaged or from an older attncc; recompiling",
+                      stacklevel=3)
+        return None
     try:
         module = tvm.runtime.load_module(str(path))
         module["attn"]
@@ -181,11 +180,7 @@ def _load(path: Path) -> Any:
 
 def _save(module: Any, path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        module.export_library(tmp)
-        os.replace(tmp, path)
+        sealed.write(path, module.export_library)
     except Exception as err:
         warnings.warn(f"attncc: could not write TVM module cache {path} ({err})", stacklevel=3)
 

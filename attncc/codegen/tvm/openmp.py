@@ -23,9 +23,10 @@ import ctypes
 import functools
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
+
+from attncc.codegen.tvm import sealed
 
 POOL_ENV = "ATTNCC_THREAD_POOL"
 SOURCE = Path(__file__).with_name("openmp_launch.c")
@@ -82,23 +83,16 @@ def launcher_address() -> int | None:
 
 
 def _built_shim() -> Path:
-    """The compiled ``openmp_launch.c`` in the cache directory, built atomically when missing."""
+    """The compiled ``openmp_launch.c`` in the cache directory, built atomically when missing or
+    damaged (``sealed``)."""
     from tvm.support import cc
 
     from attncc.codegen.tvm.launcher import cache_dir
 
     source = SOURCE.read_bytes()
     path = cache_dir() / f"openmp_launch-{hashlib.sha256(source).hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            cc.create_shared(tmp, [str(SOURCE)], options=["-O2"])
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    if not sealed.intact(path):
+        sealed.write(path, lambda tmp: cc.create_shared(tmp, [str(SOURCE)], options=["-O2"]))
     return path
 
 
