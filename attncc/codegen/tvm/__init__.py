@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from attncc.codegen.captured_reads import check_reads
 from attncc.passes.plan import KernelPlan
 
 
@@ -44,6 +45,9 @@ class TVMBackend:
     def run(self, plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], *,
             scale: float | None, q_offset: int, return_lse: bool, config: dict | None = None,
             **kwargs: Any) -> Any:
+        for each in plan.regions:  # an index past a captured tensor's end raises, as in the reference
+            shape, keys = operands[each.q].shape, operands[each.k].shape[2]
+            check_reads(each, shape[0], shape[1], shape[2], keys, q_offset, tensors)
         region = plan.regions[0]
         q, k, v = operands[region.q], operands[region.k], operands[region.v]
         if plan.strategy in ("linear_chunked", "linear_global"):

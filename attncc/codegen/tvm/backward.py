@@ -638,8 +638,8 @@ class _Backward:
                                 continue
                             shape = load.src[0].arg.shape
                             flat = " + ".join(
-                                f"{render._as(index, 'int')} * T.int64({math.prod(shape[d + 1:])})"
-                                for d, index in enumerate(load.src[1:])) or "T.int64(0)"
+                                f"{render.index(load, d)} * T.int64({math.prod(shape[d + 1:])})"
+                                for d in range(len(load.src) - 1)) or "T.int64(0)"
                             at = f'G_{k}[task, T.Cast("int32", {flat})]'
                             w(f'{at} = {at} + T.Cast("float64", dSo[i, j] * {render(local)})')
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from attncc.codegen.captured_reads import may_be_negative
 from attncc.ir.expr import COMPARE_OPS, Expr, TensorSpec, promote
 
 TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
@@ -253,9 +254,18 @@ class Renderer:
     def _as(self, node: Expr, dtype: str) -> str:
         return cast(self.render(node), node.dtype, dtype)
 
+    def index(self, load: Expr, d: int) -> str:
+        """Index ``d`` of ``load`` as an int64: from the end, as torch counts, when it may be negative
+        (``captured_reads.may_be_negative``; ``check_reads`` has bounded it to ``[-n, n)``)."""
+        text = self._as(load.src[1 + d], "int")
+        if not may_be_negative(load.src[1 + d]):
+            return text
+        size = f'T.Cast("int64", X{self.specs.index(load.src[0].arg)}_n{d})'
+        return f"T.if_then_else({text} < T.int64(0), {text} + {size}, {text})"
+
     def _load(self, node: Expr) -> str:
         spec: TensorSpec = node.src[0].arg
-        indices = ", ".join(self._as(i, "int") for i in node.src[1:]) if spec.shape else "0"
+        indices = ", ".join(self.index(node, d) for d in range(len(node.src) - 1)) if spec.shape else "0"
         access = f"{buffer_name(spec, self.specs)}[{indices}]"
         stored = spec.scalar_dtype
         if spec.dtype == "bool":
@@ -287,6 +297,11 @@ class Renderer:
     def _binary(self, node: Expr) -> str:
         op = node.op
         target = promote(*(s.dtype for s in node.src)) if op in COMPARE_OPS else node.dtype
+        if target == "bool" and op in ("eq", "ne", "xor"):
+            # NOTE: compared as integers: TVM 0.27 lowers == / != of two bools to a float compare
+            # of i1 values, which LLVM's verifier rejects
+            a, b = (self._as(s, "int") for s in node.src)
+            return f"({a} {'==' if op == 'eq' else '!='} {b})"
         a, b = (self._as(s, target) for s in node.src)
         if op in BINARY_INFIX:
             return f"({a} {BINARY_INFIX[op]} {b})"
@@ -300,8 +315,8 @@ class Renderer:
             return f"T.pow({a}, {b})"
         if op in ("minimum", "maximum"):
             return f"T.{'min' if op == 'minimum' else 'max'}({a}, {b})"
-        if op in ("and", "or", "xor") and target == "bool":
-            return {"and": f"T.And({a}, {b})", "or": f"T.Or({a}, {b})", "xor": f"({a} != {b})"}[op]
+        if op in ("and", "or") and target == "bool":
+            return f"T.And({a}, {b})" if op == "and" else f"T.Or({a}, {b})"
         if op in ("and", "or", "xor"):
             return f"T.bitwise_{op}({a}, {b})"
         if op == "lshift":

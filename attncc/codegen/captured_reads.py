@@ -1,0 +1,148 @@
+"""Captured-tensor reads of a generated kernel, checked against the tensors before it runs.
+
+Why: a kernel loads ``slopes[h]``, ``docs[kv_idx]`` or ``table[h, q_idx - kv_idx + c]`` straight
+from memory. An index past a tensor's end (two slopes for four heads, document ids shorter than
+the keys) read neighbouring memory: silent garbage, different in every process. The reference
+backend raises ``IndexError`` there, as torch indexing does; so does this check, before launch.
+Indices in ``[-n, 0)`` count from the end, as in torch: kernels wrap them (``may_be_negative``
+says which index expressions need the wrap, from their form alone).
+
+How: each index expression's range over the call's index variables (``b < B``, ``h < Hq``,
+``q_offset <= q_idx < q_offset + Lq``, ``kv_idx < Lkv``) by the interval analysis of
+``attncc.passes.intervals``, exact for the affine indices these tables take; an index read from
+another captured tensor ranges over that tensor's values. Memoized per bucket of query offsets
+and key lengths, so that the steps of a decode check once per bucket: the bucket's ranges
+contain the call's, so a bucket that passes proves the call; one that fails is decided on the
+call's exact ranges.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from attncc.ir.expr import Expr, TensorSpec
+from attncc.passes import intervals as iv
+from attncc.passes.plan import AttentionRegion
+
+BUCKET = 64  # query positions and keys per memoized check (a decode moves both by one a step)
+_CHECKED: dict[tuple, None] = {}
+_CHECKED_KEPT = 256
+
+
+def region_exprs(region: AttentionRegion) -> tuple[Expr, ...]:
+    """The expressions a region's kernels evaluate that may load captured tensors."""
+    norm = region.normalizer
+    found = [region.score, region.mask, region.row_shift, getattr(norm, "phi", None)]
+    feature = getattr(norm, "feature_map", None)
+    found.append(feature if isinstance(feature, Expr) else None)
+    return tuple(e for e in found if e is not None)
+
+
+def head_tables(region: AttentionRegion) -> tuple[TensorSpec, ...]:
+    """Per-head tensors the kernels read at ``h`` outside any expression (sinks, decays)."""
+    norm = region.normalizer
+    return tuple(t for t in (getattr(norm, "sink", None), getattr(norm, "decay", None)) if t is not None)
+
+
+def check_reads(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_offset: int,
+                tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``IndexError`` (naming the tensor, its shape and the load) when this call would read
+    a captured tensor out of bounds; see the module docstring."""
+    if min(B, Hq, Lq, Lkv) <= 0:
+        return
+    exprs, nested, per_head = _reads_of(region)
+    for spec in per_head:
+        size = tensors[spec.name].numel()
+        if size < Hq:
+            raise IndexError(f"captured tensor {spec.name!r} holds {size} per-head values but q has {Hq} heads")
+    if not exprs:
+        return
+    shapes = tuple((name, tuple(t.shape)) for name, t in sorted(tensors.items()))
+    try:
+        contents = tuple((n, id(t), t._version) for n, t in sorted(tensors.items())) if nested else ()
+    except RuntimeError:  # an inference tensor has no version counter: every call checks anew
+        contents = (object(),)
+    base, top = q_offset - q_offset % BUCKET, -(-Lkv // BUCKET) * BUCKET
+    bucket = (region, B, Hq, base, base + BUCKET + Lq, top, shapes, contents)
+    if bucket in _CHECKED:
+        return
+    if _first_violation(exprs, (B, Hq, base, base + BUCKET + Lq, top), tensors) is None:
+        _remember(bucket)
+        return
+    exact = (region, B, Hq, q_offset, q_offset + Lq, Lkv, shapes, contents)
+    if exact in _CHECKED:
+        return
+    violation = _first_violation(exprs, (B, Hq, q_offset, q_offset + Lq, Lkv), tensors)
+    if violation is not None:
+        raise IndexError(violation)
+    _remember(exact)
+
+
+def _remember(key: tuple) -> None:
+    if len(_CHECKED) >= _CHECKED_KEPT:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[key] = None
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_of(region: AttentionRegion) -> tuple[tuple[Expr, ...], bool, tuple[TensorSpec, ...]]:
+    """(the region's expressions that load captured tensors, whether some index is itself computed
+    from a load: ``table[docs[kv_idx]]``, whose range depends on a tensor's contents, which the
+    memo must then key on, ``head_tables``). Memoized: walking the expressions cost microseconds
+    of every call."""
+    exprs = tuple(e for e in region_exprs(region) if any(n.op == "load" for n in e.walk()))
+    nested = any(s.op == "load" for e in exprs for n in e.walk() if n.op == "load" for i in n.src[1:]
+                 for s in i.walk())
+    return exprs, nested, head_tables(region)
+
+
+def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int],
+                     tensors: dict[str, torch.Tensor]) -> str | None:
+    """The message for the first load that can index outside ``[-n, n)`` on the box
+    ``(B, Hq, q_lo, q_hi, Lkv)`` (half-open ranges), or None."""
+    B, Hq, q_lo, q_hi, Lkv = box
+    ranges = {"b": (0, B - 1), "h": (0, Hq - 1), "q_idx": (q_lo, q_hi - 1), "kv_idx": (0, Lkv - 1)}
+    env = iv.TileEnv({v: (torch.tensor(float(lo)), torch.tensor(float(hi))) for v, (lo, hi) in ranges.items()},
+                     load=lambda node, _indices: _values_of(node, tensors))
+    for expr in exprs:
+        for load in (n for n in expr.walk() if n.op == "load"):
+            spec, shape = load.src[0].arg, tuple(tensors[load.src[0].arg.name].shape)
+            for d, index in enumerate(load.src[1:]):
+                lo, hi = _bounds(iv.abstract_eval(index, env))
+                n = shape[d] if d < len(shape) else 1
+                if lo < -n or hi >= n:
+                    return (f"captured tensor {spec.name!r} of shape {shape} read out of bounds by {load}: index "
+                            f"{d} ranges over [{lo:g}, {hi:g}] on this call, valid is [{-n}, {n - 1}]")
+    return None
+
+
+def _values_of(load: Expr, tensors: dict[str, torch.Tensor]) -> Any:
+    """The abstract value of a load used inside an index: the range of the tensor's values."""
+    t = tensors[load.src[0].arg.name].detach()
+    if load.dtype == "bool" or t.dtype == torch.bool or t.numel() == 0:
+        return iv.UNKNOWN if load.dtype == "bool" else iv.UNBOUNDED
+    return iv.range_val(float(t.min()), float(t.max()))
+
+
+def _bounds(value: Any) -> tuple[float, float]:
+    value = iv.as_int(value)
+    lo, hi = value.lo_value(), value.hi_value()
+    lo = float(lo.min()) if isinstance(lo, torch.Tensor) else float(lo)
+    hi = float(hi.max()) if isinstance(hi, torch.Tensor) else float(hi)
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=1024)
+def may_be_negative(index: Expr) -> bool:
+    """Whether an index expression can be negative for some non-negative index variables (then
+    a kernel wraps it as torch does); a load inside it may hold anything."""
+    unbounded = torch.tensor(iv.INF)
+    env = iv.TileEnv({v: (torch.tensor(0.0), unbounded) for v in iv.AXES})
+    lo, _ = _bounds(iv.abstract_eval(index, env))
+    return lo < 0
+
+
+__all__ = ["check_reads", "may_be_negative", "region_exprs"]

@@ -1,0 +1,91 @@
+"""Captured tensors read by generated kernels: bounds checked before launch, negative indices from
+the end, as torch indexing and the reference backend do (``attncc.codegen.captured_reads``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc
+from attncc import masks
+from attncc.codegen import captured_reads
+from attncc.testing import check_against_reference, check_gradients, random_qkv
+
+pytest.importorskip("tvm")
+
+
+def _qkv(H: int = 4, L: int = 40, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    return random_qkv(B=1, Hq=H, Hkv=H, Lq=L, Lkv=L, D=16, Dv=16, seed=seed)
+
+
+@pytest.mark.parametrize("backend", ["tvm", None])
+def test_reads_past_the_end_raise_as_in_the_reference(backend: str | None) -> None:
+    """Two slopes for four heads, document ids shorter than the keys, two sinks for four heads:
+    an IndexError naming the tensor, never neighbouring memory."""
+    slopes = torch.tensor([0.5, 0.25])
+    alibi = attncc.variant(lambda s, b, h, q, kv: s - slopes[h] * (q - kv), mask=masks.causal)
+    docs = torch.zeros(30, dtype=torch.long)
+    document = attncc.variant(mask=lambda b, h, q, kv: docs[q] == docs[kv])
+    sinks = attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=torch.zeros(2)))
+    for program, match in ((alibi, "'slopes'"), (document, "'docs'"), (sinks, "per-head")):
+        with pytest.raises(IndexError, match=match):
+            program(*_qkv(), backend=backend)
+    with pytest.raises(IndexError, match="'slopes'"):
+        alibi(*_qkv(), backend="reference")
+
+
+def test_a_decoding_step_past_the_table_raises_after_steps_within_it() -> None:
+    """The check is memoized per bucket of steps; a bucket that reaches past the table is decided
+    on the step's own ranges: steps inside pass, the first one past the end raises."""
+    table = torch.randn(4, 100)
+    program = attncc.variant(lambda s, b, h, q, kv: s + table[h, q], mask=masks.causal)
+    k, v = _qkv(L=120)[1:]
+    for position in (60, 99):
+        q = torch.randn(1, 4, 1, 16)
+        program(q, k[:, :, : position + 1], v[:, :, : position + 1], q_offset=position, backend="tvm")
+    with pytest.raises(IndexError, match="'table'"):
+        program(q, k[:, :, :101], v[:, :, :101], q_offset=100, backend="tvm")
+
+
+def test_negative_indices_count_from_the_end() -> None:
+    """``table[h, q - kv]`` over a ``[H, 2L - 1]`` table: negative distances read the end, as in
+    eager torch and FlexAttention; forward and the learned table's gradient."""
+    L = 40
+    table = torch.randn(4, 2 * L - 1, generator=torch.Generator().manual_seed(1))
+    program = attncc.variant(lambda s, b, h, q, kv: s + table[h, q - kv])
+    check_against_reference(program, *_qkv(L=L), backend="tvm")
+    learned = table.clone().requires_grad_(True)
+    trained = attncc.variant(lambda s, b, h, q, kv: s + learned[h, q - kv], mask=masks.sliding_window(9))
+    name = next(n for n, t in trained.tensors.items() if t is learned)
+    check_gradients(trained, *_qkv(L=L, seed=2), learn=(name,))
+
+
+def test_index_read_from_another_tensor_follows_its_contents() -> None:
+    """``bias[docs[kv]]``: the index ranges over docs' values; editing docs in place past the
+    table is caught on the next call (the memo keys on the tensor's version)."""
+    docs = torch.tensor([0] * 20 + [1] * 20)
+    bias = torch.tensor([0.0, 0.5])
+    program = attncc.variant(lambda s, b, h, q, kv: s + bias[docs[kv]])
+    check_against_reference(program, *_qkv(), backend="tvm")
+    docs[5] = 2
+    with pytest.raises(IndexError, match="'bias'"):
+        program(*_qkv(), backend="tvm")
+
+
+def test_comparisons_of_booleans_compile() -> None:
+    """``==``, ``!=`` and ``^`` between booleans (TVM lowered them to a float compare of i1 values,
+    which LLVM rejected)."""
+    keep = torch.arange(40) % 3 != 0
+    for mask in (lambda b, h, q, kv: (q >= kv) ^ (kv % 2 == 0),
+                 lambda b, h, q, kv: (q >= kv) != (kv % 2 == 0),
+                 lambda b, h, q, kv: keep[q] == keep[kv]):
+        check_against_reference(attncc.variant(mask=mask), *_qkv(), backend="tvm")
+
+
+def test_may_be_negative_from_the_form_alone() -> None:
+    """Plain index variables and their sums are never negative: no wrap is rendered for them."""
+    table = torch.randn(4, 200)
+    program = attncc.variant(lambda s, b, h, q, kv: s + table[h, q + kv] + table[h, q - kv + 3])
+    loads = [n for n in program.plan.regions[0].score.walk() if n.op == "load"]
+    found = {str(load.src[2]): captured_reads.may_be_negative(load.src[2]) for load in loads}
+    assert sorted(found.values()) == [False, True], found
