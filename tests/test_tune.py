@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from attncc.autotune.cache import TuningCache, read_json
 from attncc.autotune.fake import BEST, FakeBackend
 from attncc.autotune.keys import ShapeKey, TuningKey
 from attncc.autotune.lookup import device_for, select_config
-from attncc.autotune.records import Entry, Pin
+from attncc.autotune.records import Entry, Pin, TuningCacheWarning
+from attncc.autotune.space import SearchSpace
 from attncc.autotune.study import backend_space, make_operands, tune_key, tune_program
+from attncc.codegen import registry
 
 causal = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, name="causal")
 SHAPE = (1, 2, 64, 16)
@@ -139,6 +142,64 @@ def test_a_backend_that_always_fails_is_pruned_not_fatal():
     assert TuningCache().get(key) is None
 
 
+def test_a_decoding_shape_is_tuned_with_its_queries_at_the_end_of_the_keys(monkeypatch):
+    """``BxHxLqxLkvxD`` with Lq < Lkv is a decoding step. At q_offset 0 a causal query sees only
+    key 0, so the study timed and checked a nearly empty problem instead of the step."""
+    backend = FakeBackend(unit_ms=0.01)
+    offsets = []
+    run = backend.run
+
+    def recording(*args, q_offset, **kwargs):
+        offsets.append(q_offset)
+        return run(*args, q_offset=q_offset, **kwargs)
+
+    monkeypatch.setattr(backend, "run", recording)
+    [result] = tune_program(causal, backend, [(1, 2, 1, 64, 16)], torch.float32, budget=2, confirm=False, **FAST)
+    assert offsets and set(offsets) == {64 - 1}
+    assert result.trials == 2, "the reference check must use the runner's offset (else every config is wrong)"
+
+
+def test_a_result_the_cache_cannot_store_is_returned_and_never_reported_as_stored(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cache = TuningCache(blocker / "t.sqlite")
+    with pytest.warns(TuningCacheWarning, match="cannot be opened"):
+        [result] = tune_program(causal, FakeBackend(unit_ms=0.01), [SHAPE], torch.float32, budget=2, cache=cache,
+                                confirm=False, **FAST)
+    assert not result.stored and "cannot store anything" in result.unstored
+    assert result.entry is not None and (result.entry.config, result.entry.time_ms) == (result.best_config,
+                                                                                        result.best_ms)
+
+
+def test_a_damaged_study_file_is_moved_aside_and_tuning_starts_afresh(tmp_path):
+    """A garbage ``optuna.v1.sqlite`` in the cache directory failed every ``attncc tune``."""
+    study_file = tmp_path / "cachedir" / "optuna.v1.sqlite"
+    study_file.parent.mkdir()
+    study_file.write_bytes(b"garbage\n")
+    with pytest.warns(TuningCacheWarning, match="Optuna study storage .* moved it to"):
+        [result] = tune_program(causal, FakeBackend(unit_ms=0.01), [SHAPE], torch.float32, budget=2, confirm=False,
+                                **FAST)
+    assert result.trials == 2 and result.stored
+    backups = [p for p in study_file.parent.glob("optuna.v1.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert [p.read_bytes() for p in backups] == [b"garbage\n"]
+
+
+def test_an_explicit_storage_that_cannot_be_opened_is_an_error_naming_it(tmp_path):
+    shared = tmp_path / "shared.sqlite"
+    shared.write_bytes(b"garbage\n")
+    with pytest.raises(RuntimeError, match=r"shared\.sqlite cannot be opened .*--storage"):
+        tune_program(causal, FakeBackend(unit_ms=0.01), [SHAPE], torch.float32, budget=1, confirm=False,
+                     storage=f"sqlite:///{shared}", **FAST)
+    assert shared.read_bytes() == b"garbage\n", "a storage other workers may share is never moved"
+
+
+def test_problem_for_every_shape_rejects_only_a_config_no_bucket_accepts():
+    space = SearchSpace({"a": (4, 6, 64), "b": (2, 4)}, lambda c, s: c["a"] % c["b"] == 0 and c["a"] <= s.q_len)
+    assert space.problem_for_every_shape({"a": 64, "b": 4}) is None, "valid for long queries only is still valid"
+    assert "every shape" in space.problem_for_every_shape({"a": 6, "b": 4})
+    assert "a=5 is not one of" in space.problem_for_every_shape({"a": 5, "b": 4})
+
+
 def test_bad_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="budget"):
         tune_key(_key(FakeBackend()), FakeBackend().search_space, lambda c: None, 0, progress=False)
@@ -155,6 +216,7 @@ causal = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, name="
 def test_cli_tune_then_cache_commands(tmp_path, monkeypatch):
     backend = FakeBackend()
     monkeypatch.setattr(commands, "load_backend", lambda name, device: backend)
+    monkeypatch.setitem(registry.BACKEND_MODULES, "fake", "attncc.autotune.fake")  # pins name known backends
     source = tmp_path / "model.py"
     source.write_text(VARIANT_FILE)
     runner = CliRunner()
@@ -194,6 +256,123 @@ def test_cli_tune_then_cache_commands(tmp_path, monkeypatch):
     merged = tmp_path / "merged.json"
     assert runner.invoke(commands.cache, ["merge", str(merged), str(out), str(exported)]).exit_code == 0
     assert [e.time_ms for e in read_json(merged).entries] == [shipped[0].time_ms]
+
+
+def _tune_args(tmp_path: Path, *extra: str) -> list[str]:
+    source = tmp_path / "model.py"
+    source.write_text(VARIANT_FILE)
+    return [f"{source}:causal", "--shapes", "1x2x64x16", "--budget", "2", "--warmup", "1", "--repeats", "1",
+            "--no-progress", "--storage", f"sqlite:///{tmp_path / 'optuna.sqlite'}", *extra]
+
+
+def _unusable_cache_dir(tmp_path: Path, monkeypatch, kind: str) -> Path:
+    """Points ATTNCC_CACHE_DIR at a cache that can store nothing; returns the database path.
+    (Tests run as root, which ignores permissions: a path under a file stands for an unwritable one.)"""
+    if kind == "unwritable":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a directory")
+        monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker / "cache"))
+        return blocker / "cache" / "tuning.v1.sqlite"
+    cache = TuningCache()
+    cache.record(Entry(_key(FakeBackend()), BEST, 1.0))
+    cache.close()
+    conn = sqlite3.connect(cache.path)
+    conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+    conn.commit()
+    conn.close()
+    return cache.path
+
+
+def test_cli_tune_with_an_unwritable_cache_ships_the_measured_results_and_says_the_cache_stored_none(
+        tmp_path, monkeypatch):
+    """It said "cache kept a better result" and wrote an --out without entries, exiting 0."""
+    backend = FakeBackend(unit_ms=0.01)
+    monkeypatch.setattr(commands, "load_backend", lambda name, device: backend)
+    database = _unusable_cache_dir(tmp_path, monkeypatch, "unwritable")
+    runner = CliRunner()
+    nothing = runner.invoke(commands.tune, _tune_args(tmp_path))
+    assert nothing.exit_code != 0 and f"tuning cache {database} cannot store results" in nothing.output
+    assert backend.calls == [], "with nowhere to keep the results, fail before tuning"
+    out = tmp_path / "ship.json"
+    result = runner.invoke(commands.tune, _tune_args(tmp_path, "--out", str(out)))
+    assert result.exit_code == 0, result.output
+    assert "NOT stored" in result.output and "kept a better result" not in result.output
+    assert "could not store 1 result(s)" in result.output
+    [shipped] = read_json(out).entries
+    assert shipped.trials == 2 and shipped.config in backend.calls
+
+
+def test_cli_tune_refuses_an_out_file_that_is_not_a_tuning_cache_before_tuning(tmp_path, monkeypatch):
+    backend = FakeBackend(unit_ms=0.01)
+    monkeypatch.setattr(commands, "load_backend", lambda name, device: backend)
+    out = tmp_path / "config.json"
+    out.write_text('{"important": "user data"}')
+    result = CliRunner().invoke(commands.tune, _tune_args(tmp_path, "--out", str(out)))
+    assert result.exit_code != 0 and f"{out} exists and is not a readable attncc tuning cache" in result.output
+    assert out.read_text() == '{"important": "user data"}' and backend.calls == []
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_cli_tune_on_a_device_that_is_not_here_names_the_option(tmp_path, device):
+    result = CliRunner().invoke(commands.tune, _tune_args(tmp_path, "--device", device))
+    assert result.exit_code != 0 and "--device" in result.output and repr(device) in result.output
+
+
+@pytest.mark.parametrize("kind", ["unwritable", "foreign-schema"])
+def test_cache_commands_that_write_fail_naming_a_cache_that_cannot_store(tmp_path, monkeypatch, kind):
+    """import, pin and clear reported success while nothing was stored (or, on another attncc's
+    database, clear deleted its rows)."""
+    database = _unusable_cache_dir(tmp_path, monkeypatch, kind)
+    doc = tmp_path / "in.json"
+    doc.write_text(json.dumps({"format": "attncc-tuning-cache", "version": 1,
+                               "entries": [Entry(_key(FakeBackend()), BEST, 0.5).to_json()]}))
+    tvm_config = json.dumps({"block_m": 64, "block_n": 64, "rows": 4, "vector": 16})
+    runner = CliRunner()
+    for args in (["import", str(doc)], ["pin", "abc/tvm/*/*", "--config", tvm_config],
+                 ["pin", "abc/tvm/*/*", "--remove"], ["clear", "--yes", "--pins"]):
+        result = runner.invoke(commands.cache, args)
+        assert result.exit_code != 0, (args, result.output)
+        assert f"tuning cache {database} cannot store anything" in result.output, (args, result.output)
+    if kind == "foreign-schema":
+        conn = sqlite3.connect(database)
+        assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+        conn.close()
+
+
+def test_cache_merge_refuses_to_overwrite_a_file_that_is_not_a_tuning_cache(tmp_path):
+    runner = CliRunner()
+    source = tmp_path / "in.json"
+    assert runner.invoke(commands.cache, ["export", str(source)]).exit_code == 0
+    out = tmp_path / "config.json"
+    out.write_text('{"important": "user data"}')
+    result = runner.invoke(commands.cache, ["merge", str(out), str(source)])
+    assert result.exit_code != 0 and f"{out} exists and is not a readable attncc tuning cache" in result.output
+    assert out.read_text() == '{"important": "user data"}'
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"block_m": 33, "block_n": 16, "rows": 2, "vector": 16}, "block_m=33 is not one of"),
+    ({"block_m": 128, "block_n": 16, "rows": 6, "vector": 16}, "attncc.codegen.tvm.space.fits"),
+])
+def test_cache_pin_for_every_shape_refuses_a_config_no_shape_can_use(tmp_path, config, message):
+    """Only the knob names were compared: such a pin was stored, then ignored at every lookup."""
+    source = tmp_path / "model.py"
+    source.write_text(VARIANT_FILE)
+    runner = CliRunner()
+    for target in ("abc/tvm/*/*", f"{source}:causal"):
+        result = runner.invoke(commands.cache, ["pin", target, "--config", json.dumps(config)])
+        assert result.exit_code != 0 and message in result.output and "--config" in result.output, result.output
+    assert TuningCache().pins() == []
+
+
+def test_cache_pin_takes_a_usable_config_and_refuses_an_unknown_backend():
+    runner = CliRunner()
+    usable = json.dumps({"block_m": 128, "block_n": 128, "rows": 8, "vector": 32})
+    assert runner.invoke(commands.cache, ["pin", "abc/tvm/*/*", "--config", usable]).exit_code == 0
+    unknown = runner.invoke(commands.cache, ["pin", "abc/nosuchbackend/*/*", "--config", '{"a": 1}'])
+    assert unknown.exit_code != 0 and "'nosuchbackend'" in unknown.output
+    assert all(repr(name) in unknown.output for name in registry.BACKEND_MODULES)
+    assert [p.backend for p in TuningCache().pins()] == ["tvm"]
 
 
 def test_cli_rejects_bad_shapes_and_missing_targets(tmp_path):

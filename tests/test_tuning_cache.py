@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from attncc.autotune import cache as cache_module
-from attncc.autotune.cache import TuningCache, merge_json, read_json
+from attncc.autotune.cache import CacheUnavailable, TuningCache, merge_json, move_aside_if_damaged, read_json
 from attncc.autotune.keys import ShapeKey, TuningKey
 from attncc.autotune.lookup import select_config
 from attncc.autotune.records import Entry, Pin, TuningCacheWarning
@@ -225,10 +226,39 @@ def test_unknown_schema_version_is_ignored_and_left_untouched(tmp_path):
     with pytest.warns(TuningCacheWarning, match="unknown schema version"):
         chosen, source = select(cache)
     assert chosen == SPACE.default_for(SHAPE) and source.startswith("default")
-    cache.record(Entry(key(), config(2), 0.1))  # dropped, not written into a newer attncc's file
+    with pytest.raises(CacheUnavailable, match="schema version"):  # not written into a newer attncc's file
+        cache.record(Entry(key(), config(2), 0.1))
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM meta").fetchone()[0] == "99"
     assert conn.execute("SELECT config FROM entries").fetchall() == [(json.dumps(config(1), sort_keys=True),)]
+
+
+def test_unknown_schema_version_is_never_read_nor_modified_not_even_on_first_use(tmp_path):
+    """The first use of another attncc's database listed its entries (the connection was returned
+    although the cache had just been disabled), ``clear`` then deleted them, and opening it
+    created this version's missing tables in it: "ignoring it" must mean ignoring it."""
+    path = tmp_path / "t.sqlite"
+    own = TuningCache(path)
+    own.record(Entry(key(), config(1), 1.0))
+    own.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+    conn.execute("DROP TABLE pins")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    cache = TuningCache(path)
+    with pytest.warns(TuningCacheWarning, match="unknown schema version"):
+        assert cache.entries() == []
+    assert cache.get(key()) is None and cache.pins() == [] and cache.unusable() is not None
+    with pytest.raises(CacheUnavailable, match="schema version"):
+        cache.clear(pins=True)
+    cache.close()
+    assert path.read_bytes() == before
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'pins'").fetchall() == []
+    conn.close()
 
 
 def test_entries_from_another_device_are_skipped_with_a_warning(tmp_path):
@@ -350,6 +380,21 @@ def test_import_and_merge_never_replace_a_better_entry(tmp_path):
     assert [(e.config, e.time_ms) for e in read_json(merged).entries] == [(config(3), 0.5)]
 
 
+@pytest.mark.parametrize("text", ['{"important": "user data"}\n', '{"format": "attncc-tuning-cache", "vers'],
+                         ids=["not-a-cache", "damaged-cache"])
+def test_merge_never_overwrites_a_file_that_is_not_a_readable_tuning_cache(tmp_path, text):
+    """Merging into a user's config.json (or a damaged cache) replaced it after only a warning."""
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps({"format": "attncc-tuning-cache", "version": 1,
+                                  "entries": [Entry(key(), config(1), 1.0).to_json()]}))
+    out = tmp_path / "config.json"
+    out.write_text(text)
+    with pytest.raises(FileExistsError, match=r"config\.json exists and is not a readable attncc tuning cache"):
+        merge_json(out, [source])
+    assert out.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "in.json"]
+
+
 def test_bad_json_entries_are_skipped_and_bad_files_never_fatal(tmp_path):
     good = Entry(key(), config(1), 1.0).to_json()
     bad_entries = [
@@ -437,3 +482,37 @@ def test_unusable_cache_directory_means_defaults_not_a_crash(tmp_path, monkeypat
     with pytest.warns(TuningCacheWarning, match="cannot be opened"):
         chosen, source = select(cache)
     assert chosen == SPACE.default_for(SHAPE) and source.startswith("default")
+
+
+def test_every_write_to_an_unusable_cache_raises_instead_of_reporting_nothing_stored_as_kept(tmp_path, monkeypatch):
+    """``record`` returned False (read as "the cache kept a better result") and ``pin``/``clear``
+    returned quietly when the cache could store nothing."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(blocker / "cache"))
+    cache = TuningCache()
+    with pytest.warns(TuningCacheWarning, match="cannot be opened"):
+        assert cache.unusable() is not None
+    writes = [lambda: cache.record(Entry(key(), config(1), 1.0)),
+              lambda: cache.record_many([Entry(key(), config(1), 1.0)]),
+              lambda: cache.pin(Pin(FP, "tvm", "*", "*", config(1))),
+              lambda: cache.unpin(FP, "tvm"),
+              lambda: cache.clear(pins=True)]
+    for write in writes:
+        with pytest.raises(CacheUnavailable, match=re.escape(f"tuning cache {blocker / 'cache'}")):
+            write()
+
+
+def test_a_damaged_sqlite_store_is_moved_aside_and_a_sound_or_missing_one_left_alone(tmp_path):
+    sound = tmp_path / "sound.sqlite"
+    conn = sqlite3.connect(sound)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    assert move_aside_if_damaged(sound, "store") is None and sound.exists()
+    assert move_aside_if_damaged(tmp_path / "missing.sqlite", "store") is None
+    damaged = tmp_path / "damaged.sqlite"
+    damaged.write_bytes(b"garbage\n")
+    with pytest.warns(TuningCacheWarning, match=r"store .*damaged\.sqlite is damaged"):
+        backup = move_aside_if_damaged(damaged, "store")
+    assert not damaged.exists() and backup.read_bytes() == b"garbage\n"

@@ -6,7 +6,9 @@ a faster one, so a crash mid-write leaves the previous state and nothing tuned i
 overwritten by a worse result. The schema version lives in the file name and in a ``meta``
 table. A file that is not a database is moved aside to ``<name>.corrupt-<timestamp>`` and a
 fresh one started; an unknown schema version disables the cache for this process (it
-belongs to another attncc). Caches shipped with a package are read-only JSON layers.
+belongs to another attncc, which is never read nor modified). A disabled cache reads as
+empty, and every write to it raises ``CacheUnavailable``: nothing is ever reported as stored
+that was not. Caches shipped with a package are read-only JSON layers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from attncc.autotune.records import (
 )
 from attncc.autotune.shipping import merge_json, read_json, reset_shipped, shipped, write_json
 
-__all__ = ["TuningCache", "cache_dir", "default_db_path", "merge_json", "read_json", "reset_shipped", "shipped"]
+__all__ = ["CacheUnavailable", "TuningCache", "cache_dir", "default_db_path", "merge_json", "move_aside_if_damaged",
+           "read_json", "reset_shipped", "shipped"]
 
 SCHEMA_VERSION = 1
 _GENERATIONS: dict[str, int] = {}
@@ -64,6 +67,10 @@ ON CONFLICT (fingerprint, backend, device, shape) DO UPDATE SET
 WHERE excluded.verified > entries.verified
    OR (excluded.verified = entries.verified AND excluded.time_ms < entries.time_ms)
 """
+
+
+class CacheUnavailable(RuntimeError):
+    """A write to a tuning cache that cannot store anything (unwritable, foreign schema, locked)."""
 
 
 def cache_dir() -> Path:
@@ -102,16 +109,70 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """A checked connection that has written nothing yet: the file may be another attncc's."""
     conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
         if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("quick_check failed")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _schema_version(conn: sqlite3.Connection) -> str | None:
+    """The ``meta`` table's schema version, read without writing (None for a new database)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _backup_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` and its WAL files to ``<name>.corrupt-<timestamp>-<pid>``; returns the new name."""
+    backup = _backup_path(path)
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            os.replace(source, Path(str(backup) + suffix))
+    return backup
+
+
+def _damage(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is damaged (None when it is sound, absent or only unreachable)."""
+    if not path.is_file():
+        return None
+    try:
+        conn = _connect(path)
+    except sqlite3.OperationalError:
+        return None  # NOTE: locked or unreadable is not damage; whoever opens it next reports that.
+    except sqlite3.DatabaseError as err:
+        return str(err)
+    conn.close()
+    return None
+
+
+def move_aside_if_damaged(path: str | Path, what: str) -> Path | None:
+    """Move a damaged SQLite file (not a database, failed quick check) aside with a warning, so that
+    a fresh one starts in its place, as the tuning cache does with its own; returns the backup.
+
+    Other stores in the cache directory (the Optuna studies) use it: a damaged file must not
+    block every later run with a raw ``DatabaseError``.
+    """
+    path = Path(path)
+    if _damage(path) is None:
+        return None
+    with _file_lock(path.with_name(path.name + ".lock")):
+        problem = _damage(path)  # NOTE: another process may have moved it while we waited for the lock.
+        if problem is None:
+            return None
+        backup = _move_aside(path)
+    warn_once(f"corrupt:{path}", f"{what} {path} is damaged ({problem}); moved it to {backup} and started a fresh one")
+    return backup
 
 
 @contextlib.contextmanager
@@ -169,6 +230,11 @@ class TuningCache:
         return version
 
     # ------------------------------------------------------------ connection and recovery
+    def unusable(self) -> str | None:
+        """Why this cache can store nothing (None when it can); opens it to find out."""
+        self._db()
+        return self.disabled
+
     def _db(self) -> sqlite3.Connection | None:
         """The connection for this process (None when the cache is disabled)."""
         if self.disabled:
@@ -182,6 +248,9 @@ class TuningCache:
         except (OSError, sqlite3.OperationalError) as err:
             warn_once(f"unusable:{self.path}", f"tuning cache {self.path} cannot be opened ({err}); using defaults")
             self.disabled = str(err)
+            return None
+        if self.disabled:  # NOTE: another attncc's schema: this connection must not read it either.
+            conn.close()
             return None
         try:
             base = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -211,26 +280,28 @@ class TuningCache:
         return conn
 
     def _quarantine(self, err: Exception) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(str(self.path) + suffix)
-            if source.exists():
-                os.replace(source, Path(str(backup) + suffix))
+        backup = _move_aside(self.path)
         warn_once(f"corrupt:{self.path}",
                   f"tuning cache {self.path} is corrupt ({err}); moved it to {backup} and started a fresh one")
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        with _transaction(conn):
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                conn.execute(statement)
-            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                row = (str(SCHEMA_VERSION),)
-        if row[0] != str(SCHEMA_VERSION):
-            self.disabled = f"schema version {row[0]}"
-            warn_once(f"schema:{self.path}", f"tuning cache {self.path} has unknown schema version {row[0]!r} "
+        """Set up a new or own-version database; another version's is left exactly as it is (the
+        version is read before anything is written, even the journal mode) and disables the cache."""
+        version = _schema_version(conn)
+        if version in (None, str(SCHEMA_VERSION)):
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with _transaction(conn):
+                version = _schema_version(conn)  # NOTE: again under the write lock: a racing writer may have set it.
+                if version in (None, str(SCHEMA_VERSION)):
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        conn.execute(statement)
+                if version is None:
+                    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    version = str(SCHEMA_VERSION)
+        if version != str(SCHEMA_VERSION):
+            self.disabled = f"unknown schema version {version!r}, this attncc uses {SCHEMA_VERSION}"
+            warn_once(f"schema:{self.path}", f"tuning cache {self.path} has unknown schema version {version!r} "
                       f"(this attncc uses {SCHEMA_VERSION}); ignoring it")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -245,14 +316,18 @@ class TuningCache:
             return []
 
     def _write(self, statements: list[tuple[str, tuple]]) -> int:
-        """Run statements in one transaction; returns the rows changed (0 when disabled)."""
+        """Run statements in one transaction; returns the rows changed. Raises CacheUnavailable when
+        nothing can be stored: a 0 here read as "the cache kept a better result"."""
         conn = self._db()
         if conn is None:
-            return 0
+            raise CacheUnavailable(f"tuning cache {self.path} cannot store anything ({self.disabled})")
         changed = 0
-        with _transaction(conn):
-            for sql, args in statements:
-                changed += conn.execute(sql, args).rowcount
+        try:
+            with _transaction(conn):
+                for sql, args in statements:
+                    changed += conn.execute(sql, args).rowcount
+        except sqlite3.OperationalError as err:  # read-only file, locked past the timeout, disk full
+            raise CacheUnavailable(f"tuning cache {self.path}: nothing was stored ({err})") from err
         _GENERATIONS[str(self.path)] = _GENERATIONS.get(str(self.path), 0) + 1
         return changed
 
@@ -264,7 +339,8 @@ class TuningCache:
 
     # ------------------------------------------------------------ entries
     def record(self, entry: Entry, device_description: dict[str, Any] | None = None) -> bool:
-        """Store ``entry`` unless the cache already holds a better one; True when stored."""
+        """Store ``entry`` unless the cache already holds a better one; True when stored, False when
+        the cache kept a better one, CacheUnavailable when it can store nothing."""
         if problem := config_problem(entry.config):
             raise ValueError(f"entry.config: {problem}")
         statements = [(_UPSERT, _row(entry))]

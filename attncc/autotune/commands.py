@@ -8,8 +8,10 @@ clears and pins. The CLI registers both lazily (``attncc.cli.LAZY_COMMANDS``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
-    """``"1x8x512x64,1x8x1x4096x64"`` -> [(1, 8, 512, 64), (1, 8, 1, 4096, 64)]."""
+    """``"1x8x512x64,1x8x1x4096x64"`` -> [(1, 8, 512, 64), (1, 8, 1, 4096, 64)].
+
+    A BxHxLqxLkvxD shape with Lq < Lkv is a decoding step: it is tuned with its queries at the
+    end of the keys (q_offset = Lkv - Lq, ``study.decode_offset``).
+    """
     shapes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
@@ -36,6 +42,24 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     if not shapes:
         raise click.BadParameter("give at least one shape, e.g. 1x8x512x64", param_hint="--shapes")
     return shapes
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot be tuned on here (None when it can): said before tuning starts,
+    instead of a torch error from the first operand."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r} is not a device; expected cpu or cuda[:N]"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"{device!r}: expected cpu or cuda[:N]"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"{device!r}: CUDA is not available on this machine"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def load_backend(name: str | None, device: str) -> Any:
@@ -79,7 +103,9 @@ def example_programs() -> dict[str, Any]:
 
 @click.command("tune")
 @click.argument("specs", nargs=-1, metavar="FILE:NAME...")
-@click.option("--shapes", required=True, help="BxHxLxD[,BxHxLxD...] (or BxHxLqxLkvxD for decoding).")
+@click.option("--shapes", required=True,
+              help="BxHxLxD[,BxHxLxD...], or BxHxLqxLkvxD for decoding and cross attention; with Lq < Lkv the "
+                   "queries are the last Lq positions (q_offset = Lkv - Lq), as in a decoding step.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--budget", type=click.IntRange(min=1), default=30, show_default=True,
               help="Measured trials per (variant, shape); a rerun resumes up to this count.")
@@ -106,16 +132,27 @@ def tune(specs: tuple[str, ...], shapes: str, dtype: str, budget: int, out: str 
         torch.set_num_threads(threads)
 
     from attncc.autotune.cache import TuningCache, merge_json
+    from attncc.autotune.shipping import overwrite_problem
     from attncc.autotune.study import tune_program
 
     shape_list = parse_shapes(shapes)
     if not specs and not all_examples:
         raise click.UsageError("name at least one FILE:NAME, or pass --all-examples")
+    if problem := device_problem(device):
+        raise click.BadParameter(problem, param_hint="--device")
+    if out and (problem := overwrite_problem(out)):
+        raise click.BadParameter(problem, param_hint="--out")
     programs = {spec: load_program(spec) for spec in specs}
     if all_examples:
         programs.update(example_programs())
     chosen = load_backend(backend, device)
     cache = TuningCache()
+    if (unusable := cache.unusable()) is not None:
+        if not out:
+            raise click.ClickException(f"tuning cache {cache.path} cannot store results ({unusable}); pass --out FILE "
+                                       f"to keep them in a JSON file, or point ATTNCC_CACHE_DIR at another directory")
+        click.echo(f"warning: tuning cache {cache.path} cannot store results ({unusable}); they go to {out} only",
+                   err=True)
     rows, failures = [], []
     for spec, program in programs.items():
         try:
@@ -135,12 +172,48 @@ def tune(specs: tuple[str, ...], shapes: str, dtype: str, budget: int, out: str 
     for failure in failures:
         click.echo(f"skipped {failure}", err=True)
     if out:
-        doc = {"format": "attncc-tuning-cache", "version": 1, "devices": cache.devices(),
-               "entries": [e.to_json() for _, r in rows if (e := cache.get(r.key)) is not None], "pins": []}
-        summary = merge_json(out, [], extra=[doc])
+        try:
+            summary = merge_json(out, [], extra=[_results_doc([r for _, r in rows], cache)])
+        except OSError as err:  # FileExistsError: OUT became something else while tuning
+            raise click.ClickException(f"--out {out}: {err}") from err
         click.echo(f"wrote {out}: {summary['entries']} entries")
+    unstored = [r for _, r in rows if r.unstored]
+    if unstored:
+        message = f"the tuning cache could not store {len(unstored)} result(s): {unstored[0].unstored}"
+        if not out:
+            raise click.ClickException(f"{message}; nothing was saved")
+        click.echo(f"warning: {message}; they are in {out} only", err=True)
     if not rows:
         raise click.ClickException("nothing was tuned")
+
+
+def _results_doc(results: list[Any], cache: Any) -> dict[str, Any]:
+    """The JSON cache of this run for ``--out``, built from the measured results: the local
+    cache may have stored none of them. An entry the cache holds for the same key joins them,
+    and the merge keeps the better of the two, as the cache does."""
+    from attncc.autotune.records import FORMAT, FORMAT_VERSION
+
+    entries = [r.entry.to_json() for r in results if r.entry is not None]
+    entries += [e.to_json() for r in results if (e := cache.get(r.key)) is not None]
+    measured = {r.key.device: r.device_description for r in results if r.device_description}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "devices": {**cache.devices(), **measured},
+            "entries": entries, "pins": []}
+
+
+def _note(r: Any) -> str:
+    """The table's note on one result: never says stored or kept when the cache stored nothing."""
+    if r.best_config is None:
+        return "no config ran correctly (see warnings)"
+    note = ""
+    if r.unstored:
+        note = "NOT stored: the tuning cache cannot take writes"
+    elif r.pinned:
+        note = "pinned: the pin still wins"
+    elif not r.stored:
+        note = "cache kept a better result"
+    if r.confirmed and r.speedup < 1.02:
+        note = (note + "; " if note else "") + "no speedup side by side (noisy machine?)"
+    return note
 
 
 def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
@@ -152,11 +225,7 @@ def _print_results(rows: list[tuple[str, Any]], cache: Any) -> None:
     for column in columns:
         table.add_column(column)
     for spec, r in rows:
-        note = "pinned: the pin still wins" if r.pinned else ("" if r.stored else "cache kept a better result")
-        if r.best_config is None:
-            note = "no config ran correctly (see warnings)"
-        if r.confirmed and r.speedup < 1.02:
-            note = (note + "; " if note else "") + "no speedup side by side (noisy machine?)"
+        note = _note(r)
         speedup = f"{r.speedup:.2f}x" if math.isfinite(r.speedup) else "-"
         pair = f"{_ms(r.confirmed[0])} / {_ms(r.confirmed[1])}" if r.confirmed else "-"
         table.add_row(spec.rpartition(":")[2], r.key.shape.tag, str(r.trials), _ms(r.default_ms), _ms(r.best_ms),
@@ -188,6 +257,31 @@ def _cache() -> Any:
     from attncc.autotune.cache import TuningCache
 
     return TuningCache()
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[Any]:
+    """The tuning cache for a command that changes it. A cache that cannot store anything (an
+    unwritable directory, another attncc's schema) fails the command, naming the cache: it used
+    to report success while nothing was stored."""
+    from attncc.autotune.cache import CacheUnavailable
+
+    db = _cache()
+    try:
+        if (reason := db.unusable()) is not None:
+            raise CacheUnavailable(f"tuning cache {db.path} cannot store anything ({reason})")
+        yield db
+    except CacheUnavailable as err:
+        raise click.ClickException(f"{err}; ATTNCC_CACHE_DIR selects another cache directory") from None
+
+
+def _readable() -> Any:
+    """The tuning cache for a command that copies it out: one that cannot be opened is an
+    error, not an empty file reported as exported."""
+    db = _cache()
+    if (reason := db.unusable()) is not None:
+        raise click.ClickException(f"tuning cache {db.path} cannot be read ({reason})")
+    return db
 
 
 @cache.command("ls")
@@ -233,7 +327,11 @@ def cache_show(key: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def cache_export(file: str) -> None:
     """Write every entry and pin to a JSON FILE (to ship with a model or a wheel)."""
-    count = _cache().export(file)
+    from attncc.autotune.shipping import overwrite_problem
+
+    if problem := overwrite_problem(file):
+        raise click.ClickException(problem)
+    count = _readable().export(file)
     click.echo(f"exported {count} entries to {file}")
 
 
@@ -241,21 +339,26 @@ def cache_export(file: str) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def cache_import(files: tuple[str, ...]) -> None:
     """Merge JSON FILES into the cache: a faster entry wins, local pins are kept."""
-    db = _cache()
-    for file in files:
-        summary = db.import_json(file)
-        click.echo(f"{file}: stored {summary['stored']}, kept {summary['kept']} better local, "
-                   f"{summary['pins']} new pins, {summary['skipped']} skipped")
+    with _writing() as db:
+        for file in files:
+            summary = db.import_json(file)
+            click.echo(f"{file}: stored {summary['stored']}, kept {summary['kept']} better local, "
+                       f"{summary['pins']} new pins, {summary['skipped']} skipped")
 
 
 @cache.command("merge")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 def cache_merge(out: str, inputs: tuple[str, ...]) -> None:
-    """Merge JSON INPUTS (or, with none, the local cache) into OUT, keeping the best entry per key."""
+    """Merge JSON INPUTS (or, with none, the local cache) into OUT, keeping the best entry per key.
+
+    An OUT that exists and is not a readable tuning cache is refused, never overwritten."""
     from attncc.autotune.cache import merge_json
 
-    summary = merge_json(out, list(inputs), cache=None if inputs else _cache())
+    try:
+        summary = merge_json(out, list(inputs), cache=None if inputs else _readable())
+    except FileExistsError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"{out}: {summary['entries']} entries, {summary['pins']} pins, {summary['skipped']} skipped")
 
 
@@ -264,10 +367,10 @@ def cache_merge(out: str, inputs: tuple[str, ...]) -> None:
 @click.option("--pins", is_flag=True, help="Remove pins too.")
 def cache_clear(yes: bool, pins: bool) -> None:
     """Delete every tuned entry (and pins with --pins)."""
-    db = _cache()
-    if not yes:
-        click.confirm(f"delete all tuned entries{' and pins' if pins else ''} in {db.path}?", abort=True)
-    click.echo(f"deleted {db.clear(pins=pins)} rows from {db.path}")
+    with _writing() as db:
+        if not yes:
+            click.confirm(f"delete all tuned entries{' and pins' if pins else ''} in {db.path}?", abort=True)
+        click.echo(f"deleted {db.clear(pins=pins)} rows from {db.path}")
 
 
 @cache.command("pin")
@@ -284,12 +387,12 @@ def cache_pin(target: str, config_text: str, backend: str, shapes: str | None, d
     """Pin a config for KEY (FINGERPRINT/BACKEND/DEVICE|*/SHAPE|*) or a variant FILE:NAME; tuning never changes it."""
     from attncc.autotune.records import Pin, config_problem
 
-    db = _cache()
     targets = _pin_targets(target, backend, shapes, dtype, any_device)
     if remove:
-        for fingerprint, backend_, device, shape in targets:
-            removed = db.unpin(fingerprint, backend_, device, shape)
-            click.echo(f"removed {removed} pin(s) {fingerprint}/{backend_}/{device}/{shape}")
+        with _writing() as db:
+            for fingerprint, backend_, device, shape in targets:
+                removed = db.unpin(fingerprint, backend_, device, shape)
+                click.echo(f"removed {removed} pin(s) {fingerprint}/{backend_}/{device}/{shape}")
         return
     if config_text is None:
         raise click.UsageError("--config is required (or pass --remove)")
@@ -299,10 +402,12 @@ def cache_pin(target: str, config_text: str, backend: str, shapes: str | None, d
         raise click.BadParameter(f"not JSON: {err}", param_hint="--config") from err
     if problem := config_problem(config):
         raise click.BadParameter(problem, param_hint="--config")
-    for fingerprint, backend_, device, shape in targets:
+    for _, backend_, _, shape in targets:
         _check_against_space(backend_, config, shape)
-        db.pin(Pin(fingerprint, backend_, device, shape, config, note))
-        click.echo(f"pinned {fingerprint}/{backend_}/{device}/{shape} = {json.dumps(config, sort_keys=True)}")
+    with _writing() as db:
+        for fingerprint, backend_, device, shape in targets:
+            db.pin(Pin(fingerprint, backend_, device, shape, config, note))
+            click.echo(f"pinned {fingerprint}/{backend_}/{device}/{shape} = {json.dumps(config, sort_keys=True)}")
 
 
 def _pin_targets(target: str, backend: str, shapes: str | None, dtype: str,
@@ -337,24 +442,53 @@ def _shape_key(dims: tuple[int, ...], dtype: str, shape_key: Any) -> Any:
 
 
 def _check_against_space(backend: str, config: dict[str, Any], shape: str) -> None:
-    """Refuse a pin the backend's search space would reject (when the backend can say)."""
+    """Refuse a pin the backend's search space would reject: a knob value outside the space, or,
+    for every shape (``*``), a combination that no shape accepts. Such a pin was stored and then
+    ignored at every lookup."""
     from attncc.autotune.keys import ShapeKey
+
+    space = _pin_space(backend)
+    if space is None:
+        return
+    if shape != WILDCARD:
+        problem = space.problem(config, ShapeKey.parse(shape))
+    elif problem := space.problem_for_every_shape(config):
+        rule = _shape_free_rule(backend)
+        if rule is not None and not space.value_problem(config) and not rule(config):
+            problem += f"; it breaks {rule.__module__}.{rule.__name__}: {(rule.__doc__ or '').strip()}"
+    if problem:
+        raise click.BadParameter(problem, param_hint="--config")
+
+
+def _pin_space(backend: str) -> Any:
+    """The search space pins for ``backend`` are checked against (None for a backend without
+    one, the reference); an unknown backend is an error naming the known ones."""
+    from types import SimpleNamespace
+
     from attncc.autotune.study import backend_space
     from attncc.codegen import registry
 
     if backend not in registry.BACKEND_MODULES:
-        return
+        raise click.BadParameter(f"unknown backend {backend!r}; expected one of {sorted(registry.BACKEND_MODULES)}",
+                                 param_hint="backend")
     loaded = registry.load(backend)
-    if isinstance(loaded, str):
-        return
+    if isinstance(loaded, str):  # NOTE: not runnable here (triton without a GPU): pins are often made for others
+        loaded = SimpleNamespace(name=backend)
     try:
-        space = backend_space(loaded, None)
+        return backend_space(loaded, None)
     except ValueError:
-        return
-    if shape == WILDCARD:
-        if set(config) != set(space.params):
-            raise click.BadParameter(f"config knobs {sorted(config)} != {backend} knobs {sorted(space.params)}",
-                                     param_hint="--config")
-        return
-    if problem := space.problem(config, ShapeKey.parse(shape)):
-        raise click.BadParameter(problem, param_hint="--config")
+        return None
+
+
+def _shape_free_rule(backend: str) -> Callable[[dict[str, Any]], bool] | None:
+    """The backend's shape-independent validity rule, ``attncc.codegen.<name>.space.fits``, where
+    it has one (the module ``study.backend_space`` reads spaces from): quoted in the error, it
+    says what to change."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"attncc.codegen.{backend}.space")
+    except ImportError:
+        return None
+    rule = getattr(module, "fits", None)
+    return rule if callable(rule) else None

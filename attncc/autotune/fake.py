@@ -35,6 +35,9 @@ class FakeBackend:
         self.search_space = SearchSpace(
             {"tile": (8, 16, 32, 64), "unroll": (1, 2, 4), "wrong": (False, True)}, _keep, _default, name="fake")
 
+    def unavailable(self) -> str | None:
+        return None
+
     def checker(self, plan: Any, q: Any) -> str | None:
         return None
 
@@ -52,3 +55,7 @@ class FakeBackend:
         out = run_plan(plan, operands, tensors, scale=scale, q_offset=q_offset, return_lse=return_lse)
         time.sleep(self.cost_ms(config) / 1e3)
         return out + 1e-2 if config["wrong"] else out
+
+
+# NOTE: what ``attncc.codegen.registry`` loads when a test registers this module as a backend.
+BACKEND = FakeBackend()

@@ -98,12 +98,29 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def overwrite_problem(path: str | Path) -> str | None:
+    """Why writing a tuning cache to ``path`` would destroy a file that is not one (None when
+    ``path`` is absent or a readable attncc tuning cache, which a merge keeps the contents of)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    doc = _parse_json(path)
+    if isinstance(doc, str):
+        return (f"{path} exists and is not a readable attncc tuning cache ({doc}); refusing to overwrite it "
+                f"(move it away or choose another file)")
+    return None
+
+
 def merge_json(out: str | Path, inputs: list[str | Path], cache: Any = None,
                extra: list[dict[str, Any]] = ()) -> dict[str, int]:
     """Union of JSON caches (and ``cache``, and ``extra`` documents) into ``out``, the better entry per key.
 
-    ``out`` is read first if it exists, so merging never loses what it already held.
+    ``out`` is read first if it exists, so merging never loses what it already held; an ``out``
+    that is not a readable tuning cache (a user's file, a damaged cache) is a FileExistsError
+    and stays as it is.
     """
+    if problem := overwrite_problem(out):
+        raise FileExistsError(problem)
     layer = Layer()
     if Path(out).exists():
         read_json(out, layer)

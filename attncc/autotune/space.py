@@ -9,6 +9,7 @@ filters encode the hardware limits (shared memory, registers, cache size).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,8 +65,8 @@ class SearchSpace:
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return False
 
-    def problem(self, config: Any, shape: ShapeKey) -> str | None:
-        """Why ``config`` is not usable for ``shape`` (None when it is). Used on cache entries."""
+    def value_problem(self, config: Any) -> str | None:
+        """Why ``config`` is not a combination of this space's knob values (None when it is)."""
         if not isinstance(config, dict):
             return f"config must be a dict, got {type(config).__name__}"
         if set(config) != set(self.params):
@@ -73,9 +74,28 @@ class SearchSpace:
         for knob, value in config.items():
             if not any(type(value) is type(v) and value == v for v in self.params[knob]):
                 return f"{knob}={value!r} is not one of {self.params[knob]}"
+        return None
+
+    def problem(self, config: Any, shape: ShapeKey) -> str | None:
+        """Why ``config`` is not usable for ``shape`` (None when it is). Used on cache entries."""
+        if problem := self.value_problem(config):
+            return problem
         if not self._keep(config, shape):
             return f"config {config} violates the space's constraints for {shape.tag}"
         return None
+
+    def problem_for_every_shape(self, config: Any) -> str | None:
+        """Why ``config`` is usable for no shape bucket at all (None when some bucket accepts it).
+
+        A pin for every shape (``*``) must pass this: otherwise it is stored, then rejected at
+        every lookup. ``keep`` sees only buckets, so it is asked on ``probe_shapes()``, a grid
+        wide enough that a rule which never holds (``block_m % rows``) fails on all of them.
+        """
+        if problem := self.value_problem(config):
+            return problem
+        if any(self._keep(config, shape) for shape in probe_shapes()):
+            return None
+        return f"config {config} violates the {self.name} space's constraints for every shape"
 
     def default_for(self, shape: ShapeKey) -> Config:
         """The heuristic default, or the first valid config if the heuristic is invalid."""
@@ -96,6 +116,15 @@ class SearchSpace:
         for values in self.params.values():
             total *= len(values)
         return total
+
+
+@functools.cache
+def probe_shapes() -> tuple[ShapeKey, ...]:
+    """Buckets from tiny to huge in every length, parallelism, head dim and tuned dtype: a config
+    no one of them accepts is valid for no shape (``SearchSpace.problem_for_every_shape``)."""
+    grid = itertools.product((1, 16, 1024), (1, 16, 128, 4096, 65536), (16, 128, 4096, 65536),
+                             (8, 16, 32, 64, 128, 256), ("float32", "float16", "bfloat16"))
+    return tuple(ShapeKey(bh, q, kv, d, d, 1, dtype) for bh, q, kv, d, dtype in grid)
 
 
 # ---------------------------------------------------------------- Triton (GPU)

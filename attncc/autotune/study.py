@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from attncc.autotune import device as devices
-from attncc.autotune.cache import TuningCache, cache_dir
+from attncc.autotune.cache import CacheUnavailable, TuningCache, cache_dir, move_aside_if_damaged
 from attncc.autotune.keys import ShapeKey, TuningKey
 from attncc.autotune.records import Entry, warn_once
 from attncc.autotune.space import Config, SearchSpace
@@ -43,9 +43,12 @@ class TuneResult:
     default_ms: float
     trials: int  # measured trials in the study (all workers, all runs)
     seconds: float  # wall time of this call
-    stored: bool  # whether the cache now holds this result (False: it already had a better one)
+    stored: bool  # whether the cache now holds this result (False: it already had a better one, or see unstored)
     pinned: bool
     confirmed: tuple[float, float] | None = None  # (default ms, tuned ms) re-measured side by side
+    entry: Entry | None = None  # the measured result itself (what ``--out`` ships, whatever the cache did)
+    device_description: dict[str, Any] | None = None
+    unstored: str | None = None  # why the cache could not store the result (None when it could, or kept a better one)
 
     @property
     def speedup(self) -> float:
@@ -72,14 +75,21 @@ def confirm_pair(runner: Runner, default: Config, best: Config, *, warmup: int, 
 
 
 def default_storage() -> str:
-    """The Optuna storage next to the tuning cache (SQLite)."""
+    """The Optuna storage next to the tuning cache (SQLite). A damaged file there is moved aside
+    (as the tuning cache does with its own): it holds only trials, whose winners are in the
+    tuning cache, and left in place it failed every later ``attncc tune``."""
     path = cache_dir() / "optuna.v1.sqlite"
     path.parent.mkdir(parents=True, exist_ok=True)
+    move_aside_if_damaged(path, "Optuna study storage")
     return f"sqlite:///{path}"
 
 
 def open_storage(url: str | None) -> Any:
-    """An Optuna RDB storage; retried briefly because workers starting together race to create tables."""
+    """An Optuna RDB storage; retried briefly because workers starting together race to create tables.
+
+    An explicit storage that cannot be opened is an error naming it (it may be shared by other
+    workers, so it is never moved aside).
+    """
     import optuna
 
     url = _with_driver(url or default_storage())
@@ -89,9 +99,11 @@ def open_storage(url: str | None) -> Any:
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        except Exception:
+        except Exception as err:
             if attempt == 2:
-                raise
+                reason = next(iter(str(err).splitlines()), "")  # NOTE: SQLAlchemy appends a help link
+                raise RuntimeError(f"Optuna storage {url} cannot be opened ({type(err).__name__}: {reason}); "
+                                   f"repair or remove it, or pass another --storage") from err
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -316,16 +328,19 @@ def _finish(study: Any, key: TuningKey, space: SearchSpace, cache: TuningCache, 
     default_text = _config_text(default)
     default_ms = min((t.value for t in measured if t.user_attrs.get("config") == default_text), default=math.nan)
     best = min(measured, key=lambda t: t.value, default=None)
-    stored = False
-    best_config = None
+    stored, unstored, entry, description = False, None, None, None
     if best is not None:
-        best_config = json.loads(best.user_attrs["config"])
-        entry = Entry(key, best_config, float(best.value), trials=len(measured),
+        entry = Entry(key, json.loads(best.user_attrs["config"]), float(best.value), trials=len(measured),
                       source=f"optuna TPE, study attncc/{key.text}", verified=True, updated=time.time())
         description = devices.describe(key.device.split("-")[0]) if key.device == _own(key.device) else None
-        stored = cache.record(entry, description)
-    return TuneResult(key, best_config, float(best.value) if best else math.nan, default, default_ms,
-                      len(measured), time.perf_counter() - started, stored, cache.find_pin(key) is not None)
+        try:
+            stored = cache.record(entry, description)
+        except CacheUnavailable as err:  # NOTE: the result still reaches the caller (and ``--out``)
+            unstored = str(err)
+    return TuneResult(key, entry.config if entry else None, entry.time_ms if entry else math.nan, default,
+                      default_ms, len(measured), time.perf_counter() - started, stored,
+                      cache.find_pin(key) is not None, entry=entry, device_description=description,
+                      unstored=unstored)
 
 
 def _own(device_fp: str) -> str | None:
@@ -376,11 +391,26 @@ def backend_space(backend: Any, plan: Any) -> SearchSpace:
     return space
 
 
+def decode_offset(shape: tuple[int, ...]) -> int:
+    """The ``q_offset`` a tuned shape runs with: Lkv - Lq for a (B, H, Lq, Lkv, D) shape with
+    fewer queries than keys, else 0.
+
+    Such a shape is a decoding step, whose queries are the newest positions, at the end of the
+    KV cache (as ``attncc bench`` runs it). At offset 0 a causal query would see only the
+    first keys, and the study would time and check a different, almost empty problem.
+    """
+    if len(shape) != 5:
+        return 0
+    _, _, Lq, Lkv, _ = shape
+    return max(0, Lkv - Lq)
+
+
 def make_operands(program: Any, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random operands for every q/k/v the program's regions read.
 
-    ``shape`` is (B, H, L, D), or (B, H, Lq, Lkv, D) for decoding and cross attention.
+    ``shape`` is (B, H, L, D), or (B, H, Lq, Lkv, D) for decoding and cross attention (run at
+    ``decode_offset(shape)``).
     """
     if len(shape) == 4:
         B, H, Lq, D = shape
@@ -434,7 +464,11 @@ def tune_program(
     label: str | None = None,
     confirm: bool = True,
 ) -> list[TuneResult]:
-    """Tune ``program`` on ``backend`` for each (B, H, L, D) shape (see make_operands); results land in ``cache``."""
+    """Tune ``program`` on ``backend`` for each (B, H, L, D) shape (see make_operands); results land in ``cache``.
+
+    A (B, H, Lq, Lkv, D) shape with Lq < Lkv is tuned as a decoding step: its queries sit at
+    the end of the keys (``decode_offset``), in the runner and in the reference check alike.
+    """
     plan = program.plan
     space = backend_space(backend, plan)
     results = []
@@ -448,11 +482,13 @@ def tune_program(
             raise ValueError(f"backend {backend.name!r} cannot run {label or program.name}: {why_not}")
         key = TuningKey(plan.fingerprint, backend.name, devices.fingerprint(q.device), ShapeKey.from_tensors(q, k, v))
 
-        def runner(config: Config, operands: dict[str, torch.Tensor] = operands) -> Any:
-            return backend.run(plan, operands, program.tensors, scale=None, q_offset=0, return_lse=False,
+        q_offset = decode_offset(shape)
+
+        def runner(config: Config, operands: dict[str, torch.Tensor] = operands, q_offset: int = q_offset) -> Any:
+            return backend.run(plan, operands, program.tensors, scale=None, q_offset=q_offset, return_lse=False,
                                config=config)
 
-        checker = reference_checker(program, operands)
+        checker = reference_checker(program, operands, q_offset=q_offset)
         description = f"{label or program.name} {'x'.join(map(str, shape))}"
         results.append(tune_key(key, space, runner, budget, checker=checker, cache=cache, storage=storage,
                                 seed=seed, warmup=warmup, repeats=repeats, device=q.device, progress=progress,
