@@ -478,12 +478,14 @@ def targets(cases: list[Case], mm: float) -> list[str]:
 
 
 def plot(cases: list[Case], path: str) -> None:
+    names = sorted({n for c in cases for n in c.results if ":" not in n})
+    if not names:
+        raise ValueError("nothing to plot: no case has timed results")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({n for c in cases for n in c.results if ":" not in n})
     labels = [f"{c.name}\n{c.L} {str(c.dtype).removeprefix('torch.')}" for c in cases]
     fig, ax = plt.subplots(figsize=(max(8, len(cases) * 1.1), 5))
     width = 0.8 / len(names)
@@ -497,9 +499,21 @@ def plot(cases: list[Case], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def select_cases(cases: list[Case], only: str | None) -> list[Case]:
+    """The cases named ``only`` (all for None); an unknown name raises before anything is timed,
+    since the ``torch.mm`` baseline alone takes seconds and an empty selection has no table."""
+    if only is None:
+        return cases
+    chosen = [c for c in cases if c.name == only]
+    if not chosen:
+        names = ", ".join(sorted({c.name for c in cases}))
+        raise ValueError(f"no bench case is named {only!r}; the cases are: {names}")
+    return chosen
+
+
 def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: str | None = None,
         min_seconds: float = 0.0) -> str:
-    cases = [c for c in build_cases(quick) if only is None or c.name == only]
+    cases = select_cases(build_cases(quick), only)
     echo(f"machine: {machine()}")
     mm = mm_gflops(repeats)
     echo(f"torch.mm 2048^3: {mm:.1f} GFLOP/s")
@@ -523,7 +537,8 @@ def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: st
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="A small set at L=1024 (about a minute, FlexAttention compiles included).")
-@click.option("--repeats", default=5, show_default=True, help="Timed runs per contender (minimum kept).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs per contender (minimum kept).")
 @click.option("--min-seconds", default=4.0, show_default=True,
               help="More interleaved rounds (up to 40) until a case's timed runs took this long.")
 @click.option("--only", default=None, help="Run only the cases of this name (causal, window256, document, ...).")
@@ -532,6 +547,10 @@ def run(quick: bool, repeats: int, echo: Callable[[str], None] = print, only: st
 def bench(quick: bool, repeats: int, min_seconds: float, only: str | None, plot_path: str | None,
           output: str | None) -> None:
     """Time attncc's TVM kernels against SDPA, compiled FlexAttention, torch.mm and the reference."""
+    try:
+        select_cases(build_cases(quick), only)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--only") from err
     text = run(quick, repeats, click.echo, only, min_seconds)
     click.echo(text)
     if output:

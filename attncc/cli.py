@@ -140,7 +140,12 @@ def parse_tile(text: str) -> tuple[int, int]:
 def explain(spec: str, passes: bool, blocks: int | None, tile: str, batch: int | None, heads: int | None,
             q_offset: int, source: bool, backend: str | None) -> None:
     """Print the IR, passes and plan of the variant NAME defined in FILE."""
+    from attncc.explain import block_grid_error
+
     tile_shape = parse_tile(tile)
+    too_large = block_grid_error(blocks, tile_shape) if blocks is not None else None
+    if too_large:
+        raise click.UsageError(too_large)
     program = load_program(spec)
     try:
         click.echo(program.explain())

@@ -10,6 +10,10 @@ registered on import for environments where the package is not installed.
 ``is_causal=True`` follows SDPA's definition, which is top-left aligned when ``Lq != Lkv``:
 query ``i`` sees keys ``j <= i``, i.e. ``q_offset = 0`` (not the bottom-right alignment of
 decoding with a cache).
+
+Under ``torch.autocast`` SDPA is an autocast op: its floating inputs are cast to the autocast
+dtype of their device type and the kernel runs with autocast off. The rewritten call is a plain
+Python function autocast does not see, so ``attncc_sdpa`` applies that casting itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.amp.autocast_mode import is_autocast_available
 
 from attncc.variant import Variant, variant
 
@@ -76,11 +81,27 @@ def untranslatable(arguments: dict[str, Any]) -> str | None:
     return None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts SDPA's inputs to on ``device_type``, or None where it is off."""
+    if not is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(t: Any, dtype: torch.dtype) -> Any:
+    """``t`` as autocast hands it to SDPA: floating tensors other than float64 in ``dtype``."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def runtime_fallback_reason(query: Any, key: Any, value: Any, enable_gqa: bool) -> str | None:
     """Why these tensors must go to torch's SDPA after all (shapes SDPA accepts but attncc does not)."""
     tensors = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
         return "inputs are not all 4-D tensors [B, H, L, D]"
+    if any(t.numel() == 0 for t in tensors):
+        return "empty tensors (a dimension of size 0)"
     if any(t.dtype not in FLOAT_DTYPES or t.dtype != query.dtype for t in tensors):
         return "dtypes are not one of float32/float16/bfloat16 throughout"
     if any(t.device != query.device for t in tensors):
@@ -97,13 +118,21 @@ def runtime_fallback_reason(query: Any, key: Any, value: Any, enable_gqa: bool) 
 def attncc_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, is_causal: bool = False,
                 scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """SDPA without mask or dropout, computed by attncc; torch's SDPA where attncc cannot run it."""
+    device_type = query.device.type if isinstance(query, torch.Tensor) else None
+    cast_to = autocast_dtype(device_type) if device_type is not None else None
+    if cast_to is not None:
+        query, key, value = (autocast_cast(t, cast_to) for t in (query, key, value))
     reason = runtime_fallback_reason(query, key, value, enable_gqa)
     if reason is not None:
         CALLS[f"fallback: {reason}"] += 1
         return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     CALLS["attncc"] += 1
-    return sdpa_variant(is_causal)(query, key, value, scale=scale)
+    if cast_to is None:
+        return sdpa_variant(is_causal)(query, key, value, scale=scale)
+    # NOTE: as autocast runs SDPA's kernel: on the cast inputs, with autocast off inside it
+    with torch.autocast(device_type, enabled=False):
+        return sdpa_variant(is_causal)(query, key, value, scale=scale)
 
 
 def rewrite_sdpa(gm: torch.fx.GraphModule) -> int:

@@ -11,6 +11,24 @@ if TYPE_CHECKING:
     from attncc.variant import Program
 
 
+# NOTE: ``explain --blocks L --tile T`` builds (ceil(L/T))^2 tiles per (b, h) slice, with float64
+# interval temporaries per tile and one printed character each: 2^22 is 2048 x 2048 at --tile 1.
+MAX_BLOCK_TILES = 1 << 22
+
+
+def block_grid_error(L: int, tile: tuple[int, int]) -> str | None:
+    """Why a block map of ``L x L`` in ``tile`` tiles is too large to build and print, or None.
+
+    Checked before anything is allocated: an unbounded map (``--blocks 100000 --tile 1``) is
+    killed for memory instead of failing with a message.
+    """
+    rows, cols = -(-L // tile[0]), -(-L // tile[1])
+    if rows * cols <= MAX_BLOCK_TILES:
+        return None
+    return (f"--blocks {L} with --tile {tile[0]}x{tile[1]} gives {rows} x {cols} = {rows * cols} tiles per map, "
+            f"more than {MAX_BLOCK_TILES}; use a smaller --blocks or a larger --tile")
+
+
 def _region_lines(region: AttentionRegion) -> list[str]:
     describe = lambda p: p.describe() if hasattr(p, "describe") else repr(p)
     lines = [f"  region %{region.node}: q=%{region.q} k=%{region.k} v=%{region.v}"]

@@ -53,11 +53,13 @@ def _check_qkv_layout(
                 f"{name} has dtype {dtype} but {qn} has dtype {q_dtype}; {qn}, {kn}, {vn} must share a dtype"
             )
     B, Hq, _, D = q_shape
+    if D == 0:
+        raise ValueError(f"{qn} head dim must be at least 1, got shape {tuple(q_shape)}")
     if k_shape[0] != B or v_shape[0] != B:
         raise ValueError(f"batch sizes differ: {qn} has {B}, {kn} {k_shape[0]}, {vn} {v_shape[0]}")
     if k_shape[1] != v_shape[1]:
         raise ValueError(f"{kn} and {vn} must have the same number of heads, got {k_shape[1]} and {v_shape[1]}")
-    if k_shape[1] == 0 or Hq % k_shape[1] != 0:
+    if (k_shape[1] == 0 and Hq != 0) or (k_shape[1] != 0 and Hq % k_shape[1] != 0):
         raise ValueError(f"{qn} heads ({Hq}) must be a multiple of {kn} heads ({k_shape[1]}) for GQA/MQA")
     if k_shape[3] != D:
         raise ValueError(f"{kn} head dim {k_shape[3]} must equal {qn} head dim {D}")

@@ -121,19 +121,23 @@ class Program:
     ) -> Any:
         check_options(scale, q_offset)
         plan = self.plan
-        empty = False
+        empty = no_value_dim = False
         for region in plan.regions:
-            q, k = operands[region.q], operands[region.k]
-            check_qkv(q, k, operands[region.v], (region.q, region.k, region.v))
-            empty = empty or q.shape[2] == 0 or k.shape[2] == 0
+            q, k, v = operands[region.q], operands[region.k], operands[region.v]
+            check_qkv(q, k, v, (region.q, region.k, region.v))
+            empty = empty or nothing_to_compute(q, k)
+            no_value_dim = no_value_dim or v.shape[3] == 0
         first = operands[plan.regions[0].q]
         if self.tensors:
             check_captured(self.tensors, first.device)
         if return_lse:
             self._check_lse(plan)
-        if empty:
-            self.last_choice = registry.Choice(registry.load("reference"), "empty sequence: nothing to compute")
+        if empty or (no_value_dim and not return_lse):
+            self.last_choice = registry.Choice(registry.load("reference"), "empty input: nothing to compute")
             return _empty_result(plan, operands, self.tensors, return_lse)
+        if no_value_dim:
+            # NOTE: the output is empty but the lse is not: it depends on q and k only
+            backend = "reference"
         choice = registry.choose(backend, plan, first)
         self.last_choice = choice
         return choice.backend.run(plan, operands, self.tensors, scale=scale, q_offset=q_offset, return_lse=return_lse)
@@ -156,6 +160,15 @@ class Program:
         return f"<attncc {type(self).__name__} {self.name} {self.fingerprint[:12]}>"
 
 
+def nothing_to_compute(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No kernel is needed: the ``[B, Hq, Lq]`` grid of rows is empty, or there are no keys.
+
+    Such outputs are zeros and the lse is ``-inf`` (or the sink), known without any kernel; backends
+    may assume every size is at least one, as their shape keys do.
+    """
+    return 0 in q.shape[:3] or k.shape[2] == 0
+
+
 def _empty_result(
     plan: KernelPlan, operands: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], return_lse: bool
 ) -> Any:
@@ -167,7 +180,7 @@ def _empty_result(
         return out
     sink = region.normalizer.sink
     lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float32, device=q.device)
-    if sink is not None:
+    if sink is not None and lse.numel() > 0:
         lse = tensors[sink.name].float().view(1, Hq, 1).expand(B, Hq, Lq).clone()
     return out, lse
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attncc import bench
@@ -60,3 +61,50 @@ def test_run_case_keeps_every_round_and_the_minimum(monkeypatch) -> None:
     assert len(case.samples["reference"]) == bench.REFERENCE_REPEATS
     assert calls == {"attncc-tvm": 1 + 2 * 4, "reference": 1 + bench.REFERENCE_REPEATS}
     assert case.results["attncc-tvm"] == min(case.samples["attncc-tvm"])
+
+
+def _no_timing(monkeypatch) -> None:
+    """Argument errors must come before any timing: the ``torch.mm`` baseline alone takes seconds."""
+
+    def timed(*args, **kwargs):
+        raise AssertionError("bench started timing before rejecting its arguments")
+
+    monkeypatch.setattr(bench, "mm_gflops", timed)
+    monkeypatch.setattr(bench, "run_case", timed)
+
+
+def test_bench_rejects_zero_repeats(monkeypatch) -> None:
+    """``--repeats 0`` used to reach ``min()`` of no timings inside ``mm_gflops``."""
+    from click.testing import CliRunner
+
+    _no_timing(monkeypatch)
+    result = CliRunner().invoke(bench.bench, ["--quick", "--repeats", "0", "--only", "causal"])
+    assert result.exit_code == 2, result.output
+    assert "--repeats" in result.output
+
+
+def test_bench_rejects_an_unknown_case_name_listing_the_cases(monkeypatch) -> None:
+    """An unknown ``--only`` used to time the baseline, print an empty table and exit 0."""
+    from click.testing import CliRunner
+
+    _no_timing(monkeypatch)
+    result = CliRunner().invoke(bench.bench, ["--quick", "--only", "nosuchcase", "--plot", "unused.png"])
+    assert result.exit_code == 2, result.output
+    assert "--only" in result.output and "nosuchcase" in result.output
+    for name in ("causal", "window256", "document", "linear"):
+        assert name in result.output
+    with pytest.raises(ValueError, match="nosuchcase"):
+        bench.run(True, 1, lambda line: None, only="nosuchcase")
+
+
+def test_select_cases_keeps_every_case_of_the_name() -> None:
+    cases = bench.build_cases(quick=True)
+    assert bench.select_cases(cases, None) == cases
+    chosen = bench.select_cases(cases, "causal")
+    assert chosen and all(c.name == "causal" for c in chosen)
+
+
+def test_plot_of_no_results_is_a_clear_error(tmp_path) -> None:
+    """An empty selection used to divide by zero inside ``plot``."""
+    with pytest.raises(ValueError, match="nothing to plot"):
+        bench.plot([], str(tmp_path / "empty.png"))

@@ -126,3 +126,47 @@ def test_inputs_attncc_cannot_take_fall_back_to_torch_at_run_time():
     assert_close_to_reference(out, ref64, None, Lkv=5)
     assert dynamo.CALLS["attncc"] == 0
     assert any(key.startswith("fallback") for key in dynamo.CALLS)
+
+
+def _bfloat16_reference(q, k, v, **options):
+    """SDPA in float64 on the inputs as autocast rounds them to bfloat16."""
+    return F.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v)), **options)
+
+
+def test_autocast_inside_the_compiled_function_matches_eager():
+    """Autocast casts SDPA's inputs (bfloat16 on CPU); the rewritten call must do the same."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=generator) for _ in range(3))
+
+    def fn(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    eager = fn(q, k, v)
+    out = torch.compile(fn, backend="attncc")(q, k, v)
+    assert dynamo.CALLS["attncc"] == 1
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert_close_to_reference(out, _bfloat16_reference(q, k, v, is_causal=True), eager, Lkv=32)
+
+
+def test_autocast_around_the_compiled_call_matches_eager():
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=generator) for _ in range(3))
+    compiled = torch.compile(sdpa_plain, backend="attncc")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = sdpa_plain(q, k, v)
+        out = compiled(q, k, v)
+    assert dynamo.CALLS["attncc"] == 1
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert_close_to_reference(out, _bfloat16_reference(q, k, v), eager, Lkv=24)
+    assert compiled(q, k, v).dtype == torch.float32  # and no casting once autocast is off
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 8, 16), (1, 0, 8, 16), (1, 2, 0, 16)])
+def test_empty_inputs_fall_back_to_torch(shape):
+    """SDPA returns an empty tensor for a zero-size dimension; so must the compiled model."""
+    q = torch.randn(*shape)
+    out = torch.compile(sdpa_plain, backend="attncc")(q, q, q)
+    assert out.shape == sdpa_plain(q, q, q).shape
+    assert dynamo.CALLS["attncc"] == 0
+    assert any(key.startswith("fallback: empty") for key in dynamo.CALLS)

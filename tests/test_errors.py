@@ -257,3 +257,49 @@ def test_in_place_widening_keeps_its_message() -> None:
         return q_idx > kv_idx
 
     _expect_trace_error(widening, "in-place", "q_idx *= 0.5", as_mask=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm", None])
+@pytest.mark.parametrize(("what", "sizes"), [("B=0", {"B": 0}), ("Hq=Hkv=0", {"Hq": 0, "Hkv": 0}), ("Dv=0", {"Dv": 0})])
+def test_empty_inputs_give_an_empty_output_on_every_backend(what: str, sizes: dict, backend: str | None) -> None:
+    """As for Lq=0 or Lkv=0, nothing is computed: the backends' shape keys need every size >= 1."""
+    q, k, v = _qkv(**sizes)
+    out = VAR(q, k, v, backend=backend)
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3]) and out.dtype == q.dtype, what
+    assert out.numel() == 0
+
+
+def test_zero_value_dim_still_returns_the_lse() -> None:
+    """Dv=0 empties the output, not the lse: it depends on q and k only."""
+    q, k, v = _qkv(Dv=4)
+    out, lse = VAR(q, k, v[..., :0], return_lse=True)
+    assert out.shape == (1, 4, 5, 0)
+    torch.testing.assert_close(lse, VAR(q, k, v, return_lse=True, backend="reference")[1])
+
+
+def test_zero_head_dim_names_the_head_dim() -> None:
+    q, k, v = _qkv(D=0)
+    with pytest.raises(ValueError, match="q head dim must be at least 1"):
+        VAR(q, k, v)
+
+
+def test_heads_without_kv_heads_still_fail() -> None:
+    q, k, v = _qkv(Hkv=0)
+    with pytest.raises(ValueError, match="multiple of k heads"):
+        VAR(q, k, v)
+
+
+def test_explain_refuses_a_block_map_too_large_to_build() -> None:
+    """``--blocks 100000 --tile 1`` asks for 10^10 tiles: a usage error before anything is loaded
+    or allocated, not the process killed for memory."""
+    from click.testing import CliRunner
+
+    from attncc.cli import main
+    from attncc.explain import MAX_BLOCK_TILES, block_grid_error
+
+    result = CliRunner().invoke(main, ["explain", "missing.py:var", "--blocks", "100000", "--tile", "1"])
+    assert result.exit_code == 2, result.output
+    assert "--blocks" in result.output and "--tile" in result.output
+    assert block_grid_error(2048, (1, 1)) is None and 2048 * 2048 == MAX_BLOCK_TILES
+    assert block_grid_error(2049, (1, 1)) is not None
+    assert block_grid_error(100000, (64, 64)) is None

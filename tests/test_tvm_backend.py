@@ -582,3 +582,19 @@ def f(y_h: T.handle, s_h: T.handle, log_h: T.handle, softplus_h: T.handle):
     module["f"](y, s, log, softplus)
     assert float((log.double() / torch.log1p(y.double()) - 1).abs().max()) < 2e-7
     assert float((softplus.double() / torch.nn.functional.softplus(s.double()) - 1).abs().max()) < 1e-6
+
+
+def test_float64_sink_is_declined_by_the_checker() -> None:
+    """A float64 sink (e.g. from numpy) has no kernel buffer dtype: the checker must say so, so the
+    automatic choice runs the reference and backend="tvm" names the sink, instead of a KeyError
+    from rendering."""
+    sink = torch.tensor([0.5, -1.0, 0.25, 2.0], dtype=torch.float64)
+    program = attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=sink))
+    q, k, v = qkv(Lq=16, Lkv=16)
+    why = BACKEND.checker(program.plan, q)
+    assert why is not None and "sink" in why and "float64" in why
+    out = program(q, k, v)
+    assert program.last_choice.backend.name == "reference"
+    torch.testing.assert_close(out, program(q, k, v, backend="reference"))
+    with pytest.raises(NotImplementedError, match="sink tensor 'sink' has dtype float64"):
+        program(q, k, v, backend="tvm")

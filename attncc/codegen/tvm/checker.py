@@ -11,6 +11,7 @@ from attncc.passes.plan import AttentionRegion, KernelPlan
 
 NORMALIZERS = (nodes.SoftmaxNorm, nodes.SigmoidNorm, nodes.PointwiseNorm, nodes.StickBreakingNorm)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SINK_DTYPES = ("float32", "float16", "bfloat16")  # TensorSpec dtype names
 
 
 def tvm_checker(plan: KernelPlan, q: torch.Tensor) -> str | None:
@@ -49,6 +50,15 @@ def plan_checker(plan: KernelPlan) -> str | None:
     return region_checker(plan.regions[0])
 
 
+def sink_checker(norm: nodes.Payload) -> str | None:
+    """Why a softmax sink cannot be a kernel buffer, or None: expressions never read the sink, so
+    ``unsupported`` does not see its dtype (float64, e.g. from numpy, has no buffer dtype)."""
+    sink = norm.sink if isinstance(norm, nodes.SoftmaxNorm) else None
+    if sink is None or sink.dtype in SINK_DTYPES:
+        return None
+    return f"sink tensor {sink.name!r} has dtype {sink.dtype} (TVM kernels take {', '.join(SINK_DTYPES)})"
+
+
 def region_checker(region: AttentionRegion) -> str | None:
     norm = region.normalizer
     if not isinstance(norm, NORMALIZERS):
@@ -59,6 +69,9 @@ def region_checker(region: AttentionRegion) -> str | None:
         return "TopKBlocks and TopKHeads on one region are not generated"
     if region.row_shift is not None and not isinstance(norm, nodes.SoftmaxNorm):
         return "row_shift outside softmax is not rendered"
+    why = sink_checker(norm)
+    if why:
+        return why
     phi = norm.phi if isinstance(norm, nodes.PointwiseNorm) else None
     for what, expr in (("score", region.score), ("mask", region.mask), ("row_shift", region.row_shift),
                        ("phi", phi)):
