@@ -112,14 +112,14 @@ def test_sink_added_once_at_merge(num_splits: int) -> None:
     check(attncc.variant(mask=nothing, normalizer=attncc.Softmax(sink=sink)), 3, 37, num_splits, 0)
 
 
-def test_alibi_row_shift_restored_in_lse() -> None:
-    """Simplify dropped ``-slope*q_idx``; the merge adds it back to the lse."""
-    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+def test_row_shift_restored_in_lse() -> None:
+    """Simplify dropped the row term ``0.05 * q_idx + bias[h]``; the merge adds it back to the lse."""
+    bias = torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=torch.float64)
 
-    def alibi(score, b, h, q_idx, kv_idx):
-        return score - slopes[h] * (q_idx - kv_idx)
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score + 0.05 * q_idx + bias[h]
 
-    var = attncc.variant(alibi, mask=causal)
+    var = attncc.variant(shifted, mask=causal)
     assert var.plan.regions[0].row_shift is not None
     check(var, 4, 45, 3, 41)
 

@@ -66,8 +66,8 @@ def test_report_times_and_dumps_every_pass() -> None:
     assert all(seconds >= 0 for _, seconds, _ in report.passes)
     assert [name for name, _ in report.dumps] == ["input"] + [fn.__name__ for fn in PIPELINE]
     simplified = dict(report.dumps)["simplify"]
-    assert "score + (slopes[h] * kv_idx)" in simplified and "row_shift" in simplified
-    assert plan.regions[0].row_shift is not None
+    assert "score - (slopes[h] * (q_idx - kv_idx))" in simplified  # abs dropped under the causal mask
+    assert plan.regions[0].row_shift is None
 
 
 def test_verifier_runs_after_each_pass() -> None:

@@ -185,22 +185,41 @@ def alibi_score() -> Expr:
     return ex.binary("sub", SCORE, ex.binary("mul", slope, ex.binary("sub", Q, KV)))
 
 
-def test_alibi_row_term_dropped_under_softmax() -> None:
-    """``score - s[h]*(q_idx - kv_idx)``: ``-s[h]*q_idx`` shifts the whole row; softmax cancels it."""
+def test_alibi_distance_kept_whole_under_softmax() -> None:
+    """``score - s[h]*(q_idx - kv_idx)``: ``-s[h]*q_idx`` alone shifts the row, but it balances
+    ``s[h]*kv_idx``; apart, both grow with the sequence and float32 loses the distance (steep
+    slopes missed the tolerance at 270 keys). The distance stays whole, no row_shift."""
     before = graph_of(alibi_score(), ex.binary("ge", Q, KV))
+    after = simp.simplify(before).graph
+    assert score_text(after) == "score - (slopes[h] * (q_idx - kv_idx))"
+    assert graph_to_plan(after).regions[0].row_shift is None
+    assert_same_numbers(before, after)
+
+
+def row_score() -> Expr:
+    """``score + 0.5 * q_idx + bias[h] * q_idx``: terms of the row only, dropped under softmax."""
+    bias = ex.load(ex.input_ref(BIAS), (H,))
+    return ex.binary("add", ex.binary("add", SCORE, ex.binary("mul", ex.const(0.5), Q)), ex.binary("mul", bias, Q))
+
+
+def test_row_term_dropped_under_softmax() -> None:
+    """A row term that balances nothing growing with kv_idx shifts the whole row: softmax cancels
+    it and the lse adds it back (``row_shift``)."""
+    before = graph_of(row_score(), ex.binary("ge", Q, KV))
     result = simp.simplify(before)
     assert result.modified
-    assert score_text(result.graph) == "score + (slopes[h] * kv_idx)"
+    assert score_text(result.graph) == "score"
     region = graph_to_plan(result.graph).regions[0]
-    assert str(region.row_shift) == "-(slopes[h] * q_idx)"
+    assert region.row_shift is not None and "q_idx" in str(region.row_shift)
     assert_same_numbers(before, result.graph)
     assert_same_numbers(before, result.graph, q_offset=4)
 
 
 def test_dropped_row_term_really_cancels() -> None:
     """Without adding ``row_shift`` back, the output (not the lse) is still the same."""
-    before = graph_of(alibi_score(), ex.binary("ge", Q, KV))
+    before = graph_of(row_score(), ex.binary("ge", Q, KV))
     plan = graph_to_plan(simp.simplify(before).graph)
+    assert plan.regions[0].row_shift is not None
     stripped = dataclasses.replace(plan, regions=(dataclasses.replace(plan.regions[0], row_shift=None),))
     ops, ts = operands(), tensors()
     ref = run_plan(graph_to_plan(before), ops, ts, scale=None, q_offset=0, return_lse=False)
@@ -214,7 +233,7 @@ def test_abs_distance_under_causal_mask() -> None:
     score = ex.binary("sub", SCORE, ex.binary("mul", slope, ex.unary("abs", ex.binary("sub", Q, KV))))
     before = graph_of(score, ex.binary("ge", Q, KV))
     after = simp.simplify(before).graph
-    assert score_text(after) == "score + (slopes[h] * kv_idx)"
+    assert score_text(after) == "score - (slopes[h] * (q_idx - kv_idx))"
     assert_same_numbers(before, after)
 
 

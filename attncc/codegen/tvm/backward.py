@@ -65,7 +65,7 @@ from attncc.codegen.tvm.register_block import Loop, RegisterBlock
 from attncc.codegen.tvm.render import Renderer, _sigmoid, buffer_declaration, fast_exp_nonpositive, fast_log1p
 from attncc.ir import nodes
 from attncc.ir.derivative import derivative, score_derivative
-from attncc.ir.expr import Expr, binary
+from attncc.ir.expr import Expr
 from attncc.passes.plan import AttentionRegion
 
 POS_INF = 'T.float32("inf")'
@@ -101,25 +101,6 @@ def learned_loads(score: Expr | None, name: str) -> list[Expr]:
     if score is None:
         return []
     return [n for n in dict.fromkeys(score.walk()) if n.op == "load" and n.src[0].arg.name == name]
-
-
-def load_derivative(region: AttentionRegion, load: Expr) -> Expr | None:
-    """``d (score_fn + row_shift) / d load`` for a load the score function reads: what the kernel
-    scatters per score (``_Backward._learned_gradients``); ``row_shift_gradient`` takes only the
-    row_shift's other loads.
-
-    Why the sum: ALiBi's ``-slope (q - kv)`` is split into ``slope * kv`` (score) and ``-slope * q``
-    (row_shift), whose shares are large and cancel, since a row's ``sum_j dS_ij`` is its lse
-    gradient. Apart, float32 rounding of ``dS`` was multiplied by absolute positions: learned slopes
-    lost 1e-2 at 256 keys, 180x the tolerance. Together each score weighs ``kv - q``, as in the
-    reference's autograd."""
-    local = derivative(region.score, load)
-    if region.row_shift is None or load not in region.row_shift.walk():
-        return local
-    shift = derivative(region.row_shift, load)
-    if local is None or shift is None:
-        return local if shift is None else shift
-    return binary("add", local, shift)
 
 
 def render_backward(region: AttentionRegion, shape: BackwardShape, kind: str, learn: tuple[str, ...] = ()) -> str:
@@ -633,7 +614,7 @@ class _Backward:
                     render = Renderer({**self._index_env("i", "j"), "score": "So[i, j]"}, self.specs)
                     for k, name in enumerate(self.learn):
                         for load in learned_loads(self.region.score, name):
-                            local = load_derivative(self.region, load)
+                            local = derivative(self.region.score, load)
                             if local is None:
                                 continue
                             shape = load.src[0].arg.shape
@@ -788,4 +769,4 @@ class _Backward:
                 block.store(w, target.format(**at))
 
 
-__all__ = ["BackwardShape", "learned_loads", "load_derivative", "render_backward"]
+__all__ = ["BackwardShape", "learned_loads", "render_backward"]

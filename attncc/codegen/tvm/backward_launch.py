@@ -306,12 +306,12 @@ def row_shift_gradient(
 ) -> torch.Tensor | None:
     """``d loss / d tensor`` through the ``row_shift`` (float32, flat), or None when it reads none
     of it: ``lse_i = lse'_i + r_i`` while the output does not move with ``r_i``, so each row adds
-    ``dlse_i * d r_i / d load`` at the load's index. O(B * Hq * Lq). Loads the score function
-    reads too are the kernel's (``backward.load_derivative``)."""
+    ``dlse_i * d r_i / d load`` at the load's index. O(B * Hq * Lq). Exact: ``sum_j dS_ij`` is
+    ``dlse_i``, so the kernel's scatter need not carry ``d r_i`` on every score (which multiplied
+    dS's float32 rounding by the row term's derivative, large where it grows with ``q_idx``)."""
     from attncc.ir.evaluate import evaluate
 
-    in_score = set(learned_loads(region.score, name))
-    loads = [load for load in learned_loads(region.row_shift, name) if load not in in_score]
+    loads = learned_loads(region.row_shift, name)
     if not loads:
         return None
     B, H, Lq = dlse.shape

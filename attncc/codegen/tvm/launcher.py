@@ -99,7 +99,8 @@ def module_key(source: str, target: dict[str, str]) -> str:
     except KeyError:
         import tvm
 
-        text = repr((source, sorted(target.items()), tvm.__version__))
+        # NOTE: the seal's format is in the key: files of an older layout are never looked at
+        text = repr((source, sorted(target.items()), tvm.__version__, sealed.MAGIC))
         key = _KEYS[memo] = hashlib.sha256(text.encode()).hexdigest()[:32]
         return key
 

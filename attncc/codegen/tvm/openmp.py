@@ -90,7 +90,7 @@ def _built_shim() -> Path:
     from attncc.codegen.tvm.launcher import cache_dir
 
     source = SOURCE.read_bytes()
-    path = cache_dir() / f"openmp_launch-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    path = cache_dir() / f"openmp_launch-{hashlib.sha256(source + sealed.MAGIC).hexdigest()[:16]}.so"
     if not sealed.intact(path):
         sealed.write(path, lambda tmp: cc.create_shared(tmp, [str(SOURCE)], options=["-O2"]))
     return path

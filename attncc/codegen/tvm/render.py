@@ -223,6 +223,10 @@ def unsupported(expr: Expr) -> str | None:
     return None
 
 
+INDEX_VARS = ("b", "h", "q_idx", "kv_idx")
+SMALL_INT = 1 << 20
+
+
 class Renderer:
     """Render one Expr tree; ``env`` maps variable names to rendered text of the IR dtype."""
 
@@ -252,7 +256,34 @@ class Renderer:
         return self._binary(node)
 
     def _as(self, node: Expr, dtype: str) -> str:
+        if node.dtype == "int" and dtype == "float":
+            exact = self._float_exact(node)
+            if exact is not None:
+                return exact
         return cast(self.render(node), node.dtype, dtype)
+
+    def _float_exact(self, node: Expr) -> str | None:
+        """An integer sum of index variables and small constants (``q_idx - kv_idx``) computed in
+        float32 rather than int64 then converted, or None for any other expression.
+
+        Why: ALiBi's ``s - m * (q_idx - kv_idx)`` per score was an int64 vector subtraction and a
+        64-bit conversion (two instructions per 8 lanes each); in float32 it is one subtraction,
+        the rows' conversion hoisted. Exact while the values stay below 2**24 (sequences up to
+        8M tokens), as the indices of one attention call do."""
+        op = node.op
+        if op == "var":
+            text = self.env.get(node.arg, "")
+            inner = text.removeprefix('T.Cast("int64", ')
+            return f'T.Cast("float32", {inner}' if inner != text and node.arg in INDEX_VARS else None
+        if op == "const" and isinstance(node.arg, int) and abs(node.arg) <= SMALL_INT:
+            return f"T.float32({float(node.arg)!r})"
+        if op == "neg":
+            inner = self._float_exact(node.src[0])
+            return None if inner is None else f"(-{inner})"
+        if op in ("add", "sub"):
+            a, b = (self._float_exact(s) for s in node.src)
+            return None if a is None or b is None else f"({a} {'+' if op == 'add' else '-'} {b})"
+        return None
 
     def index(self, load: Expr, d: int) -> str:
         """Index ``d`` of ``load`` as an int64: from the end, as torch counts, when it may be negative
