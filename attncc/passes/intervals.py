@@ -464,6 +464,18 @@ def monotone(op: str, a: IntVal) -> IntVal:
 _CMP = {"eq", "ne", "lt", "le", "gt", "ge"}
 
 
+def truncated(value: IntVal) -> IntVal:
+    """A float range cast to int: truncated toward zero (monotone, so the ends map to the ends),
+    and no longer affine (``0.001 * (kv - q)`` in [-0.127, -0.001] truncates to 0, not below 0)."""
+
+    def trunc(t: Term) -> Term:
+        if isinstance(t, Tensor):
+            return torch.trunc(t)
+        return t if math.isinf(t) else float(math.trunc(t))
+
+    return range_val(trunc(value.lo_value()), trunc(value.hi_value()))
+
+
 def abstract_eval(expr: Expr, env: TileEnv) -> IntVal | BoolVal:
     """Evaluate ``expr`` over every tile at once (memoized; a node already in ``env.memo`` is
     taken as is and its children are not visited, which is how ``seed_kv_only`` saves work)."""
@@ -532,6 +544,8 @@ def _eval_node(node: Expr, args: list[Any], env: TileEnv) -> Any:
     if op == "cast":
         if node.dtype == "bool":
             return as_bool(args[0])
+        if node.dtype == "int" and node.src[0].dtype == "float":
+            return truncated(as_int(args[0]))
         return as_int(args[0])
     if op == "where":
         cond = as_bool(args[0])

@@ -9,7 +9,8 @@ Softmax-specific rewrites (SEMANTICS.md, softmax without sink):
 - a score term depending only on ``(b, h, q_idx)`` shifts the whole row, and the row
   normalization cancels it, so it is dropped from the score and recorded as the region's
   ``row_shift`` (the lse adds it back). With a sink the denominator holds ``exp(sink)``,
-  which does not move with the row, so nothing is dropped;
+  which does not move with the row, so nothing is dropped; nor is a row term that balanced a
+  term growing with ``kv_idx`` (ALiBi's distance stays whole: float32 would lose it, ``drop_row_terms``);
 - a constant factor on ``score`` moves into ``score_scale``: kernels multiply q once.
 """
 

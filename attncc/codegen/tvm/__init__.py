@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from attncc.codegen.captured_reads import check_reads
+from attncc.codegen.call_ranges import check_call
 from attncc.passes.plan import KernelPlan
 
 
@@ -47,7 +47,7 @@ class TVMBackend:
             **kwargs: Any) -> Any:
         for each in plan.regions:  # an index past a captured tensor's end raises, as in the reference
             shape, keys = operands[each.q].shape, operands[each.k].shape[2]
-            check_reads(each, shape[0], shape[1], shape[2], keys, q_offset, tensors)
+            check_call(each, shape[0], shape[1], shape[2], keys, q_offset, tensors)
         region = plan.regions[0]
         q, k, v = operands[region.q], operands[region.k], operands[region.v]
         if plan.strategy in ("linear_chunked", "linear_global"):

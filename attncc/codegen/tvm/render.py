@@ -9,9 +9,10 @@ buffers named ``X_<i>`` (see ``buffer_name``); a load renders as a buffer access
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 
-from attncc.codegen.captured_reads import may_be_negative
+from attncc.codegen.call_ranges import may_be_negative
 from attncc.ir.expr import COMPARE_OPS, Expr, TensorSpec, promote
 
 TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
@@ -44,8 +45,14 @@ def buffer_declaration(index: int, spec: TensorSpec) -> str:
 
 
 def _float(value: float) -> str:
+    """A float32 literal of ``value`` rounded as torch rounds it to float32: past float32's range
+    it is infinite (TVM rejects such a literal), below its smallest subnormal 0."""
     if math.isnan(value):
         return 'T.float32("nan")'
+    try:
+        value = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        value = math.copysign(math.inf, value)
     if math.isinf(value):
         return 'T.float32("inf")' if value > 0 else 'T.float32("-inf")'
     return f"T.float32({value!r})"
@@ -187,9 +194,23 @@ def _sigmoid(x: str) -> str:
     return f"(T.float32(1.0) / (T.float32(1.0) + {fast_exp(f'(-{x})')}))"
 
 
+# tanh(x) = x (1 + x^2 (c3 + x^2 (c5 + ...))), its Taylor series to x^11: relative error below
+# 1e-9 for |x| < TANH_SERIES_BELOW (the first term left out, 21844/6081075 x^13, is 6e-10 x there)
+_TANH_SERIES = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925)
+TANH_SERIES_BELOW = 0.25
+
+
 def _tanh(x: str) -> str:
-    # 1 - 2 / (exp(2x) + 1): exact limits +-1, no inf/inf
-    return f"(T.float32(1.0) - T.float32(2.0) / ({fast_exp(f'(T.float32(2.0) * {x})')} + T.float32(1.0)))"
+    """``1 - 2 / (exp(2x) + 1)`` (exact limits +-1, no inf/inf), and near 0 its Taylor series: the
+    difference there has an absolute error of 1e-7, which a soft cap multiplies (``500 tanh(s /
+    500)`` missed the float32 tolerance)."""
+    wide = f"(T.float32(1.0) - T.float32(2.0) / ({fast_exp(f'(T.float32(2.0) * {x})')} + T.float32(1.0)))"
+    x2 = f"({x} * {x})"
+    series = _float(_TANH_SERIES[-1])
+    for c in reversed(_TANH_SERIES[:-1]):
+        series = f"({_float(c)} + {x2} * {series})"
+    near = f"({x} + {x} * ({x2} * {series}))"
+    return f"T.if_then_else(T.abs({x}) < {_float(TANH_SERIES_BELOW)}, {near}, {wide})"
 
 
 FLOAT_UNARY: dict[str, Callable[[str], str]] = {
@@ -287,7 +308,7 @@ class Renderer:
 
     def index(self, load: Expr, d: int) -> str:
         """Index ``d`` of ``load`` as an int64: from the end, as torch counts, when it may be negative
-        (``captured_reads.may_be_negative``; ``check_reads`` has bounded it to ``[-n, n)``)."""
+        (``call_ranges.may_be_negative``; ``check_call`` has bounded it to ``[-n, n)``)."""
         text = self._as(load.src[1 + d], "int")
         if not may_be_negative(load.src[1 + d]):
             return text
@@ -328,20 +349,29 @@ class Renderer:
     def _binary(self, node: Expr) -> str:
         op = node.op
         target = promote(*(s.dtype for s in node.src)) if op in COMPARE_OPS else node.dtype
-        if target == "bool" and op in ("eq", "ne", "xor"):
-            # NOTE: compared as integers: TVM 0.27 lowers == / != of two bools to a float compare
-            # of i1 values, which LLVM's verifier rejects
+        if target == "bool" and (op in COMPARE_OPS or op == "xor"):
+            # NOTE: compared as integers: TVM 0.27 lowers comparisons of two bools to float compares
+            # of i1 values, which LLVM rejects
             a, b = (self._as(s, "int") for s in node.src)
-            return f"({a} {'==' if op == 'eq' else '!='} {b})"
+            return f"({a} {BINARY_INFIX['ne' if op == 'xor' else op]} {b})"
         a, b = (self._as(s, target) for s in node.src)
         if op in BINARY_INFIX:
             return f"({a} {BINARY_INFIX[op]} {b})"
         if op == "truediv":
             return f"({a} / {b})"
+        if op in ("floordiv", "mod") and target == "int":
+            # NOTE: a zero divisor traps (SIGFPE kills the process); call_ranges.check_call has
+            # raised ZeroDivisionError for any call whose divisor can be 0, so the guard never acts
+            nonzero = node.src[1].op == "const" and node.src[1].arg != 0
+            safe = b if nonzero else f"T.if_then_else({b} == T.int64(0), T.int64(1), {b})"
+            return f"T.{'floordiv' if op == 'floordiv' else 'floormod'}({a}, {safe})"
         if op == "floordiv":
-            return f"T.floordiv({a}, {b})" if target == "int" else f"T.floor({a} / {b})"
-        if op == "mod":
-            return f"T.floormod({a}, {b})" if target == "int" else f"({a} - T.floor({a} / {b}) * {b})"
+            return f"T.floor({a} / {b})"
+        if op == "mod":  # torch.remainder: fmod, moved to the divisor's sign (a - floor(a/b) b rounds)
+            r = f'T.call_pure_extern("float32", "fmodf", {a}, {b})'
+            zero = "T.float32(0.0)"
+            moved = f"T.And({r} != {zero}, T.if_then_else({r} < {zero}, {b} > {zero}, {b} < {zero}))"
+            return f"T.if_then_else({moved}, {r} + {b}, {r})"
         if op == "pow":
             return f"T.pow({a}, {b})"
         if op in ("minimum", "maximum"):
@@ -350,8 +380,10 @@ class Renderer:
             return f"T.And({a}, {b})" if op == "and" else f"T.Or({a}, {b})"
         if op in ("and", "or", "xor"):
             return f"T.bitwise_{op}({a}, {b})"
-        if op == "lshift":
-            return f"T.shift_left({a}, {b})"
-        if op == "rshift":
-            return f"T.shift_right({a}, {b})"
+        if op in ("lshift", "rshift"):  # torch: past 63 or below 0, << gives 0 and >> the sign
+            legal = f"T.And({b} >= T.int64(0), {b} < T.int64(64))"
+            if op == "lshift":
+                amount = f"T.min(T.max({b}, T.int64(0)), T.int64(63))"
+                return f"T.if_then_else({legal}, T.shift_left({a}, {amount}), T.int64(0))"
+            return f"T.shift_right({a}, T.if_then_else({legal}, {b}, T.int64(63)))"
         raise NotImplementedError(f"no TVM rendering for op {op!r}")

@@ -1,5 +1,5 @@
 """Captured tensors read by generated kernels: bounds checked before launch, negative indices from
-the end, as torch indexing and the reference backend do (``attncc.codegen.captured_reads``)."""
+the end, as torch indexing and the reference backend do (``attncc.codegen.call_ranges``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import attncc
 from attncc import masks
-from attncc.codegen import captured_reads
+from attncc.codegen import call_ranges
 from attncc.testing import check_against_reference, check_gradients, random_qkv
 
 pytest.importorskip("tvm")
@@ -87,5 +87,17 @@ def test_may_be_negative_from_the_form_alone() -> None:
     table = torch.randn(4, 200)
     program = attncc.variant(lambda s, b, h, q, kv: s + table[h, q + kv] + table[h, q - kv + 3])
     loads = [n for n in program.plan.regions[0].score.walk() if n.op == "load"]
-    found = {str(load.src[2]): captured_reads.may_be_negative(load.src[2]) for load in loads}
+    found = {str(load.src[2]): call_ranges.may_be_negative(load.src[2]) for load in loads}
     assert sorted(found.values()) == [False, True], found
+
+
+@pytest.mark.parametrize("op", ["floordiv", "mod"])
+def test_an_integer_divisor_that_can_be_zero_raises(op: str) -> None:
+    """``q // (kv - 5)`` divides by 0 at kv = 5: ZeroDivisionError, as in the reference (in the
+    kernel it trapped, and SIGFPE killed the process); a divisor that stays away from 0 runs."""
+    divide = (lambda a, d: a // d) if op == "floordiv" else (lambda a, d: a % d)
+    zero = attncc.variant(lambda s, b, h, q, kv: s + divide(q, kv - 5) * 0.01)
+    with pytest.raises(ZeroDivisionError, match="divisor"):
+        zero(*_qkv(), backend="tvm")
+    safe = attncc.variant(lambda s, b, h, q, kv: s + divide(q, kv + 1) * 0.01)
+    check_against_reference(safe, *_qkv(), backend="tvm")

@@ -1,19 +1,22 @@
-"""Captured-tensor reads of a generated kernel, checked against the tensors before it runs.
+"""What a generated kernel's expressions do on one call's ranges, checked before it runs.
 
 Why: a kernel loads ``slopes[h]``, ``docs[kv_idx]`` or ``table[h, q_idx - kv_idx + c]`` straight
 from memory. An index past a tensor's end (two slopes for four heads, document ids shorter than
 the keys) read neighbouring memory: silent garbage, different in every process. The reference
 backend raises ``IndexError`` there, as torch indexing does; so does this check, before launch.
 Indices in ``[-n, 0)`` count from the end, as in torch: kernels wrap them (``may_be_negative``
-says which index expressions need the wrap, from their form alone).
+says which index expressions need the wrap, from their form alone). Likewise an integer ``//``
+or ``%`` whose divisor can be 0 raises ``ZeroDivisionError`` as torch does: in a kernel it traps
+(SIGFPE), which kills the process.
 
-How: each index expression's range over the call's index variables (``b < B``, ``h < Hq``,
+How: each index's and divisor's range over the call's index variables (``b < B``, ``h < Hq``,
 ``q_offset <= q_idx < q_offset + Lq``, ``kv_idx < Lkv``) by the interval analysis of
-``attncc.passes.intervals``, exact for the affine indices these tables take; an index read from
-another captured tensor ranges over that tensor's values. Memoized per bucket of query offsets
-and key lengths, so that the steps of a decode check once per bucket: the bucket's ranges
-contain the call's, so a bucket that passes proves the call; one that fails is decided on the
-call's exact ranges.
+``attncc.passes.intervals``, exact for the affine indices these tables take (a divisor whose
+range merely contains 0, like ``2 * kv_idx - 5``, is refused too); an index read from another
+captured tensor ranges over that tensor's values. Memoized per bucket of query offsets and key
+lengths, so that the steps of a decode check once per bucket: the bucket's ranges contain the
+call's, so a bucket that passes proves the call; one that fails is decided on the call's exact
+ranges.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ def head_tables(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     return tuple(t for t in (getattr(norm, "sink", None), getattr(norm, "decay", None)) if t is not None)
 
 
-def check_reads(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_offset: int,
+def check_call(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_offset: int,
                 tensors: dict[str, torch.Tensor]) -> None:
     """Raise ``IndexError`` (naming the tensor, its shape and the load) when this call would read
-    a captured tensor out of bounds; see the module docstring."""
+    a captured tensor out of bounds, ``ZeroDivisionError`` when it could divide an integer by 0;
+    see the module docstring."""
     if min(B, Hq, Lq, Lkv) <= 0:
         return
     exprs, nested, per_head = _reads_of(region)
@@ -77,7 +81,7 @@ def check_reads(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_o
         return
     violation = _first_violation(exprs, (B, Hq, q_offset, q_offset + Lq, Lkv), tensors)
     if violation is not None:
-        raise IndexError(violation)
+        raise violation
     _remember(exact)
 
 
@@ -89,34 +93,50 @@ def _remember(key: tuple) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _reads_of(region: AttentionRegion) -> tuple[tuple[Expr, ...], bool, tuple[TensorSpec, ...]]:
-    """(the region's expressions that load captured tensors, whether some index is itself computed
-    from a load: ``table[docs[kv_idx]]``, whose range depends on a tensor's contents, which the
-    memo must then key on, ``head_tables``). Memoized: walking the expressions cost microseconds
-    of every call."""
-    exprs = tuple(e for e in region_exprs(region) if any(n.op == "load" for n in e.walk()))
-    nested = any(s.op == "load" for e in exprs for n in e.walk() if n.op == "load" for i in n.src[1:]
-                 for s in i.walk())
+    """(the region's expressions that load captured tensors or divide integers, whether some index
+    or divisor is itself computed from a load: ``table[docs[kv_idx]]``, whose range depends on a
+    tensor's contents, which the memo must then key on, ``head_tables``). Memoized: walking the
+    expressions cost microseconds of every call."""
+    exprs = tuple(e for e in region_exprs(region) if any(_checked(n) for n in e.walk()))
+    ranged = [i for e in exprs for n in e.walk() if n.op == "load" for i in n.src[1:]]
+    ranged += [n.src[1] for e in exprs for n in e.walk() if _divides(n)]
+    nested = any(s.op == "load" for i in ranged for s in i.walk())
     return exprs, nested, head_tables(region)
 
 
 def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int],
-                     tensors: dict[str, torch.Tensor]) -> str | None:
-    """The message for the first load that can index outside ``[-n, n)`` on the box
-    ``(B, Hq, q_lo, q_hi, Lkv)`` (half-open ranges), or None."""
+                     tensors: dict[str, torch.Tensor]) -> Exception | None:
+    """The error for the first load that can index outside ``[-n, n)``, or division that can
+    divide by 0, on the box ``(B, Hq, q_lo, q_hi, Lkv)`` (half-open ranges), or None."""
     B, Hq, q_lo, q_hi, Lkv = box
     ranges = {"b": (0, B - 1), "h": (0, Hq - 1), "q_idx": (q_lo, q_hi - 1), "kv_idx": (0, Lkv - 1)}
     env = iv.TileEnv({v: (torch.tensor(float(lo)), torch.tensor(float(hi))) for v, (lo, hi) in ranges.items()},
                      load=lambda node, _indices: _values_of(node, tensors))
     for expr in exprs:
+        for node in (n for n in expr.walk() if _divides(n)):
+            lo, hi = _bounds(iv.abstract_eval(node.src[1], env))
+            if lo <= 0 <= hi:
+                return ZeroDivisionError(f"{node}: the divisor {node.src[1]} ranges over [{lo:g}, {hi:g}] on this "
+                                         f"call, which includes 0")
         for load in (n for n in expr.walk() if n.op == "load"):
             spec, shape = load.src[0].arg, tuple(tensors[load.src[0].arg.name].shape)
             for d, index in enumerate(load.src[1:]):
                 lo, hi = _bounds(iv.abstract_eval(index, env))
                 n = shape[d] if d < len(shape) else 1
                 if lo < -n or hi >= n:
-                    return (f"captured tensor {spec.name!r} of shape {shape} read out of bounds by {load}: index "
-                            f"{d} ranges over [{lo:g}, {hi:g}] on this call, valid is [{-n}, {n - 1}]")
+                    return IndexError(f"captured tensor {spec.name!r} of shape {shape} read out of bounds by {load}: "
+                                      f"index {d} ranges over [{lo:g}, {hi:g}] on this call, valid is [{-n}, {n - 1}]")
     return None
+
+
+def _divides(node: Expr) -> bool:
+    """An integer ``//`` or ``%`` whose divisor is not a nonzero constant."""
+    return (node.op in ("floordiv", "mod") and node.dtype == "int"
+            and not (node.src[1].op == "const" and node.src[1].arg != 0))
+
+
+def _checked(node: Expr) -> bool:
+    return node.op == "load" or _divides(node)
 
 
 def _values_of(load: Expr, tensors: dict[str, torch.Tensor]) -> Any:
@@ -145,4 +165,4 @@ def may_be_negative(index: Expr) -> bool:
     return lo < 0
 
 
-__all__ = ["check_reads", "may_be_negative", "region_exprs"]
+__all__ = ["check_call", "may_be_negative", "region_exprs"]
