@@ -99,5 +99,26 @@ def test_an_integer_divisor_that_can_be_zero_raises(op: str) -> None:
     zero = attncc.variant(lambda s, b, h, q, kv: s + divide(q, kv - 5) * 0.01)
     with pytest.raises(ZeroDivisionError, match="divisor"):
         zero(*_qkv(), backend="tvm")
+    with pytest.raises(RuntimeError, match="divisor"):  # as torch raises for integer tensors
+        zero(*_qkv(), backend="tvm")
     safe = attncc.variant(lambda s, b, h, q, kv: s + divide(q, kv + 1) * 0.01)
     check_against_reference(safe, *_qkv(), backend="tvm")
+    odd = attncc.variant(lambda s, b, h, q, kv: s + divide(q, 2 * kv - 5) * 0.01)  # its range holds 0, it never is
+    check_against_reference(odd, *_qkv(), backend="tvm")
+
+
+def test_the_memo_holds_the_tensors_it_checked() -> None:
+    """A checked call's entry keeps its captured tensors alive, so that a new tensor cannot take a
+    freed one's id (and version 0) and pass as already checked."""
+    docs = torch.tensor([0] * 20 + [1] * 20)
+    bias = torch.tensor([0.0, 0.5])
+    program = attncc.variant(lambda s, b, h, q, kv: s + bias[docs[kv]])
+    program(*_qkv(), backend="tvm")
+    assert any(t is docs for _, held in call_ranges._CHECKED.values() for t in held)
+
+
+def test_positions_past_float32_integers_are_refused() -> None:
+    """Sums of index variables are computed in float32 (exact below 2**24)."""
+    q, k, v = _qkv(L=8)
+    with pytest.raises(NotImplementedError, match="positions"):
+        attncc.variant(mask=masks.causal)(q[:, :, :1], k, v, q_offset=call_ranges.MAX_POSITIONS, backend="tvm")

@@ -468,6 +468,23 @@ def test_double_backward_through_the_reference_fallback() -> None:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_double_backward_of_self_attention_through_the_reference_fallback() -> None:
+    """``program(x, x, x)`` with ``create_graph=True``: each role gets its own share of x's gradient
+    (the same tensor passed as q, k and v once came back three times over)."""
+    widths = torch.tensor([8.0, 12.0, 16.0, 20.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, qi, ki: (qi >= ki) & (qi - ki < widths[h]))
+    base = qkv(Hq=4, Hkv=4, Lq=24, Lkv=24)[0]
+    found = []
+    for backend in ("reference", "tvm"):
+        x = base.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = program(x, x, x, backend=backend)
+        (dx,) = torch.autograd.grad(out.sin().sum(), x, create_graph=True)
+        found.append(torch.autograd.grad(out.sin().sum() + dx.square().sum(), x)[0])
+    torch.testing.assert_close(found[1], found[0], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["generated", "reference", "linear"])
 def test_captured_tensor_edited_before_backward_raises(path: str) -> None:
     """A captured tensor edited in place between forward and backward raises as any tensor autograd

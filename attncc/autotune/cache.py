@@ -326,7 +326,7 @@ class TuningCache:
             with _transaction(conn):
                 for sql, args in statements:
                     changed += conn.execute(sql, args).rowcount
-        except sqlite3.OperationalError as err:  # read-only file, locked past the timeout, disk full
+        except sqlite3.DatabaseError as err:  # read-only file, locked past the timeout, disk full, malformed
             raise CacheUnavailable(f"tuning cache {self.path}: nothing was stored ({err})") from err
         _GENERATIONS[str(self.path)] = _GENERATIONS.get(str(self.path), 0) + 1
         return changed

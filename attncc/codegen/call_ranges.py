@@ -22,6 +22,7 @@ ranges.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from attncc.passes import intervals as iv
 from attncc.passes.plan import AttentionRegion
 
 BUCKET = 64  # query positions and keys per memoized check (a decode moves both by one a step)
-_CHECKED: dict[tuple, None] = {}
+MAX_POSITIONS = 1 << 24  # sums of index variables are computed in float32 (render.Renderer._float_exact)
+_CHECKED: dict[tuple, tuple[str, tuple[torch.Tensor, ...]]] = {}  # key -> (verdict, the tensors checked)
 _CHECKED_KEPT = 256
 
 
@@ -62,6 +64,9 @@ def check_call(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_of
         size = tensors[spec.name].numel()
         if size < Hq:
             raise IndexError(f"captured tensor {spec.name!r} holds {size} per-head values but q has {Hq} heads")
+    if max(q_offset + Lq, Lkv) > MAX_POSITIONS:
+        raise NotImplementedError(f"positions up to {max(q_offset + Lq, Lkv)}: the TVM kernels compute index "
+                                  f"arithmetic exactly up to {MAX_POSITIONS} positions")
     if not exprs:
         return
     shapes = tuple((name, tuple(t.shape)) for name, t in sorted(tensors.items()))
@@ -71,24 +76,36 @@ def check_call(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_of
         contents = (object(),)
     base, top = q_offset - q_offset % BUCKET, -(-Lkv // BUCKET) * BUCKET
     bucket = (region, B, Hq, base, base + BUCKET + Lq, top, shapes, contents)
-    if bucket in _CHECKED:
+    if _verdict(bucket) is _PASSED:
         return
-    if _first_violation(exprs, (B, Hq, base, base + BUCKET + Lq, top), tensors) is None:
-        _remember(bucket)
-        return
+    if _verdict(bucket) is None:
+        passed = _first_violation(exprs, (B, Hq, base, base + BUCKET + Lq, top), tensors) is None
+        _remember(bucket, _PASSED if passed else _FAILED, tensors)
+        if passed:
+            return
     exact = (region, B, Hq, q_offset, q_offset + Lq, Lkv, shapes, contents)
-    if exact in _CHECKED:
+    if _verdict(exact) is _PASSED:
         return
     violation = _first_violation(exprs, (B, Hq, q_offset, q_offset + Lq, Lkv), tensors)
     if violation is not None:
         raise violation
-    _remember(exact)
+    _remember(exact, _PASSED, tensors)
 
 
-def _remember(key: tuple) -> None:
+# NOTE: an entry holds the captured tensors it was checked with, so that their ids, in its key,
+# stay unique while it lives (a freed tensor's id is reused, its version starting at 0 again)
+_PASSED, _FAILED = "passed", "failed"  # a bucket that failed goes straight to the exact check
+
+
+def _verdict(key: tuple) -> str | None:
+    found = _CHECKED.get(key)
+    return None if found is None else found[0]
+
+
+def _remember(key: tuple, verdict: str, tensors: dict[str, torch.Tensor]) -> None:
     if len(_CHECKED) >= _CHECKED_KEPT:
         _CHECKED.pop(next(iter(_CHECKED)))
-    _CHECKED[key] = None
+    _CHECKED[key] = (verdict, tuple(tensors.values()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,7 +116,7 @@ def _reads_of(region: AttentionRegion) -> tuple[tuple[Expr, ...], bool, tuple[Te
     expressions cost microseconds of every call."""
     exprs = tuple(e for e in region_exprs(region) if any(_checked(n) for n in e.walk()))
     ranged = [i for e in exprs for n in e.walk() if n.op == "load" for i in n.src[1:]]
-    ranged += [n.src[1] for e in exprs for n in e.walk() if _divides(n)]
+    ranged += [n.src[1] for e in exprs for n in e.walk() if divides(n)]
     nested = any(s.op == "load" for i in ranged for s in i.walk())
     return exprs, nested, head_tables(region)
 
@@ -113,11 +130,11 @@ def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int
     env = iv.TileEnv({v: (torch.tensor(float(lo)), torch.tensor(float(hi))) for v, (lo, hi) in ranges.items()},
                      load=lambda node, _indices: _values_of(node, tensors))
     for expr in exprs:
-        for node in (n for n in expr.walk() if _divides(n)):
+        for node in (n for n in expr.walk() if divides(n)):
             lo, hi = _bounds(iv.abstract_eval(node.src[1], env))
-            if lo <= 0 <= hi:
-                return ZeroDivisionError(f"{node}: the divisor {node.src[1]} ranges over [{lo:g}, {hi:g}] on this "
-                                         f"call, which includes 0")
+            if lo <= 0 <= hi and _takes_zero(node.src[1], ranges, tensors):
+                return KernelZeroDivisionError(f"{node}: its divisor {node.src[1]} is 0 on this call (it ranges "
+                                               f"over [{lo:g}, {hi:g}])")
         for load in (n for n in expr.walk() if n.op == "load"):
             spec, shape = load.src[0].arg, tuple(tensors[load.src[0].arg.name].shape)
             for d, index in enumerate(load.src[1:]):
@@ -129,14 +146,39 @@ def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int
     return None
 
 
-def _divides(node: Expr) -> bool:
-    """An integer ``//`` or ``%`` whose divisor is not a nonzero constant."""
+class KernelZeroDivisionError(ZeroDivisionError, RuntimeError):
+    """An integer division by 0; also a RuntimeError, as torch raises for integer tensors."""
+
+
+EXACT_GRID = 1 << 22  # index combinations a divisor is evaluated on exactly when its range holds 0
+
+
+def _takes_zero(divisor: Expr, ranges: dict[str, tuple[int, int]], tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``divisor`` is 0 somewhere on the call's ranges: evaluated on the grid of the index
+    variables it reads when that grid is small (``2 * kv_idx - 5`` never is), else assumed (its
+    interval holds 0)."""
+    from attncc.ir.evaluate import evaluate
+
+    names = sorted(divisor.free_vars() & set(ranges))
+    sizes = [ranges[n][1] - ranges[n][0] + 1 for n in names]
+    if math.prod(sizes) > EXACT_GRID:
+        return True
+    grid = {}
+    for axis, (name, size) in enumerate(zip(names, sizes)):
+        shape = [1] * len(names)
+        shape[axis] = size
+        grid[name] = (torch.arange(size) + ranges[name][0]).view(shape)
+    return bool((evaluate(divisor, grid, tensors) == 0).any())
+
+
+def divides(node: Expr) -> bool:
+    """An integer ``//`` or ``%`` whose divisor is not a nonzero constant (its kernel guards it)."""
     return (node.op in ("floordiv", "mod") and node.dtype == "int"
             and not (node.src[1].op == "const" and node.src[1].arg != 0))
 
 
 def _checked(node: Expr) -> bool:
-    return node.op == "load" or _divides(node)
+    return node.op == "load" or divides(node)
 
 
 def _values_of(load: Expr, tensors: dict[str, torch.Tensor]) -> Any:
@@ -165,4 +207,4 @@ def may_be_negative(index: Expr) -> bool:
     return lo < 0
 
 
-__all__ = ["check_call", "may_be_negative", "region_exprs"]
+__all__ = ["KernelZeroDivisionError", "check_call", "divides", "may_be_negative", "region_exprs"]

@@ -213,8 +213,9 @@ class _ReferenceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-        """With ``create_graph=True`` (grad mode on here) the recomputed graph starts at the saved
-        tensors themselves, so that the gradients are differentiable again, as the reference's are."""
+        """With ``create_graph=True`` (grad mode on here) the recomputed graph starts at views of the
+        saved tensors, so that the gradients are differentiable again, as the reference's are; a
+        view per role, so that ``q = k = v = x`` gives each role its own share of x's gradient."""
         from attncc.codegen.reference.attention import attention
 
         region, tensors, grad_names, scale, q_offset, _ = ctx.context
@@ -223,7 +224,7 @@ class _ReferenceBackward(torch.autograd.Function):
         tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
         create = torch.is_grad_enabled()
         with torch.enable_grad():
-            inputs = [t if create and t.requires_grad else t.detach().requires_grad_(True)
+            inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True)
                       for t in (q, k, v, *grad_tensors)]
             live = dict(tensors)
             live.update(zip(grad_names, inputs[3:]))

@@ -166,8 +166,7 @@ def _load(path: Path) -> Any:
     if not path.exists():
         return None
     if not sealed.intact(path):
-        warnings.warn(f"attncc: TVM module cache file {path} is damaged or from an older attncc; recompiling",
-                      stacklevel=3)
+        warnings.warn(f"attncc: TVM module cache file {path} is damaged; recompiling", stacklevel=3)
         return None
     try:
         module = tvm.runtime.load_module(str(path))

@@ -12,7 +12,7 @@ import math
 import struct
 from collections.abc import Callable
 
-from attncc.codegen.call_ranges import may_be_negative
+from attncc.codegen.call_ranges import divides, may_be_negative
 from attncc.ir.expr import COMPARE_OPS, Expr, TensorSpec, promote
 
 TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
@@ -289,13 +289,14 @@ class Renderer:
 
         Why: ALiBi's ``s - m * (q_idx - kv_idx)`` per score was an int64 vector subtraction and a
         64-bit conversion (two instructions per 8 lanes each); in float32 it is one subtraction,
-        the rows' conversion hoisted. Exact while the values stay below 2**24 (sequences up to
-        8M tokens), as the indices of one attention call do."""
+        the rows' conversion hoisted. Exact while the values stay below 2**24
+        (``call_ranges.MAX_POSITIONS``, checked per call)."""
         op = node.op
         if op == "var":
             text = self.env.get(node.arg, "")
-            inner = text.removeprefix('T.Cast("int64", ')
-            return f'T.Cast("float32", {inner}' if inner != text and node.arg in INDEX_VARS else None
+            inner = text.removeprefix('T.Cast("int64", ').removesuffix(")")
+            whole = inner != text and "(" not in inner and ")" not in inner  # one cast of a plain sum
+            return f'T.Cast("float32", {inner})' if whole and node.arg in INDEX_VARS else None
         if op == "const" and isinstance(node.arg, int) and abs(node.arg) <= SMALL_INT:
             return f"T.float32({float(node.arg)!r})"
         if op == "neg":
@@ -362,8 +363,7 @@ class Renderer:
         if op in ("floordiv", "mod") and target == "int":
             # NOTE: a zero divisor traps (SIGFPE kills the process); call_ranges.check_call has
             # raised ZeroDivisionError for any call whose divisor can be 0, so the guard never acts
-            nonzero = node.src[1].op == "const" and node.src[1].arg != 0
-            safe = b if nonzero else f"T.if_then_else({b} == T.int64(0), T.int64(1), {b})"
+            safe = f"T.if_then_else({b} == T.int64(0), T.int64(1), {b})" if divides(node) else b
             return f"T.{'floordiv' if op == 'floordiv' else 'floormod'}({a}, {safe})"
         if op == "floordiv":
             return f"T.floor({a} / {b})"

@@ -54,6 +54,14 @@ def write(path: Path, produce: Callable[[str], None]) -> None:
 
 @functools.cache
 def _umask() -> int:
-    current = os.umask(0)
+    """The process's umask, read without setting it (``os.umask`` would, for a moment in which
+    another thread's new files would be world-writable), where Linux reports it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
     os.umask(current)
     return current
