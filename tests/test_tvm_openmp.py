@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +102,28 @@ def test_the_launcher_binds_the_openmp_runtime_torch_loaded() -> None:
     assert maps.count(runtime) >= 1
     assert sum(1 for line in maps.splitlines() if "/libgomp" in line and runtime not in line) == 0
     assert loaded.omp_get_max_threads() == torch.get_num_threads()
+
+
+AFFINITY_PROBE = (
+    "import os, glob, torch, attncc\n"
+    "torch.set_num_threads(2)\n"
+    "q = torch.randn(1, 2, 64, 16)\n"
+    "attncc.variant(mask=attncc.masks.causal)(q, q, q, backend='tvm')\n"
+    "print(sorted({open(t + '/status').read().split('Cpus_allowed_list:')[1].split()[0]\n"
+    "              for t in glob.glob('/proc/self/task/*')}))\n"
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs to see a thread pinned to one")
+@pytest.mark.parametrize("pool", ["openmp", "tvm"])
+def test_no_thread_is_pinned_to_one_core(pool: str) -> None:
+    """TVM would pin its pool's workers to cores; beside torch's OpenMP threads, a process whose
+    main thread shared a pinned worker's core ran small kernels 25x slower (launcher's NOTE)."""
+    env = {**os.environ, "ATTNCC_THREAD_POOL": pool, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TVM_BIND_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", AFFINITY_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    allowed = done.stdout.strip().splitlines()[-1]
+    assert len(eval(allowed)) == 1, f"threads with different CPU sets: {allowed}"

@@ -77,6 +77,11 @@ def transpose_lanes() -> int:
 # cores, which is 1 on a 2-vCPU virtual machine; config_threadpool cannot grow the pool past
 # that later. Allow every core before TVM creates the pool; set_threads then uses torch's count.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+# NOTE: nor may TVM pin its pool's workers to cores: with torch's OpenMP threads beside them, a
+# process whose main thread shared the pinned worker's core ran every small kernel in 8 ms
+# instead of 0.3 (causal L=256, 4 heads; one process in two or three, by where the scheduler put
+# the main thread), its threads taking turns on one core at each barrier.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def set_threads() -> None:
