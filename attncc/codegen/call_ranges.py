@@ -38,7 +38,9 @@ _CHECKED_KEPT = 256
 
 
 def region_exprs(region: AttentionRegion) -> tuple[Expr, ...]:
-    """The expressions a region's kernels evaluate that may load captured tensors."""
+    """The expressions a region's kernels evaluate that may load captured tensors, in the order the
+    TVM kernels take their tensors (``kernels.captured_specs``; a linear region's feature map has
+    its own kernel, ``linear.linear_specs``)."""
     norm = region.normalizer
     found = [region.score, region.mask, region.row_shift, getattr(norm, "phi", None)]
     feature = getattr(norm, "feature_map", None)

@@ -38,6 +38,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from attncc.codegen.call_ranges import region_exprs
 from attncc.codegen.tvm import bf16_pairs, llvm_import, vector_exp
 from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.register_block import RegisterBlock
@@ -121,9 +122,8 @@ def captured_specs(region: AttentionRegion) -> tuple[TensorSpec, ...]:
     """Captured tensors the kernel reads through loads, in a fixed order (its extra arguments).
     Memoized per region: walking its expressions cost about 9 us of every launch."""
     found: dict[TensorSpec, None] = {}
-    for expr in (region.score, region.mask, region.row_shift, getattr(region.normalizer, "phi", None)):
-        if expr is not None:
-            found.update(dict.fromkeys(expr.inputs()))
+    for expr in region_exprs(region):
+        found.update(dict.fromkeys(expr.inputs()))
     sink = getattr(region.normalizer, "sink", None)
     if sink is not None:
         found[sink] = None
