@@ -57,3 +57,11 @@ def test_false_at_every_corner_means_false_on_the_box(a, b, c, op, q0, k0, dq, d
     corners = [holds(q, k) for q, k in itertools.product((q0, q0 + dq), (k0, k0 + dk))]
     if not any(corners):
         assert not any(holds(q, k) for q in range(q0, q0 + dq + 1) for k in range(k0, k0 + dk + 1))
+
+
+def test_a_term_that_may_wrap_in_int64_is_not_a_halfplane() -> None:
+    """``q_idx * 2**62 > 0`` wraps (true at 1 and 5, false at 2 to 4): its corners say nothing of
+    the box between them."""
+    assert not is_halfplane(ex.binary("gt", ex.binary("mul", Q, ex.const(2**62)), ex.const(0)))
+    assert not is_halfplane(ex.binary("ge", ex.binary("mul", ex.binary("mul", Q, ex.const(2**30)), ex.const(2**30)), KV))
+    assert is_halfplane(ex.binary("ge", ex.binary("mul", Q, ex.const(2**20)), KV))

@@ -145,3 +145,19 @@ def test_shift_is_floor_division_by_a_power_of_two() -> None:
     e = ex.binary("eq", ex.binary("rshift", Q, ex.const(3)), ex.binary("rshift", KV, ex.const(3)))
     assert _flags(abstract_eval(e, _box_env(16, 23, 16, 23))) == (True, False)
     assert _flags(abstract_eval(e, _box_env(16, 23, 24, 31))) == (False, True)
+
+
+def test_a_range_that_may_wrap_in_int64_is_unbounded() -> None:
+    """torch wraps int64: ``q_idx * 2**62 > 0`` holds at q = 1 and 5, fails at 2, 3 and 4. The
+    float64 interval [2**62, 5 * 2**62] proved it true on the whole box."""
+    e = ex.binary("gt", ex.binary("mul", Q, ex.const(2**62)), ex.const(0))
+    dense = _dense(e, 1, 5, 0, 3)
+    assert dense.any() and not dense.all()
+    assert _flags(abstract_eval(e, _box_env(1, 5, 0, 3))) == (False, False)
+    # one-sided: max(q - 10, 0) is [0, inf) with no upper bound known; twice it may wrap negative
+    unknown = ex.binary("maximum", ex.binary("mul", Q, ex.var("h")), ex.const(0))
+    twice = abstract_eval(ex.binary("ge", ex.binary("mul", unknown, ex.const(2)), ex.const(0)), _box_env(1, 5, 0, 3))
+    assert _flags(twice) == (False, False)
+    # within 2**53 nothing changes: an affine range stays exact
+    near = ex.binary("mul", ex.binary("sub", Q, KV), ex.const(2**40))
+    assert _interval(abstract_eval(near, _box_env(3, 5, 0, 1))) == (2 * 2**40, 5 * 2**40)

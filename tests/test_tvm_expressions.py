@@ -58,3 +58,19 @@ def test_float_to_int_casts_truncate_in_the_block_map() -> None:
     """``(0.001 * (kv - q)).long()`` is 0 on every pair, so the mask below keeps nothing: the
     sparsity analysis proved a tile FULL from the untruncated range."""
     _check(mask=lambda b, h, q, kv: ((kv - q) * 0.001).long() < 0)
+
+
+def test_integer_expressions_that_may_wrap_run_on_the_reference() -> None:
+    """torch wraps int64 past 2**63; TVM's simplifier assumes it does not (``q * 2**62 > 0``
+    became ``q > 0``; ``q + 2**63 - 1`` failed the build). The TVM backend declines them, naming
+    the expression, and the automatic choice computes them as torch does."""
+    q, k, v = _qkv()
+    for program in (attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx * 2**62 > 0),
+                    attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx + (2**63 - 1) > 0),
+                    attncc.variant(lambda s, b, h, q_idx, kv_idx: s + (kv_idx * 2**62 // 2**61).float())):
+        with pytest.raises(NotImplementedError, match=r"may pass 2\*\*62"):
+            program(q, k, v, backend="tvm")
+        out = program(q, k, v)
+        assert "fell back to reference" in program.last_choice.reason
+        torch.testing.assert_close(out, program(q, k, v, backend="reference"), atol=0, rtol=0)
+    _check(mask=lambda b, h, q_idx, kv_idx: (q_idx * 2**30 - kv_idx * 2**30) >= 0)  # within range: generated

@@ -203,8 +203,10 @@ def _bounds(value: Any) -> tuple[float, float]:
 def may_be_negative(index: Expr) -> bool:
     """Whether an index expression can be negative for some non-negative index variables (then
     a kernel wraps it as torch does); a load inside it may hold anything."""
-    unbounded = torch.tensor(iv.INF)
-    env = iv.TileEnv({v: (torch.tensor(0.0), unbounded) for v in iv.AXES})
+    # NOTE: a kernel's sizes and positions are int32; an infinite bound would make every sum
+    # unbounded (``intervals.within_int64``)
+    largest = torch.tensor(float(2**31 - 1), dtype=torch.float64)
+    env = iv.TileEnv({v: (torch.tensor(0.0, dtype=torch.float64), largest) for v in iv.AXES})
     lo, _ = _bounds(iv.abstract_eval(index, env))
     return lo < 0
 

@@ -18,26 +18,40 @@ from attncc.passes.causality import conjuncts
 _INEQUALITIES = frozenset({"lt", "le", "gt", "ge"})
 
 
-def _affine_in_positions(e: Expr) -> bool:
-    """Integer ``e`` affine in ``q_idx`` and ``kv_idx``: sums, differences, negations and
-    products with a constant factor."""
+# NOTE: call_ranges refuses positions past 2**24; an affine form bounded by 2**53 there neither
+# wraps in int64 nor loses an integer in float64
+POSITION_BOUND = float(1 << 24)
+AFFINE_BOUND = 2.0**53
+
+
+def _affine_magnitude(e: Expr) -> float | None:
+    """A bound on ``|e|`` for integer ``e`` affine in ``q_idx`` and ``kv_idx`` (sums, differences,
+    negations and products with a constant factor), else None."""
     if e.dtype != "int":
-        return False
+        return None
     if e.op == "const":
-        return True
+        return abs(float(e.arg))
     if e.op == "var":
-        return e.arg in ("q_idx", "kv_idx")
-    if e.op in ("add", "sub"):
-        return all(_affine_in_positions(s) for s in e.src)
-    if e.op == "neg":
-        return _affine_in_positions(e.src[0])
-    if e.op == "mul":
-        return any(s.op == "const" for s in e.src) and all(_affine_in_positions(s) for s in e.src)
-    return False
+        return POSITION_BOUND if e.arg in ("q_idx", "kv_idx") else None
+    if e.op in ("add", "sub", "neg", "mul"):
+        parts = [_affine_magnitude(s) for s in e.src]
+        if any(p is None for p in parts):
+            return None
+        if e.op != "mul":
+            return sum(parts)
+        if not any(s.op == "const" for s in e.src):
+            return None
+        return parts[0] * parts[1]
+    return None
 
 
 def is_halfplane(term: Expr) -> bool:
-    return term.op in _INEQUALITIES and all(_affine_in_positions(s) for s in term.src)
+    """Why the bound: past 2**63 int64 wraps (``q_idx * 2**62 > 0`` holds at 1, fails at 2, holds
+    at 5), so the set is no half-plane, and corners say nothing of the box between them."""
+    if term.op not in _INEQUALITIES:
+        return False
+    bounds = [_affine_magnitude(s) for s in term.src]
+    return all(b is not None for b in bounds) and sum(bounds) <= AFFINE_BOUND
 
 
 def halfplane_conjuncts(mask: Expr | None) -> tuple[Expr, ...]:

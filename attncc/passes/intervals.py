@@ -490,8 +490,36 @@ def abstract_eval(expr: Expr, env: TileEnv) -> IntVal | BoolVal:
             stack.extend(pending)
             continue
         stack.pop()
-        env.memo[node] = _eval_node(node, [env.memo[s] for s in node.src], env)
+        value = _eval_node(node, [env.memo[s] for s in node.src], env)
+        env.memo[node] = within_int64(value) if node.dtype == "int" and isinstance(value, IntVal) else value
     return env.memo[expr]
+
+
+INT_EXACT = 2.0**53
+
+
+def within_int64(value: IntVal) -> IntVal:
+    """``value``, or unbounded where its range may leave ``[-2**53, 2**53]``.
+
+    Why: torch and the kernels compute integer expressions in int64, which wraps past 2**63
+    (``q_idx * 2**62`` is negative at ``q_idx = 2``), while the bounds here are exact sums in
+    float64, which holds integers exactly only up to 2**53. Checking every integer node keeps
+    the proofs sound by induction: a node whose operands did not wrap and whose range stays
+    inside cannot wrap either. A range unbounded on one side is widened on both (``max(t, 0) * 2``
+    may wrap negative). The per-term extremes bound the sums from outside, without building
+    tile-sized tensors.
+    """
+    low = sum(float(t.min()) if isinstance(t, Tensor) else t for t in value.lo if not _empty(t))
+    high = sum(float(t.max()) if isinstance(t, Tensor) else t for t in value.hi if not _empty(t))
+    if low >= -INT_EXACT and high <= INT_EXACT:  # NOTE: false for NaN and for infinities
+        return value
+    if low == -INF and high == INF:
+        return value if value.affine is None else UNBOUNDED
+    return UNBOUNDED
+
+
+def _empty(t: Term) -> bool:
+    return isinstance(t, Tensor) and t.numel() == 0
 
 
 def _gather_kv(x: Any, band: Tensor) -> Any:

@@ -241,6 +241,53 @@ def unsupported(expr: Expr) -> str | None:
             return "integer pow is not rendered (use a float exponent)"
         if node.op == "var" and node.arg not in ("score", "x", "b", "h", "q_idx", "kv_idx"):
             return f"unknown variable {node.arg!r}"
+    return may_wrap(expr)
+
+
+# NOTE: call_ranges refuses positions (and so batch and head indices) past 2**24
+INDEX_BOUND = 1 << 24
+WRAP_BOUND = 1 << 62
+
+
+def may_wrap(expr: Expr) -> str | None:
+    """Why ``expr`` cannot be rendered if one of its integer nodes may pass 2**62, or None.
+
+    Why: torch wraps int64 arithmetic, and TVM's simplifier assumes it never does (it folds
+    ``q_idx * 2**62 > 0`` into ``q_idx > 0``; a constant sum past 2**63 fails the build). So
+    such an expression runs on the reference backend. Bounds are static: index variables
+    below 2**24; a node with a loaded integer under it has no static bound and is not judged
+    (its values are the data's).
+    """
+    bounds: dict[Expr, int | None] = {}
+    for node in expr.walk():  # children first
+        bound = bounds[node] = _int_bound(node, [bounds.get(s) for s in node.src])
+        if bound is not None and bound > WRAP_BOUND:
+            return f"integer expression {node} may pass 2**62 (int64 arithmetic wraps at 2**63)"
+    return None
+
+
+def _int_bound(node: Expr, args: list[int | None]) -> int | None:
+    """A static bound on ``|node|`` for an integer node, from its operands' bounds; None: unknown."""
+    if node.dtype != "int":
+        return 1 if node.dtype == "bool" else None
+    op = node.op
+    if op == "const":
+        return abs(int(node.arg))
+    if op == "var":
+        return INDEX_BOUND if node.arg in INDEX_VARS else None
+    if op == "cast" or op in ("neg", "abs", "relu", "floordiv", "rshift", "invert"):
+        return None if args[0] is None else args[0] + 1
+    if any(a is None for a in args):
+        return None
+    if op in ("add", "sub", "minimum", "maximum", "and", "or", "xor", "where"):
+        return sum(args)
+    if op == "mul":
+        return args[0] * args[1]
+    if op == "lshift":  # by a constant below 64 (past 63 the renderer gives 0, as torch)
+        amount = node.src[1]
+        return args[0] << amount.arg if amount.op == "const" and 0 <= amount.arg < 64 else None
+    if op == "mod":
+        return args[1]
     return None
 
 
