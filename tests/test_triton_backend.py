@@ -216,6 +216,13 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse():
     with_sink = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx > 12, normalizer=attncc.Softmax(sink=SINK))
     _, lse = with_sink(q, k, v, backend="triton", return_lse=True)
     assert torch.allclose(lse[:, :, 0], SINK.float().view(1, -1).expand(lse.shape[0], -1))
+    # a head whose sink is switched off (-inf): o = 0 and lse = -inf there too, never NaN
+    off = SINK.clone()
+    off[0] = float("-inf")
+    switched = attncc.variant(mask=lambda b, h, q_idx, kv_idx: q_idx > 12, normalizer=attncc.Softmax(sink=off))
+    out, lse = switched(q, k, v, backend="triton", return_lse=True)
+    assert torch.equal(out[:, 0, :13], torch.zeros_like(out[:, 0, :13])) and torch.isneginf(lse[:, 0, :13]).all()
+    check_against_reference(switched, q, k, v, backend="triton", return_lse=True)
 
 
 @in_process

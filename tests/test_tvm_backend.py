@@ -203,6 +203,28 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse() -> None:
     check_against_reference(relu_rows, q, k, v, backend="tvm")
 
 
+def test_a_sink_switched_off_on_a_dead_row_gives_zero_not_nan() -> None:
+    """A head's sink of -inf (no sink) on a row with no key: o = 0, lse = -inf, gradients 0
+    (``exp(-inf - -inf)`` made all three NaN, in the reference too)."""
+    from attncc.testing import check_gradients
+
+    q, k, v = qkv(Lq=70, Lkv=70)
+    sink = torch.tensor([float("-inf"), 0.5, float("-inf"), -1.0], requires_grad=True)
+    program = attncc.variant(mask=lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx >= 10),
+                             normalizer=attncc.Softmax(sink=sink))
+    for backend in ("reference", "tvm"):
+        out, lse = program(q, k, v, backend=backend, return_lse=True)
+        assert torch.equal(out[:, 0, :10], torch.zeros_like(out[:, 0, :10])) and torch.isneginf(lse[:, 0, :10]).all()
+        assert torch.allclose(lse[:, 1, :10], torch.tensor(0.5)) and torch.isneginf(lse[:, 2, :10]).all()
+    check_against_reference(program, q, k, v, backend="tvm", return_lse=True)
+    (name,) = [n for n in program.tensors if program.tensors[n] is sink]
+    check_gradients(program, q, k, v, learn=(name,))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = program(*leaves, backend="tvm", return_lse=True)
+    (out.square().sum() + lse[lse.isfinite()].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (*leaves, sink)) and sink.grad[0] == 0 and sink.grad[2] == 0
+
+
 def test_tile_multiple_lengths_and_larger_head_dim() -> None:
     """Lengths that are whole tiles (no padding copies) and D = Dv = 64."""
     q, k, v = qkv(B=1, Hq=2, Hkv=2, Lq=128, Lkv=128, D=64, Dv=64)

@@ -93,7 +93,7 @@ def _softmax(norm: nodes.SoftmaxNorm, s: Tensor, keep: Tensor, ctx: dict[str, Te
     if norm.sink is not None:
         sink = ctx[norm.sink.name].view(1, -1, 1, 1).expand(*masked.shape[:3], 1)
         masked = torch.cat([masked, sink], dim=-1)
-        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+        keep = torch.cat([keep, sink != float("-inf")], dim=-1)  # -inf: a head's sink switched off
     alive = keep.any(dim=-1, keepdim=True)
     safe = torch.where(alive, masked, 0.0)
     m = safe.amax(dim=-1, keepdim=True).detach() if safe.shape[-1] else safe.new_zeros((*safe.shape[:-1], 1))

@@ -126,7 +126,9 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
         i = names.index(sink.name)
         if wants[i]:
             delta = (o.float() * do.float()).sum(-1)
-            p_sink = torch.exp(captured[i].float().view(1, -1, 1) - lse)
+            logit = captured[i].float().view(1, -1, 1)
+            # NOTE: a sink of -inf weighs 0, also on a dead row (lse = -inf there: exp(nan) otherwise)
+            p_sink = torch.where(logit == float("-inf"), 0.0, torch.exp(logit - lse))
             dcaptured[i] = (p_sink * (dlse_t.float() - delta)).sum((0, 2)).to(captured[i].dtype)
     return None, dq, dk, dv, dcaptured, None, None, None, None, [None] * ctx.n_config
 

@@ -338,7 +338,9 @@ def sink_gradient(sink: torch.Tensor, lse: torch.Tensor, rowdot: torch.Tensor, d
     The sink is one more logit of every row with no value: ``d o_i / d sink_h = -p_sink o_i``
     and ``d lse_i / d sink_h = p_sink``.
     """
-    p_sink = torch.exp(sink.detach().float().view(1, -1, 1) - lse)
+    logit = sink.detach().float().view(1, -1, 1)
+    # NOTE: a sink of -inf weighs 0, also on a dead row (lse = -inf there: exp(nan) otherwise)
+    p_sink = torch.where(logit == float("-inf"), 0.0, torch.exp(logit - lse))
     return (p_sink * (dlse - rowdot)).sum((0, 2)).to(sink.dtype)
 
 

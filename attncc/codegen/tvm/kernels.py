@@ -904,11 +904,13 @@ class KeyMajorForward:
                 sink = f"{name}[{self._row('i')[0]}]"
                 sink = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
                 sink = f"({sink} * T.float32({LOG2E!r}))" if self._base2 else sink  # in M's base
-                # a dead row (m = -inf): Et = 0, Lt = 1, so o = 0 and lse = sink
+                # a dead row (m = -inf): Et = 0, Lt = 1, so o = 0 and lse = sink; with a sink of
+                # -inf too (switched off), Mt = 0 and Lt = 0: o = 0 and lse = -inf, not NaN
                 w(f"Mt[i] = T.max(M[i], {sink})")
+                w(f"Mt[i] = T.if_then_else(Mt[i] == {NEG_INF}, T.float32(0.0), Mt[i])")
                 w(f"Et[i] = {self._exp('(M[i] - Mt[i])')}")
                 w(f"Lt[i] = L[i] * Et[i] + {self._exp(f'({sink} - Mt[i])')}")
-                w("Inv[i] = Et[i] / Lt[i]")
+                w("Inv[i] = T.if_then_else(Lt[i] > T.float32(0.0), Et[i] / Lt[i], T.float32(0.0))")
             else:
                 w("Mt[i] = M[i]")
                 w("Lt[i] = T.if_then_else(L[i] > T.float32(0.0), L[i], T.float32(1.0))")
@@ -916,8 +918,8 @@ class KeyMajorForward:
             w("Et[i] = Lt[i] - T.float32(1.0)")
             log_l = fast_log1p("Et[i]")
             lse = f"Mt[i] * T.float32({LN2!r}) + {log_l}" if self._base2 else f"Mt[i] + {log_l}"
-            if norm.sink is None:
-                lse = f"T.if_then_else(L[i] > T.float32(0.0), {lse}, {NEG_INF})"
+            live = "L[i]" if norm.sink is None else "Lt[i]"
+            lse = f"T.if_then_else({live} > T.float32(0.0), {lse}, {NEG_INF})"
             w(f"Lse[i] = {lse}")
             if self.region.row_shift is not None:
                 env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
