@@ -8,6 +8,7 @@ memoized: it raises again on the next call).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -78,3 +79,21 @@ def check_captured(tensors: dict[str, torch.Tensor], device: torch.device) -> No
     for name, t in tensors.items():
         if t.device != device:
             raise ValueError(f"captured tensor {name!r} is on {t.device} but q is on {device}; move it to {device}")
+
+
+def check_head_tensors(region: Any, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+    """The captured tensors SEMANTICS.md shapes by q: a sink's and a decay's ``[Hq]`` values, a
+    TopKHeads router's ``[B, Lq, Hq]`` logits. Why here, for every backend: a kernel reads them by
+    q's indices, so a longer one was silently cut and a shorter router left tokens at 0 (the
+    reference broadcast a ``[B, 1, Hq]`` router instead)."""
+    B, Hq, Lq = q.shape[:3]
+    norm = region.normalizer
+    for what in ("sink", "decay"):
+        spec = getattr(norm, what, None)
+        if spec is not None and tensors[spec.name].numel() != Hq:
+            raise ValueError(f"{what} tensor {spec.name!r} must hold one value per query head ({Hq}), "
+                             f"got shape {tuple(tensors[spec.name].shape)}")
+    selection = getattr(region, "head_select", None)
+    if selection is not None and tuple(tensors[selection.router].shape) != (B, Lq, Hq):
+        raise ValueError(f"TopKHeads router {selection.router!r} must be [B, Lq, Hq] = {[B, Lq, Hq]} for q of shape "
+                         f"{tuple(q.shape)}, got {list(tensors[selection.router].shape)}")

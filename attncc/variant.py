@@ -23,7 +23,7 @@ from attncc.passes.causality import mask_implies_causal
 from attncc.passes.pipeline import CompileReport, compile_graph
 from attncc.passes.plan import KernelPlan
 from attncc.routing import TopKBlocks, TopKHeads
-from attncc.validate import check_captured, check_options, check_qkv
+from attncc.validate import check_captured, check_head_tensors, check_options, check_qkv
 
 SOFTMAX_FAMILY = (nodes.SoftmaxNorm,)
 
@@ -130,6 +130,8 @@ class Program:
         first = operands[plan.regions[0].q]
         if self.tensors:
             check_captured(self.tensors, first.device)
+            for region in plan.regions:
+                check_head_tensors(region, operands[region.q], self.tensors)
         if return_lse:
             self._check_lse(plan)
         if empty or (no_value_dim and not return_lse):

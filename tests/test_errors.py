@@ -303,3 +303,25 @@ def test_explain_refuses_a_block_map_too_large_to_build() -> None:
     assert block_grid_error(2048, (1, 1)) is None and 2048 * 2048 == MAX_BLOCK_TILES
     assert block_grid_error(2049, (1, 1)) is not None
     assert block_grid_error(100000, (64, 64)) is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_tensors_shaped_by_q_are_checked_on_every_backend(backend: str) -> None:
+    """A sink or decay holds one value per query head, a TopKHeads router ``[B, Lq, Hq]``: TVM
+    cut a longer sink silently and zeroed the tokens a short router left out; the reference
+    broadcast a ``[B, 1, Hq]`` router."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    q, k, v = (torch.randn(1, 4, 40, 16) for _ in range(3))
+    sink = attncc.variant(mask=attncc.masks.causal, normalizer=attncc.Softmax(sink=torch.zeros(8)))
+    with pytest.raises(ValueError, match=r"sink tensor 'sink' must hold one value per query head \(4\), got shape \(8,\)"):
+        sink(q, k, v, backend=backend)
+    decay = attncc.variant(mask=attncc.masks.causal, normalizer=attncc.Linear(decay=torch.full((2,), 0.9)))
+    with pytest.raises(ValueError, match=r"decay tensor 'decay' must hold one value per query head \(4\)"):
+        decay(q, k, v, backend=backend)
+    for shape in ((1, 1, 4), (1, 30, 4), (3, 40, 4), (1, 40, 8)):
+        routed = attncc.variant(mask=attncc.masks.causal, routing=attncc.TopKHeads(2, torch.randn(shape)))
+        with pytest.raises(ValueError, match=r"TopKHeads router 'router' must be \[B, Lq, Hq\] = \[1, 40, 4\]"):
+            routed(q, k, v, backend=backend)
+    routed = attncc.variant(mask=attncc.masks.causal, routing=attncc.TopKHeads(2, torch.randn(1, 40, 4)))
+    assert routed(q, k, v, backend=backend).shape == (1, 4, 40, 16)
