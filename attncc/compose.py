@@ -133,6 +133,7 @@ class GraphBuilder:
 class ComposedProgram(Program):
     """Call with every graph input by keyword: ``program(q1=..., k1=..., v=..., lam=...)``."""
 
+    @torch.compiler.disable  # as Variant.__call__
     def __call__(self, *, scale: float | None = None, q_offset: int = 0, backend: str | None = None,
                  **tensors: torch.Tensor) -> torch.Tensor:
         roles = self.operand_roles()

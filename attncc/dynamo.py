@@ -100,6 +100,9 @@ def runtime_fallback_reason(query: Any, key: Any, value: Any, enable_gqa: bool) 
     tensors = (query, key, value)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
         return "inputs are not all 4-D tensors [B, H, L, D]"
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        # NOTE: torch.cond traces its branches on FakeTensors (no data for a kernel to read)
+        return "tensor subclasses (FakeTensor while torch traces a graph, or a user's subclass)"
     if any(t.numel() == 0 for t in tensors):
         return "empty tensors (a dimension of size 0)"
     if any(t.dtype not in FLOAT_DTYPES or t.dtype != query.dtype for t in tensors):
@@ -129,14 +132,28 @@ def attncc_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
                                               enable_gqa=enable_gqa)
     CALLS["attncc"] += 1
     if cast_to is None:
-        return sdpa_variant(is_causal)(query, key, value, scale=scale)
+        return sdpa_layout(sdpa_variant(is_causal)(query, key, value, scale=scale))
     # NOTE: as autocast runs SDPA's kernel: on the cast inputs, with autocast off inside it
     with torch.autocast(device_type, enabled=False):
-        return sdpa_variant(is_causal)(query, key, value, scale=scale)
+        return sdpa_layout(sdpa_variant(is_causal)(query, key, value, scale=scale))
+
+
+def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out [B, H, L, D]`` laid out as torch's SDPA lays out its output: ``[B, L, H, D]`` in memory,
+    so that a model's ``o.transpose(1, 2).view(B, L, -1)`` works compiled as it does eagerly."""
+    if out.shape[1] == 1 or out.shape[2] == 1:
+        return out  # the two layouts are one
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def rewrite_sdpa(gm: torch.fx.GraphModule) -> int:
-    """Replace every translatable SDPA call in ``gm`` with ``attncc_sdpa``; returns how many."""
+    """Replace every translatable SDPA call in ``gm`` and in the graphs it holds with
+    ``attncc_sdpa``; returns how many. Why the held graphs: activation checkpointing and
+    ``torch.cond`` put their bodies in sub-``GraphModule``s, where SDPA had kept running on torch."""
+    return sum(_rewrite_graph(m) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+
+
+def _rewrite_graph(gm: torch.fx.GraphModule) -> int:
     rewritten = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SDPA_TARGETS:

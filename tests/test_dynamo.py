@@ -170,3 +170,63 @@ def test_empty_inputs_fall_back_to_torch(shape):
     assert out.shape == sdpa_plain(q, q, q).shape
     assert dynamo.CALLS["attncc"] == 0
     assert any(key.startswith("fallback: empty") for key in dynamo.CALLS)
+
+
+def _heads_back(x: torch.Tensor) -> torch.Tensor:
+    """A model's attention block: heads split by view + transpose, merged back by ``view``, which
+    works only on SDPA's own output layout ([B, L, H, D] in memory)."""
+    B, L, _ = x.shape
+    q = k = v = x.view(B, L, 4, 8).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).view(B, L, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_output_keeps_sdpas_memory_layout(dtype: torch.dtype):
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = torch.compile(_heads_back, backend="attncc")(x)
+    assert dynamo.CALLS["attncc"] == 1
+    torch.testing.assert_close(out, _heads_back(x), atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_sdpa_under_activation_checkpointing_and_cond_runs_attncc():
+    """Checkpointed bodies and ``torch.cond`` branches are sub-graphs; SDPA there ran on torch."""
+    from torch.utils.checkpoint import checkpoint
+
+    def attention(x):
+        B, L, _ = x.shape
+        q = k = v = x.view(B, L, 4, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, 32)
+
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
+    for fn in (lambda t: checkpoint(attention, t, use_reentrant=False),
+               lambda t: torch.cond(t.sum() > 0, attention, lambda u: attention(u * 2), (t,))):
+        torch._dynamo.reset()
+        dynamo.CALLS.clear()
+        leaf = x.clone().requires_grad_()
+        out = torch.compile(fn, backend="attncc")(leaf)
+        out.square().sum().backward()
+        eager_leaf = x.clone().requires_grad_()
+        fn(eager_leaf).square().sum().backward()
+        assert dynamo.CALLS["attncc"] >= 1, dict(dynamo.CALLS)
+        torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_variant_called_inside_a_compiled_function_is_one_opaque_call():
+    """Dynamo traced into a variant's caches and TVM calls (dozens of graphs, slower calls) and
+    failed on a sink's frozen payloads; a variant call is now a graph break that runs eagerly."""
+    from torch._dynamo.utils import counters
+
+    import attncc
+    from attncc import masks
+
+    counters.clear()
+    sink = torch.zeros(2, requires_grad=True)
+    program = attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=sink))
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(5)).requires_grad_()
+               for _ in range(3))
+    out = torch.compile(lambda q, k, v: program(q, k, v) * 2, backend="attncc")(q, k, v)
+    torch.testing.assert_close(out, program(q, k, v) * 2, atol=0, rtol=0)
+    assert counters["stats"]["unique_graphs"] <= 2
+    out.sum().backward()
+    assert sink.grad is not None and torch.isfinite(sink.grad).all()
