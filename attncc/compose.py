@@ -54,6 +54,7 @@ class OutputHandle:
     def __mul__(self, o: Any) -> OutputHandle: return self._combine(o, "mul")
     def __rmul__(self, o: Any) -> OutputHandle: return self._combine(o, "mul", True)
     def __truediv__(self, o: Any) -> OutputHandle: return self._combine(o, "truediv")
+    def __rtruediv__(self, o: Any) -> OutputHandle: return self._combine(o, "truediv", True)
     def __neg__(self) -> OutputHandle: return OutputHandle(ex.unary("neg", self.expr), self.builder)
 
 
@@ -77,6 +78,9 @@ class ScalarHandle:
     def __radd__(self, o: Any) -> OutputHandle: return o + self._as_output()
     def __sub__(self, o: Any) -> OutputHandle: return self._as_output() - o
     def __rsub__(self, o: Any) -> OutputHandle: return o - self._as_output()
+    def __truediv__(self, o: Any) -> OutputHandle: return self._as_output() / o
+    def __rtruediv__(self, o: Any) -> OutputHandle: return o / self._as_output()
+    def __neg__(self) -> OutputHandle: return -self._as_output()
 
 
 class GraphBuilder:
@@ -135,7 +139,7 @@ class ComposedProgram(Program):
 
     @torch.compiler.disable  # as Variant.__call__
     def __call__(self, *, scale: float | None = None, q_offset: int = 0, backend: str | None = None,
-                 **tensors: torch.Tensor) -> torch.Tensor:
+                 return_lse: bool = False, **tensors: torch.Tensor) -> torch.Tensor:
         roles = self.operand_roles()
         expected = {n for n, r in roles.items() if r in ("tensor", "scalar")}
         missing, unknown = expected - tensors.keys(), tensors.keys() - expected
@@ -148,4 +152,4 @@ class ComposedProgram(Program):
                 raise TypeError(f"{name} must be a one-element tensor")
         self.tensors.update({n: t.reshape(()) for n, t in scalars.items()})
         operands = {n: t for n, t in tensors.items() if roles[n] == "tensor"}
-        return self.run(operands, scale=scale, q_offset=q_offset, backend=backend)
+        return self.run(operands, scale=scale, q_offset=q_offset, backend=backend, return_lse=return_lse)

@@ -48,7 +48,7 @@ def format_plan(plan: KernelPlan) -> str:
         lines.extend(_region_lines(region))
     if plan.combine is not None:
         lines.append(f"  combine {format_expr(plan.combine)} with "
-                     + ", ".join(f"o{i}=%{n}" for i, n in enumerate(plan.combine_operands)))
+                     + ", ".join(f"{name}=%{n}" for name, n in plan.combine_operands))
     lines.extend(f"  note: {note}" for note in plan.notes)
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ memoized: it raises again on the next call).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -71,6 +72,8 @@ def _check_qkv_layout(
 def check_options(scale: object, q_offset: object) -> None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
 
@@ -97,3 +100,12 @@ def check_head_tensors(region: Any, q: torch.Tensor, tensors: dict[str, torch.Te
     if selection is not None and tuple(tensors[selection.router].shape) != (B, Lq, Hq):
         raise ValueError(f"TopKHeads router {selection.router!r} must be [B, Lq, Hq] = {[B, Lq, Hq]} for q of shape "
                          f"{tuple(q.shape)}, got {list(tensors[selection.router].shape)}")
+
+
+def check_combined_shapes(regions: Any, operands: dict[str, torch.Tensor]) -> None:
+    """The attention outputs a combine adds up are ``[B, Hq, Lq, Dv]`` alike: the error names the
+    inputs that make them differ (torch's broadcasting error inside the combine named none)."""
+    shapes = {(r.q, r.v): (*operands[r.q].shape[:3], operands[r.v].shape[3]) for r in regions}
+    if len(set(shapes.values())) > 1:
+        found = "; ".join(f"{q} and {v} give {list(s)}" for (q, v), s in shapes.items())
+        raise ValueError(f"the combined attention outputs [B, Hq, Lq, Dv] must agree: {found}")

@@ -23,7 +23,7 @@ from attncc.passes.causality import mask_implies_causal
 from attncc.passes.pipeline import CompileReport, compile_graph
 from attncc.passes.plan import KernelPlan
 from attncc.routing import TopKBlocks, TopKHeads
-from attncc.validate import check_captured, check_head_tensors, check_options, check_qkv
+from attncc.validate import check_captured, check_combined_shapes, check_head_tensors, check_options, check_qkv
 
 SOFTMAX_FAMILY = (nodes.SoftmaxNorm,)
 
@@ -131,6 +131,8 @@ class Program:
             empty = empty or nothing_to_compute(q, k)
             no_value_dim = no_value_dim or v.shape[3] == 0
         first = operands[plan.regions[0].q]
+        if plan.combine is not None:
+            check_combined_shapes(plan.regions, operands)
         if self.tensors:
             check_captured(self.tensors, first.device)
             for region in plan.regions:

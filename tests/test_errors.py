@@ -219,6 +219,36 @@ def test_bad_scale() -> None:
         VAR(*_qkv(), scale="0.1", backend="reference")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scale(value: float) -> None:
+    """TVM returned zeros (every score masked), the reference NaN."""
+    for backend in ("reference", "tvm"):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            VAR(*_qkv(), scale=value, backend=backend)
+
+
+def _differential() -> attncc.Program:
+    g = attncc.GraphBuilder("diff")
+    q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+    lam = g.scalar("lam")
+    return g.build(g.attention(q1, k1, v, mask=attncc.masks.causal) - lam * g.attention(q2, k2, v, mask=attncc.masks.causal))
+
+
+def test_combined_outputs_of_different_shapes_name_their_inputs() -> None:
+    program = _differential()
+    x = {n: torch.randn(1, 4, 16, 8) for n in ("q1", "k1", "k2", "v")}
+    for q2 in (torch.randn(1, 4, 10, 8), torch.randn(1, 8, 16, 8)):
+        for backend in ("reference", "tvm"):
+            with pytest.raises(ValueError, match=r"must agree: q1 and v give \[1, 4, 16, 8\]; q2 and v give"):
+                program(**x, q2=q2, lam=torch.tensor(0.5), backend=backend)
+
+
+def test_return_lse_of_a_combined_graph_is_refused_by_name() -> None:
+    x = {n: torch.randn(1, 2, 16, 8) for n in ("q1", "k1", "q2", "k2", "v")}
+    with pytest.raises(ValueError, match="return_lse=True is defined for a single attention"):
+        _differential()(**x, lam=torch.tensor(0.5), return_lse=True, backend="reference")
+
+
 def test_unknown_normalizer_lists_known_names() -> None:
     with pytest.raises(ValueError) as info:
         attncc.variant(normalizer="softmaxx")

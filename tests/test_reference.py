@@ -6,6 +6,7 @@ Every expected value below is computed from SEMANTICS.md's formulas with plain t
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -617,6 +618,39 @@ def test_differential_attention() -> None:
         return _apply(torch.softmax(_raw_scores(q, k).masked_fill(~keep, -math.inf), -1), v_)
 
     _close(out, attend(a, b) - 0.8 * attend(c, d))
+
+
+BACKEND_TVM = importlib.util.find_spec("tvm") is not None
+
+
+def test_combine_operands_are_told_by_kind_not_name() -> None:
+    """A scalar named ``offset`` (the prefix of ``o0``) and a combine of the second output alone
+    failed to build or run; ``/`` and negation work on outputs and scalars alike."""
+    a, b, v_ = _qkv()
+    c, d, _ = _qkv()
+    keep = _mask(causal, a, b)
+
+    def attend(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return _apply(torch.softmax(_raw_scores(q, k).masked_fill(~keep, -math.inf), -1), v_)
+
+    def build(combine):
+        g = attncc.GraphBuilder("combined")
+        q1, k1, q2, k2, v = g.inputs("q1", "k1", "q2", "k2", "v")
+        offset = g.scalar("offset")
+        return g.build(combine(g.attention(q1, k1, v, mask=causal), g.attention(q2, k2, v, mask=causal), offset))
+
+    x = {"q1": a, "k1": b, "q2": c, "k2": d, "v": v_, "offset": torch.tensor(0.5, dtype=f64)}
+    cases = [
+        (lambda o1, o2, off: o1 - o2 + off, attend(a, b) - attend(c, d) + 0.5),
+        (lambda o1, o2, off: 2.0 * o2, 2.0 * attend(c, d)),
+        (lambda o1, o2, off: 1.0 / (2.0 + o1) - off / 4.0 * o2 + (-off) * o1 / off, 1.0 / (2.0 + attend(a, b))
+         - 0.125 * attend(c, d) - attend(a, b)),
+    ]
+    for combine, want in cases:
+        _close(build(combine)(**x, backend="reference"), want)
+        if BACKEND_TVM:  # the same operands through the TVM backend's plan runner, in float32
+            got = build(combine)(**{n: t.float() for n, t in x.items()}, backend="tvm")
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 # ---- attncc.testing: the tolerance helpers every backend test uses -----------------------------

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 from attncc.ir.graph import AttentionGraph
-from attncc.ir.nodes import Combine, Input, MaskMod, ScoreMod, TopKBlocksRoute, payload_key
+from attncc.ir.nodes import Attention, Combine, Input, MaskMod, ScoreMod, TopKBlocksRoute, payload_key
 from attncc.passes.causality import mask_implies_causal
 from attncc.passes.manager import facts_of
 from attncc.passes.plan import AttentionRegion, KernelPlan
@@ -75,7 +75,9 @@ def graph_to_plan(graph: AttentionGraph) -> KernelPlan:
     output = graph.outputs[0]
     combine = graph.payload(output) if isinstance(graph.payload(output), Combine) else None
     operands = graph.operands(output) if combine else {}
-    ordered = tuple(operands[f"o{i}"] for i in range(sum(r.startswith("o") for r in operands)))
+    # NOTE: by node kind, not by name: a scalar may be called "offset"; a combine may skip o0
+    ordered = tuple((role, src) for role, src in sorted(operands.items())
+                    if isinstance(graph.payload(src), Attention | Combine))
     captured = tuple(
         graph.payload(n).spec for n in graph.nodes_of(Input) if graph.payload(n).spec is not None
     )

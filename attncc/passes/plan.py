@@ -140,9 +140,13 @@ class KernelPlan:
     fingerprint: str
     regions: tuple[AttentionRegion, ...]
     combine: Expr | None  # over vars o0, o1, ... and captured scalars; None: one output
-    combine_operands: tuple[str, ...] = ()
+    combine_operands: tuple[tuple[str, str], ...] = ()  # (the combine's variable, its attention node)
     captured: tuple[TensorSpec, ...] = ()
     strategy: str = "tiled"  # "tiled" | "split_kv" | "linear_chunked" | "linear_global"
     notes: tuple[str, ...] = field(default=())  # what each pass decided, for explain()
     groups: tuple[RegionGroup, ...] = ()  # fuse: regions sharing inputs run as one kernel
     decode_split: DecodeSplit | None = None  # decode: split-KV when Lq is small at run time
+
+    def combine_inputs(self, outputs: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+        """The combine's variables bound to the region outputs ``outputs[node] = (o, lse)``."""
+        return {name: outputs[node][0] for name, node in self.combine_operands}

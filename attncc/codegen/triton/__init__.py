@@ -110,7 +110,7 @@ def _combine(plan: KernelPlan, outputs: dict[str, Any], tensors: dict[str, torch
     # would better move to a shared module (attncc.ir) so backends need not import each other.
     from attncc.ir.evaluate import evaluate
 
-    env = {f"o{i}": outputs[node][0] for i, node in enumerate(plan.combine_operands)}
+    env = plan.combine_inputs(outputs)
     dtype = next(iter(env.values())).dtype
     compute = torch.promote_types(dtype, torch.float32)
     scalars = {n: (t.to(compute) if t.is_floating_point() else t) for n, t in tensors.items()}

@@ -49,7 +49,7 @@ def run_plan(plan: KernelPlan, operands: dict[str, Tensor], tensors: dict[str, T
     if plan.combine is None:
         out, lse = outputs[plan.regions[0].node]
         return (out, lse) if return_lse else out
-    env = {f"o{i}": outputs[node][0] for i, node in enumerate(plan.combine_operands)}
+    env = plan.combine_inputs(outputs)
     dtype = next(iter(env.values())).dtype
     return evaluate(plan.combine, env, tensors, float_dtype=torch.float64).to(dtype)
 
