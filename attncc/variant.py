@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from attncc.codegen import registry
+from attncc.codegen.call_ranges import PositionsBeyondKernels
 from attncc.ir import nodes
 from attncc.ir.graph import AttentionGraph
 from attncc.ir.trace import Captures, trace_mask, trace_score
@@ -147,7 +148,15 @@ class Program:
             backend = "reference"
         choice = registry.choose(backend, plan, first)
         self.last_choice = choice
-        return choice.backend.run(plan, operands, self.tensors, scale=scale, q_offset=q_offset, return_lse=return_lse)
+        try:
+            return choice.backend.run(plan, operands, self.tensors, scale=scale, q_offset=q_offset,
+                                      return_lse=return_lse)
+        except PositionsBeyondKernels as why:
+            if backend is not None:
+                raise
+            self.last_choice = registry.Choice(registry.load("reference"), f"automatic: {why}; fell back to reference")
+            return self.last_choice.backend.run(plan, operands, self.tensors, scale=scale, q_offset=q_offset,
+                                                return_lse=return_lse)
 
     def _check_lse(self, plan: KernelPlan) -> None:
         if plan.combine is not None:

@@ -122,3 +122,9 @@ def test_positions_past_float32_integers_are_refused() -> None:
     q, k, v = _qkv(L=8)
     with pytest.raises(NotImplementedError, match="positions"):
         attncc.variant(mask=masks.causal)(q[:, :, :1], k, v, q_offset=call_ranges.MAX_POSITIONS, backend="tvm")
+    # the automatic choice runs them on the reference instead of raising
+    program = attncc.variant(mask=masks.causal)
+    out = program(q[:, :, :1], k, v, q_offset=call_ranges.MAX_POSITIONS)
+    assert "fell back to reference" in program.last_choice.reason
+    torch.testing.assert_close(out, program(q[:, :, :1], k, v, q_offset=call_ranges.MAX_POSITIONS,
+                                            backend="reference"), atol=0, rtol=0)

@@ -67,8 +67,8 @@ def check_call(region: AttentionRegion, B: int, Hq: int, Lq: int, Lkv: int, q_of
         if size < Hq:
             raise IndexError(f"captured tensor {spec.name!r} holds {size} per-head values but q has {Hq} heads")
     if max(q_offset + Lq, Lkv) > MAX_POSITIONS:
-        raise NotImplementedError(f"positions up to {max(q_offset + Lq, Lkv)}: the TVM kernels compute index "
-                                  f"arithmetic exactly up to {MAX_POSITIONS} positions")
+        raise PositionsBeyondKernels(f"positions up to {max(q_offset + Lq, Lkv)}: the TVM kernels compute index "
+                                     f"arithmetic exactly up to {MAX_POSITIONS} positions")
     if not exprs:
         return
     shapes = tuple((name, tuple(t.shape)) for name, t in sorted(tensors.items()))
@@ -148,6 +148,11 @@ def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int
     return None
 
 
+class PositionsBeyondKernels(NotImplementedError):
+    """A call's positions pass what the kernels index exactly: the automatic backend choice runs
+    the reference instead (``Program.run``); a requested backend raises it."""
+
+
 class KernelZeroDivisionError(ZeroDivisionError, RuntimeError):
     """An integer division by 0; also a RuntimeError, as torch raises for integer tensors."""
 
@@ -211,4 +216,6 @@ def may_be_negative(index: Expr) -> bool:
     return lo < 0
 
 
-__all__ = ["KernelZeroDivisionError", "check_call", "divides", "may_be_negative", "region_exprs"]
+__all__ = [
+    "KernelZeroDivisionError", "PositionsBeyondKernels", "check_call", "divides", "may_be_negative", "region_exprs",
+]
