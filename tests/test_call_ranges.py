@@ -27,9 +27,11 @@ def test_reads_past_the_end_raise_as_in_the_reference(backend: str | None) -> No
     docs = torch.zeros(30, dtype=torch.long)
     document = attncc.variant(mask=lambda b, h, q, kv: docs[q] == docs[kv])
     sinks = attncc.variant(mask=masks.causal, normalizer=attncc.Softmax(sink=torch.zeros(2)))
-    for program, match in ((alibi, "'slopes'"), (document, "'docs'"), (sinks, "per-head")):
+    for program, match in ((alibi, "'slopes'"), (document, "'docs'")):
         with pytest.raises(IndexError, match=match):
             program(*_qkv(), backend=backend)
+    with pytest.raises(ValueError, match="one value per query head"):  # checked before any backend
+        sinks(*_qkv(), backend=backend)
     with pytest.raises(IndexError, match="'slopes'"):
         alibi(*_qkv(), backend="reference")
 
@@ -128,3 +130,23 @@ def test_positions_past_float32_integers_are_refused() -> None:
     assert "fell back to reference" in program.last_choice.reason
     torch.testing.assert_close(out, program(q[:, :, :1], k, v, q_offset=call_ranges.MAX_POSITIONS,
                                             backend="reference"), atol=0, rtol=0)
+
+
+def test_an_index_intervals_cannot_bound_is_evaluated_exactly() -> None:
+    """``q - (q // 5) * 5`` is always in [0, 4]; its interval [-15, 15] made the call raise."""
+    table = torch.randn(5)
+    program = attncc.variant(lambda s, b, h, q, kv: s + table[q - (q // 5) * 5])
+    check_against_reference(program, *_qkv(), backend="tvm")
+    assert program(*_qkv()) is not None and program.last_choice.backend.name == "tvm"
+
+
+def test_an_index_read_from_a_tensor_never_leaves_the_buffer() -> None:
+    """Bounds are checked again when a tensor's version changes; a write torch does not count
+    (a NumPy view refilled, ``.data``) skipped the check and the kernel read 3 GB past ``T``
+    (SIGSEGV). Such indices are clamped: a wrong element at worst, as documented."""
+    table = torch.randn(5)
+    ids = torch.arange(40) % 5
+    program = attncc.variant(lambda s, b, h, q, kv: s + table[ids[kv]])
+    program(*_qkv(), backend="tvm")
+    ids.data[:] = 375_000_000  # not counted by ids._version
+    assert torch.isfinite(program(*_qkv(), backend="tvm")).all()

@@ -142,7 +142,7 @@ def _first_violation(exprs: tuple[Expr, ...], box: tuple[int, int, int, int, int
             for d, index in enumerate(load.src[1:]):
                 lo, hi = _bounds(iv.abstract_eval(index, env))
                 n = shape[d] if d < len(shape) else 1
-                if lo < -n or hi >= n:
+                if (lo < -n or hi >= n) and not _within(index, -n, n - 1, ranges, tensors):
                     return IndexError(f"captured tensor {spec.name!r} of shape {shape} read out of bounds by {load}: "
                                       f"index {d} ranges over [{lo:g}, {hi:g}] on this call, valid is [{-n}, {n - 1}]")
     return None
@@ -161,21 +161,36 @@ EXACT_GRID = 1 << 22  # index combinations a divisor is evaluated on exactly whe
 
 
 def _takes_zero(divisor: Expr, ranges: dict[str, tuple[int, int]], tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether ``divisor`` is 0 somewhere on the call's ranges: evaluated on the grid of the index
-    variables it reads when that grid is small (``2 * kv_idx - 5`` never is), else assumed (its
-    interval holds 0)."""
+    """Whether ``divisor`` is 0 somewhere on the call's ranges: evaluated exactly when its grid is
+    small (``2 * kv_idx - 5`` never is), else assumed (its interval holds 0)."""
+    values = _exact_values(divisor, ranges, tensors)
+    return values is None or bool((values == 0).any())
+
+
+def _within(index: Expr, lo: int, hi: int, ranges: dict[str, tuple[int, int]],
+            tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``index`` stays in ``[lo, hi]`` on the call's ranges, evaluated exactly when its grid
+    is small (intervals lose the correlation in ``q_idx - (q_idx // 5) * 5``, always in [0, 4]),
+    else not known to."""
+    values = _exact_values(index, ranges, tensors)
+    return values is not None and bool(((values >= lo) & (values <= hi)).all())
+
+
+def _exact_values(expr: Expr, ranges: dict[str, tuple[int, int]], tensors: dict[str, torch.Tensor],
+                  ) -> torch.Tensor | None:
+    """``expr`` on the grid of the index variables it reads, or None when that grid is large."""
     from attncc.ir.evaluate import evaluate
 
-    names = sorted(divisor.free_vars() & set(ranges))
+    names = sorted(expr.free_vars() & set(ranges))
     sizes = [ranges[n][1] - ranges[n][0] + 1 for n in names]
     if math.prod(sizes) > EXACT_GRID:
-        return True
+        return None
     grid = {}
     for axis, (name, size) in enumerate(zip(names, sizes)):
         shape = [1] * len(names)
         shape[axis] = size
         grid[name] = (torch.arange(size) + ranges[name][0]).view(shape)
-    return bool((evaluate(divisor, grid, tensors) == 0).any())
+    return evaluate(expr, grid, tensors)
 
 
 def divides(node: Expr) -> bool:

@@ -357,11 +357,17 @@ class Renderer:
     def index(self, load: Expr, d: int) -> str:
         """Index ``d`` of ``load`` as an int64: from the end, as torch counts, when it may be negative
         (``call_ranges.may_be_negative``; ``check_call`` has bounded it to ``[-n, n)``)."""
-        text = self._as(load.src[1 + d], "int")
-        if not may_be_negative(load.src[1 + d]):
-            return text
+        index = load.src[1 + d]
+        text = self._as(index, "int")
         size = f'T.Cast("int64", X{self.specs.index(load.src[0].arg)}_n{d})'
-        return f"T.if_then_else({text} < T.int64(0), {text} + {size}, {text})"
+        if may_be_negative(index):
+            text = f"T.if_then_else({text} < T.int64(0), {text} + {size}, {text})"
+        if any(node.op == "load" for node in index.walk()):
+            # NOTE: an index read from a tensor is checked when the tensor's version changes; a write
+            # torch does not count (through .data or a NumPy view) could otherwise send the kernel
+            # outside the buffer (SIGSEGV): clamped, it reads a wrong element at worst
+            text = f"T.min(T.max({text}, T.int64(0)), {size} - T.int64(1))"
+        return text
 
     def _load(self, node: Expr) -> str:
         spec: TensorSpec = node.src[0].arg
