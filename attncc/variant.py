@@ -192,6 +192,11 @@ def _empty_result(
     q, v = operands[region.q], operands[region.v]
     B, Hq, Lq, _ = q.shape
     out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    inputs = [t for t in operands.values() if t.requires_grad]
+    if inputs and torch.is_grad_enabled():
+        # NOTE: in the graph, as torch's SDPA returns it: a loss over it backpropagates zeros (an
+        # empty slice's sum is 0 even where an input holds inf or NaN)
+        out = out + sum(t.reshape(-1)[:0].sum() for t in inputs).to(out.dtype)
     if not return_lse:
         return out
     sink = region.normalizer.sink

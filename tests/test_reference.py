@@ -524,6 +524,18 @@ def test_empty_sequences(Lq: int, Lkv: int) -> None:
     torch.testing.assert_close(lse, sink.float().view(1, 4, 1).expand(2, 4, Lq))
 
 
+def test_an_empty_key_set_keeps_the_output_in_the_graph() -> None:
+    """As torch's SDPA: with no keys, a loss over the zeros backpropagates zero gradients (the
+    output had been cut from autograd), even where q holds inf."""
+    q, k, v = (t.requires_grad_() for t in _qkv(Lkv=0))
+    with torch.no_grad():
+        q[0, 0, 0, 0] = math.inf
+    o = _run(attncc.variant(mask=causal), q, k, v)
+    assert o.requires_grad and torch.equal(o, torch.zeros_like(o))
+    o.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad is not None and v.grad is not None
+
+
 @pytest.mark.parametrize("normalizer", ["softmax", "sigmoid", "relu", "stick_breaking"])
 def test_reference_kernel_itself_handles_empty_keys(normalizer: str) -> None:
     """run_plan directly (no Variant shortcut) on Lkv = 0 gives zeros, never NaN."""
