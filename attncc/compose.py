@@ -14,6 +14,7 @@ inputs; the arithmetic becomes one ``Combine`` node over the attention outputs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
 from attncc.ir.graph import AttentionGraph
 from attncc.ir.trace import Captures
+from attncc.opaque import opaque_to_dynamo
 from attncc.variant import Program, add_attention, lower_attention
 
 
@@ -97,6 +99,8 @@ class GraphBuilder:
         return tuple(TensorHandle(n) for n in names)
 
     def scalar(self, name: str) -> ScalarHandle:
+        if re.fullmatch(r"o\d+", name):
+            raise ValueError(f"scalar name {name!r} is taken: o0, o1, ... name the attention outputs")
         spec = TensorSpec(name, (), "float32")
         self.graph.add(name, nodes.Input(name, "scalar", spec))
         return ScalarHandle(spec, self)
@@ -137,7 +141,7 @@ class GraphBuilder:
 class ComposedProgram(Program):
     """Call with every graph input by keyword: ``program(q1=..., k1=..., v=..., lam=...)``."""
 
-    @torch.compiler.disable  # as Variant.__call__
+    @opaque_to_dynamo  # as Variant.__call__
     def __call__(self, *, scale: float | None = None, q_offset: int = 0, backend: str | None = None,
                  return_lse: bool = False, **tensors: torch.Tensor) -> torch.Tensor:
         roles = self.operand_roles()

@@ -20,6 +20,7 @@ from attncc.ir.graph import AttentionGraph
 from attncc.ir.trace import Captures, trace_mask, trace_score
 from attncc.ir.verify import verify
 from attncc.normalizers import as_normalizer
+from attncc.opaque import opaque_to_dynamo
 from attncc.passes.causality import mask_implies_causal
 from attncc.passes.pipeline import CompileReport, compile_graph
 from attncc.passes.plan import KernelPlan
@@ -111,9 +112,7 @@ class Program:
     def operand_roles(self) -> dict[str, str]:
         return {self.ir.payload(n).name: self.ir.payload(n).role for n in self.ir.inputs()}
 
-    # NOTE: opaque to torch.compile: dynamo traced into the caches, locks and TVM calls behind it
-    # (dozens of graphs, 0.35 ms calls for 0.3 ms eager ones) and failed on a sink's frozen payloads
-    @torch.compiler.disable
+    @opaque_to_dynamo
     def run(
         self,
         operands: dict[str, torch.Tensor],
@@ -140,11 +139,12 @@ class Program:
                 check_head_tensors(region, operands[region.q], self.tensors)
         if return_lse:
             self._check_lse(plan)
-        if empty or (no_value_dim and not return_lse):
+        if (empty or (no_value_dim and not return_lse)) and plan.combine is None:
             self.last_choice = registry.Choice(registry.load("reference"), "empty input: nothing to compute")
             return _empty_result(plan, operands, self.tensors, return_lse)
-        if no_value_dim:
-            # NOTE: the output is empty but the lse is not: it depends on q and k only
+        if no_value_dim or empty:
+            # NOTE: the output is empty but the lse is not: it depends on q and k only; a combine of
+            # empty attentions is still its expression of their zeros (1 / (2 + o) is not 0)
             backend = "reference"
         choice = registry.choose(backend, plan, first)
         self.last_choice = choice
@@ -196,7 +196,7 @@ def _empty_result(
     if inputs and torch.is_grad_enabled():
         # NOTE: in the graph, as torch's SDPA returns it: a loss over it backpropagates zeros (an
         # empty slice's sum is 0 even where an input holds inf or NaN)
-        out = out + sum(t.reshape(-1)[:0].sum() for t in inputs).to(out.dtype)
+        out = out + sum(t.narrow(0, 0, 0).sum() for t in inputs).to(out.dtype)
     if not return_lse:
         return out
     sink = region.normalizer.sink
@@ -242,7 +242,7 @@ class Variant(Program):
     def routing(self) -> Any:
         return self._options["routing"]
 
-    @torch.compiler.disable
+    @opaque_to_dynamo
     def __call__(self, q: Any, k: Any = None, v: Any = None, **kwargs: Any) -> Any:
         if k is None and v is None and callable(q) and not isinstance(q, torch.Tensor) and not kwargs:
             return Variant(q, name=getattr(q, "__name__", None), **self._options)  # decorator use

@@ -230,3 +230,13 @@ def test_a_variant_called_inside_a_compiled_function_is_one_opaque_call():
     assert counters["stats"]["unique_graphs"] <= 2
     out.sum().backward()
     assert sink.grad is not None and torch.isfinite(sink.grad).all()
+
+
+def test_importing_attncc_does_not_import_dynamo():
+    """``torch.compiler.disable`` imports ``torch._dynamo`` (1.6 s); the variant calls ask for it
+    only once dynamo is loaded (``attncc.opaque``)."""
+    import subprocess
+    import sys
+
+    code = "import sys, attncc; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

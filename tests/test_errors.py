@@ -355,3 +355,9 @@ def test_tensors_shaped_by_q_are_checked_on_every_backend(backend: str) -> None:
             routed(q, k, v, backend=backend)
     routed = attncc.variant(mask=attncc.masks.causal, routing=attncc.TopKHeads(2, torch.randn(1, 40, 4)))
     assert routed(q, k, v, backend=backend).shape == (1, 4, 40, 16)
+
+
+def test_a_scalar_may_not_take_an_output_name() -> None:
+    g = attncc.GraphBuilder("taken")
+    with pytest.raises(ValueError, match="scalar name 'o1' is taken"):
+        g.scalar("o1")

@@ -154,10 +154,30 @@ def test_a_range_that_may_wrap_in_int64_is_unbounded() -> None:
     dense = _dense(e, 1, 5, 0, 3)
     assert dense.any() and not dense.all()
     assert _flags(abstract_eval(e, _box_env(1, 5, 0, 3))) == (False, False)
-    # one-sided: max(q - 10, 0) is [0, inf) with no upper bound known; twice it may wrap negative
+    # one-sided: max(q * h, 0) is [0, inf) (h has no range here); twice it may wrap negative
     unknown = ex.binary("maximum", ex.binary("mul", Q, ex.var("h")), ex.const(0))
     twice = abstract_eval(ex.binary("ge", ex.binary("mul", unknown, ex.const(2)), ex.const(0)), _box_env(1, 5, 0, 3))
     assert _flags(twice) == (False, False)
     # within 2**53 nothing changes: an affine range stays exact
     near = ex.binary("mul", ex.binary("sub", Q, KV), ex.const(2**40))
     assert _interval(abstract_eval(near, _box_env(3, 5, 0, 1))) == (2 * 2**40, 5 * 2**40)
+
+
+def test_the_int64_bound_is_strict_and_per_tile() -> None:
+    """2**53 + 1 rounds to 2**53 in float64: ``kv // 100000 + (2**53 + 1) > 2**53`` holds on every
+    pair but its float64 range says [2**53, 2**53]. And one tile's unbounded range must not keep
+    another tile's 2**70: ``where(q < 64, kv // (q + 1), q * 2**30) * 2**40 > 0`` is false on every
+    pair of q in [64, 127] (it wraps to 0 or below), true nowhere there."""
+    edge = ex.binary("gt", ex.binary("add", ex.binary("floordiv", KV, ex.const(100000)), ex.const(2**53 + 1)),
+                     ex.const(2**53))
+    assert _dense(edge, 0, 3, 0, 3).all()
+    _, never = _flags(abstract_eval(edge, _box_env(0, 3, 0, 3)))
+    assert not never
+    picked = ex.where(ex.binary("lt", Q, ex.const(64)), ex.binary("floordiv", KV, ex.binary("add", Q, ex.const(1))),
+                      ex.binary("mul", Q, ex.const(2**30)))
+    e = ex.binary("gt", ex.binary("mul", picked, ex.const(2**40)), ex.const(0))
+    assert not _dense(e, 64, 127, 0, 63).any()
+    q_lo, q_hi = torch.tensor([0.0, 64.0]).view(1, 1, 2, 1), torch.tensor([63.0, 127.0]).view(1, 1, 2, 1)
+    kv = (torch.tensor([0.0]).view(1, 1, 1, 1), torch.tensor([63.0]).view(1, 1, 1, 1))
+    value = abstract_eval(e, TileEnv({"q_idx": (q_lo, q_hi), "kv_idx": kv}))
+    assert not bool(torch.as_tensor(value.T).expand(1, 1, 2, 1)[0, 0, 1, 0])

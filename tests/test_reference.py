@@ -524,6 +524,17 @@ def test_empty_sequences(Lq: int, Lkv: int) -> None:
     torch.testing.assert_close(lse, sink.float().view(1, 4, 1).expand(2, 4, Lq))
 
 
+def test_a_combine_of_empty_attentions_is_its_expression_of_zeros() -> None:
+    """With no keys each attention is 0, and ``1 / (2 + o) + offset`` is 0.75, not 0."""
+    g = attncc.GraphBuilder("empty")
+    q1, k1, v = g.inputs("q1", "k1", "v")
+    offset = g.scalar("offset")
+    program = g.build(1.0 / (2.0 + g.attention(q1, k1, v, mask=causal)) + offset)
+    q, k, v_ = _qkv(Lkv=0)
+    out = program(q1=q, k1=k, v=v_, offset=torch.tensor(0.25, dtype=f64))
+    torch.testing.assert_close(out, torch.full_like(out, 0.75))
+
+
 def test_an_empty_key_set_keeps_the_output_in_the_graph() -> None:
     """As torch's SDPA: with no keys, a loss over the zeros backpropagates zero gradients (the
     output had been cut from autograd), even where q holds inf."""

@@ -223,6 +223,11 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse():
     out, lse = switched(q, k, v, backend="triton", return_lse=True)
     assert torch.equal(out[:, 0, :13], torch.zeros_like(out[:, 0, :13])) and torch.isneginf(lse[:, 0, :13]).all()
     check_against_reference(switched, q, k, v, backend="triton", return_lse=True)
+    off.requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = switched(*leaves, backend="triton", return_lse=True)
+    (o.square().sum() + lse[lse.isfinite()].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (*leaves, off)) and off.grad[0] == 0
 
 
 @in_process

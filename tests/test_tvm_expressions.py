@@ -74,3 +74,14 @@ def test_integer_expressions_that_may_wrap_run_on_the_reference() -> None:
         assert "fell back to reference" in program.last_choice.reason
         torch.testing.assert_close(out, program(q, k, v, backend="reference"), atol=0, rtol=0)
     _check(mask=lambda b, h, q_idx, kv_idx: (q_idx * 2**30 - kv_idx * 2**30) >= 0)  # within range: generated
+
+
+
+def test_a_loaded_integer_scaled_past_2_31_is_declined() -> None:
+    """A loaded value is the data's: ``ids[kv] * 2**62 > 0`` was folded as ``ids[kv] > 0``."""
+    ids = torch.arange(96) % 7
+    q, k, v = _qkv()
+    program = attncc.variant(mask=lambda b, h, q_idx, kv_idx: ids[kv_idx] * 2**62 > 0)
+    with pytest.raises(NotImplementedError, match=r"may pass 2\*\*62"):
+        program(q, k, v, backend="tvm")
+    _check(mask=lambda b, h, q_idx, kv_idx: (ids[q_idx] == ids[kv_idx]) | (ids[kv_idx] * 1000 + 1 < q_idx))

@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 
-from attncc.ir.expr import Expr, TensorSpec
+from attncc.ir.expr import MAX_POSITIONS, Expr, TensorSpec
 from attncc.passes import intervals as iv
 from attncc.passes.plan import AttentionRegion
 
 BUCKET = 64  # query positions and keys per memoized check (a decode moves both by one a step)
-MAX_POSITIONS = 1 << 24  # sums of index variables are computed in float32 (render.Renderer._float_exact)
 _CHECKED: dict[tuple, tuple[str, tuple[torch.Tensor, ...]]] = {}  # key -> (verdict, the tensors checked)
 _CHECKED_KEPT = 256
 

@@ -19,6 +19,8 @@ from typing import Any
 DTYPES = ("bool", "int", "float")
 
 INDEX_VARS = ("b", "h", "q_idx", "kv_idx")
+# positions the kernels index exactly: they add index variables in float32 (backends refuse more)
+MAX_POSITIONS = 1 << 24
 
 UNARY_OPS = {
     "neg", "not", "invert", "abs", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "tanh",

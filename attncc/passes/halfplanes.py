@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import functools
 
-from attncc.ir.expr import Expr
+from attncc.ir.expr import MAX_POSITIONS, Expr
 from attncc.passes.causality import conjuncts
 
 _INEQUALITIES = frozenset({"lt", "le", "gt", "ge"})
 
 
-# NOTE: call_ranges refuses positions past 2**24; an affine form bounded by 2**53 there neither
-# wraps in int64 nor loses an integer in float64
-POSITION_BOUND = float(1 << 24)
+# NOTE: an affine form bounded by 2**53 over positions up to MAX_POSITIONS neither wraps in int64
+# nor loses an integer in float64
 AFFINE_BOUND = 2.0**53
 
 
@@ -32,7 +31,7 @@ def _affine_magnitude(e: Expr) -> float | None:
     if e.op == "const":
         return abs(float(e.arg))
     if e.op == "var":
-        return POSITION_BOUND if e.arg in ("q_idx", "kv_idx") else None
+        return float(MAX_POSITIONS) if e.arg in ("q_idx", "kv_idx") else None
     if e.op in ("add", "sub", "neg", "mul"):
         parts = [_affine_magnitude(s) for s in e.src]
         if any(p is None for p in parts):

@@ -496,26 +496,34 @@ def abstract_eval(expr: Expr, env: TileEnv) -> IntVal | BoolVal:
 
 
 INT_EXACT = 2.0**53
+WIDEN_PER_TILE_MAX = 1 << 22  # tiles; past it a range that may wrap somewhere is unbounded everywhere
 
 
 def within_int64(value: IntVal) -> IntVal:
-    """``value``, or unbounded where its range may leave ``[-2**53, 2**53]``.
+    """``value``, or unbounded on the tiles where its range may leave ``(-2**53, 2**53)``.
 
     Why: torch and the kernels compute integer expressions in int64, which wraps past 2**63
     (``q_idx * 2**62`` is negative at ``q_idx = 2``), while the bounds here are exact sums in
     float64, which holds integers exactly only up to 2**53. Checking every integer node keeps
     the proofs sound by induction: a node whose operands did not wrap and whose range stays
     inside cannot wrap either. A range unbounded on one side is widened on both (``max(t, 0) * 2``
-    may wrap negative). The per-term extremes bound the sums from outside, without building
-    tile-sized tensors.
+    may wrap negative). The bounds are strict: 2**53 + 1 rounds to 2**53 in float64.
+
+    The per-term extremes bound the sums from outside without tile-sized tensors; only where
+    they fail are the sums built, to widen just the tiles that leave (one tile's infinite range
+    must not hide another's 2**70).
     """
     low = sum(float(t.min()) if isinstance(t, Tensor) else t for t in value.lo if not _empty(t))
     high = sum(float(t.max()) if isinstance(t, Tensor) else t for t in value.hi if not _empty(t))
-    if low >= -INT_EXACT and high <= INT_EXACT:  # NOTE: false for NaN and for infinities
+    if -INT_EXACT < low and high < INT_EXACT:  # NOTE: false for NaN and for infinities
         return value
-    if low == -INF and high == INF:
-        return value if value.affine is None else UNBOUNDED
-    return UNBOUNDED
+    shapes = [tuple(t.shape) for t in (*value.lo, *value.hi) if isinstance(t, Tensor)]
+    if not shapes or math.prod(torch.broadcast_shapes(*shapes)) > WIDEN_PER_TILE_MAX:
+        return UNBOUNDED
+    lo, hi = value.lo_value(), value.hi_value()
+    lo, hi = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+    outside = ~((-INT_EXACT < lo) & (hi < INT_EXACT))
+    return range_val(lo.masked_fill(outside, -INF), hi.masked_fill(outside, INF))
 
 
 def _empty(t: Term) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attncc.codegen.int_bounds import may_wrap
 from attncc.ir.expr import Expr, TensorSpec
 
 # NOTE: ``{0}``/``{1}`` are the rendered operands, already cast to the node's float type
@@ -85,7 +86,9 @@ def unsupported(expr: Expr) -> str | None:
             return f"partial load of {node.src[0].arg.name!r} (remaining shape {node.shape}) used as a value"
         if node.op == "pow" and node.dtype == "int" and not _small_const_exponent(node.src[1]):
             return "integer pow with a non-constant exponent"
-    return None
+    # NOTE: as TVM's bound; positions are int32 in the kernels, so products past 2**31 of them can
+    # still wrap on a GPU (not validated here: no GPU in CI)
+    return may_wrap(expr, 1 << 62)
 
 
 def _small_const_exponent(e: Expr) -> bool:

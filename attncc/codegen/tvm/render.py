@@ -13,7 +13,8 @@ import struct
 from collections.abc import Callable
 
 from attncc.codegen.call_ranges import divides, may_be_negative
-from attncc.ir.expr import COMPARE_OPS, Expr, TensorSpec, promote
+from attncc.codegen.int_bounds import may_wrap
+from attncc.ir.expr import COMPARE_OPS, INDEX_VARS, Expr, TensorSpec, promote
 
 TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
 
@@ -241,57 +242,11 @@ def unsupported(expr: Expr) -> str | None:
             return "integer pow is not rendered (use a float exponent)"
         if node.op == "var" and node.arg not in ("score", "x", "b", "h", "q_idx", "kv_idx"):
             return f"unknown variable {node.arg!r}"
-    return may_wrap(expr)
+    return may_wrap(expr, WRAP_BOUND)
 
 
-# NOTE: call_ranges refuses positions (and so batch and head indices) past 2**24
-INDEX_BOUND = 1 << 24
-WRAP_BOUND = 1 << 62
-
-
-def may_wrap(expr: Expr) -> str | None:
-    """Why ``expr`` cannot be rendered if one of its integer nodes may pass 2**62, or None.
-
-    Why: torch wraps int64 arithmetic, and TVM's simplifier assumes it never does (it folds
-    ``q_idx * 2**62 > 0`` into ``q_idx > 0``; a constant sum past 2**63 fails the build). So
-    such an expression runs on the reference backend. Bounds are static: index variables
-    below 2**24; a node with a loaded integer under it has no static bound and is not judged
-    (its values are the data's).
-    """
-    bounds: dict[Expr, int | None] = {}
-    for node in expr.walk():  # children first
-        bound = bounds[node] = _int_bound(node, [bounds.get(s) for s in node.src])
-        if bound is not None and bound > WRAP_BOUND:
-            return f"integer expression {node} may pass 2**62 (int64 arithmetic wraps at 2**63)"
-    return None
-
-
-def _int_bound(node: Expr, args: list[int | None]) -> int | None:
-    """A static bound on ``|node|`` for an integer node, from its operands' bounds; None: unknown."""
-    if node.dtype != "int":
-        return 1 if node.dtype == "bool" else None
-    op = node.op
-    if op == "const":
-        return abs(int(node.arg))
-    if op == "var":
-        return INDEX_BOUND if node.arg in INDEX_VARS else None
-    if op == "cast" or op in ("neg", "abs", "relu", "floordiv", "rshift", "invert"):
-        return None if args[0] is None else args[0] + 1
-    if any(a is None for a in args):
-        return None
-    if op in ("add", "sub", "minimum", "maximum", "and", "or", "xor", "where"):
-        return sum(args)
-    if op == "mul":
-        return args[0] * args[1]
-    if op == "lshift":  # by a constant below 64 (past 63 the renderer gives 0, as torch)
-        amount = node.src[1]
-        return args[0] << amount.arg if amount.op == "const" and 0 <= amount.arg < 64 else None
-    if op == "mod":
-        return args[1]
-    return None
-
-
-INDEX_VARS = ("b", "h", "q_idx", "kv_idx")
+WRAP_BOUND = 1 << 62  # TVM computes integers in int64: past 2**62 a sum of two may wrap
+INTERNAL = "__attncc"  # the name prefix of tensors attncc builds for a call (rows.META, routing tables)
 SMALL_INT = 1 << 20
 
 
@@ -337,7 +292,7 @@ class Renderer:
         Why: ALiBi's ``s - m * (q_idx - kv_idx)`` per score was an int64 vector subtraction and a
         64-bit conversion (two instructions per 8 lanes each); in float32 it is one subtraction,
         the rows' conversion hoisted. Exact while the values stay below 2**24
-        (``call_ranges.MAX_POSITIONS``, checked per call)."""
+        (``attncc.ir.expr.MAX_POSITIONS``, checked per call)."""
         op = node.op
         if op == "var":
             text = self.env.get(node.arg, "")
@@ -362,10 +317,11 @@ class Renderer:
         size = f'T.Cast("int64", X{self.specs.index(load.src[0].arg)}_n{d})'
         if may_be_negative(index):
             text = f"T.if_then_else({text} < T.int64(0), {text} + {size}, {text})"
-        if any(node.op == "load" for node in index.walk()):
-            # NOTE: an index read from a tensor is checked when the tensor's version changes; a write
-            # torch does not count (through .data or a NumPy view) could otherwise send the kernel
-            # outside the buffer (SIGSEGV): clamped, it reads a wrong element at worst
+        if any(node.op == "load" and not node.src[0].arg.name.startswith(INTERNAL) for node in index.walk()):
+            # NOTE: an index read from a user's tensor is checked when the tensor's version changes; a
+            # write torch does not count (through .data or a NumPy view) could otherwise send the
+            # kernel outside the buffer (SIGSEGV): clamped, it reads a wrong element at worst.
+            # attncc's own tables (a decoding step's META) are written by attncc for each call.
             text = f"T.min(T.max({text}, T.int64(0)), {size} - T.int64(1))"
         return text
 
