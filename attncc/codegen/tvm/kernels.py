@@ -786,6 +786,8 @@ class KeyMajorForward:
                     w(fill)
             with w.block(f"for i in T.vectorized({BM}):"):
                 w(f"St[j, i] = {weight}")
+                if normalize and self.s.pair_dots:  # the row sums the weights the products use
+                    w(f"St[j, i] = {bf16_pairs.rounded_in_float32('St[j, i]')}")
                 if normalize:
                     w("Lv[i] = Lv[i] + St[j, i]")
         if normalize:
