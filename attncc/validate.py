@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import torch
+
+from attncc.passes.plan import AttentionRegion
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -84,7 +85,7 @@ def check_captured(tensors: dict[str, torch.Tensor], device: torch.device) -> No
             raise ValueError(f"captured tensor {name!r} is on {t.device} but q is on {device}; move it to {device}")
 
 
-def check_head_tensors(region: Any, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+def check_head_tensors(region: AttentionRegion, q: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
     """The captured tensors SEMANTICS.md shapes by q: a sink's and a decay's ``[Hq]`` values, a
     TopKHeads router's ``[B, Lq, Hq]`` logits. Why here, for every backend: a kernel reads them by
     q's indices, so a longer one was silently cut and a shorter router left tokens at 0 (the
@@ -102,7 +103,7 @@ def check_head_tensors(region: Any, q: torch.Tensor, tensors: dict[str, torch.Te
                          f"{tuple(q.shape)}, got {list(tensors[selection.router].shape)}")
 
 
-def check_combined_shapes(regions: Any, operands: dict[str, torch.Tensor]) -> None:
+def check_combined_shapes(regions: tuple[AttentionRegion, ...], operands: dict[str, torch.Tensor]) -> None:
     """The attention outputs a combine adds up are ``[B, Hq, Lq, Dv]`` alike: the error names the
     inputs that make them differ (torch's broadcasting error inside the combine named none)."""
     shapes = {(r.q, r.v): (*operands[r.q].shape[:3], operands[r.v].shape[3]) for r in regions}

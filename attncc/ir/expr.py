@@ -35,6 +35,10 @@ BINARY_OPS = ARITH_OPS | BIT_OPS | COMPARE_OPS
 LEAF_OPS = {"var", "const", "input"}
 ALL_OPS = LEAF_OPS | UNARY_OPS | BINARY_OPS | {"where", "load", "cast"}
 
+# the name prefix of tensors attncc builds for a call (a decoding step's META, routing tables):
+# their contents are attncc's, never a user's
+INTERNAL_PREFIX = "__attncc_"
+
 
 @dataclass(frozen=True)
 class TensorSpec:

@@ -12,45 +12,42 @@ from __future__ import annotations
 
 import functools
 
-from attncc.ir.expr import MAX_POSITIONS, Expr
+from attncc.ir.expr import Expr
 from attncc.passes.causality import conjuncts
+from attncc.passes.int_bounds import static_bound
 
 _INEQUALITIES = frozenset({"lt", "le", "gt", "ge"})
 
 
 # NOTE: an affine form bounded by 2**53 over positions up to MAX_POSITIONS neither wraps in int64
 # nor loses an integer in float64
-AFFINE_BOUND = 2.0**53
+AFFINE_BOUND = 1 << 53
 
 
-def _affine_magnitude(e: Expr) -> float | None:
-    """A bound on ``|e|`` for integer ``e`` affine in ``q_idx`` and ``kv_idx`` (sums, differences,
-    negations and products with a constant factor), else None."""
+def _affine_in_positions(e: Expr) -> bool:
+    """Integer ``e`` affine in ``q_idx`` and ``kv_idx``: sums, differences, negations and
+    products with a constant factor."""
     if e.dtype != "int":
-        return None
+        return False
     if e.op == "const":
-        return abs(float(e.arg))
+        return True
     if e.op == "var":
-        return float(MAX_POSITIONS) if e.arg in ("q_idx", "kv_idx") else None
-    if e.op in ("add", "sub", "neg", "mul"):
-        parts = [_affine_magnitude(s) for s in e.src]
-        if any(p is None for p in parts):
-            return None
-        if e.op != "mul":
-            return sum(parts)
-        if not any(s.op == "const" for s in e.src):
-            return None
-        return parts[0] * parts[1]
-    return None
+        return e.arg in ("q_idx", "kv_idx")
+    if e.op in ("add", "sub"):
+        return all(_affine_in_positions(s) for s in e.src)
+    if e.op == "neg":
+        return _affine_in_positions(e.src[0])
+    if e.op == "mul":
+        return any(s.op == "const" for s in e.src) and all(_affine_in_positions(s) for s in e.src)
+    return False
 
 
 def is_halfplane(term: Expr) -> bool:
     """Why the bound: past 2**63 int64 wraps (``q_idx * 2**62 > 0`` holds at 1, fails at 2, holds
     at 5), so the set is no half-plane, and corners say nothing of the box between them."""
-    if term.op not in _INEQUALITIES:
+    if term.op not in _INEQUALITIES or not all(_affine_in_positions(s) for s in term.src):
         return False
-    bounds = [_affine_magnitude(s) for s in term.src]
-    return all(b is not None for b in bounds) and sum(bounds) <= AFFINE_BOUND
+    return sum(static_bound(s) for s in term.src) <= AFFINE_BOUND
 
 
 def halfplane_conjuncts(mask: Expr | None) -> tuple[Expr, ...]:

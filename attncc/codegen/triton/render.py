@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attncc.codegen.int_bounds import may_wrap
 from attncc.ir.expr import Expr, TensorSpec
+from attncc.passes.int_bounds import may_wrap
 
 # NOTE: ``{0}``/``{1}`` are the rendered operands, already cast to the node's float type
 # where the node computes in floating point. Helpers starting with "_" live in the

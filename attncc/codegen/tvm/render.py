@@ -13,8 +13,8 @@ import struct
 from collections.abc import Callable
 
 from attncc.codegen.call_ranges import divides, may_be_negative
-from attncc.codegen.int_bounds import may_wrap
-from attncc.ir.expr import COMPARE_OPS, INDEX_VARS, Expr, TensorSpec, promote
+from attncc.ir.expr import COMPARE_OPS, INDEX_VARS, INTERNAL_PREFIX, Expr, TensorSpec, promote
+from attncc.passes.int_bounds import may_wrap
 
 TIR_DTYPE = {"int": "int64", "bool": "bool", "float": "float32"}
 
@@ -246,7 +246,6 @@ def unsupported(expr: Expr) -> str | None:
 
 
 WRAP_BOUND = 1 << 62  # TVM computes integers in int64: past 2**62 a sum of two may wrap
-INTERNAL = "__attncc"  # the name prefix of tensors attncc builds for a call (rows.META, routing tables)
 SMALL_INT = 1 << 20
 
 
@@ -317,7 +316,7 @@ class Renderer:
         size = f'T.Cast("int64", X{self.specs.index(load.src[0].arg)}_n{d})'
         if may_be_negative(index):
             text = f"T.if_then_else({text} < T.int64(0), {text} + {size}, {text})"
-        if any(node.op == "load" and not node.src[0].arg.name.startswith(INTERNAL) for node in index.walk()):
+        if any(node.op == "load" and not node.src[0].arg.name.startswith(INTERNAL_PREFIX) for node in index.walk()):
             # NOTE: an index read from a user's tensor is checked when the tensor's version changes; a
             # write torch does not count (through .data or a NumPy view) could otherwise send the
             # kernel outside the buffer (SIGSEGV): clamped, it reads a wrong element at worst.

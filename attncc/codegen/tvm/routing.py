@@ -30,7 +30,7 @@ from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import EMPTY, FULL, PARTIAL, BlockTables, tables_from_classes
 
 Tensor = torch.Tensor
-SELECTION = "__attncc_block_selection"
+SELECTION = f"{ex.INTERNAL_PREFIX}block_selection"
 
 
 @dataclass(frozen=True, eq=False)

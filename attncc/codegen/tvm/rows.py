@@ -25,14 +25,14 @@ from attncc.autotune.keys import ShapeKey
 from attncc.codegen.tvm.memo import by_value
 from attncc.codegen.tvm.space import PARAMS, SPACE
 from attncc.ir import expr as ex
-from attncc.ir.expr import Expr, TensorSpec
+from attncc.ir.expr import INTERNAL_PREFIX, Expr, TensorSpec
 from attncc.passes.plan import AttentionRegion
 from attncc.passes.sparsify import EMPTY, FULL, PARTIAL, BlockTables, tables_from_classes
 
 Tensor = torch.Tensor
 
 META_SLOTS = 8
-META = TensorSpec("__attncc_meta", (META_SLOTS,), "int64")
+META = TensorSpec(f"{INTERNAL_PREFIX}meta", (META_SLOTS,), "int64")
 # NOTE: flat side tables are allocated in power-of-two sizes (at least this many elements) so
 # that their declared length, which is part of the generated source, rarely changes.
 MIN_FLAT = 1 << 12
@@ -158,7 +158,7 @@ def launch_region(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tens
                         total_lkv=total_lkv, kv_chunk=kv_chunk, keep=keep)
 
 
-QUERY_INDEX = "__attncc_query_index"
+QUERY_INDEX = f"{INTERNAL_PREFIX}query_index"
 
 
 def gathered_rows_region(region: AttentionRegion, real_q_idx: Tensor, normalizer: object | None = None,

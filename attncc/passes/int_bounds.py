@@ -1,4 +1,5 @@
-"""Static bounds on integer expressions: those a backend must decline because they may wrap.
+"""Static bounds on integer expressions: half-planes that stay convex, and expressions a backend
+must decline because they may wrap.
 
 Why: torch computes index arithmetic in int64, which wraps past 2**63. A kernel that computes it
 narrower (Triton's int32 positions wrap past 2**31) or whose compiler assumes it never wraps
@@ -15,6 +16,14 @@ from __future__ import annotations
 from attncc.ir.expr import INDEX_VARS, MAX_POSITIONS, Expr
 
 INT32_BOUND = 1 << 31
+
+
+def static_bound(expr: Expr) -> int | None:
+    """A bound on ``|expr|`` over every call, for an integer ``expr``; None where the data decide."""
+    bounds: dict[Expr, int | None] = {}
+    for node in expr.walk():  # children first
+        bounds[node] = _int_bound(node, [bounds.get(s) for s in node.src])
+    return bounds[expr]
 
 
 def may_wrap(expr: Expr, limit: int) -> str | None:
