@@ -349,8 +349,9 @@ class MaskSparsity:
 
     @property
     def cacheable(self) -> bool:
-        """Tile classes follow from the geometry alone (a mask that reads no captured tensor)."""
-        return not (self.mask is None or _reads_tensors(self.mask) or self.score_tensors)
+        """Tile classes follow from the geometry alone: no mask (every key kept), or one that reads
+        no captured tensor."""
+        return not ((self.mask is not None and _reads_tensors(self.mask)) or self.score_tensors)
 
     def block_tables(
         self, B: int, H: int, Lq: int, Lkv: int, tile: tuple[int, int] = (128, 128), q_offset: int = 0,
