@@ -194,6 +194,19 @@ def test_q_offset_and_mqa():
 
 
 @in_process
+@pytest.mark.parametrize("mask", [
+    lambda b, h, q, kv: (q * 100_000_000 + kv) % 3 == 0,  # past 2**31 for q >= 22
+    lambda b, h, q, kv: (q * 100_000_000 - kv * 300_000_000) // 7 % 5 < 3,
+    lambda b, h, q, kv: ((b + 1) * 2**30 + q) % 3 != 1,  # b = 1: 2**31
+], ids=["q_times_1e8", "difference", "batch_times_2_30"])
+def test_integer_masks_past_int32_compute_as_torch_does(mask):
+    """Positions are int32 tiles in the kernels; an integer node that may pass 2**31 computes in
+    int64, as torch's does (``q * 10**8`` had wrapped into another mask)."""
+    q, k, v = _qkv(B=2, Hq=2, Hkv=2, Lq=40, Lkv=40)
+    check_against_reference(attncc.variant(mask=mask), q, k, v, backend="triton")
+
+
+@in_process
 @pytest.mark.parametrize("name", ["alibi_causal", "sinks", "stick_breaking", "moba_token", "bias_table"])
 def test_gqa_packing_for_decoding(name):
     """Decoding-sized Lq with GQA 4:1 packs the group's query heads into one tile (shared K/V loads)."""

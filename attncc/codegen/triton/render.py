@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncc.ir.expr import Expr, TensorSpec
-from attncc.passes.int_bounds import may_wrap
+from attncc.passes.int_bounds import INT32_BOUND, may_wrap, static_bound
 
 # NOTE: ``{0}``/``{1}`` are the rendered operands, already cast to the node's float type
 # where the node computes in floating point. Helpers starting with "_" live in the
@@ -86,8 +86,7 @@ def unsupported(expr: Expr) -> str | None:
             return f"partial load of {node.src[0].arg.name!r} (remaining shape {node.shape}) used as a value"
         if node.op == "pow" and node.dtype == "int" and not _small_const_exponent(node.src[1]):
             return "integer pow with a non-constant exponent"
-    # NOTE: as TVM's bound; positions are int32 in the kernels, so products past 2**31 of them can
-    # still wrap on a GPU (not validated here: no GPU in CI)
+    # NOTE: as TVM's bound; below it, integer nodes that may pass int32 compute in int64 (``_wide``)
     return may_wrap(expr, 1 << 62)
 
 
@@ -175,10 +174,12 @@ class ExprRenderer:
         op = node.op
         a_e, b_e = node.src
         if op == "pow" and node.dtype == "int":
-            return self._emit(self._int_pow(self.memo[a_e], b_e.arg))
+            return self._emit(self._int_pow(self._wide(node, a_e), b_e.arg))
         if op in INT_BINARY:
             table = FLOAT_BINARY if node.dtype == "float" else INT_BINARY
             a, b = self._operand(a_e, node.dtype), self._operand(b_e, node.dtype)
+            if node.dtype == "int":
+                a, b = self._wide(node, a_e), self._wide(node, b_e)
             if node.dtype == "float" and op == "pow" and b_e.op == "const" and float(b_e.arg).is_integer() \
                     and 0 <= b_e.arg <= 8:
                 return self._emit(self._int_pow(a, int(b_e.arg)))
@@ -188,7 +189,19 @@ class ExprRenderer:
             work = "float"  # comparisons of mixed operands
         a = self._operand(a_e, work or a_e.dtype)
         b = self._operand(b_e, work or b_e.dtype)
+        if node.dtype == "int":
+            a, b = self._wide(node, a_e), self._wide(node, b_e)
         return self._emit(BINARY[op].format(a, b))
+
+    def _wide(self, node: Expr, operand: Expr) -> str:
+        """``operand`` as ``node`` computes with it: in int64 where ``node`` may pass int32 (or its
+        size is the data's). Positions are int32 tiles (``tl.arange``), which wrap past 2**31
+        where torch's int64 does not: ``q_idx * 10**8`` gave another mask."""
+        code = self.memo[operand]
+        if operand.op == "const" or operand.dtype != "int":
+            return code
+        bound = static_bound(node)
+        return code if bound is not None and bound < INT32_BOUND else f"tl.cast({code}, tl.int64)"
 
     def _int_pow(self, base: str, exponent: int) -> str:
         if exponent == 0:
