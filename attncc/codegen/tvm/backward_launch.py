@@ -98,7 +98,7 @@ def _tiles(t: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 ``[B, H, Lkp, D]`` zero-padded to whole tiles, its transposed tiles ``[B, H, NKT, D, BN]``)."""
     B, H, L, D = t.shape
     pad = -(-L // block_n) * block_n - L
-    tf = t.contiguous().float()
+    tf = launcher.dense(t.float())
     tf = torch.nn.functional.pad(tf, (0, 0, 0, pad)) if pad else tf
     return tf, tf.view(B, H, (L + pad) // block_n, block_n, D).transpose(-1, -2).contiguous()
 
@@ -196,7 +196,7 @@ def launch_backward(
         qc, doc = launcher.words(q), launcher.words(do)
     else:
         row_pairs = []
-        qc, doc = q.float().contiguous(), do.float().contiguous()
+        qc, doc = launcher.dense(q.float()), launcher.dense(do.float())
     BN = shape.block_n
     nkv = -(-Lkv // BN)
     if tables is None:
@@ -213,8 +213,8 @@ def launch_backward(
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in captured_specs(region)]
     # NOTE: outside softmax ``lse`` is a row buffer: dq writes 1 / L_i there for dkdv.
     softmax = isinstance(region.normalizer, nodes.SoftmaxNorm)
-    lse = lse.float().contiguous() if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
-    delta = delta.float().contiguous()
+    lse = launcher.dense(lse.float()) if softmax else torch.zeros(B, Hq, Lq, dtype=torch.float32)
+    delta = launcher.dense(delta.float())
     launcher.set_threads()
     rows = -(-Lq // shape.block_m) * shape.block_m  # query rows padded to whole tiles
     stick_breaking = isinstance(region.normalizer, nodes.StickBreakingNorm)
@@ -262,8 +262,8 @@ def launch_backward(
 def _per_query_tile(tables: BlockTables, B: int, Hq: int) -> list[torch.Tensor]:
     """The forward's tables and their balanced task order: the arguments of a kernel whose tasks
     are query tiles (``dq``, ``sums``)."""
-    return [tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-            tables.full_count.contiguous(), tables.full_index.contiguous(),
+    return [launcher.dense(tables.partial_count), launcher.dense(tables.partial_index),
+            launcher.dense(tables.full_count), launcher.dense(tables.full_index),
             schedule.task_order(tables, B, Hq, torch.get_num_threads())]
 
 

@@ -218,7 +218,7 @@ class Launch:
         if self.shape.pair_dots:
             q, kp, vp = words(q), words(k), key_pairs(v, 1)
         else:
-            q = q.contiguous()
+            q = dense(q)
             kp, vp = stage_kv(k, v, getattr(torch, self.shape.kv_type), strided=self.shape.kv_chunks)
         extra = [as_buffer(tensors[name]) for name in self.names]
         self.attn(q, kp, vp, out, lse, *self.tables, *extra, *self.scalars, int(k.shape[2]), *self.chunks)
@@ -237,8 +237,8 @@ def prepare(
     chunks = (q.shape[0] // k.shape[0], kv_chunk) if shape.kv_chunks else ()
     tables = schedule.ragged_tile_partial(tables, kv_chunk or k.shape[2], shape.block_n)
     order = schedule.task_order(tables, B, Hq if shape.group == 1 else k.shape[1], torch.get_num_threads())
-    kernel_tables = (tables.partial_count.contiguous(), tables.partial_index.contiguous(),
-                     tables.full_count.contiguous(), tables.full_index.contiguous(), order)
+    kernel_tables = (dense(tables.partial_count), dense(tables.partial_index),
+                     dense(tables.full_count), dense(tables.full_index), order)
     names = tuple(spec.name for spec in captured_specs(region))
     return Launch(attn, shape, names, kernel_tables, (float(scale), int(q_offset), float(bias)), chunks)
 
@@ -294,6 +294,19 @@ def launch(
     return found(q, k, v, tensors)
 
 
+# NOTE: bytes; TVM's buffers assume their data this aligned (its kAllocAlignment) and move vectors
+# with aligned instructions, which fault on less; torch's CPU allocator aligns to the same 64.
+KERNEL_ALIGNMENT = 64
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and at an address aligned as the kernels' buffers assume: a contiguous
+    view at another offset (q, k or v unbound from one packed tensor, a NumPy array's memory) is
+    copied. Such a view segfaulted the kernel."""
+    t = t.contiguous()
+    return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
+
+
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V as ``[B, Hkv, Lkv, D]`` in ``dtype``, the one the kernel reads them in
@@ -306,7 +319,8 @@ def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool
     def staged(t: torch.Tensor, slot: int) -> torch.Tensor:
         if t.dtype != dtype:  # NOTE: .to costs a microsecond even as a no-op
             t = converted(t, dtype, slot)
-        return t if strided and t.stride(-1) == 1 else t.contiguous()
+        in_place = strided and t.stride(-1) == 1 and t.data_ptr() % KERNEL_ALIGNMENT == 0
+        return t if in_place else dense(t)
 
     return staged(k, 0), staged(v, 1)
 
@@ -345,10 +359,7 @@ def _workspace_buffer(n: int, dtype: torch.dtype, slot: int) -> torch.Tensor:
 def words(t: torch.Tensor) -> torch.Tensor:
     """A bfloat16 ``[..., D]`` tensor (D even) as float32 ``[..., D / 2]`` words of feature pairs,
     without a copy when contiguous (pair dots, ``bf16_pairs``)."""
-    t = t.contiguous()
-    if t.storage_offset() % 2:  # a word view needs words aligned to the storage
-        t = t.clone()
-    return t.view(torch.float32)
+    return dense(t).view(torch.float32)  # NOTE: aligned, so at an even offset in its storage
 
 
 def key_pairs(v: torch.Tensor, slot: int) -> torch.Tensor:
@@ -369,6 +380,6 @@ def key_pairs(v: torch.Tensor, slot: int) -> torch.Tensor:
 
 def as_buffer(t: torch.Tensor) -> torch.Tensor:
     """A captured tensor as its kernel buffer: contiguous, bool as uint8, 0-d as one element."""
-    t = t.detach().contiguous()
+    t = dense(t.detach())
     t = t.reshape(1) if t.dim() == 0 else t
     return t.view(torch.uint8) if t.dtype == torch.bool else t

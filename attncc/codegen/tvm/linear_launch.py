@@ -56,7 +56,7 @@ def _forward(
         workspace = [torch.empty(B, Hkv, shape.D, Dv), torch.empty(B, Hkv, shape.D)]
     extra = [launcher.as_buffer(tensors[spec.name]) for spec in linear_specs(region)]
     dens = [] if den is None else [den]
-    attn(q.contiguous(), k.contiguous(), v.contiguous(), out, *dens, *workspace, *extra, int(q_offset))
+    attn(launcher.dense(q), launcher.dense(k), launcher.dense(v), out, *dens, *workspace, *extra, int(q_offset))
     return out
 
 
