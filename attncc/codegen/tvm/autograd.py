@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from attncc import caller
 from attncc.codegen.tvm.backward import BackwardShape
@@ -166,34 +165,49 @@ class _GeneratedBackward(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+        """With ``create_graph=True`` (grad mode on here) the gradients must be differentiable, and
+        the generated kernels' are not: the reference's recomputed graph gives them (a gradient
+        penalty's second-order term had been silently dropped)."""
         region, tensors, grad_names, scale, q_offset, _forward, tiles = ctx.context
-        tables, shape = tiles or (None, None)
         q, k, v, out, lse, *rest = ctx.saved_tensors
         grad_tensors = rest[: len(grad_names)]
         tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
-        norm = region.normalizer
-        rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())
-        dlse = torch.zeros_like(lse)
-        if grad_lse is not None and isinstance(norm, nodes.SoftmaxNorm):
-            dlse = torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
-        if region.score_scale is not None:
-            scale = scale * region.score_scale
-        # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient shifts Delta_i by -dlse_i.
-        sink = getattr(norm, "sink", None)
-        learn = tuple(n for n in grad_names if sink is None or n != sink.name)
-        dq, dk, dv, *learned = launch_backward(
-            region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse, tensors, scale=scale,
-            q_offset=q_offset, bias=sigmoid_bias(norm, k.shape[2]), learn=learn, shape=shape, tables=tables)
-        by_name = {}
-        for name, grad in zip(learn, learned):
-            shifted = row_shift_gradient(region, name, tensors, dlse, q_offset)
-            grad = grad if shifted is None else grad + shifted.view(grad.shape)
-            by_name[name] = grad.to(tensors[name].dtype)
-        grads = [sink_gradient(t, lse, rowdot, dlse) if name not in by_name else by_name[name]
-                 for name, t in zip(grad_names, grad_tensors)]
-        return (None, dq, dk, dv, *grads)
+        if torch.is_grad_enabled():
+            return (None, *reference_gradients(region, tensors, grad_names, scale, q_offset, (q, k, v, *grad_tensors),
+                                               grad_out, grad_lse))
+        return _generated_gradients(region, tensors, grad_names, scale, q_offset, tiles, q, k, v, out, lse,
+                                    grad_tensors, grad_out, grad_lse)
+
+
+@torch.no_grad()
+def _generated_gradients(region: AttentionRegion, tensors: dict[str, torch.Tensor], grad_names: list[str],
+                         scale: float, q_offset: int, tiles: tuple | None, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_tensors: list[torch.Tensor],
+                         grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+    """The generated kernels' gradients (not differentiable again)."""
+    tables, shape = tiles or (None, None)
+    norm = region.normalizer
+    rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())
+    dlse = torch.zeros_like(lse)
+    if grad_lse is not None and isinstance(norm, nodes.SoftmaxNorm):
+        dlse = torch.where(torch.isfinite(lse), grad_lse.float(), 0.0)
+    if region.score_scale is not None:
+        scale = scale * region.score_scale
+    # NOTE: d lse_i / d s_ij = p_ij, so an lse gradient shifts Delta_i by -dlse_i.
+    sink = getattr(norm, "sink", None)
+    learn = tuple(n for n in grad_names if sink is None or n != sink.name)
+    dq, dk, dv, *learned = launch_backward(
+        region, q.detach(), k.detach(), v.detach(), lse, grad_out, rowdot - dlse, tensors, scale=scale,
+        q_offset=q_offset, bias=sigmoid_bias(norm, k.shape[2]), learn=learn, shape=shape, tables=tables)
+    by_name = {}
+    for name, grad in zip(learn, learned):
+        shifted = row_shift_gradient(region, name, tensors, dlse, q_offset)
+        grad = grad if shifted is None else grad + shifted.view(grad.shape)
+        by_name[name] = grad.to(tensors[name].dtype)
+    grads = [sink_gradient(t, lse, rowdot, dlse) if name not in by_name else by_name[name]
+             for name, t in zip(grad_names, grad_tensors)]
+    return (None, dq, dk, dv, *grads)
 
 
 class _ReferenceBackward(torch.autograd.Function):
@@ -213,26 +227,33 @@ class _ReferenceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-        """With ``create_graph=True`` (grad mode on here) the recomputed graph starts at views of the
-        saved tensors, so that the gradients are differentiable again, as the reference's are; a
-        view per role, so that ``q = k = v = x`` gives each role its own share of x's gradient."""
-        from attncc.codegen.reference.attention import attention
-
         region, tensors, grad_names, scale, q_offset, _ = ctx.context
         q, k, v, *rest = ctx.saved_tensors
         grad_tensors = rest[: len(grad_names)]
         tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
-        create = torch.is_grad_enabled()
-        with torch.enable_grad():
-            inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True)
-                      for t in (q, k, v, *grad_tensors)]
-            live = dict(tensors)
-            live.update(zip(grad_names, inputs[3:]))
-            out, lse = attention(region, inputs[0], inputs[1], inputs[2], live, scale=scale, q_offset=q_offset)
-            outputs, grads = [out], [grad_out]
-            if lse is not None and grad_lse is not None:
-                finite = torch.isfinite(lse)
-                outputs.append(torch.where(finite, lse, 0.0))
-                grads.append(torch.where(finite, grad_lse, 0.0))
-            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True, create_graph=create)
-        return (None, *found)
+        return (None, *reference_gradients(region, tensors, grad_names, scale, q_offset, (q, k, v, *grad_tensors),
+                                           grad_out, grad_lse))
+
+
+def reference_gradients(region: AttentionRegion, tensors: dict[str, torch.Tensor], grad_names: list[str],
+                        scale: float, q_offset: int, saved: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
+                        grad_lse: torch.Tensor | None) -> tuple:
+    """(dq, dk, dv, d learned...) by autograd through the reference backend, recomputed from the
+    ``saved`` inputs (q, k, v, the learned tensors). With ``create_graph=True`` (grad mode on here)
+    the recomputed graph starts at views of the saved tensors, so that the gradients are
+    differentiable again, as the reference's are; a view per role, so that ``q = k = v = x`` gives
+    each role its own share of x's gradient."""
+    from attncc.codegen.reference.attention import attention
+
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True) for t in saved]
+        live = dict(tensors)
+        live.update(zip(grad_names, inputs[3:]))
+        out, lse = attention(region, inputs[0], inputs[1], inputs[2], live, scale=scale, q_offset=q_offset)
+        outputs, grads = [out], [grad_out]
+        if lse is not None and grad_lse is not None:
+            finite = torch.isfinite(lse)
+            outputs.append(torch.where(finite, lse, 0.0))
+            grads.append(torch.where(finite, grad_lse, 0.0))
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True, create_graph=create)

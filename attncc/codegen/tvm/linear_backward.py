@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from attncc import caller
 from attncc.codegen.tvm.autograd import restored_captured, saved_captured
@@ -82,14 +81,16 @@ class _LinearAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        """With ``create_graph=True`` (grad mode on here) the gradients must be differentiable: the
+        recomputed graph gives them, not the kernels (their second-order term had been dropped)."""
         region, kernel, tensors, names, q_offset, generated = ctx.context
         q, k, v, out, den, *rest = ctx.saved_tensors
         learned = rest[: len(names)]
         live = restored_captured(ctx, tensors, rest[len(names):])
-        if generated:
-            grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
+        if generated and not torch.is_grad_enabled():
+            with torch.no_grad():
+                grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
         else:
             grads = recomputed_gradients(region, q, k, v, grad_out, live, names, q_offset)
         return (None, *(None if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v, *learned))))
@@ -157,14 +158,16 @@ def recomputed_gradients(
     norm: nodes.LinearNorm = region.normalizer
     lowering = region.linear
     causal = None if lowering.strategy == "linear_global" else ("strict" if lowering.causal_strict else "inclusive")
+    create = torch.is_grad_enabled()  # create_graph=True: starts at views, as autograd.reference_gradients
     with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (q, k, v, *(tensors[n] for n in learned))]
+        inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True)
+                  for t in (q, k, v, *(tensors[n] for n in learned))]
         live = {**tensors, **dict(zip(learned, inputs[3:]))}
         out = linear_attention(
             *inputs[:3], feature=norm.feature_map, normalize=norm.normalize,
             decay=None if norm.decay is None else live[norm.decay.name], causal=causal, chunk=lowering.chunk,
             q_offset=q_offset, tensors=live)
-        return torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True)
+        return torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True, create_graph=create)
 
 
 def padded_rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
