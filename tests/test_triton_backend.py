@@ -380,6 +380,26 @@ def test_tuned_config_is_honoured(tiles):
 
 
 @in_process
+def test_gradient_penalty_is_differentiated_as_the_reference():
+    """``create_graph=True``: the gradients come from the reference's recomputed graph (with a
+    warning), so a penalty on them differentiates (it had raised: no autograd formula for the
+    backward op)."""
+    var = VARIANTS["alibi_causal"]()
+    q0, k0, v0 = _qkv(Lq=20, Lkv=20)
+    w = torch.randn(q0.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    found = {}
+    for backend in ("triton", "reference"):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = (var(q, k, v, backend=backend) * w).sum()
+            (dq,) = torch.autograd.grad(loss, q, create_graph=True)
+            found[backend] = torch.autograd.grad(loss + dq.square().sum(), (q, k, v))
+    for got, want in zip(found["triton"], found["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@in_process
 def test_differential_attention_values_and_gradients():
     """A graph of two attentions and a combine: each region's kernel, then o1 - lam * o2."""
     g = attncc.GraphBuilder("diff")

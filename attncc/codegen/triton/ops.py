@@ -109,6 +109,8 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Any, ...]:
     router = heads.router if heads is not None else None
     learn = [n for n, want in zip(names, wants, strict=True) if want and n not in (getattr(sink, "name", None), router)]
     reason = backward_unsupported(region, tuple(learn))
+    if reason is None and torch.is_grad_enabled():
+        reason = "create_graph=True: the kernels' gradients are not differentiable again"
     if reason is not None:
         grads = _reference_backward(region, q, k, v, captured, names, do, dlse, ctx.scale, ctx.q_offset, reason)
         return (None, *grads[:3], list(grads[3:]), None, None, None, None, [None] * ctx.n_config)
@@ -148,16 +150,20 @@ def _router_grad(region: AttentionRegion, router: Tensor, o: Tensor, do: Tensor)
 def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, captured: list[Tensor],
                         names: list[str], do: Tensor, dlse: Tensor | None, scale: float, q_offset: int,
                         reason: str) -> tuple[Tensor | None, ...]:
-    """Gradients by recomputing through the reference backend under autograd (slow, exact)."""
+    """Gradients by recomputing through the reference backend under autograd (slow, exact); with
+    ``create_graph=True`` (grad mode on here) from views of the saved tensors, so that they are
+    differentiable again."""
     from attncc.codegen.reference.attention import attention
 
     if (launcher.region_key(region), reason) not in _WARNED:
         _WARNED.add((launcher.region_key(region), reason))
         warnings.warn(f"attncc triton backend: {reason}; using the reference backward for this variant",
                       stacklevel=3)
+    create = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        caps = [c.detach().requires_grad_(c.is_floating_point() and c.requires_grad) for c in captured]
+        leaves = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
+        caps = [c.view_as(c) if create and c.requires_grad else
+                c.detach().requires_grad_(c.is_floating_point() and c.requires_grad) for c in captured]
         # NOTE: the reference applies region.score_scale (and row_shift) itself.
         out, lse = attention(region, *leaves, dict(zip(names, caps, strict=True)), scale=scale, q_offset=q_offset)
         outputs, grads_out = [out], [do]
@@ -165,7 +171,7 @@ def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor
             outputs.append(lse)
             grads_out.append(dlse)
         inputs = leaves + [c for c in caps if c.requires_grad]
-        grads = list(torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True))
+        grads = list(torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True, create_graph=create))
     dcaps: list[Tensor | None] = []
     it = iter(grads[3:])
     for c in caps:
