@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -70,13 +71,18 @@ def _check_qkv_layout(
         raise ValueError(f"{kn} and {vn} must have the same length, got {k_shape[2]} and {v_shape[2]}")
 
 
-def check_options(scale: object, q_offset: object) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+def checked_options(scale: object, q_offset: object) -> tuple[float | None, int]:
+    """``scale`` as a float (or None) and ``q_offset`` as an int, from any real / integral number
+    (NumPy's included: ``q_offset=np.int64(3)`` was refused as if it were negative)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
-    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
-        raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+        raise TypeError(f"q_offset must be an int, got {type(q_offset).__name__}")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be non-negative, got {int(q_offset)}")
+    return (None if scale is None else float(scale)), int(q_offset)
 
 
 def check_captured(tensors: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -25,7 +25,7 @@ from attncc.passes.causality import mask_implies_causal
 from attncc.passes.pipeline import CompileReport, compile_graph
 from attncc.passes.plan import KernelPlan
 from attncc.routing import TopKBlocks, TopKHeads
-from attncc.validate import check_captured, check_combined_shapes, check_head_tensors, check_options, check_qkv
+from attncc.validate import check_captured, check_combined_shapes, check_head_tensors, check_qkv, checked_options
 
 SOFTMAX_FAMILY = (nodes.SoftmaxNorm,)
 
@@ -122,7 +122,7 @@ class Program:
         backend: str | None = None,
         return_lse: bool = False,
     ) -> Any:
-        check_options(scale, q_offset)
+        scale, q_offset = checked_options(scale, q_offset)
         plan = self.plan
         empty = no_value_dim = False
         for region in plan.regions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,10 +209,26 @@ def test_captured_tensor_on_another_device_than_q() -> None:
         var(*_qkv(), backend="reference")
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True])
-def test_bad_q_offset(value) -> None:
-    with pytest.raises(ValueError, match="q_offset"):
+@pytest.mark.parametrize(("value", "error", "message"), [
+    (-1, ValueError, "q_offset must be non-negative, got -1"),
+    (np.int64(-2), ValueError, "q_offset must be non-negative, got -2"),
+    (1.5, TypeError, "q_offset must be an int, got float"),
+    (True, TypeError, "q_offset must be an int, got bool"),
+    (torch.tensor(3), TypeError, "q_offset must be an int, got Tensor"),
+])
+def test_bad_q_offset(value, error, message) -> None:
+    with pytest.raises(error, match=message):
         VAR(*_qkv(), q_offset=value, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "tvm"])
+def test_numpy_numbers_are_ints_and_floats(backend: str) -> None:
+    """``q_offset=np.int64(3)`` was refused as "must be a non-negative int" (it is one), and
+    ``scale=np.float32(0.5)`` as not a float."""
+    qkv = _qkv()
+    want = VAR(*qkv, q_offset=3, scale=0.5, backend=backend)
+    got = VAR(*qkv, q_offset=np.int64(3), scale=np.float32(0.5), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_bad_scale() -> None:
