@@ -207,23 +207,6 @@ def test_merge_adds_the_sink_once() -> None:
     torch.testing.assert_close(merged, torch.log(total))
 
 
-def test_one_partial_takes_the_sink_as_the_merge_does() -> None:
-    """``add_sink`` (one chunk) equals ``merge_partials`` of that one partial, dead rows included:
-    lse = -inf beside a sink, beside a sink of -inf (o = 0, lse = -inf, never NaN), and a live
-    row whose sink is -inf."""
-    inf = math.inf
-    lse = torch.tensor([[0.3, -inf, -inf, 2.0], [-1.5, 4.0, -inf, -inf]]).view(1, 2, 4)
-    sink = torch.tensor([0.5, -inf]).view(1, 2, 1)
-    o = torch.randn(1, 2, 4, 8)
-    o[lse.isinf().unsqueeze(-1).expand_as(o)] = 0.0
-    got_o, got_lse = decode.add_sink(o, lse, sink)
-    want_o, want_lse = decode.merge_partials(o.unsqueeze(1), lse.unsqueeze(1), sink)
-    assert not got_o.isnan().any() and not got_lse.isnan().any()
-    torch.testing.assert_close(got_o, want_o)
-    torch.testing.assert_close(got_lse, want_lse)
-    assert got_lse[0, 1, 2] == -inf and torch.equal(got_o[0, 1, 2], torch.zeros(8))
-
-
 def test_split_kv_with_grad_uses_the_plain_path(kernel_keys: list[int]) -> None:
     """No split under autograd: the plain kernel's backward gives the reference's gradients."""
     program = variant("sinks")
@@ -322,3 +305,17 @@ def test_decoding_steps_in_one_bucket_reuse_one_launch(monkeypatch: pytest.Monke
     for L in (600, 601, 602, 605):
         check_against_reference(program, q, k[:, :, :L], v[:, :, :L], backend="tvm", q_offset=L - 1)
     assert len(prepared) == 1
+
+
+@pytest.mark.parametrize("Lq", [1, 3], ids=["row-major", "key-major"])
+@pytest.mark.parametrize("mask", ["causal", "none_visible"])
+def test_one_chunk_adds_each_rows_own_sink(Lq: int, mask: str, kernel_keys: list[int]) -> None:
+    """One chunk's kernel adds the sink itself, read by each folded row's real query head: every
+    head's sink differs (one switched off with -inf, one dominant), and rows that see no key get
+    o = 0 and lse = their sink."""
+    sink = torch.tensor([0.5, -math.inf, 6.0, -2.0, 1.0, 0.0, -0.5, 3.0])
+    keep = masks.causal if mask == "causal" else (lambda b, h, q, kv: kv > q + 5)
+    program = attncc.variant(mask=keep, normalizer=attncc.Softmax(sink=sink))
+    q, k, v = qkv(Hq=8, Hkv=2, Lq=Lq, Lkv=700, seed=9)
+    check_against_reference(program, q, k, v, backend="tvm", q_offset=700 - Lq, return_lse=True)
+    assert kernel_keys == [704]  # one chunk: the cache rounded up to whole tiles of 64

@@ -41,7 +41,7 @@ def region_exprs(region: AttentionRegion) -> tuple[Expr, ...]:
     TVM kernels take their tensors (``kernels.captured_specs``; a linear region's feature map has
     its own kernel, ``linear.linear_specs``)."""
     norm = region.normalizer
-    found = [region.score, region.mask, region.row_shift, getattr(norm, "phi", None)]
+    found = [region.score, region.mask, region.row_shift, region.sink_head, getattr(norm, "phi", None)]
     feature = getattr(norm, "feature_map", None)
     found.append(feature if isinstance(feature, Expr) else None)
     return tuple(e for e in found if e is not None)

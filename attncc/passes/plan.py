@@ -119,6 +119,8 @@ class AttentionRegion:
     # NOTE: softmax cancels ``row_shift`` in the output; add it back to the lse, and a row whose
     # ``row_shift`` is -inf is fully masked (o = 0, lse = -inf).
     fused: bool = False  # fuse: score, mask, normalizer and value product in one loop nest
+    sink_head: Expr | None = None  # over b, h, q_idx: whose sink a row adds, where not h (a decoding
+    # step folds a group's query heads into the rows of its kv head)
     gate: RoutingGate | None = None  # lower_routing: TopKBlocks gate step
     head_select: HeadSelection | None = None  # lower_routing: TopKHeads per-token selection
     linear: LinearLowering | None = None  # lower_linear: chunked or global schedule

@@ -16,6 +16,7 @@ are too few to fill the threads evenly (``cpu_splits``). Here (SEMANTICS.md, sof
 - the region's expressions see the real indices: ``b -> b // S``, ``h -> h * G + r // Lq``,
   ``q_idx -> r % Lq + q_offset``, ``kv_idx -> kv_idx + C * (b % S)`` with ``r`` the kernel's row,
   and keys past the cache end (the last chunk's padding) are masked;
+- one chunk: its kernel adds the sink, read by each row's real head (``AttentionRegion.sink_head``);
 - partials: softmax without its sink returns ``(o_s, lse_s)``; the merge weighs each by
   ``exp(lse_s - lse)``, ``lse`` their log-sum-exp with the sink's logit added once. Sigmoid and
   unnormalised pointwise maps sum. A normalised pointwise map would need the kernel's row sums,
@@ -92,9 +93,10 @@ def split_config(config: dict, rows: int) -> dict:
 
 
 @by_value(maxsize=64)
-def _kernel_region(region: AttentionRegion) -> AttentionRegion:
-    """Real indices from the kernel's (META: S, C, G, Lq, q_offset, Lkv); the sink is left out.
-    Memoized per region (rebuilding its expressions took about 0.4 ms a step)."""
+def _kernel_region(region: AttentionRegion, chunked: bool) -> AttentionRegion:
+    """Real indices from the kernel's (META: S, C, G, Lq, q_offset, Lkv); the sink is left out of
+    ``chunked`` keys' partials (the merge adds it once), and read by each row's real head in one
+    chunk's kernel. Memoized per region (rebuilding its expressions took about 0.4 ms a step)."""
     S, C, G, Lq, q_offset, Lkv = (rw.meta_at(i) for i in range(6))
     b, h, r, kv = ex.var("b"), ex.var("h"), ex.var("q_idx"), ex.var("kv_idx")
     # NOTE: padding rows (r >= G * Lq) are clamped to the last real row: loads indexed by h stay in bounds.
@@ -107,7 +109,7 @@ def _kernel_region(region: AttentionRegion) -> AttentionRegion:
         "kv_idx": real_kv,
     }
     norm = region.normalizer
-    if isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None:
+    if chunked and isinstance(norm, nodes.SoftmaxNorm) and norm.sink is not None:
         norm = dataclasses.replace(norm, sink=None)
     return rw.reindex(region, mapping, extra_mask=rw.op("lt", real_kv, Lkv), normalizer=norm)
 
@@ -118,7 +120,7 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G, R = Hq // Hkv, (Hq // Hkv) * Lq
-    kernel_region = _kernel_region(region)
+    kernel_region = _kernel_region(region, splits > 1)
     if decode_kernel.supports(kernel_region, R, D, Dv):
         config = decode_kernel.config(R, config["block_n"])
     else:
@@ -127,6 +129,8 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     per_split = -(-Lkv // splits)
     C = -(-per_split // block_n) * block_n
     S = -(-Lkv // C)
+    if S == 1 and splits > 1:  # the chunks rounded up to whole tiles left one: its kernel adds the sink
+        return run_split_kv(region, q, k, v, tensors, config, 1, scale=scale, q_offset=q_offset)
     tiles_per_chunk = C // block_n
 
     qf = q.float().reshape(B, Hkv, R, D)
@@ -139,17 +143,15 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     o, lse = rw.launch_region(kernel_region, qf, k, v, side, tables, config, scale=scale, q_offset=0,
                               total_lkv=Lkv, kv_chunk=C, keep=static)
     norm = region.normalizer
-    sink = None if getattr(norm, "sink", None) is None else tensors[norm.sink.name].float().view(1, Hq, 1)
-    if S == 1:
-        o, lse = o.view(B, Hq, Lq, Dv), lse.view(B, Hq, Lq)
-        if sink is not None:
-            o, lse = add_sink(o, lse, sink)
+    if S == 1:  # the kernel added the sink
+        o = o.view(B, Hq, Lq, Dv)
         o = o if o.dtype == q.dtype else o.to(q.dtype)
-        return o, lse if isinstance(norm, nodes.SoftmaxNorm) else None
+        return o, lse.view(B, Hq, Lq) if isinstance(norm, nodes.SoftmaxNorm) else None
     o = o.view(B, S, Hq, Lq, Dv)
     lse = lse.view(B, S, Hq, Lq)
     if not isinstance(norm, nodes.SoftmaxNorm):
         return o.sum(1).to(q.dtype), None
+    sink = None if norm.sink is None else tensors[norm.sink.name].float().view(1, Hq, 1)
     out, merged = merge_partials(o, lse, sink)
     return out.to(q.dtype), merged
 
@@ -212,14 +214,6 @@ def _fold_tables(classes: Tensor, Hkv: int, ragged: bool, tile: tuple[int, int],
     folded[..., : classes.shape[-1]] = classes.reshape(B, Hkv, R, -1)
     folded = folded.view(B, Hkv, R, S, tiles_per_chunk).permute(0, 3, 1, 2, 4).reshape(B * S, Hkv, R, -1)
     return rw.tile_tables(folded, block_m)
-
-
-def add_sink(o: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
-    """``merge_partials`` of one partial: its share beside the sink is ``sigmoid(lse - sink)``.
-    Fewer torch ops: each op right after a kernel that streamed the cache out of the caches cost
-    20-90 us here (a decoding step over 4096 keys took 12% longer with a sink than without)."""
-    share = torch.sigmoid(lse - sink).nan_to_num_(0.0)  # NaN: lse and sink both -inf, a dead row
-    return o * share.unsqueeze(-1), torch.logaddexp(lse, sink)
 
 
 def merge_partials(o: Tensor, lse: Tensor, sink: Tensor | None, dim: int = 1) -> tuple[Tensor, Tensor]:

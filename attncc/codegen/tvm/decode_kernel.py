@@ -14,7 +14,7 @@ and keys instead:
   vectors by ``BM`` rows at a time.
 
 Same arguments, task table and block tables as the key-major kernel (``launcher.launch`` runs
-either); the normalizers the split-KV path merges: softmax without its sink (merged outside),
+either); the normalizers the split-KV path merges: softmax (a sink is merged outside, or added by one chunk's kernel),
 sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shapes.
 """
 
@@ -34,7 +34,7 @@ def supports(region: AttentionRegion, rows: int, D: int, Dv: int) -> bool:
     (8 rows fill the key-major kernel's vectors, which is faster there: MQA 8 query heads of
     128 over 4096 keys, B=2, 0.66 ms against 0.88)."""
     norm = region.normalizer
-    merged = (isinstance(norm, nodes.SoftmaxNorm) and norm.sink is None) or isinstance(norm, nodes.SigmoidNorm) or (
+    merged = isinstance(norm, nodes.SoftmaxNorm | nodes.SigmoidNorm) or (
         isinstance(norm, nodes.PointwiseNorm) and not norm.normalize)
     return merged and rows < LANES and D % LANES == 0 and Dv % LANES == 0
 

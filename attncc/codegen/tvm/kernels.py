@@ -55,6 +55,7 @@ from attncc.codegen.tvm.render import (
     fast_log1p,
     softplus_steps,
 )
+from attncc.ir import expr as ex
 from attncc.ir import nodes
 from attncc.ir.expr import Expr, TensorSpec
 from attncc.passes.halfplanes import halfplane_conjuncts, only_halfplanes
@@ -900,11 +901,19 @@ class KeyMajorForward:
         w(f'Lt = T.decl_buffer(({BM},), "float32")')
         w(f'Mt = T.decl_buffer(({BM},), "float32")')
         w(f'Et = T.decl_buffer(({BM},), "float32")')
+        sink_head = self.region.sink_head
+        if norm.sink is not None and sink_head is not None:  # rows of other heads than h (a decoding step's)
+            w(f'Sk = T.decl_buffer(({BM},), "float32")')
+            env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
+            with w.block(f"for i in range({BM}):"):
+                w(f"Sk[i] = {Renderer(env, self.specs)(ex.load(ex.input_ref(norm.sink), (sink_head,)))}")
         with w.block(f"for i in T.vectorized({BM}):"):
             if norm.sink is not None:
-                name = buffer_name(norm.sink, self.specs)
-                sink = f"{name}[{self._row('i')[0]}]"
-                sink = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
+                if sink_head is None:
+                    sink = f"{buffer_name(norm.sink, self.specs)}[{self._row('i')[0]}]"
+                    sink = f'T.Cast("float32", {sink})' if norm.sink.dtype != "float32" else sink
+                else:
+                    sink = "Sk[i]"
                 sink = f"({sink} * T.float32({LOG2E!r}))" if self._base2 else sink  # in M's base
                 # a dead row (m = -inf): Et = 0, Lt = 1, so o = 0 and lse = sink; with a sink of
                 # -inf too (switched off), Mt = 0 and Lt = 0: o = 0 and lse = -inf, not NaN

@@ -86,9 +86,14 @@ def reindex(region: AttentionRegion, mapping: dict[str, Expr], extra_mask: Expr 
     mask = sub(region.mask)
     if extra_mask is not None:
         mask = extra_mask if mask is None else ex.binary("and", mask, extra_mask)
+    norm = normalizer or region.normalizer
+    sink_head = None
+    if getattr(norm, "sink", None) is not None:
+        sink_head = sub(region.sink_head or ex.var("h"))
+        sink_head = None if sink_head == ex.var("h") else sink_head
     return dataclasses.replace(
         region, score=sub(region.score), mask=mask, row_shift=sub(region.row_shift), sparsity=None,
-        routing=None, gate=None, head_select=None, normalizer=normalizer or region.normalizer,
+        routing=None, gate=None, head_select=None, normalizer=norm, sink_head=sink_head,
     )
 
 
