@@ -7,7 +7,8 @@ gradients of captured tensors that a score function reads (an ALiBi slope table,
 bias table). Linear attention has its own (``linear_backward.py``). Everything else (a learned
 tensor read by a mask or phi) recomputes the region with the reference backend's
 differentiable path (dense, ``O(Lq*Lkv)`` memory) after a one-time warning that says why: never
-a silent wrong gradient.
+a silent wrong gradient. So does ``create_graph=True`` (a gradient penalty): the generated
+kernels' gradients are not differentiable again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from attncc.ir import nodes
 from attncc.passes.plan import AttentionRegion, KernelPlan
 from attncc.passes.sparsify import BlockTables
 
-_WARNED: set[str] = set()
+_WARNED: set[object] = set()  # plan fingerprints and regions warned about
 BACKWARD_WARNING = (
     "attncc: the TVM backend's generated backward does not cover this variant ({reason}); its gradients "
     "are computed by recomputing it with the reference backend (dense, O(Lq*Lkv) memory)"
@@ -120,18 +121,22 @@ def generated_backward(
     region: AttentionRegion, forward: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], *, scale: float, q_offset: int,
     tiles: tuple[BlockTables, BackwardShape] | None = None,
+    reference: tuple[AttentionRegion, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse): ``forward`` (a generated kernel of ``region``) now, the generated backward kernels
     later (the caller has checked ``backward_unsupported``). ``tiles``: the tables the forward
-    visited and the backward's tile shape, when the mask alone does not say which (routing)."""
+    visited and the backward's tile shape, when the mask alone does not say which (routing);
+    ``reference``: the region and tensors the reference recomputes under ``create_graph=True``
+    where ``region`` alone does not say what the forward computed (the tiles do)."""
     names = learned_names(tensors)
-    context = (region, tensors, names, scale, q_offset, forward, tiles)
+    context = (region, tensors, names, scale, q_offset, forward, tiles, reference)
     return _GeneratedBackward.apply(context, q, k, v, *(tensors[n] for n in names))
 
 
 def routed_backward(
     region: AttentionRegion, forward: Forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tensors: dict[str, torch.Tensor], tables: BlockTables, config: dict, *, scale: float, q_offset: int,
+    reference: tuple[AttentionRegion, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """``generated_backward`` for a routed path's kernel (``region`` re-indexed or with the selection
     in its mask), on the ``tables`` at ``config``'s tiles its forward visits; or why it cannot be.
@@ -146,17 +151,19 @@ def routed_backward(
                                kv_tiles=-(-k.shape[2] // block_n))
     if why:
         return why
-    return generated_backward(region, forward, q, k, v, live, scale=scale, q_offset=q_offset, tiles=(tables, shape))
+    return generated_backward(region, forward, q, k, v, live, scale=scale, q_offset=q_offset, tiles=(tables, shape),
+                              reference=reference)
 
 
 class _GeneratedBackward(torch.autograd.Function):
     """Forward: a TVM kernel (the context's callable). Backward: the generated kernels; the sink's and the row_shift's
-    shares of captured tensors' gradients in torch (O(B * Hq * Lq))."""
+    shares of captured tensors' gradients in torch (O(B * Hq * Lq)); under ``create_graph=True`` the
+    reference's recomputed graph."""
 
     @staticmethod
     def forward(ctx: Any, context: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 *grad_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        region, *_, forward, _tiles = context
+        region, *_, forward, _tiles, _reference = context
         ctx.context = context
         out, lse = forward(q.detach(), k.detach(), v.detach())
         ctx.save_for_backward(q, k, v, out, lse, *grad_tensors, *saved_captured(ctx, context[1]))
@@ -169,18 +176,25 @@ class _GeneratedBackward(torch.autograd.Function):
         """With ``create_graph=True`` (grad mode on here) the gradients must be differentiable, and
         the generated kernels' are not: the reference's recomputed graph gives them (a gradient
         penalty's second-order term had been silently dropped)."""
-        region, tensors, grad_names, scale, q_offset, _forward, tiles = ctx.context
+        region, tensors, grad_names, scale, q_offset, _forward, tiles, reference = ctx.context
         q, k, v, out, lse, *rest = ctx.saved_tensors
         grad_tensors = rest[: len(grad_names)]
         tensors = restored_captured(ctx, tensors, rest[len(grad_names):])
         if torch.is_grad_enabled():
-            return (None, *reference_gradients(region, tensors, grad_names, scale, q_offset, (q, k, v, *grad_tensors),
-                                               grad_out, grad_lse))
-        return _generated_gradients(region, tensors, grad_names, scale, q_offset, tiles, q, k, v, out, lse,
-                                    grad_tensors, grad_out, grad_lse)
+            if region not in _WARNED:
+                _WARNED.add(region)
+                caller.warn(BACKWARD_WARNING.format(reason="create_graph=True: the kernels' gradients are not "
+                                                           "differentiable again"))
+            ref_region, ref_tensors = reference or (region, tensors)
+            grads = reference_gradients(ref_region, {**ref_tensors, **tensors}, grad_names, scale, q_offset,
+                                        (q, k, v, *grad_tensors), grad_out, grad_lse)
+        else:
+            grads = _generated_gradients(region, tensors, grad_names, scale, q_offset, tiles, q, k, v, out, lse,
+                                         grad_tensors, grad_out, grad_lse)
+        return (None, *grads)
 
 
-@torch.no_grad()
+@torch.no_grad()  # NOTE: grad mode is off already (no create_graph); kept so the kernels' torch ops never record
 def _generated_gradients(region: AttentionRegion, tensors: dict[str, torch.Tensor], grad_names: list[str],
                          scale: float, q_offset: int, tiles: tuple | None, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_tensors: list[torch.Tensor],
@@ -207,7 +221,7 @@ def _generated_gradients(region: AttentionRegion, tensors: dict[str, torch.Tenso
         by_name[name] = grad.to(tensors[name].dtype)
     grads = [sink_gradient(t, lse, rowdot, dlse) if name not in by_name else by_name[name]
              for name, t in zip(grad_names, grad_tensors)]
-    return (None, dq, dk, dv, *grads)
+    return (dq, dk, dv, *grads)
 
 
 class _ReferenceBackward(torch.autograd.Function):

@@ -170,4 +170,7 @@ def run_topk_blocks_with_grad(region: AttentionRegion, q: Tensor, k: Tensor, v: 
         return rw.launch_region(kernel_region, q, k, v, live, tables, config, scale=scale, q_offset=q_offset,
                                 total_lkv=k.shape[2])
 
-    return routed_backward(kernel_region, forward, q, k, v, live, tables, config, scale=scale, q_offset=q_offset)
+    # NOTE: the reference recomputes the routed region itself: where no selection mask is needed, only
+    # the tiles say which blocks the kernel region attends
+    return routed_backward(kernel_region, forward, q, k, v, live, tables, config, scale=scale, q_offset=q_offset,
+                           reference=(region, tensors))
