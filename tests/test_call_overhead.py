@@ -403,24 +403,3 @@ def test_threads_convert_into_workspaces_of_their_own(pair_dots: bool, request):
         assert len(results[i]) == 4
         for got in results[i]:
             torch.testing.assert_close(got, expected[i], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("mask", [None, masks.causal], ids=["no-mask", "causal"])
-def test_decoding_steps_reuse_their_tables_and_launch(mask, monkeypatch):
-    """Consecutive decoding steps of one bucket prepare one launch, with no mask too: a maskless
-    region's tiles follow from the geometry alone (it rebuilt its step tables and launch on every
-    step, 20% of a step over 4096 keys)."""
-    built: list[int] = []
-    real = launcher.prepare
-
-    def spy(*args, **kwargs):
-        built.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(launcher, "prepare", spy)
-    var = attncc.variant(mask=mask)
-    q, k, v = random_qkv(B=1, Hq=4, Hkv=2, Lq=1, Lkv=320)
-    for step in range(3):
-        Lkv = 300 + step
-        check_against_reference(var, q, k[:, :, :Lkv], v[:, :, :Lkv], backend="tvm", q_offset=Lkv - 1)
-    assert len(built) == 1

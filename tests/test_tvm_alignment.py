@@ -65,6 +65,7 @@ def test_numpy_memory() -> None:
     arrays = [np.empty(t.numel() + 1, dtype=np.float32)[1:].reshape(t.shape) for t in (q, k, v)]
     for a, t in zip(arrays, (q, k, v), strict=True):
         a[...] = t.numpy()
+        assert torch.from_numpy(a).data_ptr() % launcher.KERNEL_ALIGNMENT
     check_against_reference(attncc.variant(mask=masks.causal), *(torch.from_numpy(a) for a in arrays), backend="tvm")
 
 

@@ -121,6 +121,8 @@ class AttentionRegion:
     fused: bool = False  # fuse: score, mask, normalizer and value product in one loop nest
     sink_head: Expr | None = None  # over b, h, q_idx: whose sink a row adds, where not h (a decoding
     # step folds a group's query heads into the rows of its kv head)
+    # NOTE: set by codegen.tvm.rows.reindex for TVM kernel regions only, which run without autograd;
+    # the reference and Triton read sink[h]
     gate: RoutingGate | None = None  # lower_routing: TopKBlocks gate step
     head_select: HeadSelection | None = None  # lower_routing: TopKHeads per-token selection
     linear: LinearLowering | None = None  # lower_linear: chunked or global schedule

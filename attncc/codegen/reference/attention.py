@@ -147,3 +147,13 @@ def topk_heads_weights(route: nodes.TopKHeadsRoute, router: Tensor) -> Tensor:
     kept = torch.zeros_like(router, dtype=torch.bool).scatter_(-1, order, True)
     weights = torch.softmax(torch.where(kept, router, float("-inf")), dim=-1)
     return torch.where(kept, weights, 0.0).permute(0, 2, 1).unsqueeze(-1)
+
+
+def recompute_input(t: Tensor, create: bool, wanted: bool = True) -> Tensor:
+    """An input of a backward that recomputes through this backend: with ``create_graph=True``
+    (``create``) a view of a saved tensor that requires grad, so that the gradients found are
+    differentiable again (a view per role: ``q = k = v = x`` gives each its own share); otherwise
+    a fresh leaf that requires grad when ``wanted``."""
+    if create and t.requires_grad:
+        return t.view_as(t)
+    return t.detach().requires_grad_(wanted)

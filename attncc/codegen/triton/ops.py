@@ -153,7 +153,7 @@ def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor
     """Gradients by recomputing through the reference backend under autograd (slow, exact); with
     ``create_graph=True`` (grad mode on here) from views of the saved tensors, so that they are
     differentiable again."""
-    from attncc.codegen.reference.attention import attention
+    from attncc.codegen.reference.attention import attention, recompute_input
 
     if (launcher.region_key(region), reason) not in _WARNED:
         _WARNED.add((launcher.region_key(region), reason))
@@ -161,15 +161,15 @@ def _reference_backward(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor
                       stacklevel=3)
     create = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v)]
-        caps = [c.view_as(c) if create and c.requires_grad else
-                c.detach().requires_grad_(c.is_floating_point() and c.requires_grad) for c in captured]
+        leaves = [recompute_input(t, create) for t in (q, k, v)]
+        caps = [recompute_input(c, create, c.is_floating_point() and c.requires_grad) for c in captured]
         # NOTE: the reference applies region.score_scale (and row_shift) itself.
         out, lse = attention(region, *leaves, dict(zip(names, caps, strict=True)), scale=scale, q_offset=q_offset)
         outputs, grads_out = [out], [do]
-        if lse is not None and dlse is not None:
-            outputs.append(lse)
-            grads_out.append(dlse)
+        if lse is not None and dlse is not None:  # NOTE: a dead row's lse (-inf) passes no gradient
+            finite = torch.isfinite(lse)
+            outputs.append(torch.where(finite, lse, 0.0))
+            grads_out.append(torch.where(finite, dlse, 0.0))
         inputs = leaves + [c for c in caps if c.requires_grad]
         grads = list(torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True, create_graph=create))
     dcaps: list[Tensor | None] = []

@@ -118,6 +118,7 @@ class ExprRenderer:
     prefix: str = "t"
     lines: list[str] = field(default_factory=list)
     memo: dict[Expr, str] = field(default_factory=dict)
+    narrow: dict[Expr, bool] = field(default_factory=dict)  # integer nodes known to stay within int32
 
     def render(self, expr: Expr) -> str:
         """Emit the lines computing ``expr`` (appended to ``self.lines``); return its name."""
@@ -174,12 +175,11 @@ class ExprRenderer:
         op = node.op
         a_e, b_e = node.src
         if op == "pow" and node.dtype == "int":
-            return self._emit(self._int_pow(self._wide(node, a_e), b_e.arg))
+            base = self.memo[a_e] if self._narrow(node) else self._wide(a_e)
+            return self._emit(self._int_pow(base, b_e.arg))
         if op in INT_BINARY:
             table = FLOAT_BINARY if node.dtype == "float" else INT_BINARY
-            a, b = self._operand(a_e, node.dtype), self._operand(b_e, node.dtype)
-            if node.dtype == "int":
-                a, b = self._wide(node, a_e), self._wide(node, b_e)
+            a, b = self._operands(node, node.dtype, node.dtype)
             if node.dtype == "float" and op == "pow" and b_e.op == "const" and float(b_e.arg).is_integer() \
                     and 0 <= b_e.arg <= 8:
                 return self._emit(self._int_pow(a, int(b_e.arg)))
@@ -187,21 +187,31 @@ class ExprRenderer:
         work = "float" if node.dtype == "float" or op == "truediv" else None
         if work is None and "float" in (a_e.dtype, b_e.dtype):
             work = "float"  # comparisons of mixed operands
-        a = self._operand(a_e, work or a_e.dtype)
-        b = self._operand(b_e, work or b_e.dtype)
-        if node.dtype == "int":
-            a, b = self._wide(node, a_e), self._wide(node, b_e)
+        a, b = self._operands(node, work or a_e.dtype, work or b_e.dtype)
         return self._emit(BINARY[op].format(a, b))
 
-    def _wide(self, node: Expr, operand: Expr) -> str:
-        """``operand`` as ``node`` computes with it: in int64 where ``node`` may pass int32 (or its
-        size is the data's). Positions are int32 tiles (``tl.arange``), which wrap past 2**31
-        where torch's int64 does not: ``q_idx * 10**8`` gave another mask."""
+    def _operands(self, node: Expr, a_dtype: str, b_dtype: str) -> tuple[str, str]:
+        """The rendered operands of a binary ``node``; for an integer node that may pass int32, its
+        non-constant operands cast to int64 (``_wide``)."""
+        a_e, b_e = node.src
+        if node.dtype == "int" and not self._narrow(node):
+            return self._wide(a_e), self._wide(b_e)
+        return self._operand(a_e, a_dtype), self._operand(b_e, b_dtype)
+
+    def _narrow(self, node: Expr) -> bool:
+        """Whether integer ``node`` stays within int32, memoized (a bound walks the subtree). Its
+        bound is None where loaded data decide it: then it may not."""
+        if node not in self.narrow:
+            bound = static_bound(node)
+            self.narrow[node] = bound is not None and bound < INT32_BOUND
+        return self.narrow[node]
+
+    def _wide(self, operand: Expr) -> str:
+        """``operand`` in int64 (a constant as it is: it takes the other operand's type). Positions
+        are int32 tiles (``tl.arange``), which wrap past 2**31 where torch's int64 does not:
+        ``q_idx * 10**8`` gave another mask."""
         code = self.memo[operand]
-        if operand.op == "const" or operand.dtype != "int":
-            return code
-        bound = static_bound(node)
-        return code if bound is not None and bound < INT32_BOUND else f"tl.cast({code}, tl.int64)"
+        return code if operand.op == "const" else f"tl.cast({code}, tl.int64)"
 
     def _int_pow(self, base: str, exponent: int) -> str:
         if exponent == 0:

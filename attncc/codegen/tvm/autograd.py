@@ -253,15 +253,13 @@ def reference_gradients(region: AttentionRegion, tensors: dict[str, torch.Tensor
                         scale: float, q_offset: int, saved: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
                         grad_lse: torch.Tensor | None) -> tuple:
     """(dq, dk, dv, d learned...) by autograd through the reference backend, recomputed from the
-    ``saved`` inputs (q, k, v, the learned tensors). With ``create_graph=True`` (grad mode on here)
-    the recomputed graph starts at views of the saved tensors, so that the gradients are
-    differentiable again, as the reference's are; a view per role, so that ``q = k = v = x`` gives
-    each role its own share of x's gradient."""
-    from attncc.codegen.reference.attention import attention
+    ``saved`` inputs (q, k, v, the learned tensors); differentiable again under ``create_graph=True``
+    (grad mode on here; ``recompute_input``)."""
+    from attncc.codegen.reference.attention import attention, recompute_input
 
     create = torch.is_grad_enabled()
     with torch.enable_grad():
-        inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True) for t in saved]
+        inputs = [recompute_input(t, create) for t in saved]
         live = dict(tensors)
         live.update(zip(grad_names, inputs[3:]))
         out, lse = attention(region, inputs[0], inputs[1], inputs[2], live, scale=scale, q_offset=q_offset)

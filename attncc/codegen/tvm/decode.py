@@ -120,8 +120,7 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G, R = Hq // Hkv, (Hq // Hkv) * Lq
-    kernel_region = _kernel_region(region, splits > 1)
-    if decode_kernel.supports(kernel_region, R, D, Dv):
+    if decode_kernel.supports(region, R, D, Dv):
         config = decode_kernel.config(R, config["block_n"])
     else:
         config = split_config(config, R)
@@ -129,9 +128,8 @@ def run_split_kv(region: AttentionRegion, q: Tensor, k: Tensor, v: Tensor, tenso
     per_split = -(-Lkv // splits)
     C = -(-per_split // block_n) * block_n
     S = -(-Lkv // C)
-    if S == 1 and splits > 1:  # the chunks rounded up to whole tiles left one: its kernel adds the sink
-        return run_split_kv(region, q, k, v, tensors, config, 1, scale=scale, q_offset=q_offset)
     tiles_per_chunk = C // block_n
+    kernel_region = _kernel_region(region, S > 1)
 
     qf = q.float().reshape(B, Hkv, R, D)
     if S > 1:

@@ -14,8 +14,9 @@ and keys instead:
   vectors by ``BM`` rows at a time.
 
 Same arguments, task table and block tables as the key-major kernel (``launcher.launch`` runs
-either); the normalizers the split-KV path merges: softmax (a sink is merged outside, or added by one chunk's kernel),
-sigmoid, an unnormalised pointwise map. ``supports`` says which regions and shapes.
+either); the normalizers the split-KV path merges: softmax (its sink merged outside, or added by
+one chunk's kernel), sigmoid, an unnormalised pointwise map. ``supports`` says which regions and
+shapes.
 """
 
 from __future__ import annotations

@@ -902,11 +902,11 @@ class KeyMajorForward:
         w(f'Mt = T.decl_buffer(({BM},), "float32")')
         w(f'Et = T.decl_buffer(({BM},), "float32")')
         sink_head = self.region.sink_head
+        row_env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
         if norm.sink is not None and sink_head is not None:  # rows of other heads than h (a decoding step's)
             w(f'Sk = T.decl_buffer(({BM},), "float32")')
-            env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
             with w.block(f"for i in range({BM}):"):
-                w(f"Sk[i] = {Renderer(env, self.specs)(ex.load(ex.input_ref(norm.sink), (sink_head,)))}")
+                w(f"Sk[i] = {Renderer(row_env, self.specs)(ex.load(ex.input_ref(norm.sink), (sink_head,)))}")
         with w.block(f"for i in T.vectorized({BM}):"):
             if norm.sink is not None:
                 if sink_head is None:
@@ -933,8 +933,7 @@ class KeyMajorForward:
             lse = f"T.if_then_else({live} > T.float32(0.0), {lse}, {NEG_INF})"
             w(f"Lse[i] = {lse}")
             if self.region.row_shift is not None:
-                env = {k: v for k, v in self._index_env().items() if k != "kv_idx"}
-                shift = Renderer(env, self.specs)(self.region.row_shift)
+                shift = Renderer(row_env, self.specs)(self.region.row_shift)
                 w(f"Mt[i] = {shift}")  # the row shift; -inf: a dead row
                 w(f"Inv[i] = T.if_then_else(Mt[i] == {NEG_INF}, T.float32(0.0), Inv[i])")
                 w(f"Lse[i] = T.if_then_else(Mt[i] == {NEG_INF}, {NEG_INF}, Lse[i] + Mt[i])")

@@ -359,7 +359,10 @@ def _workspace_buffer(n: int, dtype: torch.dtype, slot: int) -> torch.Tensor:
 def words(t: torch.Tensor) -> torch.Tensor:
     """A bfloat16 ``[..., D]`` tensor (D even) as float32 ``[..., D / 2]`` words of feature pairs,
     without a copy when contiguous (pair dots, ``bf16_pairs``)."""
-    return dense(t).view(torch.float32)  # NOTE: aligned, so at an even offset in its storage
+    t = dense(t)
+    if t.storage_offset() % 2:  # NOTE: a storage not from torch's allocator (NumPy's) may start off the grid
+        t = t.clone()
+    return t.view(torch.float32)
 
 
 def key_pairs(v: torch.Tensor, slot: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attncc import caller
+from attncc.codegen.reference.attention import recompute_input
 from attncc.codegen.tvm.autograd import restored_captured, saved_captured
 from attncc.ir import nodes
 from attncc.ir.dense import expand_kv, feature_map
@@ -112,7 +113,7 @@ def kernel_gradients(
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: int = 0,
                reverse: bool = False) -> torch.Tensor:
-        return kernel(plain, query.contiguous(), key.contiguous(), value.contiguous(), decay, offset, reverse, None)
+        return kernel(plain, query, key, value, decay, offset, reverse, None)  # the kernel makes them dense
 
     with torch.enable_grad():
         q32, k32 = (t.detach().float().requires_grad_(True) for t in (q, k))
@@ -158,10 +159,9 @@ def recomputed_gradients(
     norm: nodes.LinearNorm = region.normalizer
     lowering = region.linear
     causal = None if lowering.strategy == "linear_global" else ("strict" if lowering.causal_strict else "inclusive")
-    create = torch.is_grad_enabled()  # create_graph=True: starts at views, as autograd.reference_gradients
+    create = torch.is_grad_enabled()  # create_graph=True: differentiable again (recompute_input)
     with torch.enable_grad():
-        inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True)
-                  for t in (q, k, v, *(tensors[n] for n in learned))]
+        inputs = [recompute_input(t, create) for t in (q, k, v, *(tensors[n] for n in learned))]
         live = {**tensors, **dict(zip(learned, inputs[3:]))}
         out = linear_attention(
             *inputs[:3], feature=norm.feature_map, normalize=norm.normalize,
