@@ -156,6 +156,28 @@ def check_gradients(
         assert_close_to_reference(got_lowp, want, want_lowp, k.shape[2], what=name, factor=2.0)
 
 
+def check_gradient_penalty(program: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str,
+                           seed: int = 0) -> None:
+    """Assert that a gradient penalty (``create_graph=True``, then a loss on dq and dk) gets the
+    reference backend's gradients on ``backend``: second-order terms included, none dropped. The
+    loss is linear in the output, so that only the recomputed graph carries them. Warnings (a
+    backend's switch to its reference path) are the caller's to check."""
+    import warnings
+
+    weight = torch.randn(q.shape[:3] + v.shape[3:], generator=torch.Generator().manual_seed(seed)).to(q)
+    found = []
+    for name in (backend, "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = (program(*leaves, backend=name) * weight).sum()
+            dq, dk = torch.autograd.grad(loss, leaves[:2], create_graph=True)
+            assert dq.requires_grad and dk.requires_grad, f"{name}: the gradients have no graph"
+            found.append(torch.autograd.grad(loss + dq.square().sum() + dk.square().sum(), leaves))
+    for got, want in zip(*found, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def largest_backward_allocation(program: Any, backend: str, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor) -> int:
     """The most memory (bytes) one profiler event of ``backend``'s backward allocates; an event

@@ -34,7 +34,12 @@ pytest.importorskip("jinja2")
 import attncc  # noqa: E402
 from attncc import masks  # noqa: E402
 from attncc.codegen.reference.attention import run_plan  # noqa: E402
-from attncc.testing import assert_close_to_reference, check_against_reference, reference_outputs  # noqa: E402
+from attncc.testing import (  # noqa: E402
+    assert_close_to_reference,
+    check_against_reference,
+    check_gradient_penalty,
+    reference_outputs,
+)
 
 DEVICE = "cuda" if GPU else "cpu"
 if GPU and not torch.cuda.is_available():
@@ -384,19 +389,7 @@ def test_gradient_penalty_is_differentiated_as_the_reference():
     """``create_graph=True``: the gradients come from the reference's recomputed graph (with a
     warning), so a penalty on them differentiates (it had raised: no autograd formula for the
     backward op)."""
-    var = VARIANTS["alibi_causal"]()
-    q0, k0, v0 = _qkv(Lq=20, Lkv=20)
-    w = torch.randn(q0.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    found = {}
-    for backend in ("triton", "reference"):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = (var(q, k, v, backend=backend) * w).sum()
-            (dq,) = torch.autograd.grad(loss, q, create_graph=True)
-            found[backend] = torch.autograd.grad(loss + dq.square().sum(), (q, k, v))
-    for got, want in zip(found["triton"], found["reference"], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    check_gradient_penalty(VARIANTS["alibi_causal"](), *_qkv(Lq=20, Lkv=20), backend="triton")
 
 
 @in_process

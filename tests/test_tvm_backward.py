@@ -24,7 +24,13 @@ from attncc import masks
 from attncc.codegen.tvm import autograd as tvm_autograd
 from attncc.codegen.tvm import backward_launch, launcher
 from attncc.codegen.tvm.backward_launch import transpose_tables
-from attncc.testing import assert_close_to_reference, check_gradients, largest_backward_allocation, random_qkv
+from attncc.testing import (
+    assert_close_to_reference,
+    check_gradient_penalty,
+    check_gradients,
+    largest_backward_allocation,
+    random_qkv,
+)
 
 HEADS = 4
 SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / HEADS) for i in range(HEADS)])
@@ -552,14 +558,4 @@ def test_gradient_penalty_is_differentiated_as_the_reference(normalizer: str) ->
     term was silently dropped."""
     kwargs = {"normalizer": attncc.Linear()} if normalizer == "linear" else {}
     var = attncc.variant(mask=masks.causal, **kwargs)
-    gen = torch.Generator().manual_seed(0)
-    q0, k0, v0, w = (torch.randn(1, 2, 20, 16, generator=gen) for _ in range(4))
-    found = {}
-    for backend in ("tvm", "reference"):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        loss = (var(q, k, v, backend=backend) * w).sum()
-        dq, dk = torch.autograd.grad(loss, (q, k), create_graph=True)
-        assert dq.requires_grad and dk.requires_grad
-        found[backend] = torch.autograd.grad(loss + dq.square().sum() + dk.square().sum(), (q, k, v))
-    for got, want in zip(found["tvm"], found["reference"], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    check_gradient_penalty(var, *qkv(Hq=2, Hkv=2, Lq=20, Lkv=20), backend="tvm")

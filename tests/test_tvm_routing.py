@@ -24,7 +24,13 @@ from attncc.codegen.reference.attention import topk_blocks_selection
 from attncc.codegen.tvm import BACKEND, heads, launcher, routing_tokens
 from attncc.ir import nodes
 from attncc.passes.lower_routing import block_index_table
-from attncc.testing import assert_close_to_reference, check_against_reference, random_qkv, reference_outputs
+from attncc.testing import (
+    assert_close_to_reference,
+    check_against_reference,
+    check_gradient_penalty,
+    random_qkv,
+    reference_outputs,
+)
 
 SLOPES = torch.tensor([2.0 ** (-2.0 * (i + 1)) for i in range(4)])
 SINK = torch.tensor([0.5, -1.0, 0.0, 2.0])
@@ -437,15 +443,4 @@ def test_routed_gradient_penalty_matches_the_reference(name: str) -> None:
     itself, not the kernel's re-indexed one (where no selection mask is needed only the tiles say
     which blocks it attends: the penalty's gradients had been dense attention's)."""
     program = moh(2, 64) if name == "moh" else moba(name)
-    q0, k0, v0 = qkv(Lq=64, Lkv=64)
-    w = torch.randn(q0.shape, generator=torch.Generator().manual_seed(3))
-    found = {}
-    for backend in ("tvm", "reference"):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = (program(q, k, v, backend=backend) * w).sum()
-            dq, dk = torch.autograd.grad(loss, (q, k), create_graph=True)
-            found[backend] = torch.autograd.grad(loss + dq.square().sum() + dk.square().sum(), (q, k, v))
-    for got, want in zip(found["tvm"], found["reference"], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    check_gradient_penalty(program, *qkv(Lq=64, Lkv=64), backend="tvm")
