@@ -194,12 +194,12 @@ class _GeneratedBackward(torch.autograd.Function):
         return (None, *grads)
 
 
-@torch.no_grad()  # NOTE: grad mode is off already (no create_graph); kept so the kernels' torch ops never record
 def _generated_gradients(region: AttentionRegion, tensors: dict[str, torch.Tensor], grad_names: list[str],
                          scale: float, q_offset: int, tiles: tuple | None, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_tensors: list[torch.Tensor],
                          grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
-    """The generated kernels' gradients (not differentiable again)."""
+    """The generated kernels' gradients (not differentiable again: the caller runs it with grad
+    mode off, as autograd does without ``create_graph``)."""
     tables, shape = tiles or (None, None)
     norm = region.normalizer
     rowdot = torch.einsum("bhld,bhld->bhl", grad_out.float(), out.float())

@@ -299,12 +299,16 @@ def launch(
 KERNEL_ALIGNMENT = 64
 
 
+def aligned(t: torch.Tensor) -> bool:
+    """Whether ``t``'s data starts where the kernels' buffers assume (``KERNEL_ALIGNMENT``)."""
+    return t.data_ptr() % KERNEL_ALIGNMENT == 0
+
+
 def dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous and at an address aligned as the kernels' buffers assume: a contiguous
-    view at another offset (q, k or v unbound from one packed tensor, a NumPy array's memory) is
-    copied. Such a view segfaulted the kernel."""
+    """``t`` contiguous and ``aligned``: a contiguous view at another offset (q, k or v unbound
+    from one packed tensor, a NumPy array's memory) is copied. Such a view segfaulted the kernel."""
     t = t.contiguous()
-    return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
+    return t if aligned(t) else t.clone()
 
 
 def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool = False,
@@ -319,8 +323,7 @@ def stage_kv(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, strided: bool
     def staged(t: torch.Tensor, slot: int) -> torch.Tensor:
         if t.dtype != dtype:  # NOTE: .to costs a microsecond even as a no-op
             t = converted(t, dtype, slot)
-        in_place = strided and t.stride(-1) == 1 and t.data_ptr() % KERNEL_ALIGNMENT == 0
-        return t if in_place else dense(t)
+        return t if strided and t.stride(-1) == 1 and aligned(t) else dense(t)
 
     return staged(k, 0), staged(v, 1)
 

@@ -90,8 +90,7 @@ class _LinearAttention(torch.autograd.Function):
         learned = rest[: len(names)]
         live = restored_captured(ctx, tensors, rest[len(names):])
         if generated and not torch.is_grad_enabled():
-            with torch.no_grad():
-                grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
+            grads = kernel_gradients(region, kernel, q, k, v, out, den, grad_out, live, names, q_offset)
         else:
             grads = recomputed_gradients(region, q, k, v, grad_out, live, names, q_offset)
         return (None, *(None if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v, *learned))))
